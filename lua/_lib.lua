@@ -1,0 +1,146 @@
+-- _lib.lua: helpers shared by the line scripts. scripts.py prepends this file
+-- to every script before it is loaded, so each script stays one EVALSHA.
+--
+-- Line call layout (reserve, deduct, confirm, release, abort, cancel, extend):
+--   ARGV[1] with_order  '1' when KEYS[1] is the order record (standalone:
+--                       every key on one server), '0' otherwise (cluster:
+--                       the engine handles the record in its own call)
+--   ARGV[2] order_id
+--   ARGV[3] ttl_ms      reservation lifetime (reserve, extend); else 0
+--   ARGV[4] retention_ms how long a terminal line is kept for replays
+--   ARGV[5] may_create  '1' when new lines may be created (reserve/deduct)
+--   ARGV[6] items_spec  canonical 'sku:qty,...' of the whole order
+--   ARGV[7] kind        'reserve' or 'deduct' (the order record's kind)
+--   ARGV[8..] sku, qty  pairs, one per line of this call
+--   KEYS (after the optional order key), four per line, same order as ARGV:
+--     sku hash, line string, bucket expiry zset, bucket event stream
+--
+-- A line is a string 'state|qty|expires_ms'; states: R reserved, C confirmed,
+-- X released, E expired, N cancelled. Terminal lines expire after retention.
+-- Replies: {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, ...}
+--   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
+--   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
+--   {'UNAVAILABLE', sku}  {'NOTFOUND', sku}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function read_sku(key)
+  local v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'fenced')
+  return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
+          fenced = v[4] == '1', exists = v[1] ~= false}
+end
+
+local function read_line(key)
+  local v = redis.call('GET', key)
+  if not v then return nil end
+  local state, qty, exp = string.match(v, '^(%u)|(%d+)|(%d+)$')
+  return {state = state, qty = tonumber(qty), exp = tonumber(exp)}
+end
+
+-- Store the SKU's counters and append their delta event, in one step.
+local function commit(sku_key, events_key, ev, c, at)
+  local seq = redis.call('HINCRBY', sku_key, 'seq', 1)
+  redis.call('HSET', sku_key, 'available', c.a, 'reserved', c.r, 'sold', c.s)
+  redis.call('XADD', events_key, '*',
+    'op', ev.op, 'sku', ev.sku, 'order', ev.order or '', 'qty', ev.qty,
+    'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', seq, 'at', at,
+    'exp', ev.exp or 0, 'reason', ev.reason or '')
+  return seq
+end
+
+local function parse_call()
+  local with_order = ARGV[1] == '1'
+  local call = {
+    order_key = with_order and KEYS[1] or nil, order_id = ARGV[2],
+    ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
+    may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], items = {},
+  }
+  local base = with_order and 1 or 0
+  for i = 1, (#ARGV - 7) / 2 do
+    local k = base + (i - 1) * 4
+    call.items[i] = {
+      sku = ARGV[6 + 2 * i], qty = tonumber(ARGV[7 + 2 * i]),
+      k_sku = KEYS[k + 1], k_line = KEYS[k + 2], k_due = KEYS[k + 3], k_events = KEYS[k + 4],
+    }
+  end
+  return call
+end
+
+-- Standalone reserve/deduct: the order record decides conflict and replay.
+-- Returns an error reply, or nil after setting call.new_order/may_create.
+local function open_order(call)
+  if not call.order_key then return nil end
+  local rec = redis.call('HMGET', call.order_key, 'items', 'kind')
+  if rec[1] then
+    if rec[1] ~= call.spec or rec[2] ~= call.kind then return {'CONFLICT', rec[2] or ''} end
+    call.may_create = false
+  else
+    call.may_create, call.new_order = true, true
+  end
+  return nil
+end
+
+-- Plan every line with decide(item, line, counters, now, call), which returns
+-- a plan {state, da, dr, ds, exp, replay, delete, short}, or nil and an error
+-- reply. Nothing is written unless every line of the call can go ahead.
+-- Then apply the plans, one event per changed line.
+local function run_lines(call, op, decide)
+  local now = now_ms()
+  local plans, short = {}, {}
+  for i, it in ipairs(call.items) do
+    local c = read_sku(it.k_sku)
+    if c.fenced then return {'UNAVAILABLE', it.sku} end
+    local line = read_line(it.k_line)
+    local plan, err = decide(it, line, c, now, call)
+    if err then return err end
+    if plan.short then
+      short[#short + 1] = it.sku
+      short[#short + 1] = c.a
+    end
+    plan.it, plan.c, plan.line = it, c, line
+    plans[i] = plan
+  end
+  if #short > 0 then
+    table.insert(short, 1, 'INSUFFICIENT')
+    return short
+  end
+  local out, all_replay, latest = {'OK', 0}, true, 0
+  for _, p in ipairs(plans) do
+    local it, c = p.it, p.c
+    local member = it.sku .. '|' .. call.order_id
+    if not p.replay then
+      all_replay = false
+      c.a, c.r, c.s = c.a + (p.da or 0), c.r + (p.dr or 0), c.s + (p.ds or 0)
+      if p.delete then
+        redis.call('DEL', it.k_line)
+      elseif p.state == 'R' then
+        redis.call('SET', it.k_line, 'R|' .. p.qty .. '|' .. p.exp)
+        redis.call('ZADD', it.k_due, p.exp, member)
+      else
+        redis.call('SET', it.k_line, p.state .. '|' .. p.qty .. '|' .. p.exp, 'PX', call.retention)
+      end
+      if p.line and p.line.state == 'R' and p.state ~= 'R' then
+        redis.call('ZREM', it.k_due, member)
+      end
+      commit(it.k_sku, it.k_events,
+        {op = op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp}, c, now)
+    end
+    if p.exp > latest then latest = p.exp end
+    out[#out + 1] = it.sku
+    out[#out + 1] = p.state
+    out[#out + 1] = p.qty
+    out[#out + 1] = p.exp
+  end
+  out[2] = latest
+  if all_replay then out[1] = 'REPLAY' end
+  if call.order_key then
+    if call.new_order then
+      redis.call('HSET', call.order_key, 'items', call.spec, 'kind', call.kind, 'phase', 'done')
+    end
+    redis.call('PEXPIRE', call.order_key, call.retention + (call.ttl or 0))
+  end
+  return out
+end

@@ -1,0 +1,35 @@
+-- expire.lua: the reaper's step for one bucket (RESERVED -> EXPIRED).
+-- KEYS[1] the bucket's expiry zset, KEYS[2] the bucket's event stream,
+-- then per candidate line: KEYS[2+2i-1] sku hash, KEYS[2+2i] line string
+-- ARGV[1] retention_ms, ARGV[2..] per candidate: its zset member 'sku|order_id'
+-- (the reaper reads due members with ZRANGE BYSCORE first and builds the keys).
+-- A candidate expires only if its line is still RESERVED and its expiry
+-- (server time) has passed, so racing reapers expire each line exactly once.
+-- A member whose line is gone or no longer RESERVED is dropped from the index;
+-- a fenced SKU's lines wait for the resync to finish.
+-- Per expired line: reserved -= qty, available += qty.
+-- Returns {expired_count, dropped_count}.
+-- Events: op=expire, one per expired line.
+local now = now_ms()
+local retention = tonumber(ARGV[1])
+local expired, dropped = 0, 0
+for i = 2, #ARGV do
+  local member = ARGV[i]
+  local k_sku, k_line = KEYS[1 + 2 * (i - 1)], KEYS[2 + 2 * (i - 1)]
+  local line = read_line(k_line)
+  if not line or line.state ~= 'R' then
+    dropped = dropped + redis.call('ZREM', KEYS[1], member)
+  elseif line.exp <= now then
+    local c = read_sku(k_sku)
+    if not c.fenced then
+      c.r, c.a = c.r - line.qty, c.a + line.qty
+      redis.call('SET', k_line, 'E|' .. line.qty .. '|' .. line.exp, 'PX', retention)
+      redis.call('ZREM', KEYS[1], member)
+      local sep = string.find(member, '|', 1, true)
+      commit(k_sku, KEYS[2], {op = 'expire', sku = string.sub(member, 1, sep - 1),
+        order = string.sub(member, sep + 1), qty = line.qty, exp = line.exp}, c, now)
+      expired = expired + 1
+    end
+  end
+end
+return {expired, dropped}

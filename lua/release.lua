@@ -1,0 +1,22 @@
+-- release.lua: give held stock back (RESERVED -> RELEASED).
+-- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored).
+-- Per line: reserved -= qty, available += qty; the line leaves the expiry index.
+-- Returns OK, REPLAY (all RELEASED already), TRANSITION (confirmed, expired,
+-- cancelled), NOTFOUND, UNAVAILABLE.
+-- Events: op=release, one per changed line.
+local call = parse_call()
+
+local function decide(it, line)
+  if not line then return nil, {'NOTFOUND', it.sku} end
+  local plan = {state = 'X', qty = line.qty, exp = line.exp}
+  if line.state == 'X' then
+    plan.replay = true
+  elseif line.state == 'R' then
+    plan.dr, plan.da = -line.qty, line.qty
+  else
+    return nil, {'TRANSITION', it.sku, line.state}
+  end
+  return plan
+end
+
+return run_lines(call, 'release', decide)

@@ -1,0 +1,5 @@
+"""High-concurrency inventory deduction on Redis."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Settings: one dataclass, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from stock.errors import ConfigError
+
+DAY_S = 86_400
+
+
+def _int_in(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def _redis_url(name: str, raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}")
+    return raw
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+# field name -> (environment variable, parser)
+_ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "redis_url": ("STOCK_REDIS_URL", _redis_url),
+    "redis_cluster": ("STOCK_REDIS_CLUSTER", _bool),
+    "database_url": ("STOCK_DATABASE_URL", _text),
+    "admin_token": ("STOCK_ADMIN_TOKEN", _text),
+    "host": ("STOCK_HOST", _text),
+    "port": ("STOCK_PORT", _int_in(1, 65_535)),
+    "reservation_ttl_s": ("STOCK_RESERVATION_TTL_S", _int_in(1, DAY_S)),
+    "retention_s": ("STOCK_RETENTION_S", _int_in(60, 365 * DAY_S)),
+    "buckets": ("STOCK_BUCKETS", _int_in(1, 16_384)),
+    "reaper_period_s": ("STOCK_REAPER_PERIOD_S", _float_in(0.01, 60.0)),
+    "reaper_batch": ("STOCK_REAPER_BATCH", _int_in(1, 10_000)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service reads from its environment (DESIGN §7).
+
+    ``buckets`` is fixed once per deployment: it decides which hash tag, and so
+    which Redis Cluster slot, every SKU lives in. Changing it strands stock.
+    """
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    database_url: str = ""
+    admin_token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    reservation_ttl_s: int = 900
+    retention_s: int = 7 * DAY_S
+    buckets: int = 64
+    reaper_period_s: float = 0.25
+    reaper_batch: int = 500
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``STOCK_*`` variable; a bad value raises ConfigError naming it."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            variable, parse = _ENV[field.name]
+            raw = env.get(variable)
+            if raw is not None:
+                values[field.name] = parse(variable, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @staticmethod
+    def variables() -> list[str]:
+        """The environment variables the settings know, for docs and checks."""
+        return [variable for variable, _ in _ENV.values()]

@@ -1,0 +1,302 @@
+"""What the stock operations mean (DESIGN §3): the only caller of the scripts.
+
+Standalone Redis: every key lives on one server, so each operation is one
+script call that also reads or writes the order record, and a multi-item
+order is atomic as a whole.
+
+Redis Cluster: the order record lives on its own node. Reserve and deduct
+open the record (``order.lua``, phase ``pending``), run one script per bucket
+group concurrently, and on any refusal undo the groups that went through
+(``abort.lua``) before answering. A crash in between leaves only RESERVED
+lines with an expiry (the reaper returns them) and a ``pending`` record, so a
+retry of the same request completes the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stock import keys, validate
+from stock.config import Settings
+from stock.errors import InsufficientStock, NotFound, StockError
+from stock.scripts import (
+    STATE_NAMES,
+    Counters,
+    LineResult,
+    LinesReply,
+    Scripts,
+    parse_counters,
+    parse_lines,
+)
+from stock.validate import Item
+
+STATUS_OF = {
+    "reserve": "reserved",
+    "deduct": "confirmed",
+    "confirm": "confirmed",
+    "release": "released",
+    "cancel": "cancelled",
+    "extend": "reserved",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OrderResult:
+    """The answer to an order operation; ``replay`` when it changed nothing."""
+
+    order_id: str
+    status: str
+    replay: bool
+    expires_ms: int
+    lines: list[LineResult] = field(default_factory=list)
+
+
+def items_spec(items: Iterable[Item]) -> str:
+    """The canonical text of an order's items, compared to detect order_conflict."""
+    return ",".join(f"{i.sku}:{i.qty}" for i in sorted(items))
+
+
+def parse_spec(spec: str) -> list[Item]:
+    out = []
+    for part in spec.split(","):
+        sku, _, qty = part.rpartition(":")
+        out.append(Item(sku, int(qty)))
+    return out
+
+
+class StockEngine:
+    """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock."""
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.cluster = settings.redis_cluster
+        self.scripts = Scripts(client)
+        self.retention_ms = settings.retention_s * 1000
+
+    # -- stock levels -------------------------------------------------------
+
+    async def set_stock(self, sku: str, available: int, reason: str = "") -> Counters:
+        validate.sku(sku)
+        validate.int_in(available, "available", 0, 10**12)
+        bucket = keys.bucket_of(sku, self.settings.buckets)
+        reply = await self.scripts(
+            "set",
+            [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
+            [sku, available, reason],
+        )
+        return parse_counters(reply, sku)
+
+    async def adjust(
+        self, sku: str, delta: int, expected_available: int | None = None, reason: str = ""
+    ) -> Counters:
+        validate.sku(sku)
+        validate.int_in(delta, "delta", -(10**12), 10**12)
+        if expected_available is not None:
+            validate.int_in(expected_available, "expected_available", 0, 10**12)
+        bucket = keys.bucket_of(sku, self.settings.buckets)
+        expected = "" if expected_available is None else expected_available
+        reply = await self.scripts(
+            "adjust",
+            [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
+            [sku, delta, expected, reason],
+        )
+        return parse_counters(reply, sku)
+
+    async def get_stock(self, sku: str) -> Counters:
+        validate.sku(sku)
+        values = await self.redis.hmget(
+            keys.sku_key(sku, self.settings.buckets), "available", "reserved", "sold"
+        )
+        if values[0] is None:
+            raise NotFound(f"unknown SKU {sku!r}", sku=sku)
+        return Counters(sku, *(int(v or 0) for v in values))
+
+    # -- orders -------------------------------------------------------------
+
+    async def reserve(
+        self, order_id: str, items: Sequence[Any], ttl_s: int | None = None
+    ) -> OrderResult:
+        ttl = self.settings.reservation_ttl_s if ttl_s is None else validate.ttl_s(ttl_s)
+        return await self._acquire("reserve", order_id, items, ttl * 1000)
+
+    async def deduct(self, order_id: str, items: Sequence[Any]) -> OrderResult:
+        return await self._acquire("deduct", order_id, items, 0)
+
+    async def confirm(self, order_id: str) -> OrderResult:
+        return await self._transition("confirm", order_id, 0)
+
+    async def release(self, order_id: str) -> OrderResult:
+        return await self._transition("release", order_id, 0)
+
+    async def cancel(self, order_id: str) -> OrderResult:
+        return await self._transition("cancel", order_id, 0)
+
+    async def extend(self, order_id: str, ttl_s: int) -> OrderResult:
+        return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
+
+    async def get_order(self, order_id: str) -> dict[str, Any]:
+        """The order's kind, phase and each line's state, qty and expiry."""
+        record = await self._record(order_id)
+        kind, phase, items = record
+        values = await asyncio.gather(
+            *(
+                self.redis.get(keys.line_keys(i.sku, order_id, self.settings.buckets).line)
+                for i in items
+            )
+        )
+        lines = []
+        for item, raw in zip(items, values, strict=True):
+            state, _, exp = (raw or "gone|0|0").split("|")
+            lines.append(LineResult(item.sku, _state_name(state), item.qty, int(exp)))
+        return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
+
+    # -- internals ----------------------------------------------------------
+
+    async def _acquire(
+        self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
+    ) -> OrderResult:
+        validate.order_id(order_id)
+        items = validate.items(list(raw_items))
+        spec = items_spec(items)
+        if not self.cluster:
+            keys_, args = self._line_call(order_id, items, ttl_ms, True, spec, op, with_order=True)
+            reply = parse_lines(await self.scripts(op, keys_, args), order_id)
+            return _result(order_id, op, reply)
+        okey = keys.order_key(order_id)
+        lifetime = ttl_ms + self.retention_ms
+        opened = await self.scripts("order", [okey], [spec, op, lifetime])
+        if opened[0] == "CONFLICT":
+            parse_lines(opened, order_id)  # raises OrderConflict
+        pending = opened[0] == "NEW" or opened[1] == "pending"
+        groups = self._groups(items)
+        outcomes = await asyncio.gather(
+            *(self._group_call(op, order_id, g, ttl_ms, pending, spec) for g in groups),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            if pending:
+                await self._compensate(op, order_id, groups, outcomes, spec)
+                await self.redis.delete(okey)
+            raise _merge_failures(failures)
+        replies = [o for o in outcomes if isinstance(o, LinesReply)]
+        if pending:
+            await self.redis.hset(okey, "phase", "done")
+        merged = LinesReply(
+            replay=opened[0] == "EXISTS" and all(r.replay for r in replies),
+            expires_ms=max(r.expires_ms for r in replies),
+            lines=[line for r in replies for line in r.lines],
+        )
+        return _result(order_id, op, merged)
+
+    async def _compensate(
+        self, op: str, order_id: str, groups: list[list[Item]], outcomes: list[Any], spec: str
+    ) -> None:
+        done = [g for g, o in zip(groups, outcomes, strict=True) if isinstance(o, LinesReply)]
+        await asyncio.gather(
+            *(self._group_call("abort", order_id, g, 0, False, spec, kind=op) for g in done)
+        )
+
+    async def _transition(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
+        validate.order_id(order_id)
+        kind, _phase, items = await self._record(order_id)
+        spec = items_spec(items)
+        if not self.cluster:
+            keys_, args = self._line_call(order_id, items, ttl_ms, False, spec, kind, True)
+            return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
+        groups = self._groups(items)
+        outcomes = await asyncio.gather(
+            *(self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind) for g in groups),
+            self.redis.pexpire(keys.order_key(order_id), self.retention_ms + ttl_ms),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            raise failures[0]
+        replies = [o for o in outcomes if isinstance(o, LinesReply)]
+        merged = LinesReply(
+            replay=all(r.replay for r in replies),
+            expires_ms=max(r.expires_ms for r in replies),
+            lines=[line for r in replies for line in r.lines],
+        )
+        return _result(order_id, op, merged)
+
+    async def _record(self, order_id: str) -> tuple[str, str, list[Item]]:
+        validate.order_id(order_id)
+        spec, kind, phase = await self.redis.hmget(
+            keys.order_key(order_id), "items", "kind", "phase"
+        )
+        if spec is None:
+            raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
+        return kind, phase or "done", parse_spec(spec)
+
+    async def _group_call(
+        self,
+        op: str,
+        order_id: str,
+        group: list[Item],
+        ttl_ms: int,
+        may_create: bool,
+        spec: str,
+        kind: str | None = None,
+    ) -> LinesReply:
+        keys_, args = self._line_call(order_id, group, ttl_ms, may_create, spec, kind or op, False)
+        return parse_lines(await self.scripts(op, keys_, args), order_id)
+
+    def _line_call(
+        self,
+        order_id: str,
+        items: Sequence[Item],
+        ttl_ms: int,
+        may_create: bool,
+        spec: str,
+        kind: str,
+        with_order: bool,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV in the line call layout of ``lua/_lib.lua``."""
+        keys_: list[str] = [keys.order_key(order_id)] if with_order else []
+        args: list[Any] = [
+            "1" if with_order else "0",
+            order_id,
+            ttl_ms,
+            self.retention_ms,
+            "1" if may_create else "0",
+            spec,
+            kind,
+        ]
+        for item in items:
+            keys_.extend(keys.line_keys(item.sku, order_id, self.settings.buckets))
+            args.extend(item)
+        return keys_, args
+
+    def _groups(self, items: Sequence[Item]) -> list[list[Item]]:
+        by_bucket: dict[int, list[Item]] = defaultdict(list)
+        for item in items:
+            by_bucket[keys.bucket_of(item.sku, self.settings.buckets)].append(item)
+        return list(by_bucket.values())
+
+
+def _state_name(code: str) -> str:
+    return STATE_NAMES.get(code, code)
+
+
+def _result(order_id: str, op: str, reply: LinesReply) -> OrderResult:
+    return OrderResult(order_id, STATUS_OF[op], reply.replay, reply.expires_ms, reply.lines)
+
+
+def _merge_failures(failures: list[BaseException]) -> BaseException:
+    """One error for a failed multi-group call: all short items, else the first error."""
+    short = [f for f in failures if isinstance(f, InsufficientStock)]
+    if short:
+        items = [item for f in short for item in f.details["items"]]
+        names = ", ".join(i["sku"] for i in items)
+        return InsufficientStock(f"not enough stock for {names}", items=items)
+    for failure in failures:
+        if isinstance(failure, StockError):
+            return failure
+    return failures[0]

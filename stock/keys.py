@@ -1,0 +1,90 @@
+"""The Redis key layout: the only module that knows key names and hash tags.
+
+Every SKU belongs to one logical *bucket*, ``crc32(sku) % buckets``. All keys
+of a bucket carry the hash tag ``{b<n>}``, so one Lua script can touch a SKU's
+counters, its order lines, the bucket's expiry index and the bucket's event
+stream in one atomic step on one Redis Cluster node.
+
+==============================================  ======  ==========================
+key                                             type    holds
+==============================================  ======  ==========================
+``stock:{b<n>}:sku:<sku>``                      hash    available, reserved, sold,
+                                                        seq (per-SKU event number),
+                                                        fenced (set during resync)
+``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms``
+``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored
+                                                        by expiry (ms, server time)
+``stock:{b<n>}:events``                         stream  one delta event per change
+``stock:order:{<order_id>}``                    hash    the order's items, kind and
+                                                        phase, so confirm/release
+                                                        need only the order id
+==============================================  ======  ==========================
+
+A SKU never contains ``|`` (DESIGN §6), so ``<sku>|<order_id>`` splits at the
+first ``|``. ``lua/README.md`` documents the same layout for script readers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+PREFIX = "stock"
+
+
+class LineKeys(NamedTuple):
+    """The four keys a script needs for one order line, in KEYS order."""
+
+    sku: str
+    line: str
+    due: str
+    events: str
+
+
+def bucket_of(sku: str, buckets: int) -> int:
+    """The SKU's bucket: stable across processes and releases (CRC-32, not ``hash``)."""
+    return zlib.crc32(sku.encode()) % buckets
+
+
+def bucket_tag(bucket: int) -> str:
+    return f"{PREFIX}:{{b{bucket}}}"
+
+
+def sku_key(sku: str, buckets: int) -> str:
+    return f"{bucket_tag(bucket_of(sku, buckets))}:sku:{sku}"
+
+
+def line_member(sku: str, order_id: str) -> str:
+    """The expiry index member (and line key suffix) of one order line."""
+    return f"{sku}|{order_id}"
+
+
+def split_member(member: str) -> tuple[str, str]:
+    sku, _, order_id = member.partition("|")
+    return sku, order_id
+
+
+def due_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:due"
+
+
+def events_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:events"
+
+
+def line_keys(sku: str, order_id: str, buckets: int) -> LineKeys:
+    tag = bucket_tag(bucket_of(sku, buckets))
+    return LineKeys(
+        sku=f"{tag}:sku:{sku}",
+        line=f"{tag}:line:{line_member(sku, order_id)}",
+        due=f"{tag}:due",
+        events=f"{tag}:events",
+    )
+
+
+def order_key(order_id: str) -> str:
+    return f"{PREFIX}:order:{{{order_id}}}"
+
+
+def all_events_keys(buckets: int) -> list[str]:
+    return [events_key(b) for b in range(buckets)]

@@ -1,0 +1,98 @@
+"""The reaper: returns the stock of reservations whose TTL ran out.
+
+Each pass reads the server's clock, asks every bucket's expiry index for its
+due lines (one pipelined round of ZRANGE BYSCORE), and hands each bucket's
+candidates to ``expire.lua``, which re-checks them atomically. Several reapers
+may run at once: the script expires each line exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from stock import keys
+from stock.config import Settings
+from stock.scripts import Scripts
+
+log = logging.getLogger("stock.reaper")
+
+
+@dataclass
+class ReaperStats:
+    expired_total: int = 0
+    last_batch: int = 0
+    expiry_lag_s: float = 0.0  # age of the oldest due, unexpired line at the last pass
+    errors: int = 0
+
+
+class Reaper:
+    def __init__(self, client: Any, settings: Settings, scripts: Scripts | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.scripts = scripts or Scripts(client)
+        self.stats = ReaperStats()
+
+    async def server_ms(self) -> int:
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def reap_once(self) -> int:
+        """One pass over every bucket; returns how many lines it expired."""
+        now = await self.server_ms()
+        batch = self.settings.reaper_batch
+        buckets = list(range(self.settings.buckets))
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.zrangebyscore(keys.due_key(bucket), "-inf", now, 0, batch, withscores=True)
+        due_lists = await pipe.execute()
+        oldest = min((due[0][1] for due in due_lists if due), default=now)
+        self.stats.expiry_lag_s = max(0.0, (now - oldest) / 1000)
+        counts = await asyncio.gather(
+            *(self._expire(b, due) for b, due in zip(buckets, due_lists, strict=True) if due)
+        )
+        expired = sum(counts)
+        self.stats.last_batch = expired
+        self.stats.expired_total += expired
+        return expired
+
+    async def _expire(self, bucket: int, due: list[tuple[str, float]]) -> int:
+        keys_ = [keys.due_key(bucket), keys.events_key(bucket)]
+        members = [member for member, _score in due]
+        for member in members:
+            sku, order_id = keys.split_member(member)
+            line = keys.line_keys(sku, order_id, self.settings.buckets)
+            keys_.extend((line.sku, line.line))
+        expired, _dropped = await self.scripts(
+            "expire", keys_, [self.settings.retention_s * 1000, *members]
+        )
+        return int(expired)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reap every period until ``stop`` is set; back off while Redis is down."""
+        period = self.settings.reaper_period_s
+        failing = False
+        delay = period
+        while not stop.is_set():
+            try:
+                expired = await self.reap_once()
+                if failing:
+                    log.info("reaper: Redis is back")
+                failing, delay = False, period
+                if expired >= self.settings.reaper_batch:
+                    continue  # more are due: go again at once
+            except (RedisError, OSError) as exc:
+                self.stats.errors += 1
+                if not failing:
+                    log.warning("reaper: Redis error, backing off: %s", exc)
+                failing = True
+                delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass

@@ -1,0 +1,147 @@
+"""The Lua scripts: the only module that knows their file names and return codes.
+
+Each ``lua/<op>.lua`` is read once with ``importlib.resources`` (the wheel ships
+them as ``stock/lua``; a source checkout reads the top-level ``lua/``), prefixed
+with ``lua/_lib.lua`` and registered with redis-py's ``register_script``, which
+calls EVALSHA and reloads the script on NOSCRIPT (after a restart or failover).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from stock.errors import (
+    InsufficientStock,
+    InvalidTransition,
+    NotFound,
+    OrderConflict,
+    ReservationExpired,
+    StaleStock,
+    StockError,
+    Unavailable,
+)
+
+LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend")
+OTHER_OPS = ("set", "adjust", "expire", "order")
+
+STATE_NAMES = {
+    "R": "reserved",
+    "C": "confirmed",
+    "X": "released",
+    "E": "expired",
+    "N": "cancelled",
+    "-": "aborted",
+    "gone": "unknown",
+}
+
+
+def _lua_dir() -> Path:
+    packaged = resources.files("stock") / "lua"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+def load_sources() -> dict[str, str]:
+    """Script name -> full source (``_lib.lua`` + the operation's file)."""
+    lua = _lua_dir()
+    lib = (lua / "_lib.lua").read_text()
+    return {op: lib + "\n" + (lua / f"{op}.lua").read_text() for op in LINE_OPS + OTHER_OPS}
+
+
+_SOURCES = load_sources()
+
+
+@dataclass(frozen=True, slots=True)
+class LineResult:
+    sku: str
+    state: str  # a name of STATE_NAMES
+    qty: int
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinesReply:
+    replay: bool
+    expires_ms: int
+    lines: list[LineResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    sku: str
+    available: int
+    reserved: int
+    sold: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sku": self.sku,
+            "available": self.available,
+            "reserved": self.reserved,
+            "sold": self.sold,
+        }
+
+
+def _pairs(values: Sequence[Any]) -> list[tuple[str, int]]:
+    return [(str(values[i]), int(values[i + 1])) for i in range(0, len(values), 2)]
+
+
+def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
+    """Turn a script's refusal code into the matching StockError."""
+    code, rest = reply[0], reply[1:]
+    if code == "INSUFFICIENT":
+        short = [{"sku": sku, "available": avail} for sku, avail in _pairs(rest)]
+        names = ", ".join(s["sku"] for s in short)
+        raise InsufficientStock(f"not enough stock for {names}", items=short)
+    if code == "CONFLICT":
+        raise OrderConflict(f"order {order_id!r} already exists with other items")
+    if code == "TRANSITION":
+        state = STATE_NAMES.get(str(rest[1]), str(rest[1]))
+        raise InvalidTransition(
+            f"order {order_id!r} line {rest[0]!r} is {state}", state=state, sku=rest[0]
+        )
+    if code == "EXPIRED":
+        raise ReservationExpired(
+            f"reservation {order_id!r} expired and {rest[0]!r} has only {rest[1]} available",
+            sku=rest[0],
+            available=int(rest[1]),
+        )
+    if code == "UNAVAILABLE":
+        raise Unavailable(f"SKU {rest[0]!r} is being resynced; retry shortly", sku=rest[0])
+    if code == "NOTFOUND":
+        raise NotFound(f"order {order_id!r} has no line for {rest[0]!r}")
+    if code == "STALE":
+        raise StaleStock("available differs from expected_available", available=int(rest[0]))
+    raise StockError(f"unexpected script reply {code!r}")
+
+
+def parse_lines(reply: Sequence[Any], order_id: str) -> LinesReply:
+    if reply[0] not in ("OK", "REPLAY"):
+        raise_for(reply, order_id)
+    rest = reply[2:]
+    lines = [
+        LineResult(str(rest[i]), STATE_NAMES[str(rest[i + 1])], int(rest[i + 2]), int(rest[i + 3]))
+        for i in range(0, len(rest), 4)
+    ]
+    return LinesReply(replay=reply[0] == "REPLAY", expires_ms=int(reply[1]), lines=lines)
+
+
+def parse_counters(reply: Sequence[Any], sku: str) -> Counters:
+    if reply[0] != "OK":
+        raise_for(reply)
+    return Counters(sku, int(reply[1]), int(reply[2]), int(reply[3]))
+
+
+class Scripts:
+    """The registered scripts of one client (standalone or cluster)."""
+
+    def __init__(self, client: Any) -> None:
+        self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
+
+    async def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._scripts[name](keys=list(keys), args=list(args))

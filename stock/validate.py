@@ -1,0 +1,77 @@
+"""Input limits of DESIGN §6, checked before anything reaches Redis.
+
+Every failure is an InvalidRequest whose message names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from stock.errors import InvalidRequest
+
+SKU_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_QTY = 1_000_000
+MAX_ITEMS = 100
+MAX_TTL_S = 86_400
+MAX_ORDER_ID = 128
+
+
+class Item(NamedTuple):
+    sku: str
+    qty: int
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sku(value: Any, field: str = "sku") -> str:
+    if not isinstance(value, str) or not SKU_RE.fullmatch(value):
+        raise InvalidRequest(f"{field} must match [A-Za-z0-9._:-]{{1,64}}", field=field)
+    return value
+
+
+def order_id(value: Any, field: str = "order_id") -> str:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_ORDER_ID
+        or not all(" " <= ch <= "~" for ch in value)
+    ):
+        raise InvalidRequest(
+            f"{field} must be 1 to {MAX_ORDER_ID} printable ASCII characters", field=field
+        )
+    return value
+
+
+def int_in(value: Any, field: str, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:
+        raise InvalidRequest(f"{field} must be an integer from {low} to {high}", field=field)
+    return int(value)
+
+
+def ttl_s(value: Any, field: str = "ttl_s") -> int:
+    return int_in(value, field, 1, MAX_TTL_S)
+
+
+def items(values: Iterable[Any] | Any, field: str = "items") -> list[Item]:
+    """A list of 1 to 100 ``{"sku", "qty"}`` (dicts or Item), no SKU twice."""
+    if not isinstance(values, list | tuple) or not 1 <= len(values) <= MAX_ITEMS:
+        raise InvalidRequest(f"{field} must be a list of 1 to {MAX_ITEMS} items", field=field)
+    result: list[Item] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(values):
+        where = f"{field}[{i}]"
+        if isinstance(raw, Item):
+            raw = raw._asdict()
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"{where} must be an object with sku and qty", field=where)
+        item = Item(
+            sku(raw.get("sku"), f"{where}.sku"), int_in(raw.get("qty"), f"{where}.qty", 1, MAX_QTY)
+        )
+        if item.sku in seen:
+            raise InvalidRequest(f"{where}.sku {item.sku!r} appears twice", field=f"{where}.sku")
+        seen.add(item.sku)
+        result.append(item)
+    return result
