@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 
 from stock.config import Settings
 
@@ -14,8 +14,18 @@ def connect(settings: Settings, **options: Any) -> Any:
 
     With ``redis_cluster`` the URL names any node; redis-py's cluster client
     discovers the rest and follows MOVED/ASK and failovers by itself.
+
+    redis-py's pools raise MaxConnectionsError when they run dry instead of
+    waiting, so a standalone client gets a BlockingConnectionPool (callers
+    queue for a connection) and the engine bounds its operations in flight
+    (``StockEngine``); a cluster client allows four times that per node, as an
+    order may talk to several nodes at once.
     """
     options.setdefault("decode_responses", True)
+    size = settings.redis_max_connections
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **options)
-    return Redis.from_url(settings.redis_url, **options)
+        return RedisCluster.from_url(settings.redis_url, max_connections=4 * size, **options)
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=size, timeout=10, **options
+    )
+    return Redis(connection_pool=pool)

@@ -70,6 +70,7 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "buckets": ("STOCK_BUCKETS", _int_in(1, 16_384)),
     "reaper_period_s": ("STOCK_REAPER_PERIOD_S", _float_in(0.01, 60.0)),
     "reaper_batch": ("STOCK_REAPER_BATCH", _int_in(1, 10_000)),
+    "redis_max_connections": ("STOCK_REDIS_MAX_CONNECTIONS", _int_in(1, 100_000)),
 }
 
 
@@ -92,6 +93,7 @@ class Settings:
     buckets: int = 64
     reaper_period_s: float = 0.25
     reaper_batch: int = 500
+    redis_max_connections: int = 128
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -77,6 +77,9 @@ class StockEngine:
         self.cluster = settings.redis_cluster
         self.scripts = Scripts(client)
         self.retention_ms = settings.retention_s * 1000
+        # redis-py's pools fail instead of waiting when they run dry: bound the
+        # operations in flight to the pool size so a stampede queues here.
+        self._inflight = asyncio.Semaphore(settings.redis_max_connections)
 
     # -- stock levels -------------------------------------------------------
 
@@ -141,14 +144,11 @@ class StockEngine:
 
     async def get_order(self, order_id: str) -> dict[str, Any]:
         """The order's kind, phase and each line's state, qty and expiry."""
-        record = await self._record(order_id)
-        kind, phase, items = record
-        values = await asyncio.gather(
-            *(
-                self.redis.get(keys.line_keys(i.sku, order_id, self.settings.buckets).line)
-                for i in items
-            )
-        )
+        kind, phase, items = await self._record(order_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
+        values = await pipe.execute()
         lines = []
         for item, raw in zip(items, values, strict=True):
             state, _, exp = (raw or "gone|0|0").split("|")
@@ -158,6 +158,12 @@ class StockEngine:
     # -- internals ----------------------------------------------------------
 
     async def _acquire(
+        self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
+    ) -> OrderResult:
+        async with self._inflight:
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms)
+
+    async def _acquire_now(
         self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
     ) -> OrderResult:
         validate.order_id(order_id)
@@ -203,6 +209,10 @@ class StockEngine:
         )
 
     async def _transition(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
+        async with self._inflight:
+            return await self._transition_now(op, order_id, ttl_ms)
+
+    async def _transition_now(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
         validate.order_id(order_id)
         kind, _phase, items = await self._record(order_id)
         spec = items_spec(items)

@@ -1,0 +1,110 @@
+"""The reaper: racing reapers expire each line once; stock comes back after expiry."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from stock import keys
+from stock.client import connect
+from stock.config import Settings
+from stock.engine import StockEngine
+from stock.reaper import Reaper
+from tests.conftest import BUCKETS
+
+
+async def events_of(client: Any, op: str) -> list[dict[str, str]]:
+    found = []
+    for key in keys.all_events_keys(BUCKETS):
+        found += [fields for _id, fields in await client.xrange(key) if fields["op"] == op]
+    return found
+
+
+async def test_racing_reapers_expire_each_line_once(
+    engine: StockEngine, settings: Settings
+) -> None:
+    skus = [f"R{i}" for i in range(8)]
+    for sku in skus:
+        await engine.set_stock(sku, 100)
+    orders = 240
+    await asyncio.gather(
+        *(engine.reserve(f"o{i}", [{"sku": skus[i % 8], "qty": 1}], ttl_s=1) for i in range(orders))
+    )
+    await asyncio.sleep(1.05)
+    clients = [connect(settings) for _ in range(4)]
+    reapers = [Reaper(c, settings) for c in clients for _ in range(2)]  # 8 reapers, 4 connections
+    try:
+        totals = 0
+        for _ in range(50):
+            totals += sum(await asyncio.gather(*(r.reap_once() for r in reapers)))
+            if totals >= orders:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        for client in clients:
+            await client.aclose()
+    expired = await events_of(engine.redis, "expire")
+    assert totals == orders
+    assert len(expired) == orders
+    assert len({(e["sku"], e["order"]) for e in expired}) == orders
+    for sku in skus:
+        stock = await engine.get_stock(sku)
+        assert (stock.available, stock.reserved, stock.sold) == (100, 0, 0)
+
+
+async def test_running_reaper_returns_stock_after_expiry(
+    engine: StockEngine, settings: Settings
+) -> None:
+    """Prints how long after the (server-time) expiry the stock was back."""
+    await engine.set_stock("A", 1)
+    reaper = Reaper(engine.redis, settings)
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(reaper.run(stop))
+    try:
+        held = await engine.reserve("o1", [{"sku": "A", "qty": 1}], ttl_s=1)
+        for _ in range(200):
+            if (await engine.get_stock("A")).available == 1:
+                break
+            await asyncio.sleep(0.02)
+        back_ms = await reaper.server_ms()
+    finally:
+        stop.set()
+        await loop_task
+    assert (await engine.get_stock("A")).available == 1
+    assert (await engine.get_order("o1"))["lines"][0].state == "expired"
+    print(f"stock back {back_ms - held.expires_ms} ms after expiry")
+
+
+async def test_extended_line_is_not_expired(engine: StockEngine, settings: Settings) -> None:
+    await engine.set_stock("A", 5)
+    await engine.reserve("o1", [{"sku": "A", "qty": 2}], ttl_s=1)
+    await engine.extend("o1", 600)
+    await asyncio.sleep(1.05)
+    assert await Reaper(engine.redis, settings).reap_once() == 0
+    assert (await engine.get_stock("A")).reserved == 2
+
+
+async def test_expiry_lag_reports_overdue_lines(engine: StockEngine, settings: Settings) -> None:
+    """A fenced SKU's due line waits for the resync; the lag shows it."""
+    await engine.set_stock("A", 5)
+    await engine.reserve("o1", [{"sku": "A", "qty": 2}], ttl_s=1)
+    await engine.redis.hset(keys.sku_key("A", BUCKETS), "fenced", "1")
+    reaper = Reaper(engine.redis, settings)
+    await asyncio.sleep(1.3)
+    assert await reaper.reap_once() == 0
+    assert reaper.stats.expiry_lag_s >= 0.2
+    await engine.redis.hdel(keys.sku_key("A", BUCKETS), "fenced")
+    assert await reaper.reap_once() == 1
+    await reaper.reap_once()
+    assert reaper.stats.expiry_lag_s == 0.0
+
+
+async def test_stale_index_members_are_dropped(engine: StockEngine, settings: Settings) -> None:
+    await engine.set_stock("A", 5)
+    await engine.reserve("o1", [{"sku": "A", "qty": 2}], ttl_s=1)
+    await engine.confirm("o1")
+    due = keys.due_key(keys.bucket_of("A", BUCKETS))
+    await engine.redis.zadd(due, {keys.line_member("A", "o1"): 1})  # a leftover member
+    assert await Reaper(engine.redis, settings).reap_once() == 0
+    assert await engine.redis.zcard(due) == 0
+    assert (await engine.get_stock("A")).sold == 2
