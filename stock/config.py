@@ -71,6 +71,8 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "reaper_period_s": ("STOCK_REAPER_PERIOD_S", _float_in(0.01, 60.0)),
     "reaper_batch": ("STOCK_REAPER_BATCH", _int_in(1, 10_000)),
     "redis_max_connections": ("STOCK_REDIS_MAX_CONNECTIONS", _int_in(1, 100_000)),
+    "writer_batch": ("STOCK_WRITER_BATCH", _int_in(1, 100_000)),
+    "writer_interval_ms": ("STOCK_WRITER_INTERVAL_MS", _int_in(1, 60_000)),
 }
 
 
@@ -94,6 +96,8 @@ class Settings:
     reaper_period_s: float = 0.25
     reaper_batch: int = 500
     redis_max_connections: int = 128
+    writer_batch: int = 5000  # most events the writer applies in one transaction
+    writer_interval_ms: int = 50  # how long the writer waits when the streams are idle
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
