@@ -1,0 +1,111 @@
+"""NOSCRIPT recovery, AOF restart, and the event stream's exact contents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stock import keys
+from stock.client import connect
+from stock.config import Settings
+from stock.engine import StockEngine
+from stock.errors import InsufficientStock, InvalidTransition, OrderConflict
+from tests.conftest import BUCKETS
+from tests.servers import ServerProcess
+
+
+async def test_noscript_recovery_after_script_flush(engine: StockEngine) -> None:
+    await engine.set_stock("A", 5)
+    await engine.reserve("o1", [{"sku": "A", "qty": 1}])
+    await engine.redis.script_flush()  # a cluster client sends it to every node
+    sha = engine.scripts._scripts["confirm"].sha
+    assert await engine.redis.script_exists(sha) == [False]
+    assert (await engine.confirm("o1")).status == "confirmed"
+    assert (await engine.reserve("o2", [{"sku": "A", "qty": 1}])).status == "reserved"
+    stock = await engine.get_stock("A")
+    assert (stock.available, stock.reserved, stock.sold) == (3, 1, 1)
+
+
+@pytest.mark.faults
+async def test_aof_restart_keeps_counters_and_lines(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "aof", None, "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    settings = Settings(redis_url=server.url, buckets=BUCKETS)
+    client = connect(settings)
+    try:
+        engine = StockEngine(client, settings)
+        await engine.set_stock("A", 10)
+        await engine.reserve("held", [{"sku": "A", "qty": 2}], ttl_s=600)
+        await engine.deduct("sold", [{"sku": "A", "qty": 3}])
+        await client.aclose()
+        server.kill()  # a crash: no shutdown, only what the AOF holds
+        server.start()
+        client = connect(settings)
+        engine = StockEngine(client, settings)
+        stock = await engine.get_stock("A")
+        assert (stock.available, stock.reserved, stock.sold) == (5, 2, 3)
+        assert (await engine.reserve("held", [{"sku": "A", "qty": 2}], ttl_s=600)).replay
+        assert (await engine.confirm("held")).status == "confirmed"
+        stock = await engine.get_stock("A")
+        assert (stock.available, stock.reserved, stock.sold) == (5, 0, 5)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def all_events(client: Any) -> list[dict[str, str]]:
+    events = []
+    for key in keys.all_events_keys(BUCKETS):
+        events += [fields for _id, fields in await client.xrange(key)]
+    return sorted(events, key=lambda e: (e["sku"], int(e["seq"])))
+
+
+async def test_stream_has_one_event_per_change(engine: StockEngine) -> None:
+    await engine.set_stock("A", 10)
+    await engine.set_stock("B", 4)
+    await engine.reserve("o1", [{"sku": "A", "qty": 2}, {"sku": "B", "qty": 1}])
+    await engine.reserve("o1", [{"sku": "A", "qty": 2}, {"sku": "B", "qty": 1}])  # replay
+    with pytest.raises(OrderConflict):
+        await engine.reserve("o1", [{"sku": "A", "qty": 3}])
+    with pytest.raises(InsufficientStock):
+        await engine.reserve("o2", [{"sku": "A", "qty": 1}, {"sku": "B", "qty": 9}])
+    await engine.confirm("o1")
+    await engine.confirm("o1")  # replay
+    with pytest.raises(InvalidTransition):
+        await engine.release("o1")
+    await engine.deduct("d1", [{"sku": "A", "qty": 1}])
+    await engine.cancel("d1")
+    await engine.adjust("A", -2, reason="damaged")
+    events = await all_events(engine.redis)
+    # On a cluster the refused o2 reserved A on its own node before B's node
+    # said no; the compensation undoes it, and both changes are in the stream.
+    compensated = [
+        ("A", "reserve", "o2", 1, (7, 3, 0)),
+        ("A", "abort", "o2", 1, (8, 2, 0)),
+    ]
+    expected = [
+        ("A", "set", "", 10, (10, 0, 0)),
+        ("A", "reserve", "o1", 2, (8, 2, 0)),
+        *(compensated if engine.cluster else []),
+        ("A", "confirm", "o1", 2, (8, 0, 2)),
+        ("A", "deduct", "d1", 1, (7, 0, 3)),
+        ("A", "cancel", "d1", 1, (8, 0, 2)),
+        ("A", "adjust", "", -2, (6, 0, 2)),
+        ("B", "set", "", 4, (4, 0, 0)),
+        ("B", "reserve", "o1", 1, (3, 1, 0)),
+        ("B", "confirm", "o1", 1, (3, 0, 1)),
+    ]
+    seen = [
+        (e["sku"], e["op"], e["order"], int(e["qty"]),
+         (int(e["available"]), int(e["reserved"]), int(e["sold"])))
+        for e in events
+    ]  # fmt: skip
+    assert seen == expected
+    a_events = 8 if engine.cluster else 6
+    assert [int(e["seq"]) for e in events] == [*range(1, a_events + 1), 1, 2, 3]
+    assert events[a_events - 1]["reason"] == "damaged"
+    assert all(int(e["at"]) > 1_600_000_000_000 for e in events)
+    reserve = events[1]
+    assert int(reserve["exp"]) == int(reserve["at"]) + 900_000
