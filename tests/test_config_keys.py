@@ -1,0 +1,74 @@
+"""Pure-Python units: settings from the environment, the key layout, the spec codec."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from stock import keys
+from stock.config import Settings
+from stock.engine import items_spec, parse_spec
+from stock.errors import ConfigError
+from stock.validate import Item
+
+
+def test_defaults_match_design() -> None:
+    s = Settings.from_env({})
+    assert (s.redis_url, s.redis_cluster, s.port) == ("redis://127.0.0.1:6379/0", False, 8080)
+    assert (s.reservation_ttl_s, s.retention_s, s.reaper_period_s) == (900, 7 * 86_400, 0.25)
+
+
+def test_environment_is_read() -> None:
+    s = Settings.from_env(
+        {"STOCK_REDIS_URL": "redis://h:1/2", "STOCK_REDIS_CLUSTER": "1", "STOCK_PORT": "9000",
+         "STOCK_BUCKETS": "128", "STOCK_REAPER_PERIOD_S": "0.5"}
+    )  # fmt: skip
+    assert (s.redis_url, s.redis_cluster, s.port, s.buckets) == ("redis://h:1/2", True, 9000, 128)
+    assert s.reaper_period_s == 0.5
+
+
+def test_overrides_beat_environment() -> None:
+    s = Settings.from_env({"STOCK_PORT": "9000"}, port=9100, host=None)
+    assert (s.port, s.host) == (9100, "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("STOCK_PORT", "eighty"),
+        ("STOCK_PORT", "70000"),
+        ("STOCK_REDIS_CLUSTER", "maybe"),
+        ("STOCK_REDIS_URL", "http://x"),
+        ("STOCK_RESERVATION_TTL_S", "0"),
+        ("STOCK_BUCKETS", "0"),
+        ("STOCK_REAPER_PERIOD_S", "fast"),
+    ],
+)
+def test_bad_value_names_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_bucket_is_stable_and_bounded() -> None:
+    assert keys.bucket_of("SKU-1", 64) == keys.bucket_of("SKU-1", 64)
+    assert keys.bucket_of("SKU-1", 64) == 3_993_447_348 % 64  # crc32("SKU-1"), not hash()
+    assert {keys.bucket_of(f"S{i}", 16) for i in range(1000)} == set(range(16))
+
+
+def test_a_lines_keys_share_one_slot() -> None:
+    line = keys.line_keys("SKU-1", "order{with}braces|and|bars", 64)
+    assert len({key_slot(k.encode()) for k in line}) == 1
+    assert keys.sku_key("SKU-1", 64) == line.sku
+    assert key_slot(keys.order_key("o-1").encode()) == key_slot(b"o-1")
+
+
+def test_member_splits_at_first_bar() -> None:
+    member = keys.line_member("SKU-1", "order|with|bars")
+    assert keys.split_member(member) == ("SKU-1", "order|with|bars")
+
+
+def test_items_spec_is_canonical() -> None:
+    a = items_spec([Item("B", 1), Item("A", 2)])
+    assert a == items_spec([Item("A", 2), Item("B", 1)]) == "A:2,B:1"
+    assert parse_spec(a) == [Item("A", 2), Item("B", 1)]
+    assert parse_spec("a:b:c:3") == [Item("a:b:c", 3)]
