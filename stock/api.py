@@ -1,0 +1,364 @@
+"""The HTTP API v1 (DESIGN §6): an aiohttp app factory with thin handlers.
+
+One middleware turns every error into ``{"error", "message", ...}`` with the
+status of its code and counts the request; handlers only parse, validate and
+call the engine. The Redis client, the reaper and the writer live in
+``cleanup_ctx`` so they open and close with the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from stock import validate
+from stock.client import connect
+from stock.config import Settings
+from stock.engine import OrderResult, StockEngine
+from stock.errors import InvalidRequest, StockError
+from stock.metrics import Metrics
+from stock.openapi import spec as openapi_spec
+from stock.reaper import Reaper
+
+log = logging.getLogger("stock.api")
+
+MAX_BODY = 64 * 1024
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", StockEngine)
+METRICS = web.AppKey("metrics", Metrics)
+BACKGROUND = web.AppKey("background", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(code: str, status: int, message: str, **details: Any) -> web.Response:
+    return json_response({"error": code, "message": message, **details}, status)
+
+
+def iso_ms(ms: int) -> str | None:
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+async def json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    """The request body as a JSON object with no field outside ``allowed``."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("body must be valid JSON", field="body") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object", field="body")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    return body
+
+
+def require(body: dict[str, Any], name: str) -> Any:
+    if name not in body:
+        raise InvalidRequest(f"{name} is required", field=name)
+    return body[name]
+
+
+def order_body(result: OrderResult, with_expiry: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"order_id": result.order_id, "status": result.status}
+    if with_expiry:
+        body["expires_at"] = iso_ms(result.expires_ms)
+    body["items"] = [{"sku": line.sku, "qty": line.qty} for line in result.lines]
+    return body
+
+
+# -- middleware ----------------------------------------------------------------
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except StockError as exc:
+        response = json_response(exc.to_dict(), exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(
+            "payload_too_large", 413, f"body must be at most {MAX_BODY} bytes"
+        )
+    except web.HTTPNotFound:
+        response = error_response("not_found", 404, f"no route for {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(
+            "method_not_allowed", 405, f"{request.method} is not allowed here",
+            allowed=sorted(exc.allowed_methods),
+        )  # fmt: skip
+    except (RedisError, OSError) as exc:
+        metrics.redis_errors.inc()
+        log.warning("Redis error on %s %s: %s", request.method, request.path, exc)
+        response = error_response("unavailable", 503, "stock store unavailable, retry shortly")
+    except web.HTTPException as exc:
+        response = error_response("invalid_request", exc.status, exc.reason)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response("internal", 500, "internal error")
+    route = _route_name(request)
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+    return response
+
+
+def admin(handler: Handler) -> Handler:
+    """Admin routes need ``Authorization: Bearer <STOCK_ADMIN_TOKEN>`` (constant time)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        token = request.app[SETTINGS].admin_token
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        if not token or not hmac.compare_digest(given.encode(), expected.encode()):
+            return error_response("unauthorized", 401, "admin route: bad or missing bearer token")
+        return await handler(request)
+
+    return guarded
+
+
+# -- handlers ------------------------------------------------------------------
+
+
+def _counters(request: web.Request, counters: Any) -> web.Response:
+    body = counters.as_dict()
+    if min(body["available"], body["reserved"], body["sold"]) < 0:
+        request.app[METRICS].oversell.inc()
+    return json_response(body)
+
+
+async def get_stock(request: web.Request) -> web.Response:
+    sku = validate.sku(request.match_info["sku"])
+    return _counters(request, await request.app[ENGINE].get_stock(sku))
+
+
+@admin
+async def put_stock(request: web.Request) -> web.Response:
+    sku = validate.sku(request.match_info["sku"])
+    body = await json_body(request, {"available", "reason"})
+    available = validate.int_in(require(body, "available"), "available", 0, 10**12)
+    reason = _reason(body)
+    return _counters(request, await request.app[ENGINE].set_stock(sku, available, reason))
+
+
+@admin
+async def adjust_stock(request: web.Request) -> web.Response:
+    sku = validate.sku(request.match_info["sku"])
+    body = await json_body(request, {"delta", "reason", "expected_available"})
+    delta = validate.int_in(require(body, "delta"), "delta", -(10**12), 10**12)
+    if delta == 0:
+        raise InvalidRequest("delta must not be 0", field="delta")
+    expected = body.get("expected_available")
+    if expected is not None:
+        expected = validate.int_in(expected, "expected_available", 0, 10**12)
+    counters = await request.app[ENGINE].adjust(sku, delta, expected, _reason(body))
+    return _counters(request, counters)
+
+
+def _reason(body: dict[str, Any]) -> str:
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 200:
+        raise InvalidRequest("reason must be a string of at most 200 characters", field="reason")
+    return reason
+
+
+async def _order_op(
+    request: web.Request, op: str, call: Awaitable[OrderResult], created: int = 200
+) -> web.Response:
+    metrics = request.app[METRICS]
+    try:
+        result = await call
+    except StockError as exc:
+        metrics.outcomes.labels(op, exc.code).inc()
+        raise
+    metrics.outcomes.labels(op, "replay" if result.replay else "ok").inc()
+    with_expiry = op in ("reserve", "extend")
+    return json_response(order_body(result, with_expiry), 200 if result.replay else created)
+
+
+async def create_reservation(request: web.Request) -> web.Response:
+    body = await json_body(request, {"order_id", "items", "ttl_s"})
+    order_id = validate.order_id(require(body, "order_id"))
+    items = validate.items(require(body, "items"))
+    ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
+    engine = request.app[ENGINE]
+    return await _order_op(request, "reserve", engine.reserve(order_id, items, ttl), 201)
+
+
+async def create_deduction(request: web.Request) -> web.Response:
+    body = await json_body(request, {"order_id", "items"})
+    order_id = validate.order_id(require(body, "order_id"))
+    items = validate.items(require(body, "items"))
+    return await _order_op(request, "deduct", request.app[ENGINE].deduct(order_id, items), 201)
+
+
+def _path_order(request: web.Request) -> str:
+    return validate.order_id(request.match_info["order_id"])
+
+
+async def confirm(request: web.Request) -> web.Response:
+    return await _order_op(request, "confirm", request.app[ENGINE].confirm(_path_order(request)))
+
+
+async def release(request: web.Request) -> web.Response:
+    return await _order_op(request, "release", request.app[ENGINE].release(_path_order(request)))
+
+
+async def extend(request: web.Request) -> web.Response:
+    order_id = _path_order(request)
+    body = await json_body(request, {"ttl_s"})
+    ttl = validate.ttl_s(require(body, "ttl_s"))
+    return await _order_op(request, "extend", request.app[ENGINE].extend(order_id, ttl))
+
+
+@admin
+async def cancel(request: web.Request) -> web.Response:
+    return await _order_op(request, "cancel", request.app[ENGINE].cancel(_path_order(request)))
+
+
+async def get_reservation(request: web.Request) -> web.Response:
+    order = await request.app[ENGINE].get_order(_path_order(request))
+    states = {line.state for line in order["lines"]}
+    status = (
+        "pending"
+        if order["phase"] == "pending"
+        else (states.pop() if len(states) == 1 else "mixed")
+    )
+    items = [
+        {"sku": line.sku, "qty": line.qty, "state": line.state,
+         "expires_at": iso_ms(line.expires_ms)}
+        for line in order["lines"]
+    ]  # fmt: skip
+    return json_response(
+        {"order_id": order["order_id"], "kind": order["kind"], "status": status, "items": items}
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(request.app[ENGINE].redis.ping(), timeout=2)
+        checks["redis"] = "ok"
+    except (RedisError, OSError, TimeoutError) as exc:
+        checks["redis"] = f"error: {exc or type(exc).__name__}"
+    writer = request.app[BACKGROUND].get("writer")
+    if writer is not None:
+        checks["postgres"] = "ok" if writer.healthy() else "error: writer cannot reach PostgreSQL"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response(
+        {"status": "ready" if ready else "unready", **checks}, 200 if ready else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_spec())
+
+
+# -- wiring --------------------------------------------------------------------
+
+
+def _routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/stock/{sku}", get_stock)
+    r.add_put("/v1/stock/{sku}", put_stock)
+    r.add_post("/v1/stock/{sku}/adjust", adjust_stock)
+    r.add_post("/v1/reservations", create_reservation)
+    r.add_get("/v1/reservations/{order_id}", get_reservation)
+    r.add_post("/v1/reservations/{order_id}/confirm", confirm)
+    r.add_post("/v1/reservations/{order_id}/release", release)
+    r.add_post("/v1/reservations/{order_id}/extend", extend)
+    r.add_post("/v1/deductions", create_deduction)
+    r.add_post("/v1/orders/{order_id}/cancel", cancel)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+
+
+def create_app(
+    settings: Settings, *, run_reaper: bool = True, run_writer: bool = True
+) -> web.Application:
+    """The API app; its Redis client, reaper and writer open and close with it."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[BACKGROUND] = {}
+    _routes(app)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        client = connect(settings)
+        app[ENGINE] = StockEngine(client, settings)
+        stop = asyncio.Event()
+        tasks = []
+        if run_reaper:
+            reaper = Reaper(client, settings, app[ENGINE].scripts)
+            app[BACKGROUND]["reaper"] = reaper
+            _watch_reaper(app[METRICS], reaper)
+            tasks.append(asyncio.create_task(reaper.run(stop), name="reaper"))
+        if run_writer and settings.database_url:
+            tasks.append(await _start_writer(app, client, stop))
+        yield
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+def _watch_reaper(metrics: Metrics, reaper: Reaper) -> None:
+    def refresh() -> None:
+        metrics.expiry_lag.set(reaper.stats.expiry_lag_s)
+        metrics.expired.set(reaper.stats.expired_total)
+        metrics.reaper_batch.set(reaper.stats.last_batch)
+
+    metrics.on_scrape(refresh)
+
+
+async def _start_writer(
+    app: web.Application, client: Any, stop: asyncio.Event
+) -> asyncio.Task[Any]:
+    from persist.writer import Writer
+
+    writer = Writer(client, app[SETTINGS])
+    app[BACKGROUND]["writer"] = writer
+    metrics = app[METRICS]
+
+    def refresh() -> None:
+        metrics.flush_lag.set(writer.stats.flush_lag_s)
+        metrics.writer_batch.set(writer.stats.last_batch)
+        metrics.writer_events.set(writer.stats.events_total)
+
+    metrics.on_scrape(refresh)
+    return asyncio.create_task(writer.run(stop), name="writer")

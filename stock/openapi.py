@@ -1,0 +1,156 @@
+"""The OpenAPI 3 description of the HTTP API, served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from stock.validate import MAX_ITEMS, MAX_ORDER_ID, MAX_QTY, MAX_TTL_S
+
+SKU = {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,64}$"}
+ORDER_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ORDER_ID, "pattern": "^[ -~]+$"}
+COUNT = {"type": "integer", "minimum": 0}
+ITEM = {
+    "type": "object", "required": ["sku", "qty"], "additionalProperties": False,
+    "properties": {"sku": SKU, "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY}},
+}  # fmt: skip
+ITEMS = {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": ITEM}
+TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
+EXPIRES = {"type": "string", "format": "date-time"}
+
+ERRORS = {
+    "invalid_request": 400, "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
+    "insufficient_stock": 409, "order_conflict": 409, "invalid_transition": 409,
+    "reservation_expired": 409, "stale_stock": 409, "payload_too_large": 413,
+    "unavailable": 503,
+}  # fmt: skip
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+COUNTERS = _obj(
+    ["sku", "available", "reserved", "sold"], sku=SKU, available=COUNT, reserved=COUNT, sold=COUNT
+)
+LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"})
+ORDER = _obj(
+    ["order_id", "status", "items"], order_id=ORDER_ID, status={"type": "string"},
+    expires_at={**EXPIRES, "nullable": True}, items={"type": "array", "items": LINE},
+)  # fmt: skip
+ORDER_VIEW = _obj(
+    ["order_id", "kind", "status", "items"], order_id=ORDER_ID,
+    kind={"type": "string", "enum": ["reserve", "deduct"]}, status={"type": "string"},
+    items={"type": "array", "items": _obj(
+        ["sku", "qty", "state"], sku=SKU, qty={"type": "integer"}, state={"type": "string"},
+        expires_at={**EXPIRES, "nullable": True},
+    )},
+)  # fmt: skip
+ERROR = {
+    "type": "object", "required": ["error", "message"],
+    "properties": {"error": {"type": "string", "enum": sorted(ERRORS)},
+                   "message": {"type": "string"}},
+}  # fmt: skip
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(
+    summary: str,
+    ok: dict[str, Any],
+    codes: list[int],
+    body: dict[str, Any] | None = None,
+    admin: bool = False,
+    params: list[str] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {str(k): v for k, v in ok.items()}
+    for code in sorted({*codes, 400, 503}):
+        responses[str(code)] = _json(
+            {"$ref": "#/components/schemas/Error"},
+            ", ".join(sorted(c for c, s in ERRORS.items() if s == code)),
+        )
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if admin:
+        op["security"] = [{"admin": []}]
+        responses["401"] = _json({"$ref": "#/components/schemas/Error"}, "unauthorized")
+    if params:
+        schemas = {"sku": SKU, "order_id": ORDER_ID}
+        op["parameters"] = [
+            {"name": p, "in": "path", "required": True, "schema": schemas[p]} for p in params
+        ]
+    return op
+
+
+@cache
+def spec() -> dict[str, Any]:
+    order_ref = {"$ref": "#/components/schemas/Order"}
+    counters = {"200": _json(COUNTERS, "the SKU's counters")}
+    reserved = {"201": _json(order_ref, "reserved"), "200": _json(order_ref, "replay")}
+    sold = {"201": _json(order_ref, "sold"), "200": _json(order_ref, "replay")}
+    done = {"200": _json(order_ref, "done (or a replay)")}
+    new_order = {"order_id": ORDER_ID, "items": ITEMS}
+    big = [409, 413]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "stock", "version": "1", "description": "Inventory deduction on Redis"},
+        "components": {
+            "schemas": {"Error": ERROR, "Order": ORDER},
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/v1/stock/{sku}": {
+                "get": _op("A SKU's counters", counters, [404], params=["sku"]),
+                "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
+                           body=_obj(["available"], available=COUNT,
+                                     reason={"type": "string", "maxLength": 200})),
+            },
+            "/v1/stock/{sku}/adjust": {
+                "post": _op("Add or take stock", counters, [409, 413], admin=True,
+                            params=["sku"], body=_obj(
+                                ["delta"], delta={"type": "integer"},
+                                reason={"type": "string", "maxLength": 200},
+                                expected_available=COUNT)),
+            },
+            "/v1/reservations": {
+                "post": _op("Reserve stock for an order", reserved, big,
+                            body=_obj(["order_id", "items"], **new_order, ttl_s=TTL)),
+            },
+            "/v1/reservations/{order_id}": {
+                "get": _op("An order's lines", {"200": _json(ORDER_VIEW, "the order")}, [404],
+                           params=["order_id"]),
+            },
+            "/v1/reservations/{order_id}/confirm": {
+                "post": _op("Confirm (sell) a reservation", done, [404, 409],
+                            params=["order_id"]),
+            },
+            "/v1/reservations/{order_id}/release": {
+                "post": _op("Release a reservation", done, [404, 409], params=["order_id"]),
+            },
+            "/v1/reservations/{order_id}/extend": {
+                "post": _op("Extend a reservation", done, [404, 409, 413], params=["order_id"],
+                            body=_obj(["ttl_s"], ttl_s=TTL)),
+            },
+            "/v1/deductions": {
+                "post": _op("Buy now: reserve and confirm at once", sold, big,
+                            body=_obj(["order_id", "items"], **new_order)),
+            },
+            "/v1/orders/{order_id}/cancel": {
+                "post": _op("Cancel a confirmed order", done, [404, 409], admin=True,
+                            params=["order_id"]),
+            },
+            "/healthz": {"get": {"summary": "Liveness",
+                                 "responses": {"200": _json({"type": "object"}, "alive")}}},
+            "/readyz": {"get": {"summary": "Readiness (Redis, PostgreSQL where the writer runs)",
+                                "responses": {"200": _json({"type": "object"}, "ready"),
+                                              "503": _json({"type": "object"}, "not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "text", "content": {"text/plain": {"schema": {
+                    "type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This description", "responses": {
+                "200": _json({"type": "object"}, "OpenAPI 3")}}},
+        },
+    }  # fmt: skip

@@ -1,0 +1,220 @@
+"""Every route, success and error code of DESIGN §6 through aiohttp's test client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from stock.api import ENGINE, create_app
+from stock.config import Settings
+from tests.conftest import flush
+
+TOKEN = "s3cret-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_app(replace(settings, admin_token=TOKEN), run_reaper=False, run_writer=False)
+    async with TestClient(TestServer(app)) as client:
+        await flush(app[ENGINE].redis)
+        yield client
+
+
+async def put_stock(api: TestClient[Any, Any], sku: str, available: int) -> None:
+    response = await api.put(f"/v1/stock/{sku}", json={"available": available}, headers=ADMIN)
+    assert response.status == 200, await response.text()
+
+
+async def reserve(api: TestClient[Any, Any], order_id: str, items: Any, **extra: Any) -> Any:
+    return await api.post("/v1/reservations", json={"order_id": order_id, "items": items, **extra})
+
+
+async def test_stock_admin_and_read(api: TestClient[Any, Any]) -> None:
+    assert (await api.put("/v1/stock/A", json={"available": 5})).status == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await api.put("/v1/stock/A", json={"available": 5}, headers=wrong)).status == 401
+    response = await api.put("/v1/stock/A", json={"available": 5}, headers=ADMIN)
+    assert await response.json() == {"sku": "A", "available": 5, "reserved": 0, "sold": 0}
+    response = await api.get("/v1/stock/A")
+    assert await response.json() == {"sku": "A", "available": 5, "reserved": 0, "sold": 0}
+    missing = await api.get("/v1/stock/NOPE")
+    assert missing.status == 404
+    assert (await missing.json())["error"] == "not_found"
+
+
+async def test_adjust(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 5)
+    url = "/v1/stock/A/adjust"
+    ok = await api.post(url, json={"delta": 3, "reason": "restock"}, headers=ADMIN)
+    assert (await ok.json())["available"] == 8
+    stale = await api.post(url, json={"delta": 1, "expected_available": 7}, headers=ADMIN)
+    assert stale.status == 409
+    assert await stale.json() == {
+        "error": "stale_stock", "message": "available differs from expected_available",
+        "available": 8,
+    }  # fmt: skip
+    short = await api.post(url, json={"delta": -9}, headers=ADMIN)
+    assert (short.status, (await short.json())["error"]) == (409, "insufficient_stock")
+    assert (await api.post(url, json={"delta": 1})).status == 401
+
+
+async def test_reservation_lifecycle(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 5)
+    items = [{"sku": "A", "qty": 2}]
+    created = await reserve(api, "o1", items, ttl_s=60)
+    assert created.status == 201
+    body = await created.json()
+    assert set(body) == {"order_id", "status", "expires_at", "items"}
+    assert (body["status"], body["items"]) == ("reserved", items)
+    assert body["expires_at"].endswith("Z")
+    replay = await reserve(api, "o1", items, ttl_s=60)
+    assert (replay.status, await replay.json()) == (200, body)
+    view = await (await api.get("/v1/reservations/o1")).json()
+    assert view["status"] == "reserved" and view["items"][0]["state"] == "reserved"
+    extended = await api.post("/v1/reservations/o1/extend", json={"ttl_s": 600})
+    assert extended.status == 200
+    assert (await extended.json())["expires_at"] > body["expires_at"]
+    confirmed = await api.post("/v1/reservations/o1/confirm")
+    assert await confirmed.json() == {"order_id": "o1", "status": "confirmed", "items": items}
+    assert (await api.post("/v1/reservations/o1/confirm")).status == 200
+    late = await api.post("/v1/reservations/o1/release")
+    assert late.status == 409
+    assert (await late.json())["error"] == "invalid_transition"
+    assert (await late.json())["state"] == "confirmed"
+    assert (await api.post("/v1/orders/o1/cancel")).status == 401
+    cancelled = await api.post("/v1/orders/o1/cancel", headers=ADMIN)
+    assert (await cancelled.json())["status"] == "cancelled"
+    stock = await (await api.get("/v1/stock/A")).json()
+    assert stock == {"sku": "A", "available": 5, "reserved": 0, "sold": 0}
+
+
+async def test_release_and_deduction(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 5)
+    await reserve(api, "o1", [{"sku": "A", "qty": 2}])
+    released = await api.post("/v1/reservations/o1/release")
+    assert (await released.json())["status"] == "released"
+    sold = await api.post(
+        "/v1/deductions", json={"order_id": "d1", "items": [{"sku": "A", "qty": 5}]}
+    )
+    assert sold.status == 201
+    assert (await sold.json())["status"] == "confirmed"
+    again = await api.post(
+        "/v1/deductions", json={"order_id": "d1", "items": [{"sku": "A", "qty": 5}]}
+    )
+    assert again.status == 200
+
+
+async def test_order_refusals(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 3)
+    short = await reserve(api, "o1", [{"sku": "A", "qty": 4}])
+    assert short.status == 409
+    body = await short.json()
+    assert (body["error"], body["items"]) == ("insufficient_stock", [{"sku": "A", "available": 3}])
+    await reserve(api, "o2", [{"sku": "A", "qty": 1}])
+    conflict = await reserve(api, "o2", [{"sku": "A", "qty": 2}])
+    assert (conflict.status, (await conflict.json())["error"]) == (409, "order_conflict")
+    missing = await api.post("/v1/reservations/ghost/confirm")
+    assert (missing.status, (await missing.json())["error"]) == (404, "not_found")
+    assert (await api.get("/v1/reservations/ghost")).status == 404
+    wrong_state = await api.post("/v1/orders/o2/cancel", headers=ADMIN)
+    assert (await wrong_state.json())["state"] == "reserved"
+
+
+BAD_RESERVATIONS = [
+    (b"{not json", "body"),
+    (b"[1, 2]", "body"),
+    (b'"text"', "body"),
+    (b"{}", "order_id"),
+    (b'{"order_id": "o"}', "items"),
+    (b'{"order_id": 7, "items": [{"sku": "A", "qty": 1}]}', "order_id"),
+    (b'{"order_id": "", "items": [{"sku": "A", "qty": 1}]}', "order_id"),
+    (b'{"order_id": "o", "items": []}', "items"),
+    (b'{"order_id": "o", "items": {"sku": "A"}}', "items"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1.0}]}', "items[0].qty"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": "1"}]}', "items[0].qty"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": true}]}', "items[0].qty"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 0}]}', "items[0].qty"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1000001}]}', "items[0].qty"),
+    (b'{"order_id": "o", "items": [{"sku": "A"}]}', "items[0].qty"),
+    (b'{"order_id": "o", "items": [{"sku": "a b", "qty": 1}]}', "items[0].sku"),
+    (b'{"order_id": "o", "items": [{"sku": 5, "qty": 1}]}', "items[0].sku"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}, {"sku": "A", "qty": 1}]}',
+     "items[1].sku"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "ttl_s": 0}', "ttl_s"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "ttl_s": 86401}', "ttl_s"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "ttl_s": "9"}', "ttl_s"),
+    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "extra": 1}', "extra"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "field"), BAD_RESERVATIONS)
+async def test_bad_input_is_400_naming_field(
+    api: TestClient[Any, Any], raw: bytes, field: str
+) -> None:
+    response = await api.post(
+        "/v1/reservations", data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"] == "invalid_request"
+    assert body["field"] == field
+    assert field in body["message"]
+    assert await api.app[ENGINE].redis.dbsize() == 0  # nothing reached Redis
+
+
+async def test_other_bad_inputs(api: TestClient[Any, Any]) -> None:
+    assert (await api.get("/v1/stock/bad%20sku")).status == 400
+    too_long = "x" * 129
+    assert (await api.post(f"/v1/reservations/{too_long}/confirm")).status == 400
+    bad_ttl = await api.post("/v1/reservations/o/extend", json={"ttl_s": -1})
+    assert (await bad_ttl.json())["field"] == "ttl_s"
+    zero = await api.post("/v1/stock/A/adjust", json={"delta": 0}, headers=ADMIN)
+    assert (await zero.json())["field"] == "delta"
+    negative = await api.put("/v1/stock/A", json={"available": -1}, headers=ADMIN)
+    assert (await negative.json())["field"] == "available"
+
+
+async def test_payload_too_large(api: TestClient[Any, Any]) -> None:
+    body = orjson.dumps({"order_id": "o", "items": [{"sku": "A", "qty": 1}], "pad": "x" * 70_000})
+    response = await api.post("/v1/reservations", data=body)
+    assert response.status == 413
+    assert (await response.json())["error"] == "payload_too_large"
+
+
+async def test_unknown_route_and_method(api: TestClient[Any, Any]) -> None:
+    missing = await api.get("/v2/nothing")
+    assert (missing.status, (await missing.json())["error"]) == (404, "not_found")
+    wrong = await api.delete("/v1/stock/A")
+    assert wrong.status == 405
+    assert (await wrong.json())["error"] == "method_not_allowed"
+
+
+async def test_health_metrics_openapi(api: TestClient[Any, Any]) -> None:
+    assert (await api.get("/healthz")).status == 200
+    ready = await api.get("/readyz")
+    assert (ready.status, (await ready.json())["redis"]) == (200, "ok")
+    await put_stock(api, "A", 1)
+    await reserve(api, "o1", [{"sku": "A", "qty": 2}])
+    text = await (await api.get("/metrics")).text()
+    assert 'stock_order_outcomes_total{op="reserve",outcome="insufficient_stock"} 1.0' in text
+    assert "stock_oversell_skus 0.0" in text
+    assert "stock_http_request_seconds_bucket" in text
+    spec = await (await api.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.")
+    assert set(spec["paths"]) >= {"/v1/reservations", "/v1/deductions", "/v1/stock/{sku}"}
+
+
+async def test_redis_down_is_503() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", admin_token=TOKEN)
+    app = create_app(settings, run_reaper=False, run_writer=False)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/v1/stock/A")
+        assert response.status == 503
+        assert (await response.json())["error"] == "unavailable"
+        assert (await client.get("/readyz")).status == 503
