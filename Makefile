@@ -19,5 +19,8 @@ lint: install
 test: install lint
 	$(BIN)/pytest -q
 
+run: install
+	$(BIN)/stock dev
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -267,13 +267,26 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = "ok"
     except (RedisError, OSError, TimeoutError) as exc:
         checks["redis"] = f"error: {exc or type(exc).__name__}"
-    writer = request.app[BACKGROUND].get("writer")
-    if writer is not None:
-        checks["postgres"] = "ok" if writer.healthy() else "error: writer cannot reach PostgreSQL"
+    if "writer" in request.app[BACKGROUND]:
+        checks["postgres"] = await _postgres_check(request.app[SETTINGS].database_url)
     ready = all(v == "ok" for v in checks.values())
     return json_response(
         {"status": "ready" if ready else "unready", **checks}, 200 if ready else 503
     )
+
+
+async def _postgres_check(dsn: str) -> str:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        return f"error: {exc or type(exc).__name__}"
+    return "ok"
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -351,7 +364,7 @@ async def _start_writer(
 ) -> asyncio.Task[Any]:
     from persist.writer import Writer
 
-    writer = Writer(client, app[SETTINGS])
+    writer = Writer(client, app[SETTINGS], app[SETTINGS].database_url)
     app[BACKGROUND]["writer"] = writer
     metrics = app[METRICS]
 

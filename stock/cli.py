@@ -1,4 +1,8 @@
-"""The ``stock`` command line. Each command runs under ``asyncio.run``."""
+"""The ``stock`` command line. Each command runs under ``asyncio.run``.
+
+Every setting comes from its ``STOCK_*`` environment variable (DESIGN §7); the
+flags below override them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 from stock.client import connect
 from stock.config import Settings
@@ -26,23 +31,68 @@ async def _reaper(settings: Settings) -> None:
         await client.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stock", description=__doc__)
-    parser.add_argument("--redis-url", help="overrides STOCK_REDIS_URL")
+    parser.add_argument("--redis-url", help="STOCK_REDIS_URL (default redis://127.0.0.1:6379/0)")
     parser.add_argument(
-        "--redis-cluster", action="store_const", const=True, help="sets STOCK_REDIS_CLUSTER=1"
+        "--redis-cluster", action="store_const", const=True, help="STOCK_REDIS_CLUSTER=1"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--database-url", help="STOCK_DATABASE_URL (PostgreSQL DSN)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="the HTTP API, with the reaper and the writer")
+    _http_flags(serve)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument("--no-reaper", action="store_true", help="do not run a reaper here")
+    serve.add_argument("--no-writer", action="store_true", help="do not run a writer here")
+    dev = commands.add_parser(
+        "dev", help="throwaway valkey + PostgreSQL, demo stock, and the API (one command)"
+    )
+    _http_flags(dev)
     commands.add_parser("reaper", help="expire due reservations until SIGTERM")
-    args = parser.parse_args(argv)
+    from persist import cli as persist_cli
+
+    persist_cli.add_commands(commands)
+    return parser
+
+
+def _http_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="STOCK_HOST (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="STOCK_PORT (default 8080)")
+    parser.add_argument("--admin-token", help="STOCK_ADMIN_TOKEN")
+    parser.add_argument("--reservation-ttl-s", type=int, help="STOCK_RESERVATION_TTL_S")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name in ("redis_url", "redis_cluster", "database_url", "host", "port",
+                     "admin_token", "reservation_ttl_s")
+    }  # fmt: skip
+    return Settings.from_env(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        settings = Settings.from_env(redis_url=args.redis_url, redis_cluster=args.redis_cluster)
+        settings = _settings(args)
     except ConfigError as exc:
         print(f"stock: {exc}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        from stock.serve import serve
+
+        return serve(settings, args.workers, not args.no_reaper, not args.no_writer)
+    if args.command == "dev":
+        from stock.dev import run_dev
+
+        return run_dev(settings)
     if args.command == "reaper":
         asyncio.run(_reaper(settings))
+    if args.command in ("migrate", "writer", "resync", "reconcile"):
+        from persist import cli as persist_cli
+
+        return persist_cli.run(args, settings)
     return 0
 
 

@@ -1,0 +1,61 @@
+"""Run the API: one process, or N processes sharing one port with SO_REUSEPORT.
+
+aiohttp's ``run_app`` gives the graceful stop: on SIGTERM or SIGINT it stops
+accepting, lets in-flight requests finish, then runs the app's cleanup, which
+stops the reaper and the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from stock.api import create_app
+from stock.config import Settings
+
+log = logging.getLogger("stock.serve")
+
+
+def serve_one(settings: Settings, run_reaper: bool, run_writer: bool, reuse_port: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    app = create_app(settings, run_reaper=run_reaper, run_writer=run_writer)
+    web.run_app(
+        app, host=settings.host, port=settings.port, reuse_port=reuse_port,
+        shutdown_timeout=10, access_log=None, print=None,
+    )  # fmt: skip
+
+
+def serve(
+    settings: Settings, workers: int = 1, run_reaper: bool = True, run_writer: bool = True
+) -> int:
+    """Serve until SIGTERM/SIGINT. Several workers are safe: reapers expire each line
+    once, and writers split the buckets between them with PostgreSQL advisory locks."""
+    log.info("serving on http://%s:%d with %d worker(s)", settings.host, settings.port, workers)
+    if workers <= 1:
+        serve_one(settings, run_reaper, run_writer, reuse_port=False)
+        return 0
+    context = multiprocessing.get_context("spawn")
+    children: list[Any] = [
+        context.Process(target=serve_one, args=(settings, run_reaper, run_writer, True))
+        for _ in range(workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.is_alive():
+                child.terminate() if signum == signal.SIGTERM else child.kill()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
+    for child in children:
+        child.join()
+    return max((child.exitcode or 0) for child in children)
