@@ -88,3 +88,13 @@ def order_key(order_id: str) -> str:
 
 def all_events_keys(buckets: int) -> list[str]:
     return [events_key(b) for b in range(buckets)]
+
+
+def sku_key_pattern() -> str:
+    """A SCAN MATCH pattern for every SKU counters hash (all buckets)."""
+    return f"{PREFIX}:{{b*}}:sku:*"
+
+
+def sku_of_key(key: str) -> str:
+    """The SKU of a counters hash key (inverse of ``sku_key``)."""
+    return key.partition(":sku:")[2]

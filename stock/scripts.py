@@ -26,7 +26,7 @@ from stock.errors import (
 )
 
 LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend")
-OTHER_OPS = ("set", "adjust", "expire", "order")
+OTHER_OPS = ("set", "adjust", "expire", "order", "resync")
 
 STATE_NAMES = {
     "R": "reserved",

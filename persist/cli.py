@@ -1,0 +1,72 @@
+"""The persistence commands of ``stock``: migrate, writer, resync, reconcile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from stock.client import connect
+from stock.config import Settings
+
+COMMANDS = ("migrate", "writer", "resync", "reconcile")
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the persistence subcommands to the ``stock`` parser."""
+    commands.add_parser("migrate", help="apply the PostgreSQL schema migrations")
+    commands.add_parser("writer", help="drain the event streams into PostgreSQL until SIGTERM")
+    resync = commands.add_parser("resync", help="rebuild Redis stock from PostgreSQL")
+    resync.add_argument("skus", nargs="*", metavar="SKU", help="default: every SKU")
+    resync.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+    resync.add_argument(
+        "--force", action="store_true", help="resync SKUs that have unflushed events too"
+    )
+    reconcile = commands.add_parser("reconcile", help="compare Redis with PostgreSQL")
+    reconcile.add_argument("skus", nargs="*", metavar="SKU", help="default: every SKU")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one persistence command; returns the exit status."""
+    if not settings.database_url:
+        print("stock: STOCK_DATABASE_URL (or --database-url) is required", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(args, settings))
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from persist.migrate import migrate
+
+    if args.command == "migrate":
+        applied = await migrate(settings.database_url)
+        print(f"migrate: applied {len(applied)} migration(s) {' '.join(applied)}".rstrip())
+        return 0
+    client = connect(settings)
+    try:
+        if args.command == "writer":
+            await _writer(client, settings)
+            return 0
+        skus = args.skus or None
+        if args.command == "resync":
+            from persist.resync import resync
+
+            return await resync(
+                client, settings, settings.database_url, skus, dry_run=args.dry_run,
+                force=args.force,
+            )  # fmt: skip
+        from persist.reconcile import reconcile
+
+        return await reconcile(client, settings, settings.database_url, skus)
+    finally:
+        await client.aclose()
+
+
+async def _writer(client: object, settings: Settings) -> None:
+    from persist.writer import Writer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Writer(client, settings, settings.database_url).run(stop)

@@ -1,0 +1,316 @@
+"""Resync (``stock resync``): rebuild Redis stock and active reservations from PostgreSQL.
+
+SKUs go in chunks. For each chunk:
+
+1. **Fence**: ``HSET fenced 1`` on every SKU hash. From then on every script
+   answers ``unavailable`` for them (the reaper leaves their lines alone), so
+   nothing changes between the read below and the write.
+2. **Unflushed events**: a SKU whose stream still holds events after the
+   recorded offset is waited for (a running writer flushes them) for up to
+   ``wait_s``, then refused, unless ``force``.
+3. **Read PostgreSQL**: ``stock_levels`` and the RESERVED rows of
+   ``reservation_lines``; Redis RESERVED lines that PostgreSQL does not hold as
+   RESERVED are rewritten to PostgreSQL's state (or deleted if it has none).
+4. **Write** per SKU with ``lua/resync.lua`` (counters, seq, lines with their
+   original expiry, the expiry index, and a ``resync`` event whose higher seq
+   makes PostgreSQL take the result over any older unflushed event), then the
+   order records of the restored lines (items from every line of the order,
+   kind, phase ``done``), then **unfence**.
+
+``dry_run`` fences nothing and writes nothing: it prints the per-SKU diff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TextIO
+
+import asyncpg
+
+from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
+from stock import keys
+from stock.config import Settings
+from stock.engine import items_spec
+from stock.scripts import Scripts
+from stock.validate import Item
+
+CHUNK = 200
+STATE_CODES = {
+    "reserved": "R",
+    "confirmed": "C",
+    "released": "X",
+    "expired": "E",
+    "cancelled": "N",
+    "aborted": "-",
+}
+
+
+class Line(NamedTuple):
+    order_id: str
+    state: str  # a code of STATE_CODES
+    qty: int
+    expires_ms: int
+
+
+@dataclass
+class SkuPlan:
+    sku: str
+    target: Levels
+    current: RedisSku
+    restore: list[Line]  # RESERVED in PostgreSQL
+    drop: list[Line]  # RESERVED in Redis only: rewritten to PostgreSQL's state
+    redis_reserved: int
+    unflushed: int = 0
+
+    def changed(self) -> bool:
+        now = self.current.levels
+        return (
+            now is None
+            or now.counters() != self.target.counters()
+            or self.current.fenced
+            or bool(self.drop)
+            or self.redis_reserved != len(self.restore)
+        )
+
+    def diff(self) -> str:
+        now = self.current.levels.text() if self.current.levels else "missing"
+        text = (
+            f"{self.sku}: redis {now} -> postgres {self.target.text()}; reservations "
+            f"redis {self.redis_reserved} -> postgres {len(self.restore)}"
+        )
+        if self.drop:
+            text += f" (drop {len(self.drop)})"
+        if self.unflushed:
+            text += f"; {self.unflushed} unflushed events"
+        return text
+
+
+@dataclass
+class ResyncReport:
+    resynced: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # unflushed events, no --force
+    missing: list[str] = field(default_factory=list)  # not in stock_levels
+
+
+async def fence(client: Any, settings: Settings, skus: list[str], on: bool = True) -> None:
+    """Set (or clear) the fence on each SKU's counters hash."""
+    pipe = client.pipeline(transaction=False)
+    for sku in skus:
+        key = keys.sku_key(sku, settings.buckets)
+        if on:
+            pipe.hset(key, "fenced", "1")
+        else:
+            pipe.hdel(key, "fenced")
+    await pipe.execute()
+
+
+class Resync:
+    """One resync run over a list of SKUs."""
+
+    def __init__(
+        self,
+        client: Any,
+        settings: Settings,
+        conn: asyncpg.Connection,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        wait_s: float = 5.0,
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.redis, self.settings, self.conn = client, settings, conn
+        self.dry_run, self.force, self.wait_s, self.out = dry_run, force, wait_s, out
+        self.scripts = Scripts(client)
+        self.report = ResyncReport()
+
+    async def run(self, skus: list[str] | None) -> ResyncReport:
+        names = sorted(set(skus)) if skus is not None else sorted(await pg_levels(self.conn, None))
+        for start in range(0, len(names), CHUNK):
+            await self._chunk(names[start : start + CHUNK])
+            if len(names) > CHUNK:
+                done = min(start + CHUNK, len(names))
+                print(f"resync: {done}/{len(names)} SKUs", file=sys.stderr, flush=True)
+        return self.report
+
+    async def _chunk(self, skus: list[str]) -> None:
+        if not self.dry_run:
+            await fence(self.redis, self.settings, skus)
+        try:
+            pending = await self._unflushed(skus)
+            refused = [] if self.force else [s for s in skus if pending.get(s)]
+            self.report.refused += refused
+            plans = await self._plan([s for s in skus if s not in refused], pending)
+            for plan in plans:
+                if plan.changed():
+                    self.report.changed.append(plan.sku)
+                    if self.dry_run:
+                        print(plan.diff(), file=self.out)
+            if not self.dry_run:
+                await self._write(plans)
+            self.report.resynced += [p.sku for p in plans]
+        finally:
+            if not self.dry_run:
+                await fence(self.redis, self.settings, skus, on=False)
+
+    async def _unflushed(self, skus: list[str]) -> dict[str, int]:
+        """Unflushed events per SKU; waits up to ``wait_s`` for a writer to flush them."""
+        deadline = time.monotonic() + (0 if self.dry_run or self.force else self.wait_s)
+        while True:
+            events = await unflushed(self.redis, self.conn, self.settings, skus)
+            counts = {sku: len(evs) for sku, evs in events.items() if evs}
+            if not counts or time.monotonic() >= deadline:
+                return counts
+            await asyncio.sleep(0.2)
+
+    async def _plan(self, skus: list[str], pending: dict[str, int]) -> list[SkuPlan]:
+        target = await pg_levels(self.conn, skus)
+        self.report.missing += [s for s in skus if s not in target]
+        skus = [s for s in skus if s in target]
+        current = await redis_levels(self.redis, self.settings, skus)
+        restore = await self._pg_reserved(skus)
+        in_redis = await self._redis_reserved(skus)
+        drop = await self._stale(in_redis, restore)
+        return [
+            SkuPlan(
+                sku, target[sku], current[sku], restore.get(sku, []), drop.get(sku, []),
+                len(in_redis.get(sku, [])), pending.get(sku, 0),
+            )
+            for sku in skus
+        ]  # fmt: skip
+
+    async def _pg_reserved(self, skus: list[str]) -> dict[str, list[Line]]:
+        rows = await self.conn.fetch(
+            "SELECT order_id, sku, qty, expires_at FROM reservation_lines"
+            " WHERE sku = any($1::text[]) AND state = 'reserved' ORDER BY sku, order_id",
+            skus,
+        )
+        out: dict[str, list[Line]] = defaultdict(list)
+        for r in rows:
+            out[r["sku"]].append(Line(r["order_id"], "R", r["qty"], _ms(r["expires_at"])))
+        return out
+
+    async def _redis_reserved(self, skus: list[str]) -> dict[str, list[str]]:
+        """Order ids of the lines in each SKU's bucket expiry index (RESERVED in Redis)."""
+        wanted = set(skus)
+        buckets = sorted({keys.bucket_of(s, self.settings.buckets) for s in skus})
+        pipe = self.redis.pipeline(transaction=False)
+        for b in buckets:
+            pipe.zrange(keys.due_key(b), 0, -1)
+        out: dict[str, list[str]] = defaultdict(list)
+        for members in await pipe.execute():
+            for member in members:
+                sku, order_id = keys.split_member(member)
+                if sku in wanted:
+                    out[sku].append(order_id)
+        return out
+
+    async def _stale(
+        self, in_redis: dict[str, list[str]], restore: dict[str, list[Line]]
+    ) -> dict[str, list[Line]]:
+        keep = {(sku, line.order_id) for sku, lines in restore.items() for line in lines}
+        stale = [(s, o) for s, orders in in_redis.items() for o in orders if (s, o) not in keep]
+        if not stale:
+            return {}
+        rows = await self.conn.fetch(
+            "SELECT r.order_id, r.sku, r.qty, r.state, r.expires_at FROM reservation_lines r"
+            " JOIN unnest($1::text[], $2::text[]) AS u(sku, o) ON r.sku = u.sku"
+            " AND r.order_id = u.o",
+            [s for s, _ in stale],
+            [o for _, o in stale],
+        )
+        known = {(r["sku"], r["order_id"]): r for r in rows}
+        out: dict[str, list[Line]] = defaultdict(list)
+        for sku, order_id in stale:
+            r = known.get((sku, order_id))
+            line = (
+                Line(order_id, STATE_CODES[r["state"]], r["qty"], _ms(r["expires_at"]))
+                if r is not None
+                else Line(order_id, "-", 0, 0)
+            )
+            out[sku].append(line)
+        return out
+
+    async def _write(self, plans: list[SkuPlan]) -> None:
+        replies = await asyncio.gather(*(self._write_sku(p) for p in plans))
+        for plan, reply in zip(plans, replies, strict=True):
+            if reply[0] != "OK":
+                raise RuntimeError(f"resync of {plan.sku!r} refused: {reply}")
+        orders = sorted({line.order_id for p in plans for line in p.restore})
+        if orders:
+            await self._write_orders(orders)
+
+    async def _write_sku(self, plan: SkuPlan) -> Any:
+        bucket = keys.bucket_of(plan.sku, self.settings.buckets)
+        keys_ = [keys.sku_key(plan.sku, self.settings.buckets)]
+        keys_ += [keys.due_key(bucket), keys.events_key(bucket)]
+        t = plan.target
+        args: list[Any] = [plan.sku, t.available, t.reserved, t.sold, t.seq]
+        args += [self.settings.retention_s * 1000, "resync"]
+        for line in plan.restore + plan.drop:
+            keys_.append(keys.line_keys(plan.sku, line.order_id, self.settings.buckets).line)
+            args += [line.order_id, line.state, line.qty, line.expires_ms]
+        return await self.scripts("resync", keys_, args)
+
+    async def _write_orders(self, orders: list[str]) -> None:
+        rows = await self.conn.fetch(
+            "SELECT order_id, sku, qty, kind, expires_at FROM reservation_lines"
+            " WHERE order_id = any($1::text[]) AND state <> 'aborted'",
+            orders,
+        )
+        items: dict[str, list[Item]] = defaultdict(list)
+        kinds: dict[str, str] = {}
+        expiry: dict[str, int] = defaultdict(int)
+        for r in rows:
+            items[r["order_id"]].append(Item(r["sku"], r["qty"]))
+            kinds[r["order_id"]] = kinds.get(r["order_id"]) or r["kind"]
+            expiry[r["order_id"]] = max(expiry[r["order_id"]], _ms(r["expires_at"]))
+        now = int(time.time() * 1000)
+        retention = self.settings.retention_s * 1000
+        pipe = self.redis.pipeline(transaction=False)
+        for order_id in orders:
+            key = keys.order_key(order_id)
+            kind = kinds.get(order_id) or "reserve"
+            spec = items_spec(items[order_id])
+            pipe.hset(key, mapping={"items": spec, "kind": kind, "phase": "done"})
+            pipe.pexpire(key, retention + max(0, expiry[order_id] - now))
+        await pipe.execute()
+
+
+def _ms(at: Any) -> int:
+    return 0 if at is None else round(at.timestamp() * 1000)
+
+
+async def resync(
+    client: Any,
+    settings: Settings,
+    dsn: str,
+    skus: list[str] | None,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """The ``stock resync`` command: returns the exit status (1 when a SKU was refused)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        report = await Resync(client, settings, conn, dry_run=dry_run, force=force, out=out).run(
+            skus
+        )
+    finally:
+        await conn.close()
+    verb = "would resync" if dry_run else "resynced"
+    print(f"resync: {verb} {len(report.resynced)} SKUs, {len(report.changed)} changed", file=out)
+    if report.missing:
+        print(f"resync: not in PostgreSQL, left alone: {' '.join(report.missing)}", file=out)
+    if report.refused:
+        print(
+            "resync: refused (unflushed events; run the writer or use --force): "
+            + " ".join(report.refused),
+            file=out,
+        )
+    return 1 if report.refused else 0

@@ -1,0 +1,281 @@
+"""The writer: drains every bucket's event stream into PostgreSQL, exactly once in effect.
+
+Each round reads the owned buckets' streams with XREADGROUP (one consumer
+group ``stock-writer``, consumer ``writer``; one pipelined round trip), applies
+everything read in one PostgreSQL transaction (``persist.events.apply_batch``)
+that also records the stream offsets, then XACKs and trims the streams up to
+the offsets (XTRIM MINID). A crash anywhere leaves entries pending (delivered,
+not acknowledged): a bucket is always read from its pending list (id ``0``)
+first and from ``>`` only once that is empty, and entries at or below the
+recorded offset are skipped and acknowledged.
+
+**Two writers at once.** Buckets are partitioned with PostgreSQL session
+advisory locks ``pg_try_advisory_lock(WRITER_LOCK, bucket)``, taken on the same
+connection that runs the batch transactions, so a writer can only commit for
+buckets it holds. The first writer takes every free bucket; the others stand by
+and take over the buckets of a writer whose connection ends (crash, SIGKILL,
+network) within ``rebalance_s``. Every writer uses the same consumer name, so a
+takeover reads the pending entries of the writer it replaces. If a writer that
+lost its lock still reads ``>`` once before it notices, the new owner sees a gap
+(its reply does not start at the first entry after its offset) and goes back to
+the pending list instead of skipping past the entries the other one took.
+
+**PostgreSQL down.** The round fails, the batch is dropped from memory (it is
+still pending in Redis), the writer backs off with jitter (logging once per
+state change) and re-reads the pending entries when PostgreSQL is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError, ResponseError
+
+from persist.events import Event, StreamId, apply_batch, parse_event, read_offsets
+from stock import keys
+from stock.config import Settings
+
+log = logging.getLogger("persist.writer")
+
+WRITER_LOCK = 0x5704  # first key of the writer's pg_try_advisory_lock(int, int)
+GROUP = "stock-writer"
+CONSUMER = "writer"
+PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+_TRY_LOCKS = "SELECT b FROM unnest($2::int[]) AS b WHERE pg_try_advisory_lock($1, b)"
+
+
+@dataclass
+class WriterStats:
+    """Counters for metrics: flush lag is the age of the oldest event read but not flushed."""
+
+    events_total: int = 0
+    batches_total: int = 0
+    last_batch: int = 0
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+    owned_buckets: int = 0
+    pg_errors: int = 0
+    redis_errors: int = 0
+    gaps: int = 0
+    oldest_unflushed_ms: int | None = None
+
+    @property
+    def flush_lag_s(self) -> float:
+        if self.oldest_unflushed_ms is None:
+            return 0.0
+        return max(0.0, time.time() - self.oldest_unflushed_ms / 1000)
+
+
+@dataclass
+class _Read:
+    """What one round read from one bucket."""
+
+    bucket: int
+    ids: list[str]  # every entry id read (all are acknowledged after the commit)
+    fresh: list[Event]
+    full: bool
+
+
+class Writer:
+    """Streams -> PostgreSQL. ``run`` loops until stopped; ``step`` is one round."""
+
+    def __init__(self, client: Any, settings: Settings, dsn: str, rebalance_s: float = 2.0) -> None:
+        self.redis = client
+        self.settings = settings
+        self.dsn = dsn
+        self.rebalance_s = rebalance_s
+        self.stats = WriterStats()
+        self.conn: asyncpg.Connection | None = None
+        self.owned: set[int] = set()
+        self.pending: set[int] = set()  # buckets to read from id 0 (their pending list)
+        self.offsets: dict[int, StreamId] = {}
+        self._next_rebalance = 0.0
+
+    # -- PostgreSQL side ----------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            self.owned.clear()
+            self.conn = await asyncpg.connect(self.dsn, timeout=10)
+            self._next_rebalance = 0.0
+        if time.monotonic() >= self._next_rebalance:
+            await self._acquire(self.conn)
+            self._next_rebalance = time.monotonic() + self.rebalance_s
+        return self.conn
+
+    async def _acquire(self, conn: asyncpg.Connection) -> None:
+        free = [b for b in range(self.settings.buckets) if b not in self.owned]
+        if not free:
+            return
+        got = [r["b"] for r in await conn.fetch(_TRY_LOCKS, WRITER_LOCK, free)]
+        if not got:
+            return
+        offsets = await read_offsets(conn, [keys.events_key(b) for b in got])
+        await self._ensure_groups(got)
+        for b in got:
+            self.offsets[b] = offsets[keys.events_key(b)]
+            self.pending.add(b)
+        self.owned.update(got)
+        self.stats.owned_buckets = len(self.owned)
+        log.info("writer: now holds %d of %d buckets", len(self.owned), self.settings.buckets)
+
+    async def _ensure_groups(self, buckets: list[int]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for b in buckets:
+            pipe.xgroup_create(keys.events_key(b), GROUP, id="0", mkstream=True)
+        for reply in await pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
+
+    async def close(self) -> None:
+        """Close the connection (which releases the bucket locks)."""
+        if self.conn is not None and not self.conn.is_closed():
+            await self.conn.close()
+        self.conn = None
+        self.owned.clear()
+        self.stats.owned_buckets = 0
+
+    # -- one round ----------------------------------------------------------
+
+    async def step(self) -> tuple[int, bool]:
+        """Read, apply and acknowledge one batch; returns (events applied, more waiting)."""
+        conn = await self._connect()
+        if not self.owned:
+            return 0, False
+        reads = await self._read(sorted(self.owned))
+        events = [e for r in reads for e in r.fresh]
+        if events:
+            oldest = min(e.id.ms for e in events)
+            known = self.stats.oldest_unflushed_ms
+            self.stats.oldest_unflushed_ms = oldest if known is None else min(known, oldest)
+            new_offsets = await apply_batch(conn, events)
+            for r in reads:
+                key = keys.events_key(r.bucket)
+                if key in new_offsets:
+                    self.offsets[r.bucket] = new_offsets[key]
+            self.stats.events_total += len(events)
+            self.stats.batches_total += 1
+            self.stats.last_batch = len(events)
+            self.stats.batch_sizes.append(len(events))
+        self.stats.oldest_unflushed_ms = None
+        await self._ack(reads, trim=bool(events))
+        return len(events), any(r.full for r in reads)
+
+    async def _read(self, buckets: list[int]) -> list[_Read]:
+        count = max(1, self.settings.writer_batch // len(buckets))
+        pipe = self.redis.pipeline(transaction=False)
+        for b in buckets:
+            key = keys.events_key(b)
+            pipe.xrange(key, min=f"({self.offsets[b]}", max="+", count=1)
+            pipe.xreadgroup(GROUP, CONSUMER, {key: "0" if b in self.pending else ">"}, count)
+        replies = await pipe.execute(raise_on_error=False)
+        reads, missing = [], []
+        for i, b in enumerate(buckets):
+            head, reply = replies[2 * i], replies[2 * i + 1]
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                missing.append(b)  # the stream was deleted (FLUSHALL): make the group again
+                continue
+            for r in (head, reply):
+                if isinstance(r, Exception):
+                    raise r
+            reads.append(self._sort(b, head, _entries(reply), count))
+        if missing:
+            await self._ensure_groups(missing)
+            self.pending.update(missing)
+        return reads
+
+    def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
+        """Split a bucket's reply into fresh events and entries only to acknowledge."""
+        key, offset = keys.events_key(bucket), self.offsets[bucket]
+        ids, fresh = [], []
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            if fields and StreamId.parse(entry_id) > offset:
+                fresh.append(parse_event(key, entry_id, fields))
+        full = len(entries) >= count
+        if bucket in self.pending:
+            if not fresh and not full:
+                self.pending.discard(bucket)  # pending list drained: read new entries next
+        elif fresh and head and fresh[0].id != StreamId.parse(head[0][0]):
+            # Another writer (that lost its lock) took the entries in between: they
+            # are in the pending list, so read it again instead of skipping them.
+            self.stats.gaps += 1
+            log.warning("writer: gap in %s before %s; re-reading pending", key, fresh[0].id)
+            self.pending.add(bucket)
+            return _Read(bucket, [], [], True)
+        return _Read(bucket, ids, fresh, full or bool(fresh and bucket in self.pending))
+
+    async def _ack(self, reads: list[_Read], trim: bool) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        queued = False
+        for r in reads:
+            if not r.ids:
+                continue
+            key = keys.events_key(r.bucket)
+            pipe.xack(key, GROUP, *r.ids)
+            if trim and r.fresh:
+                pipe.xtrim(key, minid=str(self.offsets[r.bucket].next()), approximate=False)
+            queued = True
+        if queued:
+            await pipe.execute()
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until ``stop`` is set; back off with jitter while a server is down."""
+        idle = self.settings.writer_interval_ms / 1000
+        failing: str | None = None
+        delay = idle
+        try:
+            while not stop.is_set():
+                try:
+                    _count, more = await self.step()
+                    if failing:
+                        log.info("writer: %s is back, resuming", failing)
+                    failing, delay = None, idle
+                    if more:
+                        continue
+                except RedisError as exc:
+                    failing, delay = self._failed("Redis", failing, exc, delay)
+                    self.stats.redis_errors += 1
+                except PG_ERRORS as exc:
+                    failing, delay = self._failed("PostgreSQL", failing, exc, delay)
+                    self.stats.pg_errors += 1
+                    await self._drop_connection()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.close()
+
+    def _failed(
+        self, what: str, failing: str | None, exc: BaseException, delay: float
+    ) -> tuple[str, float]:
+        if failing != what:
+            log.warning("writer: %s error, backing off: %s", what, exc)
+        self.pending.update(self.owned)  # whatever was read is still pending in Redis
+        return what, min(max(delay, 0.05) * 2, 5.0) * random.uniform(0.5, 1.5)
+
+    async def _drop_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        self.owned.clear()
+        self.stats.owned_buckets = 0
+        if conn is not None:
+            conn.terminate()
+
+
+def _entries(reply: Any) -> list[Any]:
+    """The (id, fields) entries of a one-stream XREADGROUP reply (RESP2 or RESP3)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [e for value in reply.values() for e in (value[0] if value else [])]
+    return list(reply[0][1])
