@@ -72,3 +72,7 @@ def tmp_dir(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# PostgreSQL fixtures (an embedded server per session, a migrated database per test)
+from tests.persist.conftest import dsn, postgres  # noqa: E402, F401

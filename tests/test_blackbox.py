@@ -1,0 +1,185 @@
+"""Black box: ``stock serve`` and ``stock dev`` as real processes, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import psutil
+import pytest
+
+from stock.config import Settings
+from tests.servers import free_port
+
+TOKEN = "blackbox-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def stock_env(settings: Settings, port: int, dsn: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        STOCK_REDIS_URL=settings.redis_url,
+        STOCK_REDIS_CLUSTER="1" if settings.redis_cluster else "0",
+        STOCK_DATABASE_URL=dsn,
+        STOCK_PORT=str(port),
+        STOCK_ADMIN_TOKEN=TOKEN,
+        STOCK_BUCKETS=str(settings.buckets),
+        STOCK_REAPER_PERIOD_S="0.1",
+    )
+    return env
+
+
+async def wait_ready(base: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the service exited during start-up"
+            try:
+                async with http.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("service never became ready")
+
+
+@pytest.fixture
+async def service(settings: Settings, dsn: str, redis: Any) -> AsyncIterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stock.cli", "serve"], env=stock_env(settings, port, dsn)
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base, proc)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0, "stock serve did not exit cleanly on SIGTERM"
+
+
+async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
+    async with http.request(method, url, **kw) as response:
+        return response.status, await response.json()
+
+
+async def test_flash_sale_over_http(service: str, dsn: str) -> None:
+    base = service
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        status, _ = await call(http, "PUT", f"{base}/v1/stock/HOT", json={"available": 100},
+                               headers=ADMIN)  # fmt: skip
+        assert status == 200
+
+        async def buy(i: int) -> tuple[int, Any]:
+            body = {"order_id": f"buyer-{i}", "items": [{"sku": "HOT", "qty": 1}], "ttl_s": 600}
+            return await call(http, "POST", f"{base}/v1/reservations", json=body)
+
+        answers = await asyncio.gather(*(buy(i) for i in range(1000)))
+        codes = Counter(status for status, _ in answers)
+        assert codes == {201: 100, 409: 900}
+        assert {b["error"] for s, b in answers if s == 409} == {"insufficient_stock"}
+        _, stock = await call(http, "GET", f"{base}/v1/stock/HOT")
+        assert stock == {"sku": "HOT", "available": 0, "reserved": 100, "sold": 0}
+
+        winners = [(i, body) for i, (s, body) in enumerate(answers) if s == 201]
+        replays = await asyncio.gather(*(buy(i) for i, _ in winners[:20]))
+        assert [r for r in replays] == [(200, body) for _, body in winners[:20]]
+        confirms = await asyncio.gather(
+            *(call(http, "POST", f"{base}/v1/reservations/buyer-{i}/confirm") for i, _ in winners)
+        )
+        assert {s for s, _ in confirms} == {200}
+        _, stock = await call(http, "GET", f"{base}/v1/stock/HOT")
+        assert stock == {"sku": "HOT", "available": 0, "reserved": 0, "sold": 100}
+
+        # multi-item all or nothing
+        await call(http, "PUT", f"{base}/v1/stock/CAP", json={"available": 5}, headers=ADMIN)
+        await call(http, "PUT", f"{base}/v1/stock/MUG", json={"available": 1}, headers=ADMIN)
+        cart = {"order_id": "cart", "items": [{"sku": "CAP", "qty": 2}, {"sku": "MUG", "qty": 2}]}
+        status, body = await call(http, "POST", f"{base}/v1/reservations", json=cart)
+        assert (status, body["items"]) == (409, [{"sku": "MUG", "available": 1}])
+        _, cap = await call(http, "GET", f"{base}/v1/stock/CAP")
+        assert cap["available"] == 5 and cap["reserved"] == 0
+
+        # expiry by the service's reaper, then a late confirm
+        late = {"order_id": "late", "items": [{"sku": "CAP", "qty": 2}], "ttl_s": 1}
+        assert (await call(http, "POST", f"{base}/v1/reservations", json=late))[0] == 201
+        for _ in range(100):
+            _, order = await call(http, "GET", f"{base}/v1/reservations/late")
+            if order["status"] == "expired":
+                break
+            await asyncio.sleep(0.05)
+        assert order["status"] == "expired"
+        status, body = await call(http, "POST", f"{base}/v1/reservations/late/confirm")
+        assert (status, body["status"]) == (200, "confirmed")
+
+        # bad input never 5xx
+        for raw in (b"{", b"[]", b'{"order_id": "x", "items": [{"sku": "A", "qty": 1.5}]}'):
+            status, body = await call(http, "POST", f"{base}/v1/reservations", data=raw)
+            assert (status, body["error"]) == (400, "invalid_request")
+
+        # PostgreSQL converges to Redis
+        expected = {}
+        for sku in ("HOT", "CAP", "MUG"):
+            _, counters = await call(http, "GET", f"{base}/v1/stock/{sku}")
+            expected[sku] = (counters["available"], counters["reserved"], counters["sold"])
+    started = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            rows = await conn.fetch("SELECT sku, available, reserved, sold FROM stock_levels")
+            seen = {r["sku"]: (r["available"], r["reserved"], r["sold"]) for r in rows}
+            if seen == expected or time.monotonic() - started > 15:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    assert seen == expected
+    print(f"stock_levels equal to Redis {time.monotonic() - started:.2f} s after the last call")
+
+
+@pytest.fixture
+def dev_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCK_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stock.cli", "dev", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+
+
+async def test_dev_serves_and_leaves_nothing_behind(
+    dev_process: tuple[subprocess.Popen[str], int],
+) -> None:
+    proc, port = dev_process
+    await wait_ready(f"http://127.0.0.1:{port}", proc, timeout=60)
+    async with aiohttp.ClientSession() as http:
+        status, stock = await call(http, "GET", f"http://127.0.0.1:{port}/v1/stock/PHONE-1")
+    assert (status, stock["available"]) == (200, 10)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    workdir = re.search(r"host=(/\S+?)/pgdata", output)
+    assert workdir, output
+    leftovers = [
+        p.pid for p in psutil.process_iter(["cmdline"])
+        if workdir.group(1) in " ".join(p.info["cmdline"] or [])
+    ]  # fmt: skip
+    assert leftovers == []
+    assert not Path(workdir.group(1)).exists()
