@@ -106,10 +106,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPNotFound:
         response = error_response("not_found", 404, f"no route for {request.path}")
     except web.HTTPMethodNotAllowed as exc:
+        allowed = sorted(exc.allowed_methods)
         response = error_response(
-            "method_not_allowed", 405, f"{request.method} is not allowed here",
-            allowed=sorted(exc.allowed_methods),
-        )  # fmt: skip
+            "method_not_allowed", 405, f"{request.method} is not allowed here", allowed=allowed
+        )
+        response.headers["Allow"] = ", ".join(allowed)
     except (RedisError, OSError) as exc:
         metrics.redis_errors.inc()
         log.warning("Redis error on %s %s: %s", request.method, request.path, exc)

@@ -10,11 +10,16 @@ from stock.validate import MAX_ITEMS, MAX_ORDER_ID, MAX_QTY, MAX_TTL_S
 SKU = {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,64}$"}
 ORDER_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ORDER_ID, "pattern": "^[ -~]+$"}
 COUNT = {"type": "integer", "minimum": 0}
+AMOUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}
+DELTA = {"type": "integer", "minimum": -(10**12), "maximum": 10**12, "not": {"enum": [0]}}
 ITEM = {
     "type": "object", "required": ["sku", "qty"], "additionalProperties": False,
     "properties": {"sku": SKU, "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY}},
 }  # fmt: skip
-ITEMS = {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": ITEM}
+ITEMS = {
+    "type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "uniqueItems": True, "items": ITEM,
+    "description": "no SKU twice",
+}  # fmt: skip
 TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
 EXPIRES = {"type": "string", "format": "date-time"}
 
@@ -27,7 +32,12 @@ ERRORS = {
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": props}
+    return {
+        "type": "object",
+        "required": required,
+        "properties": props,
+        "additionalProperties": False,
+    }
 
 
 COUNTERS = _obj(
@@ -105,15 +115,15 @@ def spec() -> dict[str, Any]:
             "/v1/stock/{sku}": {
                 "get": _op("A SKU's counters", counters, [404], params=["sku"]),
                 "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
-                           body=_obj(["available"], available=COUNT,
+                           body=_obj(["available"], available=AMOUNT,
                                      reason={"type": "string", "maxLength": 200})),
             },
             "/v1/stock/{sku}/adjust": {
                 "post": _op("Add or take stock", counters, [409, 413], admin=True,
                             params=["sku"], body=_obj(
-                                ["delta"], delta={"type": "integer"},
+                                ["delta"], delta=DELTA,
                                 reason={"type": "string", "maxLength": 200},
-                                expected_available=COUNT)),
+                                expected_available=AMOUNT)),
             },
             "/v1/reservations": {
                 "post": _op("Reserve stock for an order", reserved, big,

@@ -67,6 +67,11 @@ def items(values: Iterable[Any] | Any, field: str = "items") -> list[Item]:
             raw = raw._asdict()
         if not isinstance(raw, dict):
             raise InvalidRequest(f"{where} must be an object with sku and qty", field=where)
+        extra = sorted(set(raw) - {"sku", "qty"})
+        if extra:
+            raise InvalidRequest(
+                f"{where} has unknown field {extra[0]!r}", field=f"{where}.{extra[0]}"
+            )
         item = Item(
             sku(raw.get("sku"), f"{where}.sku"), int_in(raw.get("qty"), f"{where}.qty", 1, MAX_QTY)
         )
