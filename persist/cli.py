@@ -23,6 +23,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     resync.add_argument(
         "--force", action="store_true", help="resync SKUs that have unflushed events too"
     )
+    resync.add_argument(
+        "--wait", type=float, default=5.0, metavar="S",
+        help="how long to wait for the writer to flush a SKU's events before refusing it",
+    )  # fmt: skip
     reconcile = commands.add_parser("reconcile", help="compare Redis with PostgreSQL")
     reconcile.add_argument("skus", nargs="*", metavar="SKU", help="default: every SKU")
 
@@ -53,7 +57,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
             return await resync(
                 client, settings, settings.database_url, skus, dry_run=args.dry_run,
-                force=args.force,
+                force=args.force, wait_s=args.wait,
             )  # fmt: skip
         from persist.reconcile import reconcile
 

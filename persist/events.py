@@ -123,7 +123,7 @@ ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
     updated_at = excluded.updated_at
 WHERE excluded.seq > l.seq
 """
-_LINES = """
+LINES_UPSERT = """
 INSERT INTO reservation_lines AS r (order_id, sku, qty, state, kind, expires_at, seq, updated_at)
 SELECT u.o, u.sku, u.qty, u.state, u.kind, u.exp, u.seq, now()
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
@@ -209,7 +209,7 @@ async def _write(conn: asyncpg.Connection, events: list[Event]) -> None:
     if lines:
         changes = list(lines.values())
         await conn.execute(
-            _LINES,
+            LINES_UPSERT,
             [e.order for e in changes],
             [e.sku for e in changes],
             [e.qty for e in changes],

@@ -8,9 +8,10 @@ SKUs go in chunks. For each chunk:
 2. **Unflushed events**: a SKU whose stream still holds events after the
    recorded offset is waited for (a running writer flushes them) for up to
    ``wait_s``, then refused, unless ``force``.
-3. **Read PostgreSQL**: ``stock_levels`` and the RESERVED rows of
-   ``reservation_lines``; Redis RESERVED lines that PostgreSQL does not hold as
-   RESERVED are rewritten to PostgreSQL's state (or deleted if it has none).
+3. **Read PostgreSQL**: ``stock_levels`` and the rows of ``reservation_lines``
+   that are RESERVED or ended within the retention window (so that a late retry
+   still replays instead of selling twice); Redis RESERVED lines that
+   PostgreSQL does not hold are rewritten to its state (or deleted if it has none).
 4. **Write** per SKU with ``lua/resync.lua`` (counters, seq, lines with their
    original expiry, the expiry index, and a ``resync`` event whose higher seq
    makes PostgreSQL take the result over any older unflushed event), then the
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple, TextIO
 
 import asyncpg
 
+from persist.events import LINE_STATES, LINES_UPSERT, Event, ms_time
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock import keys
 from stock.config import Settings
@@ -48,6 +50,8 @@ STATE_CODES = {
     "aborted": "-",
 }
 
+STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
+
 
 class Line(NamedTuple):
     order_id: str
@@ -61,7 +65,7 @@ class SkuPlan:
     sku: str
     target: Levels
     current: RedisSku
-    restore: list[Line]  # RESERVED in PostgreSQL
+    restore: list[Line]  # from PostgreSQL: RESERVED, and terminal within retention
     drop: list[Line]  # RESERVED in Redis only: rewritten to PostgreSQL's state
     redis_reserved: int
     unflushed: int = 0
@@ -73,14 +77,17 @@ class SkuPlan:
             or now.counters() != self.target.counters()
             or self.current.fenced
             or bool(self.drop)
-            or self.redis_reserved != len(self.restore)
+            or self.redis_reserved != self.active()
         )
+
+    def active(self) -> int:
+        return sum(line.state == "R" for line in self.restore)
 
     def diff(self) -> str:
         now = self.current.levels.text() if self.current.levels else "missing"
         text = (
             f"{self.sku}: redis {now} -> postgres {self.target.text()}; reservations "
-            f"redis {self.redis_reserved} -> postgres {len(self.restore)}"
+            f"redis {self.redis_reserved} -> postgres {self.active()}"
         )
         if self.drop:
             text += f" (drop {len(self.drop)})"
@@ -127,6 +134,7 @@ class Resync:
         self.dry_run, self.force, self.wait_s, self.out = dry_run, force, wait_s, out
         self.scripts = Scripts(client)
         self.report = ResyncReport()
+        self.events: dict[str, list[Event]] = {}  # unflushed, per SKU, of the current chunk
 
     async def run(self, skus: list[str] | None) -> ResyncReport:
         names = sorted(set(skus)) if skus is not None else sorted(await pg_levels(self.conn, None))
@@ -161,8 +169,8 @@ class Resync:
         """Unflushed events per SKU; waits up to ``wait_s`` for a writer to flush them."""
         deadline = time.monotonic() + (0 if self.dry_run or self.force else self.wait_s)
         while True:
-            events = await unflushed(self.redis, self.conn, self.settings, skus)
-            counts = {sku: len(evs) for sku, evs in events.items() if evs}
+            self.events = await unflushed(self.redis, self.conn, self.settings, skus)
+            counts = {sku: len(evs) for sku, evs in self.events.items() if evs}
             if not counts or time.monotonic() >= deadline:
                 return counts
             await asyncio.sleep(0.2)
@@ -172,7 +180,7 @@ class Resync:
         self.report.missing += [s for s in skus if s not in target]
         skus = [s for s in skus if s in target]
         current = await redis_levels(self.redis, self.settings, skus)
-        restore = await self._pg_reserved(skus)
+        restore = await self._pg_lines(skus)
         in_redis = await self._redis_reserved(skus)
         drop = await self._stale(in_redis, restore)
         return [
@@ -183,15 +191,19 @@ class Resync:
             for sku in skus
         ]  # fmt: skip
 
-    async def _pg_reserved(self, skus: list[str]) -> dict[str, list[Line]]:
+    async def _pg_lines(self, skus: list[str]) -> dict[str, list[Line]]:
+        """RESERVED lines, and terminal ones still within retention (so late retries replay)."""
         rows = await self.conn.fetch(
-            "SELECT order_id, sku, qty, expires_at FROM reservation_lines"
-            " WHERE sku = any($1::text[]) AND state = 'reserved' ORDER BY sku, order_id",
+            "SELECT order_id, sku, qty, state, expires_at FROM reservation_lines"
+            " WHERE sku = any($1::text[]) AND (state = 'reserved' OR (state <> 'aborted'"
+            " AND updated_at > now() - make_interval(secs => $2))) ORDER BY sku, order_id",
             skus,
+            float(self.settings.retention_s),
         )
         out: dict[str, list[Line]] = defaultdict(list)
         for r in rows:
-            out[r["sku"]].append(Line(r["order_id"], "R", r["qty"], _ms(r["expires_at"])))
+            line = Line(r["order_id"], STATE_CODES[r["state"]], r["qty"], _ms(r["expires_at"]))
+            out[r["sku"]].append(line)
         return out
 
     async def _redis_reserved(self, skus: list[str]) -> dict[str, list[str]]:
@@ -240,9 +252,33 @@ class Resync:
         for plan, reply in zip(plans, replies, strict=True):
             if reply[0] != "OK":
                 raise RuntimeError(f"resync of {plan.sku!r} refused: {reply}")
+        await self._supersede(plans, [int(reply[1]) for reply in replies])
         orders = sorted({line.order_id for p in plans for line in p.restore})
         if orders:
             await self._write_orders(orders)
+
+    async def _supersede(self, plans: list[SkuPlan], seqs: list[int]) -> None:
+        """With ``force``: lines rewritten here that unflushed events also touch get
+        the resync's seq in PostgreSQL, so those older events, once flushed, do not
+        overwrite them (the writer never goes back to a lower seq)."""
+        rows = []
+        for plan, seq in zip(plans, seqs, strict=True):
+            touched = {e.order for e in self.events.get(plan.sku, []) if e.op in LINE_STATES}
+            for line in plan.restore + plan.drop:
+                if line.order_id in touched:
+                    rows.append((line, plan.sku, seq))
+        if not rows:
+            return
+        await self.conn.execute(
+            LINES_UPSERT,
+            [line.order_id for line, _, _ in rows],
+            [sku for _, sku, _ in rows],
+            [line.qty for line, _, _ in rows],
+            [STATE_NAMES[line.state] for line, _, _ in rows],
+            ["" for _ in rows],
+            [ms_time(line.expires_ms) if line.expires_ms else None for line, _, _ in rows],
+            [seq for _, _, seq in rows],
+        )
 
     async def _write_sku(self, plan: SkuPlan) -> Any:
         bucket = keys.bucket_of(plan.sku, self.settings.buckets)
@@ -293,14 +329,14 @@ async def resync(
     *,
     dry_run: bool = False,
     force: bool = False,
+    wait_s: float = 5.0,
     out: TextIO = sys.stdout,
 ) -> int:
     """The ``stock resync`` command: returns the exit status (1 when a SKU was refused)."""
     conn = await asyncpg.connect(dsn)
     try:
-        report = await Resync(client, settings, conn, dry_run=dry_run, force=force, out=out).run(
-            skus
-        )
+        run = Resync(client, settings, conn, dry_run=dry_run, force=force, wait_s=wait_s, out=out)
+        report = await run.run(skus)
     finally:
         await conn.close()
     verb = "would resync" if dry_run else "resynced"

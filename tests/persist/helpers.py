@@ -133,3 +133,20 @@ async def wait_persisted(
         await asyncio.sleep(0.1)
     assert problems == [], problems[:10]
     assert await line_problems(redis, settings, pg) == []
+
+
+async def drain(redis: Any, settings: Settings, dsn: str) -> int:
+    """Run a writer until the streams are empty; returns the events it applied."""
+    from persist.writer import Writer
+
+    writer = Writer(redis, settings, dsn)
+    total = 0
+    try:
+        while True:
+            was_pending = bool(writer.pending) or not writer.owned
+            count, more = await writer.step()
+            total += count
+            if not count and not more and not was_pending:
+                return total
+    finally:
+        await writer.close()

@@ -1,0 +1,168 @@
+"""Resync (Redis rebuilt from PostgreSQL, with fencing) and reconcile, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+from typing import Any
+
+import asyncpg
+import pytest
+
+from persist.reconcile import reconcile
+from persist.resync import fence, resync
+from stock import keys
+from stock.config import Settings
+from stock.engine import StockEngine
+from stock.errors import Unavailable
+from stock.reaper import Reaper
+from tests.conftest import flush
+from tests.persist.conftest import writer_env
+from tests.persist.helpers import drain, wait_persisted
+
+SKUS = ["A", "B", "C", "D"]
+
+
+async def _shop(engine: StockEngine) -> None:
+    """Some of everything: held, sold, released, refunded, multi-item orders."""
+    for sku in SKUS:
+        await engine.set_stock(sku, 20)
+    await engine.reserve("held-1", [{"sku": "A", "qty": 2}])
+    await engine.reserve("held-2", [{"sku": "A", "qty": 1}, {"sku": "C", "qty": 3}])
+    await engine.reserve("short", [{"sku": "B", "qty": 4}], ttl_s=1)
+    await engine.reserve("paid", [{"sku": "B", "qty": 1}])
+    await engine.confirm("paid")
+    await engine.reserve("gone", [{"sku": "C", "qty": 2}])
+    await engine.release("gone")
+    await engine.deduct("buy", [{"sku": "D", "qty": 5}])
+    await engine.deduct("refund", [{"sku": "D", "qty": 1}])
+    await engine.cancel("refund")
+
+
+async def _snapshot(redis: Any, settings: Settings) -> dict[str, Any]:
+    """Counters, RESERVED lines with expiry and order records: what resync must restore."""
+    state: dict[str, Any] = {}
+    for sku in SKUS:
+        values = await redis.hmget(keys.sku_key(sku, settings.buckets), "available", "reserved",
+                                   "sold")  # fmt: skip
+        state[sku] = values
+    for order_id, sku in [("held-1", "A"), ("held-2", "A"), ("held-2", "C"), ("short", "B")]:
+        line = keys.line_keys(sku, order_id, settings.buckets)
+        state[f"{order_id}|{sku}"] = (
+            await redis.get(line.line),
+            await redis.zscore(line.due, keys.line_member(sku, order_id)),
+        )
+        state[order_id] = await redis.hgetall(keys.order_key(order_id))
+    return state
+
+
+async def test_flushall_then_resync(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    dsn = psettings.database_url
+    await _shop(engine)
+    await drain(redis, psettings, dsn)
+    before = await _snapshot(redis, psettings)
+    await flush(redis)
+
+    out = io.StringIO()
+    assert await resync(redis, psettings, dsn, None, dry_run=True, out=out) == 0
+    assert "A: redis missing -> postgres 17/3/0" in out.getvalue()
+    assert await _snapshot(redis, psettings) != before
+    assert await redis.hgetall(keys.sku_key("A", psettings.buckets)) == {}  # dry run: no change
+
+    assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    assert await _snapshot(redis, psettings) == before
+    for sku in SKUS:
+        assert await redis.hget(keys.sku_key(sku, psettings.buckets), "fenced") is None
+
+    confirmed = await engine.confirm("held-2")  # a restored reservation confirms
+    assert [line.state for line in confirmed.lines] == ["confirmed", "confirmed"]
+    await engine.release("held-1")
+    await asyncio.sleep(1.0)  # "short" (ttl 1 s) expires as it would have
+    assert await Reaper(redis, psettings).reap_once() == 1
+    stock = {s: await engine.get_stock(s) for s in SKUS}
+    assert (stock["A"].available, stock["A"].reserved, stock["A"].sold) == (19, 0, 1)
+    assert (stock["B"].available, stock["B"].reserved, stock["B"].sold) == (19, 0, 1)
+    assert (stock["C"].available, stock["C"].reserved, stock["C"].sold) == (17, 0, 3)
+    await drain(redis, psettings, dsn)
+    await wait_persisted(redis, psettings, pg, SKUS, wait_s=5)
+    assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
+
+
+async def test_fenced_sku_is_unavailable(
+    redis: Any, engine: StockEngine, psettings: Settings
+) -> None:
+    await engine.set_stock("A", 5)
+    await fence(redis, psettings, ["A"])
+    with pytest.raises(Unavailable):
+        await engine.reserve("o1", [{"sku": "A", "qty": 1}])
+    with pytest.raises(Unavailable):
+        await engine.adjust("A", 1)
+    await fence(redis, psettings, ["A"], on=False)
+    await engine.reserve("o1", [{"sku": "A", "qty": 1}])
+
+
+async def test_unflushed_events_refuse_unless_forced(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    dsn = psettings.database_url
+    await engine.set_stock("A", 10)
+    await drain(redis, psettings, dsn)
+    await engine.reserve("late", [{"sku": "A", "qty": 4}])  # not flushed yet
+    out = io.StringIO()
+    status = await resync(redis, psettings, dsn, ["A"], wait_s=0.3, out=out)
+    assert status == 1 and "refused" in out.getvalue()
+    assert await redis.hget(keys.sku_key("A", psettings.buckets), "fenced") is None
+    assert (await engine.get_stock("A")).reserved == 4  # untouched
+
+    assert await resync(redis, psettings, dsn, ["A"], force=True, out=io.StringIO()) == 0
+    stock = await engine.get_stock("A")
+    assert (stock.available, stock.reserved) == (10, 0)  # PostgreSQL's view wins
+    await drain(redis, psettings, dsn)  # the older "reserve" event must not win over it
+    await wait_persisted(redis, psettings, pg, ["A"], wait_s=5)
+
+
+async def test_reconcile_reports_drift_until_resync(
+    redis: Any, engine: StockEngine, psettings: Settings
+) -> None:
+    dsn = psettings.database_url
+    await _shop(engine)
+    await drain(redis, psettings, dsn)
+    await engine.reserve("unflushed", [{"sku": "B", "qty": 1}])  # counted, not drift
+    assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    await redis.hset(keys.sku_key("C", psettings.buckets), "available", 999)  # drift
+    out = io.StringIO()
+    assert await reconcile(redis, psettings, dsn, None, out=out) == 1
+    assert "drift C: redis 999/" in out.getvalue() and "1 drifting" in out.getvalue()
+    await drain(redis, psettings, dsn)
+    assert await resync(redis, psettings, dsn, ["C"], out=io.StringIO()) == 0
+    assert await reconcile(redis, psettings, dsn, ["C", "B"], out=io.StringIO()) == 0
+    assert (await engine.get_stock("C")).available == 17
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WRITER_PREFIX, *args], env=writer_env(settings), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+WRITER_PREFIX = [sys.executable, "-m", "stock.cli"]
+
+
+@pytest.mark.parametrize("settings", ["standalone"], indirect=True)
+async def test_cli_commands(redis: Any, engine: StockEngine, psettings: Settings) -> None:
+    await _shop(engine)
+    assert _cli(psettings, "migrate").returncode == 0  # already migrated: a no-op
+    await drain(redis, psettings, psettings.database_url)
+    await redis.hset(keys.sku_key("D", psettings.buckets), "sold", 0)
+    drift = _cli(psettings, "reconcile")
+    assert drift.returncode == 1 and "drift D" in drift.stdout
+    dry = _cli(psettings, "resync", "--dry-run", "D")
+    assert dry.returncode == 0 and "D: redis 15/0/0" in dry.stdout
+    assert _cli(psettings, "reconcile", "D").returncode == 1
+    assert _cli(psettings, "resync", "D").returncode == 0
+    assert _cli(psettings, "reconcile").returncode == 0
