@@ -77,9 +77,10 @@ class StockEngine:
         self.cluster = settings.redis_cluster
         self.scripts = Scripts(client)
         self.retention_ms = settings.retention_s * 1000
-        # redis-py's pools fail instead of waiting when they run dry: bound the
-        # operations in flight to the pool size so a stampede queues here.
-        self._inflight = asyncio.Semaphore(settings.redis_max_connections)
+        # redis-py's cluster pools fail instead of waiting when they run dry: bound
+        # the operations in flight so a stampede queues here. (Standalone calls
+        # share an auto-pipeline and a blocking pool, which queue by themselves.)
+        self._inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
 
     # -- stock levels -------------------------------------------------------
 
@@ -160,6 +161,8 @@ class StockEngine:
     async def _acquire(
         self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
     ) -> OrderResult:
+        if self._inflight is None:
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms)
         async with self._inflight:
             return await self._acquire_now(op, order_id, raw_items, ttl_ms)
 
@@ -209,6 +212,8 @@ class StockEngine:
         )
 
     async def _transition(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
+        if self._inflight is None:
+            return await self._transition_now(op, order_id, ttl_ms)
         async with self._inflight:
             return await self._transition_now(op, order_id, ttl_ms)
 

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from stock.errors import (
     InsufficientStock,
     InvalidTransition,
@@ -24,6 +26,7 @@ from stock.errors import (
     StockError,
     Unavailable,
 )
+from stock.pipeline import AutoPipeline, evalsha
 
 LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend")
 OTHER_OPS = ("set", "adjust", "expire", "order", "resync")
@@ -138,10 +141,19 @@ def parse_counters(reply: Sequence[Any], sku: str) -> Counters:
 
 
 class Scripts:
-    """The registered scripts of one client (standalone or cluster)."""
+    """The registered scripts of one client (standalone or cluster).
+
+    On a standalone client calls go through an AutoPipeline (one pipeline per
+    event-loop tick); on a cluster client through redis-py's Script objects,
+    concurrently, since a cluster pipeline cannot carry EVALSHA.
+    """
 
     def __init__(self, client: Any) -> None:
         self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
+        self.pipeline = None if isinstance(client, RedisCluster) else AutoPipeline(client)
 
     async def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        script = self._scripts[name]
+        if self.pipeline is None:
+            return await script(keys=list(keys), args=list(args))
+        return await evalsha(self.pipeline, script.sha, _SOURCES[name], list(keys), list(args))

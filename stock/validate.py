@@ -56,27 +56,48 @@ def ttl_s(value: Any, field: str = "ttl_s") -> int:
 
 
 def items(values: Iterable[Any] | Any, field: str = "items") -> list[Item]:
-    """A list of 1 to 100 ``{"sku", "qty"}`` (dicts or Item), no SKU twice."""
+    """A list of 1 to 100 ``{"sku", "qty"}`` (dicts or Item), no SKU twice.
+
+    The common, valid case is checked in one pass; ``_explain`` finds the
+    exact field only when something is wrong.
+    """
     if not isinstance(values, list | tuple) or not 1 <= len(values) <= MAX_ITEMS:
         raise InvalidRequest(f"{field} must be a list of 1 to {MAX_ITEMS} items", field=field)
     result: list[Item] = []
-    seen: set[str] = set()
     for i, raw in enumerate(values):
-        where = f"{field}[{i}]"
         if isinstance(raw, Item):
             raw = raw._asdict()
-        if not isinstance(raw, dict):
-            raise InvalidRequest(f"{where} must be an object with sku and qty", field=where)
-        extra = sorted(set(raw) - {"sku", "qty"})
-        if extra:
-            raise InvalidRequest(
-                f"{where} has unknown field {extra[0]!r}", field=f"{where}.{extra[0]}"
+        try:
+            sku_, qty = raw["sku"], raw["qty"]
+            valid = (
+                len(raw) == 2
+                and type(qty) is int
+                and 1 <= qty <= MAX_QTY
+                and type(sku_) is str
+                and SKU_RE.fullmatch(sku_) is not None
             )
-        item = Item(
-            sku(raw.get("sku"), f"{where}.sku"), int_in(raw.get("qty"), f"{where}.qty", 1, MAX_QTY)
-        )
-        if item.sku in seen:
-            raise InvalidRequest(f"{where}.sku {item.sku!r} appears twice", field=f"{where}.sku")
-        seen.add(item.sku)
-        result.append(item)
+        except (KeyError, TypeError, IndexError):
+            valid = False
+        if not valid:
+            _explain(raw, f"{field}[{i}]")
+        result.append(Item(sku_, qty))
+    if len({item.sku for item in result}) != len(result):
+        seen: set[str] = set()
+        for i, item in enumerate(result):
+            if item.sku in seen:
+                where = f"{field}[{i}].sku"
+                raise InvalidRequest(f"{where} {item.sku!r} appears twice", field=where)
+            seen.add(item.sku)
     return result
+
+
+def _explain(raw: Any, where: str) -> None:
+    """Raise the InvalidRequest that names what is wrong with one item."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where} must be an object with sku and qty", field=where)
+    extra = sorted(set(raw) - {"sku", "qty"})
+    if extra:
+        raise InvalidRequest(f"{where} has unknown field {extra[0]!r}", field=f"{where}.{extra[0]}")
+    sku(raw.get("sku"), f"{where}.sku")
+    int_in(raw.get("qty"), f"{where}.qty", 1, MAX_QTY)
+    raise InvalidRequest(f"{where} is not a valid item", field=where)
