@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint run clean
+.PHONY: install test lint run clean bench bench-tools loadtest
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,27 @@ test: install lint
 
 run: install
 	$(BIN)/stock dev
+
+# load tests and benchmarks: the test and load extras (locust), plus redis-benchmark and wrk
+LOAD := $(VENV)/.installed-load
+
+$(LOAD): $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,load]'
+	touch $@
+
+bench-tools:
+	@if ! command -v redis-benchmark >/dev/null || ! command -v wrk >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y redis-tools wrk || \
+	    { apt-get update && apt-get install -y redis-tools wrk; }; \
+	  else echo "make bench needs redis-benchmark and wrk: sudo apt-get install -y redis-tools wrk"; \
+	  exit 1; fi; \
+	fi
+
+bench: $(LOAD) bench-tools
+	$(BIN)/python -m loadtest.bench
+
+loadtest: $(LOAD)
+	$(BIN)/python -m loadtest.run_loadtest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

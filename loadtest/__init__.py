@@ -1,0 +1,1 @@
+"""Load tests (locust) and benchmarks of the stock service; run them with ``make``."""

