@@ -113,7 +113,7 @@ class StockEngine:
 
     async def get_stock(self, sku: str) -> Counters:
         validate.sku(sku)
-        values = await self.redis.hmget(
+        values = await self._hmget(
             keys.sku_key(sku, self.settings.buckets), "available", "reserved", "sold"
         )
         if values[0] is None:
@@ -243,12 +243,16 @@ class StockEngine:
 
     async def _record(self, order_id: str) -> tuple[str, str, list[Item]]:
         validate.order_id(order_id)
-        spec, kind, phase = await self.redis.hmget(
-            keys.order_key(order_id), "items", "kind", "phase"
-        )
+        spec, kind, phase = await self._hmget(keys.order_key(order_id), "items", "kind", "phase")
         if spec is None:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return kind, phase or "done", parse_spec(spec)
+
+    async def _hmget(self, key: str, *fields: str) -> list[str | None]:
+        """HMGET, through the auto-pipeline when there is one (standalone)."""
+        if self.scripts.pipeline is not None:
+            return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
+        return list(await self.redis.hmget(key, *fields))
 
     async def _group_call(
         self,
