@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck
+from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,7 +35,13 @@ from stock import keys
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
-from stock.errors import InsufficientStock, InvalidTransition, NotFound, StockError
+from stock.errors import (
+    InsufficientStock,
+    InvalidTransition,
+    NotFound,
+    ReservationExpired,
+    StockError,
+)
 from stock.reaper import Reaper
 from tests.model import EXPIRED, RESERVED, Outcome, StockModel
 
@@ -355,7 +361,9 @@ class StockMachineWithExpiry(StockMachine):
     SHORT_TTL = True
 
 
-def run_machine(machine: type[StockMachine], harness: Harness, examples: int, steps: int) -> None:
+def run_machine(
+    machine: type[StockMachine], harness: Harness, examples: int, steps: int, shrink: bool = True
+) -> None:
     SEEN.clear()
     run_state_machine_as_test(
         lambda: machine(harness),
@@ -364,6 +372,7 @@ def run_machine(machine: type[StockMachine], harness: Harness, examples: int, st
             stateful_step_count=steps,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
+            phases=list(Phase) if shrink else [p for p in Phase if p is not Phase.shrink],
         ),
     )
     print(f"\n{machine.__name__} on {harness.settings.redis_url}:")
@@ -376,4 +385,29 @@ def test_engine_follows_model(harness: Harness) -> None:
 
 
 def test_engine_follows_model_with_expiry(harness: Harness) -> None:
-    run_machine(StockMachineWithExpiry, harness, examples=6, steps=40)
+    # no shrinking: every example sleeps about 1 s, a shrink would take minutes
+    run_machine(StockMachineWithExpiry, harness, examples=6, steps=40, shrink=False)
+
+
+async def test_late_confirm_is_all_or_nothing(engine: StockEngine, settings: Settings) -> None:
+    """A late confirm of an order whose lines all EXPIRED, when one SKU has sold out
+    meanwhile, must fail reservation_expired and change nothing (both backends).
+
+    A and B live in different buckets (on a cluster: different nodes), so the
+    cluster confirms them in two script calls.
+    """
+    assert keys.bucket_of("A", settings.buckets) != keys.bucket_of("B", settings.buckets)
+    reaper = Reaper(engine.redis, settings, engine.scripts)
+    await engine.set_stock("A", 2)
+    await engine.set_stock("B", 2)
+    reserved = await engine.reserve("late", [{"sku": "A", "qty": 2}, {"sku": "B", "qty": 2}], 1)
+    await asyncio.sleep(max(0.0, (reserved.expires_ms - await reaper.server_ms()) / 1000) + 0.01)
+    assert await reaper.reap_once() == 2
+    await engine.deduct("other", [{"sku": "B", "qty": 1}])  # B sold meanwhile: 1 left
+    with pytest.raises(ReservationExpired):
+        await engine.confirm("late")
+    order = await engine.get_order("late")
+    assert {ln.sku: ln.state for ln in order["lines"]} == {"A": EXPIRED, "B": EXPIRED}
+    a, b = await engine.get_stock("A"), await engine.get_stock("B")
+    assert (a.available, a.reserved, a.sold) == (2, 0, 0)
+    assert (b.available, b.reserved, b.sold) == (1, 0, 1)
