@@ -30,7 +30,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from loadtest.common import (
     stop_process,
     wait_http,
 )
+from stock import keys
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
@@ -321,7 +322,9 @@ async def _pg(dsn: str, concurrency: int, seconds: float) -> tuple[float, str]:
 # -- 5. memory -------------------------------------------------------------------
 
 
-async def _memory(settings: Settings, concurrency: int, count: int) -> tuple[float, float]:
+async def _memory(
+    settings: Settings, concurrency: int, count: int
+) -> tuple[float, float, tuple[int, int]]:
     await set_hot(settings, [HOT])
     client = connect(settings)
     try:
@@ -337,18 +340,32 @@ async def _memory(settings: Settings, concurrency: int, count: int) -> tuple[flo
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
 
+        async def used() -> int:
+            """used_memory once lazy frees and the keyspace's incremental rehash settle."""
+            for _ in range(100):
+                if int((await client.info("memory")).get("lazyfree_pending_objects", 0)) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            return int((await client.info("memory"))["used_memory"])
+
         await fill("warm-", 1000)  # scripts, connections and buffers in place first
-        before = int((await client.info("memory"))["used_memory"])
+        before = await used()
         await fill("mem-", count)
-        with_stream = int((await client.info("memory"))["used_memory"])
+        with_stream = await used()
         await client.delete(*(f"stock:{{b{b}}}:events" for b in range(settings.buckets)))
-        without = int((await client.info("memory"))["used_memory"])
+        without = await used()
         reserved = (await engine.get_stock(HOT)).reserved
+        sample = "mem-0000000"
+        parts = (
+            int(await client.memory_usage(keys.order_key(sample)) or 0),
+            int(await client.memory_usage(keys.line_keys(HOT, sample, settings.buckets).line) or 0),
+        )
     finally:
         await client.aclose()
     if reserved != count + 1000:
         raise SystemExit(f"memory: expected {count + 1000} reservations, Redis holds {reserved}")
-    return (without - before) / count, (with_stream - before) / count
+    return (without - before) / count, (with_stream - before) / count, parts
 
 
 # -- 6. reaper and writer --------------------------------------------------------
@@ -431,17 +448,25 @@ async def _writer(settings: Settings, dsn: str, wdsn: str) -> tuple[float, int]:
     return applied / elapsed, applied
 
 
-def bench_writer_external(settings: Settings, dsn: str) -> tuple[float, int, str] | None:
-    """Use ``loadtest/bench_writer.py`` when it offers ``measure(redis_url, dsn, events)``."""
+def bench_writer_external(settings: Settings, dsn: str, events: int) -> tuple[float, str] | None:
+    """``loadtest/bench_writer.py``'s ``bench(settings, count, skus)``, when it is there:
+    it fills the streams with ``events`` synthetic events and times one writer draining
+    them. None when the module or the function is missing or fails (then ours runs)."""
+    import inspect
+
     try:
-        from loadtest import bench_writer  # type: ignore[attr-defined]
+        from loadtest import bench_writer
     except ImportError:
         return None
-    measure = getattr(bench_writer, "measure", None)
-    if measure is None:
+    measure = getattr(bench_writer, "bench", None)
+    if measure is None or not inspect.iscoroutinefunction(measure):
         return None
-    rate, events = measure(settings.redis_url, dsn, 100_000)
-    return float(rate), int(events), "loadtest/bench_writer.py"
+    try:
+        rate = run_async(measure(replace(settings, database_url=dsn), events, 1000))
+    except Exception as exc:  # theirs failed: say so and measure with ours
+        _log(f"loadtest/bench_writer.py failed ({exc!r}); using the reaper backlog instead")
+        return None
+    return float(rate), f"{events} synthetic events over 1000 SKUs (loadtest/bench_writer.py)"
 
 
 # -- main ------------------------------------------------------------------------
@@ -524,10 +549,11 @@ def main() -> int:
         _log("5/6 memory per reservation")
         fresh(settings).close()
         n = args.reservations
-        without, with_stream = run_async(_memory(settings, c, n))
+        without, with_stream, (order_b, line_b) = run_async(_memory(settings, c, n))
         s["bytes/reservation"] = without
         report.add("5a. Redis bytes per active reservation", without, "bytes",
-                   f"{n} on one SKU; event stream deleted before reading")  # fmt: skip
+                   f"{n} on one SKU, event stream deleted before reading; MEMORY USAGE: "
+                   f"order hash {order_b}, line {line_b}, rest due zset + keyspace")  # fmt: skip
         report.add("5b. same, event stream kept (writer not run)", with_stream, "bytes",
                    "untrimmed stream: one entry per reservation")  # fmt: skip
         _log("6/6 reaper and writer")
@@ -537,17 +563,17 @@ def main() -> int:
         report.add("6a. reaper: expiries/s (Reaper.reap_once loop)", reaper_rate, "lines/s",
                    f"{expired} due lines over {args.reaper_skus} SKUs, "
                    f"{settings.buckets} buckets, batch {settings.reaper_batch}")  # fmt: skip
-        external = bench_writer_external(settings, postgres.get_uri())
-        if external is not None:
-            writer_rate, events, source = external
-        else:
-            writer_rate, events = run_async(
-                _writer(settings, postgres.get_uri(), postgres.get_uri("bench_writer"))
-            )
-            source = "backlog = reserve + expire events of 6a"
+        writer_rate, events = run_async(
+            _writer(settings, postgres.get_uri(), postgres.get_uri("bench_writer"))
+        )
+        note = f"{events} events (reserve + expire), batch {settings.writer_batch}"
+        report.add("6b. writer: events/s, backlog of 6a", writer_rate, "events/s", note)
         s["writer/s"] = writer_rate
-        report.add("6b. writer: events/s into PostgreSQL", writer_rate, "events/s",
-                   f"{events} events, batch {settings.writer_batch}; {source}")  # fmt: skip
+        external = bench_writer_external(settings, postgres.get_uri("bench_writer"), n)
+        if external is not None:
+            s["writer/s"] = external[0]
+            report.add("6c. writer: events/s, synthetic backlog", external[0], "events/s",
+                       external[1] + "; the summary's writer/s")  # fmt: skip
     finally:
         if postgres is not None:
             postgres.cleanup()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -407,9 +408,11 @@ def main() -> int:
         if service.proc is not None:
             stop_process(service.proc, 60)
     if not verdict.failures:
+        shutil.rmtree(workdir, ignore_errors=True)
         print(f"\nloadtest: PASS ({summary})")
         return 0
-    print(f"\nloadtest: FAIL, {len(verdict.failures)} failed checks ({summary})")
+    print(f"\nloadtest: logs and the locust journal are kept in {workdir}")
+    print(f"loadtest: FAIL, {len(verdict.failures)} failed checks ({summary})")
     return 1
 
 
