@@ -57,8 +57,9 @@ class AutoPipeline:
         self.batches += 1
         self.commands += len(batch)
         pool = self.client.connection_pool
-        conn = await pool.get_connection()
+        conn = None
         try:
+            conn = await pool.get_connection()
             await conn.send_packed_command(b"".join(hiredis.pack_command(a) for a, _ in batch))
             for _args, future in batch:
                 try:
@@ -72,16 +73,18 @@ class AutoPipeline:
                 else:
                     future.set_result(reply)
         except BaseException as exc:
-            # The connection broke mid-batch: its state is unknown, so drop it, and
-            # every caller still waiting hears the error (a retry is idempotent).
-            await conn.disconnect()
+            # No connection, or it broke mid-batch (its state is unknown, so drop
+            # it): every caller still waiting hears the error.
+            if conn is not None:
+                await conn.disconnect()
             for _args, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
-            await pool.release(conn)
+            if conn is not None:
+                await pool.release(conn)
 
 
 async def evalsha(

@@ -65,3 +65,16 @@ async def test_a_dead_server_fails_every_caller(tmp_path: Any) -> None:
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_no_server_fails_every_caller() -> None:
+    redis = connect(Settings(redis_url="redis://127.0.0.1:1/0"))
+    pipeline = AutoPipeline(redis)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pipeline.execute("PING") for _ in range(3)), return_exceptions=True),
+            timeout=30,
+        )
+        assert all(isinstance(r, Exception) for r in results)
+    finally:
+        await redis.aclose()
