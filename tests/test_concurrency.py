@@ -33,7 +33,7 @@ from stock.errors import (
 from stock.reaper import Reaper
 
 SKUS = ["A", "X", "B", "C"]  # A and X share a bucket; B and C are elsewhere
-INITIAL = 40
+INITIAL = 150
 
 # the refusals each operation may meet when it races others
 ALLOWED: dict[str, tuple[type[StockError], ...]] = {
@@ -307,7 +307,10 @@ async def test_flash_sale_sells_exactly_the_stock(engine: StockEngine, op: str) 
 async def test_flash_sale_of_a_two_item_bundle(engine: StockEngine) -> None:
     """500 buyers of A + B (different buckets: on a cluster, different nodes), 50 of
     each, every request sent twice. Never more than 50 bundles, and every unit that
-    was not sold is available again (compensation leaves nothing held)."""
+    was not sold is available again (compensation leaves nothing held).
+
+    On a cluster this fails now and then: a copy's compensation undoes the A line
+    of a copy that answered "confirmed" (see the retry/compensate test below)."""
     await engine.set_stock("A", 50)
     await engine.set_stock("B", 50)
     items = [{"sku": "A", "qty": 1}, {"sku": "B", "qty": 1}]

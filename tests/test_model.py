@@ -381,7 +381,7 @@ def run_machine(
 
 
 def test_engine_follows_model(harness: Harness) -> None:
-    run_machine(StockMachine, harness, examples=60, steps=40)
+    run_machine(StockMachine, harness, examples=120, steps=40)
 
 
 def test_engine_follows_model_with_expiry(harness: Harness) -> None:
