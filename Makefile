@@ -17,7 +17,7 @@ lint: install
 	$(BIN)/ruff format --check stock persist tests loadtest
 
 test: install lint
-	$(BIN)/pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q
 
 run: install
 	$(BIN)/stock dev
