@@ -69,12 +69,13 @@ class Harness:
         self.settings = settings
         self.cluster = settings.redis_cluster
         self.loop = asyncio.new_event_loop()
-        self.client: Any = self.run(self._connect())
-        self.engine = StockEngine(self.client, settings)
-        self.reaper = Reaper(self.client, settings, self.engine.scripts)
+        self.client, self.engine, self.reaper = self.run(self._connect())
 
-    async def _connect(self) -> Any:
-        return connect(self.settings)
+    async def _connect(self) -> tuple[Any, StockEngine, Reaper]:
+        """Made inside the loop, in case they bind to the running loop."""
+        client = connect(self.settings)
+        engine = StockEngine(client, self.settings)
+        return client, engine, Reaper(client, self.settings, engine.scripts)
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
