@@ -93,6 +93,11 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
+def samples(values: list[float]) -> str:
+    """The runs behind a best-of figure."""
+    return "runs " + " / ".join(f"{v:,.0f}" for v in values)
+
+
 def _log(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
@@ -183,25 +188,38 @@ def redis_benchmark(port: int, concurrency: int, requests: int, command: list[st
     return float(lines[-1].split(",")[1].strip('"'))
 
 
-def bench_raw(settings: Settings, port: int, concurrency: int, seconds: float) -> float:
-    client = fresh(settings)
-    run_async(set_hot(settings, [HOT]))
+def raw_command(settings: Settings) -> tuple[list[str], str]:
+    """The redis-benchmark command line of one reserve by EVALSHA, and the hot SKU's key."""
+    client = redis_sync.Redis.from_url(settings.redis_url, decode_responses=True)
     sha = client.script_load(load_sources()["reserve"])
+    client.close()
     keys_, args = reserve_call(
         "o__rand_int__", HOT, 1, settings.reservation_ttl_s * 1000,
         settings.retention_s * 1000, settings.buckets,
     )  # fmt: skip
-    command = ["EVALSHA", sha, str(len(keys_)), *keys_, *args]
-    probe = redis_benchmark(port, concurrency, 20_000, command)  # warm-up and calibration
-    requests = max(50_000, int(probe * seconds * 1.1))
-    before = int(client.hget(keys_[1], "reserved") or 0)
+    return ["EVALSHA", sha, str(len(keys_)), *keys_, *args], keys_[1]
+
+
+def bench_raw(settings: Settings, port: int, concurrency: int, requests: int) -> float:
+    """One redis-benchmark run of ``requests`` reserves, checked against the counters."""
+    client = fresh(settings)
+    run_async(set_hot(settings, [HOT]))
+    command, sku_key = raw_command(settings)
     rps = redis_benchmark(port, concurrency, requests, command)
-    made = int(client.hget(keys_[1], "reserved") or 0) - before
+    made = int(client.hget(sku_key, "reserved") or 0)
     client.close()
     if made < requests * 0.99:
         raise SystemExit(f"raw: only {made} of {requests} EVALSHA calls reserved stock")
     _log(f"raw: {requests} calls, {made} reserved, {rps:.0f}/s")
     return rps
+
+
+def raw_requests(settings: Settings, port: int, concurrency: int, seconds: float) -> int:
+    """Warm up and size the raw runs so that each lasts about ``seconds``."""
+    fresh(settings).close()
+    run_async(set_hot(settings, [HOT]))
+    probe = redis_benchmark(port, concurrency, 20_000, raw_command(settings)[0])
+    return max(50_000, int(probe * seconds))
 
 
 # -- 2. our library ------------------------------------------------------------
@@ -228,7 +246,9 @@ async def _library(settings: Settings, concurrency: int, seconds: float) -> floa
 
 def bench_library(settings: Settings, concurrency: int, seconds: float) -> float:
     fresh(settings).close()
-    return float(run_async(_library(settings, concurrency, seconds)))
+    rate = float(run_async(_library(settings, concurrency, seconds)))
+    _log(f"library: {rate:.0f}/s")
+    return rate
 
 
 # -- 3. HTTP ---------------------------------------------------------------------
@@ -265,31 +285,38 @@ def _serve(command: list[str], port: int, env: dict[str, str]) -> subprocess.Pop
 
 
 def bench_http(
-    settings: Settings, threads: int, connections: int, seconds: float
-) -> tuple[float, float]:
-    fresh(settings).close()
-    run_async(set_hot(settings, [HOT]))
+    settings: Settings, threads: int, connections: int, seconds: float, repeat: int
+) -> tuple[list[float], list[float]]:
+    """``stock serve`` and the bare app side by side, runs alternating; req/s samples."""
     env = dict(os.environ, STOCK_REDIS_URL=settings.redis_url, STOCK_BUCKETS=str(settings.buckets))
     env.pop("STOCK_DATABASE_URL", None)
-    results = []
-    for name, command in (
-        ("api", [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"]),
-        ("bare", [sys.executable, "-m", "loadtest.bare_app"]),
-    ):
-        port = free_port()
-        proc = _serve([*command, "--port", str(port)], port, env)
-        try:
-            wrk(port, threads, connections, 1, f"warm-{name}-")
-            results.append(wrk(port, threads, connections, seconds, f"{name}-"))
-        finally:
+    servers = {
+        "api": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"],
+        "bare": [sys.executable, "-m", "loadtest.bare_app"],
+    }
+    procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    samples: dict[str, list[float]] = {"api": [], "bare": []}
+    try:
+        for name, command in servers.items():
+            port = free_port()
+            procs[name] = (_serve([*command, "--port", str(port)], port, env), port)
+        for i in range(repeat):
+            for name, (_proc, port) in procs.items():
+                fresh(settings).close()
+                run_async(set_hot(settings, [HOT]))
+                if i == 0:
+                    wrk(port, threads, connections, 1, f"warm-{name}-")
+                samples[name].append(wrk(port, threads, connections, seconds, f"{name}{i}-"))
+    finally:
+        for proc, _port in procs.values():
             stop_process(proc)
-    return results[0], results[1]
+    return samples["api"], samples["bare"]
 
 
 # -- 4. PostgreSQL row lock ------------------------------------------------------
 
 
-async def _pg(dsn: str, concurrency: int, seconds: float) -> tuple[float, str]:
+async def _pg(dsn: str, concurrency: int, seconds: float, repeat: int) -> tuple[list[float], str]:
     import asyncpg
 
     admin = await asyncpg.connect(dsn)
@@ -313,10 +340,14 @@ async def _pg(dsn: str, concurrency: int, seconds: float) -> tuple[float, str]:
             if status != "UPDATE 1":
                 raise RuntimeError(f"pg: {status}")
 
-        count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7)
+        rates = []
+        for _ in range(repeat):
+            count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7)
+            rates.append(count / elapsed)
+            _log(f"pg: {rates[-1]:.0f}/s")
     finally:
         await pool.close()
-    return count / elapsed, settings
+    return rates, settings
 
 
 # -- 5. memory -------------------------------------------------------------------
@@ -409,7 +440,11 @@ async def _reaper(settings: Settings, count: int, sku_count: int) -> tuple[float
     return count / elapsed, expired
 
 
-async def _writer(settings: Settings, dsn: str, wdsn: str) -> tuple[float, int]:
+async def _writer(
+    settings: Settings, dsn: str, database: str, wdsn: str, max_s: float
+) -> tuple[float, int, int]:
+    """Drain the streams' backlog into a fresh database with one Writer, for at most
+    ``max_s``; returns (events/s, events applied, backlog)."""
     import asyncpg
 
     from persist.migrate import migrate
@@ -417,8 +452,8 @@ async def _writer(settings: Settings, dsn: str, wdsn: str) -> tuple[float, int]:
 
     admin = await asyncpg.connect(dsn)
     try:
-        await admin.execute("DROP DATABASE IF EXISTS bench_writer")
-        await admin.execute("CREATE DATABASE bench_writer")
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
+        await admin.execute(f'CREATE DATABASE "{database}"')
     finally:
         await admin.close()
     await migrate(wdsn)
@@ -426,15 +461,16 @@ async def _writer(settings: Settings, dsn: str, wdsn: str) -> tuple[float, int]:
     try:
         pipe = client.pipeline(transaction=False)
         for b in range(settings.buckets):
-            pipe.xlen(f"stock:{{b{b}}}:events")
+            pipe.xlen(keys.events_key(b))
         backlog = sum(await pipe.execute())
         writer = Writer(client, settings, wdsn)
+        applied = 0
         started = time.perf_counter()
-        deadline = started + 300
-        while writer.stats.events_total < backlog and time.perf_counter() < deadline:
-            await writer.step()
+        deadline = started + max_s
+        while applied < backlog and time.perf_counter() < deadline:
+            n, _more = await writer.step()
+            applied += n
         elapsed = time.perf_counter() - started
-        applied = writer.stats.events_total
         await writer.close()
         conn = await asyncpg.connect(wdsn)
         try:
@@ -443,9 +479,9 @@ async def _writer(settings: Settings, dsn: str, wdsn: str) -> tuple[float, int]:
             await conn.close()
     finally:
         await client.aclose()
-    if applied != backlog or ledger != backlog:
+    if ledger != applied or (applied < backlog and elapsed < max_s):
         raise SystemExit(f"writer: backlog {backlog}, applied {applied}, ledger rows {ledger}")
-    return applied / elapsed, applied
+    return applied / elapsed, applied, backlog
 
 
 def bench_writer_external(settings: Settings, dsn: str, events: int) -> tuple[float, str] | None:
@@ -488,7 +524,8 @@ def print_table(report: Report, args: argparse.Namespace) -> None:
     print()
     print(
         f"machine: {box['cores']} cores, {box['memory']} memory, {box['cpu']}; "
-        f"concurrency C={args.concurrency}, {args.seconds:.0f} s per throughput run"
+        f"concurrency C={args.concurrency}; throughput: best of {args.repeat} runs of "
+        f"{args.seconds:.0f} s, the two sides of each ratio alternating"
     )
     width = max(len(r.what) for r in report.rows)
     print(f"| {'measurement':<{width}} | {'result':>10} | {'unit':<8} | note |")
@@ -506,14 +543,15 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     parser = argparse.ArgumentParser(description="stock benchmarks (issue 6)")
     parser.add_argument("--concurrency", "-c", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=4.0, help="per throughput run")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput run")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs; best counts")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--reservations", type=int, default=100_000, help="memory and reaper")
     parser.add_argument("--reaper-skus", type=int, default=256)
     args = parser.parse_args()
     if not tools_present():
         return 2
-    c, secs = args.concurrency, args.seconds
+    c, secs, rep = args.concurrency, args.seconds, args.repeat
     workdir = Path(tempfile.mkdtemp(prefix="stock-bench-"))
     valkey = Valkey(workdir / "valkey").start()
     postgres: Any = None
@@ -522,30 +560,36 @@ def main() -> int:
     report = Report()
     s = report.summary
     try:
-        _log("1/6 raw ceiling: redis-benchmark EVALSHA reserve")
-        raw = bench_raw(settings, valkey.port, c, secs)
-        report.add("1. raw: reserve.lua by EVALSHA (redis-benchmark)", raw, "ops/s",
-                   f"hot SKU, new order per call, c={c}")  # fmt: skip
-        _log("2/6 library: StockEngine.reserve")
-        lib = bench_library(settings, c, secs)
+        _log(f"1-2/6 raw ceiling (redis-benchmark) and library, alternating, best of {rep}")
+        requests = raw_requests(settings, valkey.port, c, secs)
+        raws, libs = [], []
+        for _ in range(rep):
+            raws.append(bench_raw(settings, valkey.port, c, requests))
+            libs.append(bench_library(settings, c, secs))
+        raw, lib = max(raws), max(libs)
         s["library/raw"] = lib / raw
-        report.add("2. library: StockEngine.reserve", lib, "ops/s",
-                   f"{c} coroutines, uvloop; library/raw = {lib / raw:.2f}")  # fmt: skip
-        _log("3/6 HTTP: stock serve vs bare aiohttp, wrk")
-        api, bare = bench_http(settings, args.wrk_threads, c, secs)
+        report.add("1. raw: reserve.lua by EVALSHA (redis-benchmark)", raw, "ops/s",
+                   f"hot SKU, new order per call, -c {c}; {samples(raws)}")  # fmt: skip
+        note = f"{c} coroutines, uvloop; {samples(libs)}; library/raw = {lib / raw:.2f}"
+        report.add("2. library: StockEngine.reserve", lib, "ops/s", note)
+        _log("3/6 HTTP: stock serve vs bare aiohttp, wrk, alternating")
+        apis, bares = bench_http(settings, args.wrk_threads, c, secs, rep)
+        api, bare = max(apis), max(bares)
         s["http/bare"] = api / bare
-        note = f"wrk -t{args.wrk_threads} -c{c}, 1 worker"
+        note = f"wrk -t{args.wrk_threads} -c{c}, 1 worker process; {samples(apis)}"
         report.add("3a. HTTP: POST /v1/reservations (stock serve)", api, "req/s", note)
-        report.add("3b. HTTP: bare aiohttp+uvloop+orjson", bare, "req/s",
-                   f"same body in and size out; http/bare = {api / bare:.2f}")  # fmt: skip
+        note = f"same body in, same size out; {samples(bares)}; http/bare = {api / bare:.2f}"
+        report.add("3b. HTTP: bare aiohttp+uvloop+orjson", bare, "req/s", note)
         _log("4/6 PostgreSQL row-lock decrement")
         pg_dir = workdir / "pg"
         pg_dir.mkdir()
         postgres = start_postgres(pg_dir)
-        pg, pg_settings = run_async(_pg(postgres.get_uri(), c, secs))
+        pgs, pg_settings = run_async(_pg(postgres.get_uri(), c, secs, rep))
+        pg = max(pgs)
         s["library/pg"] = lib / pg
         report.add("4. PostgreSQL: UPDATE ... available - 1 (asyncpg)", pg, "ops/s",
-                   f"pool of {c}, {pg_settings}; library/pg = {lib / pg:.1f}")  # fmt: skip
+                   f"one row, pool of {c}, {pg_settings}; {samples(pgs)}; "
+                   f"library/pg = {lib / pg:.1f}")  # fmt: skip
         _log("5/6 memory per reservation")
         fresh(settings).close()
         n = args.reservations
@@ -563,16 +607,27 @@ def main() -> int:
         report.add("6a. reaper: expiries/s (Reaper.reap_once loop)", reaper_rate, "lines/s",
                    f"{expired} due lines over {args.reaper_skus} SKUs, "
                    f"{settings.buckets} buckets, batch {settings.reaper_batch}")  # fmt: skip
-        writer_rate, events = run_async(
-            _writer(settings, postgres.get_uri(), postgres.get_uri("bench_writer"))
+        pg_uri = postgres.get_uri
+        writer_rate, events, _ = run_async(
+            _writer(settings, pg_uri(), "bench_writer", pg_uri("bench_writer"), 120)
         )
         note = f"{events} events (reserve + expire), batch {settings.writer_batch}"
         report.add("6b. writer: events/s, backlog of 6a", writer_rate, "events/s", note)
         s["writer/s"] = writer_rate
+        fresh(settings).close()
+        hot_rate, hot_expired = run_async(_reaper(settings, n, 1))
+        report.add("6c. reaper, flash sale: one hot SKU (one bucket)", hot_rate, "lines/s",
+                   f"{hot_expired} due lines on one SKU")  # fmt: skip
+        hot_w, hot_events, hot_backlog = run_async(
+            _writer(settings, pg_uri(), "bench_writer_hot", pg_uri("bench_writer_hot"), 15)
+        )
+        done = "all" if hot_events == hot_backlog else f"stopped after 15 s, {hot_events} of"
+        report.add("6d. writer, flash sale: backlog of 6c (one stream)", hot_w, "events/s",
+                   f"{done} {hot_backlog} events in one bucket stream")  # fmt: skip
         external = bench_writer_external(settings, postgres.get_uri("bench_writer"), n)
         if external is not None:
             s["writer/s"] = external[0]
-            report.add("6c. writer: events/s, synthetic backlog", external[0], "events/s",
+            report.add("6e. writer: events/s, synthetic backlog", external[0], "events/s",
                        external[1] + "; the summary's writer/s")  # fmt: skip
     finally:
         if postgres is not None:
