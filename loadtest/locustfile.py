@@ -6,8 +6,9 @@ Scenarios (one user class each, weighted):
   pay at once, or buy now (deduct). ``insufficient_stock`` is the expected answer
   once the units are gone.
 - ``CheckoutShopper``: reserve, think, then confirm, release, or abandon (reserved
-  with a short TTL and never called back: the reaper returns it). Some confirmed
-  orders are refunded by an admin (cancel).
+  with a short TTL and never called back: the reaper returns it), or extend and
+  still be paying when the test ends. Some confirmed orders are refunded by an
+  admin (cancel).
 - ``LatePayer``: reserve with a 1 s TTL, the payment callback arrives after the
   expiry: confirm re-acquires the stock (200) or is ``reservation_expired`` (409);
   the callback is delivered twice.
@@ -176,13 +177,18 @@ class CheckoutShopper(Shopper):
     def checkout(self) -> None:
         order = self.new_order()
         items = [{"sku": random.choice(SKUS), "qty": random.randint(1, 3)}]
-        outcome = random.choices(["confirm", "release", "abandon"], [50, 25, 25])[0]
+        outcome = random.choices(["confirm", "release", "abandon", "paying"], [45, 25, 25, 5])[0]
         ttl = 2 if outcome == "abandon" else 600
         status, _ = self.reserve(order, items, ttl, "/v1/reservations (checkout)")
         if status != 201 or outcome == "abandon":
             return  # abandoned: the reaper returns the stock after 2 s
         gevent.sleep(random.uniform(0.05, 0.5))  # paying
-        if outcome == "release":
+        if outcome == "paying":  # still paying when the test ends: held, with a later expiry
+            self.call(
+                "POST", f"/v1/reservations/{order}/extend", "/v1/reservations/[id]/extend",
+                {"ttl_s": 900},
+            )  # fmt: skip
+        elif outcome == "release":
             self.release(order)
         elif self.confirm(order, items) == 200 and random.random() < 0.1:
             self.cancel(order, items)  # refund
@@ -278,7 +284,7 @@ class RetryingClient(HttpUser):
         journal("retry", order=order, first=first, retry=status)
         if status not in (200, 201):
             return
-        if payload.get("order_id") != order or payload.get("status") != "reserved":
+        if not payload or payload.get("order_id") != order or payload.get("status") != "reserved":
             raise AssertionError(f"retry of {order} answered {payload}")
         path = f"/v1/reservations/{order}/confirm"
         self.send(path, "/v1/reservations/[id]/confirm (timed out)", None, 0.002)
