@@ -222,7 +222,10 @@ async def pg_checks(
                 break
             await asyncio.sleep(0.25)
         drained = time.monotonic() - (deadline - wait_s)
-        verdict.notes.append(f"PostgreSQL stock_levels == Redis after {drained:.1f} s")
+        verdict.notes.append(
+            f"PostgreSQL stock_levels == Redis for {len(skus) - len(differ)} of {len(skus)} "
+            f"SKUs, {drained:.1f} s after the checks began"
+        )
         for sku in differ:
             got = (
                 tuple(pg[sku][k] for k in ("available", "reserved", "sold")) if sku in pg else None
