@@ -11,12 +11,17 @@
 --   ARGV[5] may_create  '1' when new lines may be created (reserve/deduct)
 --   ARGV[6] items_spec  canonical 'sku:qty,...' of the whole order
 --   ARGV[7] kind        'reserve' or 'deduct' (the order record's kind)
---   ARGV[8..] sku, qty  pairs, one per line of this call
+--   ARGV[8] tag         the calling attempt's token on a cluster ('' standalone)
+--   ARGV[9..] sku, qty  pairs, one per line of this call
 --   KEYS (after the optional order key), four per line, same order as ARGV:
 --     sku hash, line string, bucket expiry zset, bucket event stream
 --
--- A line is a string 'state|qty|expires_ms'; states: R reserved, C confirmed,
--- X released, E expired, N cancelled. Terminal lines expire after retention.
+-- A line is a string 'state|qty|expires_ms' or 'state|qty|expires_ms|tag';
+-- states: R reserved, C confirmed, X released, E expired, N cancelled.
+-- Terminal lines expire after retention. On a cluster, where one order is
+-- several calls, the tag names the attempt that last created or replayed the
+-- line, so that a failed attempt undoes only lines no other attempt has
+-- taken over (abort.lua).
 -- Replies: {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, ...}
 --   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
 --   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
@@ -36,8 +41,8 @@ end
 local function read_line(key)
   local v = redis.call('GET', key)
   if not v then return nil end
-  local state, qty, exp = string.match(v, '^(%u)|(%d+)|(%d+)$')
-  return {state = state, qty = tonumber(qty), exp = tonumber(exp)}
+  local state, qty, exp, tag = string.match(v, '^(%u)|(%d+)|(%d+)|?(.*)$')
+  return {state = state, qty = tonumber(qty), exp = tonumber(exp), tag = tag}
 end
 
 -- Store the SKU's counters and append their delta event, in one step.
@@ -56,13 +61,13 @@ local function parse_call()
   local call = {
     order_key = with_order and KEYS[1] or nil, order_id = ARGV[2],
     ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
-    may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], items = {},
+    may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], tag = ARGV[8], items = {},
   }
   local base = with_order and 1 or 0
-  for i = 1, (#ARGV - 7) / 2 do
+  for i = 1, (#ARGV - 8) / 2 do
     local k = base + (i - 1) * 4
     call.items[i] = {
-      sku = ARGV[6 + 2 * i], qty = tonumber(ARGV[7 + 2 * i]),
+      sku = ARGV[7 + 2 * i], qty = tonumber(ARGV[8 + 2 * i]),
       k_sku = KEYS[k + 1], k_line = KEYS[k + 2], k_due = KEYS[k + 3], k_events = KEYS[k + 4],
     }
   end
@@ -83,10 +88,18 @@ local function open_order(call)
   return nil
 end
 
+local function line_value(p, tag)
+  local v = p.state .. '|' .. p.qty .. '|' .. p.exp
+  if tag and tag ~= '' then v = v .. '|' .. tag end
+  return v
+end
+
 -- Plan every line with decide(item, line, counters, now, call), which returns
--- a plan {state, da, dr, ds, exp, replay, delete, short}, or nil and an error
--- reply. Nothing is written unless every line of the call can go ahead.
--- Then apply the plans, one event per changed line.
+-- a plan {state, da, dr, ds, exp, tag, op, replay, restamp, delete, short}, or nil
+-- and an error reply. Nothing is written unless every line of the call can go
+-- ahead. Then apply the plans, one event per changed line (named p.op, else
+-- the script's op); a replay with
+-- restamp only writes the calling attempt's tag into the line.
 local function run_lines(call, op, decide)
   local now = now_ms()
   local plans, short = {}, {}
@@ -111,22 +124,24 @@ local function run_lines(call, op, decide)
   for _, p in ipairs(plans) do
     local it, c = p.it, p.c
     local member = it.sku .. '|' .. call.order_id
-    if not p.replay then
+    if p.replay and p.restamp then
+      redis.call('SET', it.k_line, line_value(p, p.tag), 'KEEPTTL')
+    elseif not p.replay then
       all_replay = false
       c.a, c.r, c.s = c.a + (p.da or 0), c.r + (p.dr or 0), c.s + (p.ds or 0)
       if p.delete then
         redis.call('DEL', it.k_line)
       elseif p.state == 'R' then
-        redis.call('SET', it.k_line, 'R|' .. p.qty .. '|' .. p.exp)
+        redis.call('SET', it.k_line, line_value(p, p.tag))
         redis.call('ZADD', it.k_due, p.exp, member)
       else
-        redis.call('SET', it.k_line, p.state .. '|' .. p.qty .. '|' .. p.exp, 'PX', call.retention)
+        redis.call('SET', it.k_line, line_value(p, p.tag), 'PX', call.retention)
       end
       if p.line and p.line.state == 'R' and p.state ~= 'R' then
         redis.call('ZREM', it.k_due, member)
       end
       commit(it.k_sku, it.k_events,
-        {op = op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp}, c, now)
+        {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp}, c, now)
     end
     if p.exp > latest then latest = p.exp end
     out[#out + 1] = it.sku

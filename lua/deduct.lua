@@ -1,6 +1,7 @@
 -- deduct.lua: buy now, reserve and confirm in one step (none -> CONFIRMED).
 -- KEYS/ARGV: the line call layout of _lib.lua (ttl_ms unused).
 -- Per line: available -= qty, sold += qty. All lines of the call, or none.
+-- Lines are tagged with ARGV[8] and replays re-tagged, as in reserve.lua.
 -- Returns OK, REPLAY (every line already CONFIRMED with the same qty),
 -- INSUFFICIENT, CONFLICT, TRANSITION, UNAVAILABLE as in reserve.lua.
 -- Events: op=deduct, one per new line.
@@ -11,11 +12,14 @@ if refused then return refused end
 local function decide(it, line, c)
   if line then
     if line.qty ~= it.qty then return nil, {'CONFLICT', 'deduct'} end
-    if line.state == 'C' then return {replay = true, state = 'C', qty = line.qty, exp = line.exp} end
+    if line.state == 'C' then
+      return {replay = true, state = 'C', qty = line.qty, exp = line.exp, tag = call.tag,
+              restamp = call.tag ~= '' and call.tag ~= line.tag}
+    end
     return nil, {'TRANSITION', it.sku, line.state}
   end
   if not call.may_create then return nil, {'TRANSITION', it.sku, 'gone'} end
-  local plan = {state = 'C', qty = it.qty, exp = 0, da = -it.qty, ds = it.qty}
+  local plan = {state = 'C', qty = it.qty, exp = 0, da = -it.qty, ds = it.qty, tag = call.tag}
   if c.a < it.qty then plan.short = true end
   return plan
 end

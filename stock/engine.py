@@ -15,6 +15,8 @@ retry of the same request completes the order.
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,10 @@ from stock.scripts import (
     parse_lines,
 )
 from stock.validate import Item
+
+log = logging.getLogger("stock.engine")
+
+HOLD_MS = 30_000  # how long a multi-node confirm's first step keeps the stock held
 
 STATUS_OF = {
     "reserve": "reserved",
@@ -152,7 +158,7 @@ class StockEngine:
         values = await pipe.execute()
         lines = []
         for item, raw in zip(items, values, strict=True):
-            state, _, exp = (raw or "gone|0|0").split("|")
+            state, _qty, exp, *_tag = (raw or "gone|0|0").split("|")
             lines.append(LineResult(item.sku, _state_name(state), item.qty, int(exp)))
         return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
 
@@ -176,40 +182,53 @@ class StockEngine:
             keys_, args = self._line_call(order_id, items, ttl_ms, True, spec, op, with_order=True)
             reply = parse_lines(await self.scripts(op, keys_, args), order_id)
             return _result(order_id, op, reply)
+        return await self._acquire_on_cluster(op, order_id, items, spec, ttl_ms)
+
+    async def _acquire_on_cluster(
+        self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int
+    ) -> OrderResult:
+        """Open the record, reserve every bucket group, then close the record; on a
+        refusal undo this attempt's lines and drop the record. The attempt's token
+        tags its lines: a concurrent copy of the same request takes the order over
+        (re-tagging the lines it replays), and then this attempt undoes nothing of
+        it and leaves the record to the copy."""
         okey = keys.order_key(order_id)
-        lifetime = ttl_ms + self.retention_ms
-        opened = await self.scripts("order", [okey], [spec, op, lifetime])
+        token = secrets.token_hex(6)
+        opened = await self.scripts("order", [okey], [spec, op, ttl_ms + self.retention_ms, token])
         if opened[0] == "CONFLICT":
             parse_lines(opened, order_id)  # raises OrderConflict
         pending = opened[0] == "NEW" or opened[1] == "pending"
         groups = self._groups(items)
         outcomes = await asyncio.gather(
-            *(self._group_call(op, order_id, g, ttl_ms, pending, spec) for g in groups),
+            *(self._group_call(op, order_id, g, ttl_ms, pending, spec, tag=token) for g in groups),
             return_exceptions=True,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
             if pending:
-                await self._compensate(op, order_id, groups, outcomes, spec)
-                await self.redis.delete(okey)
+                done = [
+                    g for g, o in zip(groups, outcomes, strict=True) if isinstance(o, LinesReply)
+                ]
+                undone = await asyncio.gather(
+                    *(self._group_call("abort", order_id, g, 0, False, spec, op, token)
+                      for g in done),
+                    return_exceptions=True,
+                )  # fmt: skip
+                await self.scripts("order_close", [okey], [token, "drop"])
+                for problem in undone:
+                    if isinstance(problem, BaseException):
+                        log.error("order %r: undo failed, the reaper returns it: %r",
+                                  order_id, problem)  # fmt: skip
             raise _merge_failures(failures)
         replies = [o for o in outcomes if isinstance(o, LinesReply)]
         if pending:
-            await self.redis.hset(okey, "phase", "done")
+            await self.scripts("order_close", [okey], [token, "done"])
         merged = LinesReply(
-            replay=opened[0] == "EXISTS" and all(r.replay for r in replies),
+            replay=all(r.replay for r in replies),
             expires_ms=max(r.expires_ms for r in replies),
             lines=[line for r in replies for line in r.lines],
         )
         return _result(order_id, op, merged)
-
-    async def _compensate(
-        self, op: str, order_id: str, groups: list[list[Item]], outcomes: list[Any], spec: str
-    ) -> None:
-        done = [g for g, o in zip(groups, outcomes, strict=True) if isinstance(o, LinesReply)]
-        await asyncio.gather(
-            *(self._group_call("abort", order_id, g, 0, False, spec, kind=op) for g in done)
-        )
 
     async def _transition(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
         if self._inflight is None:
@@ -219,12 +238,16 @@ class StockEngine:
 
     async def _transition_now(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
         validate.order_id(order_id)
-        kind, _phase, items = await self._record(order_id)
+        kind, phase, items = await self._record(order_id)
+        if phase == "pending":  # a cluster reserve still running, or stopped midway
+            raise NotFound(f"order {order_id!r} is not complete", order_id=order_id)
         spec = items_spec(items)
         if not self.cluster:
             keys_, args = self._line_call(order_id, items, ttl_ms, False, spec, kind, True)
             return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
         groups = self._groups(items)
+        if op == "confirm" and len(groups) > 1:
+            await self._hold_all(order_id, groups, spec, kind)
         outcomes = await asyncio.gather(
             *(self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind) for g in groups),
             self.redis.pexpire(keys.order_key(order_id), self.retention_ms + ttl_ms),
@@ -240,6 +263,28 @@ class StockEngine:
             lines=[line for r in replies for line in r.lines],
         )
         return _result(order_id, op, merged)
+
+    async def _hold_all(
+        self, order_id: str, groups: list[list[Item]], spec: str, kind: str
+    ) -> None:
+        """Before a multi-node confirm: every group must still hold its stock
+        (``hold.lua`` re-acquires expired lines), or none does and the confirm is
+        refused, so that it cannot sell one node's lines and fail on another's."""
+        token = secrets.token_hex(6)
+        held = await asyncio.gather(
+            *(self._group_call("hold", order_id, g, HOLD_MS, False, spec, kind, token)
+              for g in groups),
+            return_exceptions=True,
+        )  # fmt: skip
+        failures = [h for h in held if isinstance(h, BaseException)]
+        if not failures:
+            return
+        done = [g for g, h in zip(groups, held, strict=True) if isinstance(h, LinesReply)]
+        await asyncio.gather(
+            *(self._group_call("abort", order_id, g, 0, False, spec, "hold", token) for g in done),
+            return_exceptions=True,
+        )
+        raise _merge_failures(failures)
 
     async def _record(self, order_id: str) -> tuple[str, str, list[Item]]:
         validate.order_id(order_id)
@@ -263,8 +308,11 @@ class StockEngine:
         may_create: bool,
         spec: str,
         kind: str | None = None,
+        tag: str = "",
     ) -> LinesReply:
-        keys_, args = self._line_call(order_id, group, ttl_ms, may_create, spec, kind or op, False)
+        keys_, args = self._line_call(
+            order_id, group, ttl_ms, may_create, spec, kind or op, False, tag
+        )
         return parse_lines(await self.scripts(op, keys_, args), order_id)
 
     def _line_call(
@@ -276,6 +324,7 @@ class StockEngine:
         spec: str,
         kind: str,
         with_order: bool,
+        tag: str = "",
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV in the line call layout of ``lua/_lib.lua``."""
         keys_: list[str] = [keys.order_key(order_id)] if with_order else []
@@ -287,6 +336,7 @@ class StockEngine:
             "1" if may_create else "0",
             spec,
             kind,
+            tag,
         ]
         for item in items:
             keys_.extend(keys.line_keys(item.sku, order_id, self.settings.buckets))

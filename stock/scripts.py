@@ -28,8 +28,8 @@ from stock.errors import (
 )
 from stock.pipeline import AutoPipeline, evalsha
 
-LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend")
-OTHER_OPS = ("set", "adjust", "expire", "order", "resync")
+LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend", "hold")
+OTHER_OPS = ("set", "adjust", "expire", "order", "order_close", "resync")
 
 STATE_NAMES = {
     "R": "reserved",

@@ -92,6 +92,8 @@ class Outcome:
     events: dict[str, int] = field(default_factory=dict)
     # a refused acquire on a cluster may add reserve+abort pairs (compensation)
     compensated: bool = False
+    # a cluster confirm first holds the lines (hold.lua): maybe one more event each
+    held: bool = False
     apply: Callable[[Any], None] = lambda result: None
 
 
@@ -184,7 +186,7 @@ class StockModel:
         for line in order.lines.values():
             if line.state == EXPIRED and op == "confirm":
                 if self.counters(line.sku).available < line.qty:
-                    return Outcome(error=ReservationExpired)
+                    return Outcome(error=ReservationExpired, compensated=True)
         changing = [ln for ln in order.lines.values() if table[ln.state] is not None]
         if not changing:
             return Outcome(replay=True)
@@ -203,7 +205,7 @@ class StockModel:
                 if op == "extend":
                     line.expires_ms = expiry[line.sku]
 
-        return Outcome(events={ln.sku: 1 for ln in changing}, apply=apply)
+        return Outcome(events={ln.sku: 1 for ln in changing}, apply=apply, held=op == "confirm")
 
     def expire(self, order_id: str, sku: str) -> None:
         """The reaper expired this RESERVED line."""

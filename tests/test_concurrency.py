@@ -72,6 +72,9 @@ LINE_STEPS: dict[tuple[str | None, str], str | None] = {
     ("confirmed", "cancel"): "cancelled",
     ("reserved", "abort"): None,
     ("confirmed", "abort"): None,
+    # a multi-node confirm on a cluster first re-acquires expired lines
+    # (hold.lua), and gives them back when another node refuses
+    ("expired", "reserve"): "reserved",
 }
 
 

@@ -87,8 +87,9 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
     """What a reserve leaves when its process dies after the first bucket group."""
     spec = items_spec(items)
     lifetime = 1000 + engine.retention_ms
-    await engine.scripts("order", [keys.order_key(order_id)], [spec, "reserve", lifetime])
-    await engine._group_call("reserve", order_id, [items[0]], 1000, True, spec)
+    record = keys.order_key(order_id)
+    await engine.scripts("order", [record], [spec, "reserve", lifetime, "crashed"])
+    await engine._group_call("reserve", order_id, [items[0]], 1000, True, spec, tag="crashed")
 
 
 async def test_crash_between_groups_then_retry_completes(
