@@ -81,6 +81,7 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
+    load_at_start: str = " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
     def add(self, what: str, value: float, unit: str, note: str = "") -> None:
         self.rows.append(Row(what, value, unit, note))
@@ -534,9 +535,11 @@ def tools_present() -> bool:
 
 def print_table(report: Report, args: argparse.Namespace) -> None:
     box = machine()
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print()
     print(
         f"machine: {box['cores']} cores, {box['memory']} memory, {box['cpu']}; "
+        f"load average at the start {report.load_at_start}, at the end {load}; "
         f"concurrency C={args.concurrency}; throughput: best of {args.repeat} runs of "
         f"{args.seconds:.0f} s, the two sides of each ratio alternating"
     )
