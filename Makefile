@@ -22,7 +22,8 @@ test: install lint
 run: install
 	$(BIN)/stock dev
 
-# load tests and benchmarks: the test and load extras (locust), plus redis-benchmark and wrk
+# load tests and benchmarks: the test and load extras (locust), plus redis-benchmark and wrk.
+# make loadtest LOADTEST_ARGS="--users 500 --run-time 120"; make bench BENCH_ARGS="--repeat 5"
 LOAD := $(VENV)/.installed-load
 
 $(LOAD): $(VENV)/.installed
@@ -38,10 +39,10 @@ bench-tools:
 	fi
 
 bench: $(LOAD) bench-tools
-	$(BIN)/python -m loadtest.bench
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 loadtest: $(LOAD)
-	$(BIN)/python -m loadtest.run_loadtest
+	$(BIN)/python -m loadtest.run_loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
