@@ -33,9 +33,9 @@ local function now_ms()
 end
 
 local function read_sku(key)
-  local v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'fenced')
+  local v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced')
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
-          fenced = v[4] == '1', exists = v[1] ~= false}
+          seq = tonumber(v[4]) or 0, fenced = v[5] == '1', exists = v[1] ~= false}
 end
 
 local function read_line(key)
@@ -46,14 +46,15 @@ local function read_line(key)
 end
 
 -- Store the SKU's counters and append their delta event, in one step.
+-- c is the table read_sku returned, with the new counters.
 local function commit(sku_key, events_key, ev, c, at)
-  local seq = redis.call('HINCRBY', sku_key, 'seq', 1)
-  redis.call('HSET', sku_key, 'available', c.a, 'reserved', c.r, 'sold', c.s)
+  c.seq = c.seq + 1
+  redis.call('HSET', sku_key, 'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq)
   redis.call('XADD', events_key, '*',
     'op', ev.op, 'sku', ev.sku, 'order', ev.order or '', 'qty', ev.qty,
-    'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', seq, 'at', at,
+    'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq, 'at', at,
     'exp', ev.exp or 0, 'reason', ev.reason or '')
-  return seq
+  return c.seq
 end
 
 local function parse_call()

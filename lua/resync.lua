@@ -17,9 +17,6 @@
 -- higher seq makes PostgreSQL take it over any older unflushed event.
 local c = read_sku(KEYS[1])
 if not c.fenced then return {'NOTFENCED', ARGV[1]} end
-local old_seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
-local pg_seq = tonumber(ARGV[5])
-if pg_seq > old_seq then redis.call('HSET', KEYS[1], 'seq', pg_seq) end
 local retention = tonumber(ARGV[6])
 for i = 0, (#ARGV - 7) / 4 - 1 do
   local order_id, state = ARGV[8 + 4 * i], ARGV[9 + 4 * i]
@@ -37,7 +34,8 @@ for i = 0, (#ARGV - 7) / 4 - 1 do
     redis.call('ZREM', KEYS[2], member)
   end
 end
-local target = {a = tonumber(ARGV[2]), r = tonumber(ARGV[3]), s = tonumber(ARGV[4])}
+local target = {a = tonumber(ARGV[2]), r = tonumber(ARGV[3]), s = tonumber(ARGV[4]),
+                seq = math.max(c.seq, tonumber(ARGV[5]))}
 local seq = commit(KEYS[1], KEYS[3], {op = 'resync', sku = ARGV[1],
   qty = target.a - c.a, reason = ARGV[7]}, target, now_ms())
 return {'OK', seq}
