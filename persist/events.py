@@ -18,8 +18,9 @@ if none) and reason. ``apply_batch`` writes a batch in one transaction:
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import asyncpg
 
@@ -35,9 +36,9 @@ LINE_STATES = {
 }
 ORDER_KINDS = {"reserve": "reserve", "deduct": "deduct"}
 
-LEDGER_COLUMNS = (
-    "sku", "order_id", "op", "qty", "at", "available", "reserved", "sold", "seq",
-    "expires_at", "reason", "stream", "stream_id",
+LEDGER_COPY_COLUMNS = (
+    "sku", "order_id", "op", "qty", "at_ms", "available", "reserved", "sold", "seq",
+    "expires_ms", "reason", "stream", "stream_id",
 )  # fmt: skip
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -99,13 +100,6 @@ def ms_time(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-def _ledger_row(e: Event) -> tuple[Any, ...]:
-    return (
-        e.sku, e.order, e.op, e.qty, ms_time(e.at), e.available, e.reserved, e.sold, e.seq,
-        ms_time(e.exp) if e.exp else None, e.reason, e.stream, str(e.id),
-    )  # fmt: skip
-
-
 _OFFSETS_ENSURE = """
 INSERT INTO stream_offsets (stream) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
 """
@@ -115,8 +109,8 @@ ORDER BY stream FOR UPDATE
 """
 _LEVELS = """
 INSERT INTO stock_levels AS l (sku, available, reserved, sold, seq, updated_at)
-SELECT u.sku, u.a, u.r, u.s, u.seq, now()
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+SELECT u.sku, u.a::bigint, u.r::bigint, u.s::bigint, u.seq::bigint, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
     AS u(sku, a, r, s, seq)
 ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
     reserved = excluded.reserved, sold = excluded.sold, seq = excluded.seq,
@@ -125,9 +119,10 @@ WHERE excluded.seq > l.seq
 """
 LINES_UPSERT = """
 INSERT INTO reservation_lines AS r (order_id, sku, qty, state, kind, expires_at, seq, updated_at)
-SELECT u.o, u.sku, u.qty, u.state, u.kind, u.exp, u.seq, now()
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-            $6::timestamptz[], $7::bigint[]) AS u(o, sku, qty, state, kind, exp, seq)
+SELECT u.o, u.sku, u.qty::bigint, u.state, u.kind,
+    CASE WHEN u.exp::bigint > 0 THEN to_timestamp(u.exp::float8 / 1000) END, u.seq::bigint, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+    AS u(o, sku, qty, state, kind, exp, seq)
 ON CONFLICT (order_id, sku) DO UPDATE SET qty = excluded.qty, state = excluded.state,
     kind = CASE WHEN excluded.kind <> '' THEN excluded.kind ELSE r.kind END,
     expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at
@@ -150,71 +145,115 @@ async def read_offsets(conn: asyncpg.Connection, streams: list[str]) -> dict[str
     return {s: found.get(s, StreamId(0, 0)) for s in streams}
 
 
-async def apply_batch(conn: asyncpg.Connection, events: list[Event]) -> dict[str, StreamId]:
-    """Apply ``events`` (each stream's in id order) in one transaction.
+# the field order of _lib.lua's XADD, values at the odd positions of a raw entry
+FIELD_ORDER = ("op", "sku", "order", "qty", "available", "reserved", "sold", "seq", "at", "exp",
+               "reason")  # fmt: skip
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+class Chunk(NamedTuple):
+    """The fresh entries read from one stream: ids ascending, raw field lists."""
+
+    stream: str
+    first: StreamId
+    last: StreamId
+    entries: list[tuple[str, list[str]]]
+
+
+def in_order(fields: list[str]) -> list[str]:
+    """A raw entry's flat field/value list, in _lib.lua's order (it nearly always is)."""
+    if len(fields) == 22 and fields[0] == "op" and fields[20] == "reason":
+        return fields
+    named = dict(zip(fields[::2], fields[1::2], strict=True))
+    return [x for name in FIELD_ORDER for x in (name, named.get(name) or "")]
+
+
+def _text(value: str) -> str:
+    """A value for COPY's text format."""
+    return value.translate(_ESCAPES) if value and not value.isalnum() else value
+
+
+def _ledger_lines(chunks: list[Chunk]) -> bytes:
+    """The chunks' events as COPY text rows (LEDGER_COPY_COLUMNS)."""
+    out = []
+    for chunk in chunks:
+        tail = f"\t{chunk.stream}\t"
+        for entry_id, v in chunk.entries:
+            out.append(
+                f"{v[3]}\t{_text(v[5])}\t{v[1]}\t{v[7]}\t{v[17]}\t{v[9]}\t{v[11]}\t{v[13]}"
+                f"\t{v[15]}\t{v[19] or 0}\t{_text(v[21])}{tail}{entry_id}\n"
+            )
+    return "".join(out).encode()
+
+
+async def apply_batch(conn: asyncpg.Connection, chunks: list[Chunk]) -> dict[str, StreamId]:
+    """Apply ``chunks`` (one per stream) in one transaction.
 
     Returns the new offset of every stream in the batch; events at or below
     the offset recorded in PostgreSQL are skipped.
     """
-    streams = sorted({e.stream for e in events})
+    streams = sorted({c.stream for c in chunks})
     async with conn.transaction():
         await conn.execute(_OFFSETS_ENSURE, streams)
-        rows = await conn.fetch(_OFFSETS_LOCK, streams)
-        offsets = {r["stream"]: StreamId(r["last_ms"], r["last_seq"]) for r in rows}
-        fresh = [e for e in events if e.id > offsets[e.stream]]
+        records = await conn.fetch(_OFFSETS_LOCK, streams)
+        offsets = {r["stream"]: StreamId(r["last_ms"], r["last_seq"]) for r in records}
+        fresh = [_above(c, offsets[c.stream]) for c in chunks]
+        fresh = [c for c in fresh if c.entries]
         if fresh:
             await _write(conn, fresh)
         new = dict(offsets)
-        for e in fresh:
-            if e.id > new[e.stream]:
-                new[e.stream] = e.id
+        for c in fresh:
+            new[c.stream] = max(new[c.stream], c.last)
         changed = [s for s in streams if new[s] != offsets[s]]
         if changed:
             await conn.execute(
-                _OFFSETS_SET,
-                changed,
-                [new[s].ms for s in changed],
-                [new[s].seq for s in changed],
+                _OFFSETS_SET, changed, [new[s].ms for s in changed], [new[s].seq for s in changed]
             )
     return new
 
 
-async def _write(conn: asyncpg.Connection, events: list[Event]) -> None:
-    await conn.copy_records_to_table(
-        "stock_ledger", records=[_ledger_row(e) for e in events], columns=LEDGER_COLUMNS
+def _above(chunk: Chunk, offset: StreamId) -> Chunk:
+    """The part of ``chunk`` after ``offset`` (all of it, unless another writer got there)."""
+    if chunk.first > offset:
+        return chunk
+    entries = [(i, f) for i, f in chunk.entries if StreamId.parse(i) > offset]
+    first = StreamId.parse(entries[0][0]) if entries else chunk.last
+    return Chunk(chunk.stream, first, chunk.last, entries)
+
+
+async def _write(conn: asyncpg.Connection, chunks: list[Chunk]) -> None:
+    await conn.copy_to_table(
+        "stock_ledger",
+        source=io.BytesIO(_ledger_lines(chunks)),
+        columns=LEDGER_COPY_COLUMNS,
+        format="text",
     )
-    levels: dict[str, Event] = {}
-    lines: dict[tuple[str, str], Event] = {}
+    # A SKU (and so each of its lines) lives in one stream, whose entries are in
+    # the SKU's seq order: the last entry of a SKU or line is its latest.
+    levels: dict[str, list[str]] = {}
+    lines: dict[tuple[str, str], list[str]] = {}
     kinds: dict[tuple[str, str], str] = {}  # from the line's reserve/deduct event, if in batch
-    for e in events:
-        old = levels.get(e.sku)
-        if old is None or e.seq > old.seq:
-            levels[e.sku] = e
-        if e.op in LINE_STATES:
-            key = (e.order, e.sku)
-            prev = lines.get(key)
-            if prev is None or e.seq > prev.seq:
-                lines[key] = e
-            if e.op in ORDER_KINDS:
-                kinds[key] = ORDER_KINDS[e.op]
+    for chunk in chunks:
+        for _, v in chunk.entries:
+            levels[v[3]] = v
+            op = v[1]
+            if op in LINE_STATES:
+                key = (v[5], v[3])
+                lines[key] = v
+                if op in ORDER_KINDS:
+                    kinds[key] = ORDER_KINDS[op]
     latest = list(levels.values())
-    await conn.execute(
-        _LEVELS,
-        [e.sku for e in latest],
-        [e.available for e in latest],
-        [e.reserved for e in latest],
-        [e.sold for e in latest],
-        [e.seq for e in latest],
-    )
+    await conn.execute(_LEVELS, *_columns(latest, 3, 9, 11, 13, 15))
     if lines:
         changes = list(lines.values())
         await conn.execute(
             LINES_UPSERT,
-            [e.order for e in changes],
-            [e.sku for e in changes],
-            [e.qty for e in changes],
-            [LINE_STATES[e.op] for e in changes],
-            [kinds.get((e.order, e.sku), "") for e in changes],
-            [ms_time(e.exp) if e.exp else None for e in changes],
-            [e.seq for e in changes],
+            *_columns(changes, 5, 3, 7),
+            [LINE_STATES[v[1]] for v in changes],
+            [kinds.get((v[5], v[3]), "") for v in changes],
+            *_columns(changes, 19, 15),
         )
+
+
+def _columns(rows: list[list[str]], *indexes: int) -> list[list[str]]:
+    return [[row[i] for row in rows] for i in indexes]

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TextIO
 
 import asyncpg
 
-from persist.events import LINE_STATES, LINES_UPSERT, Event, ms_time
+from persist.events import LINE_STATES, LINES_UPSERT, Event
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock import keys
 from stock.config import Settings
@@ -273,11 +273,11 @@ class Resync:
             LINES_UPSERT,
             [line.order_id for line, _, _ in rows],
             [sku for _, sku, _ in rows],
-            [line.qty for line, _, _ in rows],
+            [str(line.qty) for line, _, _ in rows],
             [STATE_NAMES[line.state] for line, _, _ in rows],
             ["" for _ in rows],
-            [ms_time(line.expires_ms) if line.expires_ms else None for line, _, _ in rows],
-            [seq for _, _, seq in rows],
+            [str(line.expires_ms) for line, _, _ in rows],
+            [str(seq) for _, _, seq in rows],
         )
 
     async def _write_sku(self, plan: SkuPlan) -> Any:

@@ -38,9 +38,11 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from persist.events import Event, StreamId, apply_batch, parse_event, read_offsets
+from persist.events import Chunk, StreamId, apply_batch, in_order, read_offsets
 from stock import keys
+from stock.client import connect
 from stock.config import Settings
+from stock.scripts import Scripts
 
 log = logging.getLogger("persist.writer")
 
@@ -78,8 +80,8 @@ class _Read:
     """What one round read from one bucket."""
 
     bucket: int
-    ids: list[str]  # every entry id read (all are acknowledged after the commit)
-    fresh: list[Event]
+    acked: bool  # whether to acknowledge up to the offset after the commit
+    fresh: Chunk | None  # the entries above the offset
     full: bool
 
 
@@ -95,8 +97,16 @@ class Writer:
         self.conn: asyncpg.Connection | None = None
         self.owned: set[int] = set()
         self.pending: set[int] = set()  # buckets to read from id 0 (their pending list)
-        self.offsets: dict[int, StreamId] = {}
+        self.offsets: dict[int, StreamId] = {}  # recorded in PostgreSQL
+        self.delivered: dict[int, StreamId] = {}  # the last entry read (>= offset)
+        self._prefetched: list[_Read] | None = None
         self._next_rebalance = 0.0
+        self.scripts = Scripts(client)
+        # Its own client for the stream reads, with redis-py's reply parsing turned off
+        # for XREADGROUP/XRANGE: rows are built from the flat field lists directly.
+        self.streams = connect(settings)
+        for command in ("XREADGROUP", "XRANGE"):
+            self.streams.set_response_callback(command, _raw)
 
     # -- PostgreSQL side ----------------------------------------------------
 
@@ -120,7 +130,7 @@ class Writer:
         offsets = await read_offsets(conn, [keys.events_key(b) for b in got])
         await self._ensure_groups(got)
         for b in got:
-            self.offsets[b] = offsets[keys.events_key(b)]
+            self.offsets[b] = self.delivered[b] = offsets[keys.events_key(b)]
             self.pending.add(b)
         self.owned.update(got)
         self.stats.owned_buckets = len(self.owned)
@@ -134,8 +144,13 @@ class Writer:
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 raise reply
 
+    async def aclose(self) -> None:
+        """Close everything the writer opened."""
+        await self.close()
+        await self.streams.aclose()
+
     async def close(self) -> None:
-        """Close the connection (which releases the bucket locks)."""
+        """Close the PostgreSQL connection (which releases the bucket locks)."""
         if self.conn is not None and not self.conn.is_closed():
             await self.conn.close()
         self.conn = None
@@ -145,35 +160,51 @@ class Writer:
     # -- one round ----------------------------------------------------------
 
     async def step(self) -> tuple[int, bool]:
-        """Read, apply and acknowledge one batch; returns (events applied, more waiting)."""
+        """Read, apply and acknowledge one batch; returns (events applied, more waiting).
+
+        With a backlog, the next batch is read from Redis while this one commits.
+        """
         conn = await self._connect()
         if not self.owned:
             return 0, False
-        reads = await self._read(sorted(self.owned))
-        events = [e for r in reads for e in r.fresh]
-        if events:
-            oldest = min(e.id.ms for e in events)
-            known = self.stats.oldest_unflushed_ms
-            self.stats.oldest_unflushed_ms = oldest if known is None else min(known, oldest)
-            new_offsets = await apply_batch(conn, events)
-            for r in reads:
-                key = keys.events_key(r.bucket)
-                if key in new_offsets:
-                    self.offsets[r.bucket] = new_offsets[key]
-            self.stats.events_total += len(events)
-            self.stats.batches_total += 1
-            self.stats.last_batch = len(events)
-            self.stats.batch_sizes.append(len(events))
-        self.stats.oldest_unflushed_ms = None
-        await self._ack(reads, trim=bool(events))
-        return len(events), any(r.full for r in reads)
+        reads, self._prefetched = self._prefetched or await self._read(), None
+        chunks = [r.fresh for r in reads if r.fresh]
+        count = sum(len(c.entries) for c in chunks)
+        more = any(r.full for r in reads)
+        backlog = chunks and more and not self.pending
+        ahead = asyncio.ensure_future(self._read()) if backlog else None
+        try:
+            if chunks:
+                await self._apply(conn, chunks, count)
+            await self._ack(reads)
+            if ahead is not None:
+                self._prefetched = await ahead
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
+        return count, more
 
-    async def _read(self, buckets: list[int]) -> list[_Read]:
+    async def _apply(self, conn: asyncpg.Connection, chunks: list[Chunk], count: int) -> None:
+        oldest = min(c.first.ms for c in chunks)
+        known = self.stats.oldest_unflushed_ms
+        self.stats.oldest_unflushed_ms = oldest if known is None else min(known, oldest)
+        new_offsets = await apply_batch(conn, chunks)
+        for b in self.owned:
+            self.offsets[b] = new_offsets.get(keys.events_key(b), self.offsets[b])
+        self.stats.events_total += count
+        self.stats.batches_total += 1
+        self.stats.last_batch = count
+        self.stats.batch_sizes.append(count)
+        self.stats.oldest_unflushed_ms = None
+
+    async def _read(self) -> list[_Read]:
+        buckets = sorted(self.owned)
         count = max(1, self.settings.writer_batch // len(buckets))
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.streams.pipeline(transaction=False)
         for b in buckets:
             key = keys.events_key(b)
-            pipe.xrange(key, min=f"({self.offsets[b]}", max="+", count=1)
+            pipe.xrange(key, min=f"({self.delivered[b]}", max="+", count=1)
             pipe.xreadgroup(GROUP, CONSUMER, {key: "0" if b in self.pending else ">"}, count)
         replies = await pipe.execute(raise_on_error=False)
         reads, missing = [], []
@@ -194,37 +225,44 @@ class Writer:
     def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
         """Split a bucket's reply into fresh events and entries only to acknowledge."""
         key, offset = keys.events_key(bucket), self.offsets[bucket]
-        ids, fresh = [], []
-        for entry_id, fields in entries:
-            ids.append(entry_id)
-            if fields and StreamId.parse(entry_id) > offset:
-                fresh.append(parse_event(key, entry_id, fields))
+        live = [(entry_id, in_order(fields)) for entry_id, fields in entries if fields]
+        if live and StreamId.parse(live[0][0]) <= offset:  # ids ascend: drop the known ones
+            live = [(i, f) for i, f in live if StreamId.parse(i) > offset]
+        fresh = (
+            Chunk(key, StreamId.parse(live[0][0]), StreamId.parse(live[-1][0]), live)
+            if live
+            else None
+        )
         full = len(entries) >= count
         if bucket in self.pending:
-            if not fresh and not full:
+            if not live and not full:
                 self.pending.discard(bucket)  # pending list drained: read new entries next
-        elif fresh and head and fresh[0].id != StreamId.parse(head[0][0]):
+        elif fresh and head and fresh.first != StreamId.parse(head[0][0]):
             # Another writer (that lost its lock) took the entries in between: they
             # are in the pending list, so read it again instead of skipping them.
             self.stats.gaps += 1
-            log.warning("writer: gap in %s before %s; re-reading pending", key, fresh[0].id)
+            log.warning("writer: gap in %s before %s; re-reading pending", key, fresh.first)
             self.pending.add(bucket)
-            return _Read(bucket, [], [], True)
-        return _Read(bucket, ids, fresh, full or bool(fresh and bucket in self.pending))
+            return _Read(bucket, False, None, True)
+        if fresh:
+            self.delivered[bucket] = max(self.delivered[bucket], fresh.last)
+        more = full or bool(live and bucket in self.pending)
+        return _Read(bucket, bool(entries), fresh, more)
 
-    async def _ack(self, reads: list[_Read], trim: bool) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        queued = False
+    async def _ack(self, reads: list[_Read]) -> None:
+        """Acknowledge (and trim) each bucket read up to its offset: ``lua/writer_ack.lua``,
+        one call per bucket (its own slot on a cluster), run concurrently."""
+        calls = []
         for r in reads:
-            if not r.ids:
-                continue
-            key = keys.events_key(r.bucket)
-            pipe.xack(key, GROUP, *r.ids)
-            if trim and r.fresh:
-                pipe.xtrim(key, minid=str(self.offsets[r.bucket].next()), approximate=False)
-            queued = True
-        if queued:
-            await pipe.execute()
+            if r.acked:
+                offset = self.offsets[r.bucket]
+                trim = str(offset.next()) if r.fresh else ""
+                calls.append(
+                    self.scripts(
+                        "writer_ack", [keys.events_key(r.bucket)], [GROUP, str(offset), trim]
+                    )
+                )
+        await asyncio.gather(*calls)
 
     # -- the loop -----------------------------------------------------------
 
@@ -254,7 +292,7 @@ class Writer:
                 except TimeoutError:
                     pass
         finally:
-            await self.close()
+            await self.aclose()
 
     def _failed(
         self, what: str, failing: str | None, exc: BaseException, delay: float
@@ -262,6 +300,8 @@ class Writer:
         if failing != what:
             log.warning("writer: %s error, backing off: %s", what, exc)
         self.pending.update(self.owned)  # whatever was read is still pending in Redis
+        self.delivered.update({b: self.offsets[b] for b in self.owned})
+        self._prefetched = None
         return what, min(max(delay, 0.05) * 2, 5.0) * random.uniform(0.5, 1.5)
 
     async def _drop_connection(self) -> None:
@@ -272,10 +312,14 @@ class Writer:
             conn.terminate()
 
 
+def _raw(response: Any, **options: Any) -> Any:
+    return response
+
+
 def _entries(reply: Any) -> list[Any]:
-    """The (id, fields) entries of a one-stream XREADGROUP reply (RESP2 or RESP3)."""
+    """The [id, [field, value, ...]] entries of a raw one-stream XREADGROUP reply."""
     if not reply:
         return []
-    if isinstance(reply, dict):
-        return [e for value in reply.values() for e in (value[0] if value else [])]
-    return list(reply[0][1])
+    if isinstance(reply, dict):  # RESP3: {stream: entries}
+        return [entry for entries in reply.values() for entry in entries or []]
+    return list(reply[0][1])  # RESP2: [[stream, entries]]

@@ -1,5 +1,6 @@
 -- 0001: the persistence schema (DESIGN §5).
--- Times are timestamptz; Redis server times (ms) are converted by the writer.
+-- Times are timestamptz. The ledger keeps the Redis server times as given (ms)
+-- and derives its timestamptz columns from them.
 
 -- One row per SKU: its counters after the latest applied event (seq orders them).
 CREATE TABLE IF NOT EXISTS stock_levels (
@@ -11,28 +12,29 @@ CREATE TABLE IF NOT EXISTS stock_levels (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- Append-only: one row per stream event. (stream, stream_id) is unique, so an
--- event can never be recorded twice.
+-- Append-only: one row per stream event. (stream, stream_id) names the event;
+-- the writer records each exactly once (stream_offsets, same transaction), and
+-- leaves out a unique index on it to keep COPY cheap.
 CREATE TABLE IF NOT EXISTS stock_ledger (
     id          bigserial PRIMARY KEY,
     sku         text NOT NULL,
     order_id    text NOT NULL DEFAULT '',
     op          text NOT NULL,
     qty         bigint NOT NULL,
-    at          timestamptz NOT NULL,
+    at_ms       bigint NOT NULL,
+    at          timestamptz NOT NULL GENERATED ALWAYS AS (to_timestamp(at_ms::float8 / 1000)) STORED,
     available   bigint NOT NULL,
     reserved    bigint NOT NULL,
     sold        bigint NOT NULL,
     seq         bigint NOT NULL,
-    expires_at  timestamptz,
+    expires_ms  bigint NOT NULL DEFAULT 0,
+    expires_at  timestamptz GENERATED ALWAYS AS
+                    (CASE WHEN expires_ms > 0 THEN to_timestamp(expires_ms::float8 / 1000) END) STORED,
     reason      text NOT NULL DEFAULT '',
     stream      text NOT NULL,
     stream_id   text NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (stream, stream_id)
+    recorded_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS stock_ledger_sku_seq ON stock_ledger (sku, seq);
-CREATE INDEX IF NOT EXISTS stock_ledger_order ON stock_ledger (order_id) WHERE order_id <> '';
 
 -- The current state of every order line. kind is the order's kind ('reserve'
 -- or 'deduct'), seq the SKU event number of the latest change.
@@ -46,9 +48,8 @@ CREATE TABLE IF NOT EXISTS reservation_lines (
     seq         bigint NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (order_id, sku)
-);
-CREATE INDEX IF NOT EXISTS reservation_lines_active
-    ON reservation_lines (sku) WHERE state = 'reserved';
+) WITH (fillfactor = 85);  -- room for HOT updates: state changes touch no index
+CREATE INDEX IF NOT EXISTS reservation_lines_sku ON reservation_lines (sku);
 
 -- The last stream entry applied per bucket stream, written in the same
 -- transaction as the events it covers.

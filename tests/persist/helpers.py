@@ -149,4 +149,4 @@ async def drain(redis: Any, settings: Settings, dsn: str) -> int:
             if not count and not more and not was_pending:
                 return total
     finally:
-        await writer.close()
+        await writer.aclose()

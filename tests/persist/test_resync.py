@@ -50,8 +50,9 @@ async def _snapshot(redis: Any, settings: Settings) -> dict[str, Any]:
         state[sku] = values
     for order_id, sku in [("held-1", "A"), ("held-2", "A"), ("held-2", "C"), ("short", "B")]:
         line = keys.line_keys(sku, order_id, settings.buckets)
+        value = await redis.get(line.line)  # state|qty|expires_ms[|attempt tag]
         state[f"{order_id}|{sku}"] = (
-            await redis.get(line.line),
+            value and "|".join(value.split("|")[:3]),
             await redis.zscore(line.due, keys.line_member(sku, order_id)),
         )
         state[order_id] = await redis.hgetall(keys.order_key(order_id))
