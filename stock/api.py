@@ -201,17 +201,15 @@ async def _order_op(
 
 async def create_reservation(request: web.Request) -> web.Response:
     body = await json_body(request, {"order_id", "items", "ttl_s"})
-    order_id = validate.order_id(require(body, "order_id"))
-    items = validate.items(require(body, "items"))
+    order_id, items = require(body, "order_id"), require(body, "items")
     ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
-    engine = request.app[ENGINE]
+    engine = request.app[ENGINE]  # the engine validates order_id and items
     return await _order_op(request, "reserve", engine.reserve(order_id, items, ttl), 201)
 
 
 async def create_deduction(request: web.Request) -> web.Response:
     body = await json_body(request, {"order_id", "items"})
-    order_id = validate.order_id(require(body, "order_id"))
-    items = validate.items(require(body, "items"))
+    order_id, items = require(body, "order_id"), require(body, "items")
     return await _order_op(request, "deduct", request.app[ENGINE].deduct(order_id, items), 201)
 
 

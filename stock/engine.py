@@ -176,7 +176,7 @@ class StockEngine:
         self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
     ) -> OrderResult:
         validate.order_id(order_id)
-        items = validate.items(list(raw_items))
+        items = validate.items(raw_items)
         spec = items_spec(items)
         if not self.cluster:
             keys_, args = self._line_call(order_id, items, ttl_ms, True, spec, op, with_order=True)

@@ -123,7 +123,7 @@ def spec() -> dict[str, Any]:
                             params=["sku"], body=_obj(
                                 ["delta"], delta=DELTA,
                                 reason={"type": "string", "maxLength": 200},
-                                expected_available=AMOUNT)),
+                                expected_available={**AMOUNT, "nullable": True})),
             },
             "/v1/reservations": {
                 "post": _op("Reserve stock for an order", reserved, big,

@@ -65,13 +65,15 @@ def items(values: Iterable[Any] | Any, field: str = "items") -> list[Item]:
         raise InvalidRequest(f"{field} must be a list of 1 to {MAX_ITEMS} items", field=field)
     result: list[Item] = []
     for i, raw in enumerate(values):
-        if isinstance(raw, Item):
-            raw = raw._asdict()
         try:
-            sku_, qty = raw["sku"], raw["qty"]
+            if isinstance(raw, Item):
+                sku_, qty = raw
+            else:
+                sku_, qty = raw["sku"], raw["qty"]
+                if len(raw) != 2:
+                    raise KeyError("extra")
             valid = (
-                len(raw) == 2
-                and type(qty) is int
+                type(qty) is int
                 and 1 <= qty <= MAX_QTY
                 and type(sku_) is str
                 and SKU_RE.fullmatch(sku_) is not None
@@ -79,7 +81,7 @@ def items(values: Iterable[Any] | Any, field: str = "items") -> list[Item]:
         except (KeyError, TypeError, IndexError):
             valid = False
         if not valid:
-            _explain(raw, f"{field}[{i}]")
+            _explain(raw._asdict() if isinstance(raw, Item) else raw, f"{field}[{i}]")
         result.append(Item(sku_, qty))
     if len({item.sku for item in result}) != len(result):
         seen: set[str] = set()
