@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import redis
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -117,13 +119,35 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response("unavailable", 503, "stock store unavailable, retry shortly")
     except web.HTTPException as exc:
         response = error_response("invalid_request", exc.status, exc.reason)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response("internal", 500, "internal error")
+    except Exception as exc:
+        if _raised_in_redis_client(exc):
+            metrics.redis_errors.inc()
+            log.warning("Redis client failure on %s %s: %r", request.method, request.path, exc)
+            response = error_response("unavailable", 503, "stock store unavailable, retry shortly")
+        else:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = error_response("internal", 500, "internal error")
     route = _route_name(request)
     metrics.requests.labels(route, request.method, str(response.status)).inc()
     metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
     return response
+
+
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
+
+
+def _raised_in_redis_client(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of redis-py's own code. During a cluster failover its
+    cluster client closes every node's connections (``aclose`` on CLUSTERDOWN and on
+    every few MOVED), and calls in flight on those connections then fail with
+    AttributeError or RuntimeError (closed transport) instead of a RedisError. The
+    call's outcome is unknown, as with any lost reply: 503, retry the same request."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def admin(handler: Handler) -> Handler:
@@ -186,11 +210,24 @@ def _reason(body: dict[str, Any]) -> str:
 
 
 async def _order_op(
-    request: web.Request, op: str, call: Awaitable[OrderResult], created: int = 200
+    request: web.Request, op: str, call: Callable[[], Awaitable[OrderResult]], created: int = 200
 ) -> web.Response:
+    """Run one order operation. Order operations are idempotent by ``order_id``, so one
+    that failed inside the Redis client itself (a connection another call closed, see
+    ``_raised_in_redis_client``) is run once more at once: it replays or completes."""
     metrics = request.app[METRICS]
     try:
-        result = await call
+        try:
+            result = await call()
+        except (StockError, RedisError, OSError):
+            raise
+        except Exception as exc:
+            if not _raised_in_redis_client(exc):
+                raise
+            metrics.redis_errors.inc()
+            log.warning("%s %s: Redis client failure, trying once more: %r", op,
+                        request.path, exc)  # fmt: skip
+            result = await call()
     except StockError as exc:
         metrics.outcomes.labels(op, exc.code).inc()
         raise
@@ -204,13 +241,14 @@ async def create_reservation(request: web.Request) -> web.Response:
     order_id, items = require(body, "order_id"), require(body, "items")
     ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
     engine = request.app[ENGINE]  # the engine validates order_id and items
-    return await _order_op(request, "reserve", engine.reserve(order_id, items, ttl), 201)
+    return await _order_op(request, "reserve", lambda: engine.reserve(order_id, items, ttl), 201)
 
 
 async def create_deduction(request: web.Request) -> web.Response:
     body = await json_body(request, {"order_id", "items"})
     order_id, items = require(body, "order_id"), require(body, "items")
-    return await _order_op(request, "deduct", request.app[ENGINE].deduct(order_id, items), 201)
+    engine = request.app[ENGINE]
+    return await _order_op(request, "deduct", lambda: engine.deduct(order_id, items), 201)
 
 
 def _path_order(request: web.Request) -> str:
@@ -218,23 +256,27 @@ def _path_order(request: web.Request) -> str:
 
 
 async def confirm(request: web.Request) -> web.Response:
-    return await _order_op(request, "confirm", request.app[ENGINE].confirm(_path_order(request)))
+    order_id, engine = _path_order(request), request.app[ENGINE]
+    return await _order_op(request, "confirm", lambda: engine.confirm(order_id))
 
 
 async def release(request: web.Request) -> web.Response:
-    return await _order_op(request, "release", request.app[ENGINE].release(_path_order(request)))
+    order_id, engine = _path_order(request), request.app[ENGINE]
+    return await _order_op(request, "release", lambda: engine.release(order_id))
 
 
 async def extend(request: web.Request) -> web.Response:
     order_id = _path_order(request)
     body = await json_body(request, {"ttl_s"})
     ttl = validate.ttl_s(require(body, "ttl_s"))
-    return await _order_op(request, "extend", request.app[ENGINE].extend(order_id, ttl))
+    engine = request.app[ENGINE]
+    return await _order_op(request, "extend", lambda: engine.extend(order_id, ttl))
 
 
 @admin
 async def cancel(request: web.Request) -> web.Response:
-    return await _order_op(request, "cancel", request.app[ENGINE].cancel(_path_order(request)))
+    order_id, engine = _path_order(request), request.app[ENGINE]
+    return await _order_op(request, "cancel", lambda: engine.cancel(order_id))
 
 
 async def get_reservation(request: web.Request) -> web.Response:

@@ -104,13 +104,15 @@ class Cluster:
     """A real Redis Cluster on loopback (3 masters by default, optionally ``replicas``
     replicas of each), made with ``valkey-cli --cluster create``."""
 
-    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self, workdir: Path, masters: int = 3, replicas: int = 0, options: tuple[str, ...] = ()
+    ) -> None:
         self.replicas = replicas
         self.nodes = [
             ServerProcess(
                 workdir / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                "--appendonly", "no",
+                "--appendonly", "no", *options,
             )
             for i in range(masters * (1 + replicas))
         ]  # fmt: skip
