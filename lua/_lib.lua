@@ -75,13 +75,28 @@ local function parse_call()
   return call
 end
 
+-- The order record is one string 'kind|phase|owner|items_spec' (a string
+-- costs less memory than a hash): kind 'reserve'/'deduct', phase 'done' or
+-- 'pending' (a cluster reserve between groups), owner the token of the
+-- cluster attempt that runs it ('' when done), items_spec 'sku:qty,...'.
+local function read_record(key)
+  local v = redis.call('GET', key)
+  if not v then return nil end
+  local kind, phase, owner, spec = string.match(v, '^(%a+)|(%a+)|([^|]*)|(.*)$')
+  return {kind = kind, phase = phase, owner = owner, spec = spec}
+end
+
+local function record_value(kind, phase, owner, spec)
+  return kind .. '|' .. phase .. '|' .. owner .. '|' .. spec
+end
+
 -- Standalone reserve/deduct: the order record decides conflict and replay.
 -- Returns an error reply, or nil after setting call.new_order/may_create.
 local function open_order(call)
   if not call.order_key then return nil end
-  local rec = redis.call('HMGET', call.order_key, 'items', 'kind')
-  if rec[1] then
-    if rec[1] ~= call.spec or rec[2] ~= call.kind then return {'CONFLICT', rec[2] or ''} end
+  local rec = read_record(call.order_key)
+  if rec then
+    if rec.spec ~= call.spec or rec.kind ~= call.kind then return {'CONFLICT', rec.kind} end
     call.may_create = false
   else
     call.may_create, call.new_order = true, true
@@ -153,10 +168,13 @@ local function run_lines(call, op, decide)
   out[2] = latest
   if all_replay then out[1] = 'REPLAY' end
   if call.order_key then
+    local lifetime = call.retention + (call.ttl or 0)
     if call.new_order then
-      redis.call('HSET', call.order_key, 'items', call.spec, 'kind', call.kind, 'phase', 'done')
+      redis.call('SET', call.order_key, record_value(call.kind, 'done', '', call.spec),
+        'PX', lifetime)
+    else
+      redis.call('PEXPIRE', call.order_key, lifetime)
     end
-    redis.call('PEXPIRE', call.order_key, call.retention + (call.ttl or 0))
   end
   return out
 end

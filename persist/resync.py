@@ -36,7 +36,7 @@ from persist.events import LINE_STATES, LINES_UPSERT, Event
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock import keys
 from stock.config import Settings
-from stock.engine import items_spec
+from stock.engine import items_spec, order_record
 from stock.scripts import Scripts
 from stock.validate import Item
 
@@ -312,8 +312,8 @@ class Resync:
             key = keys.order_key(order_id)
             kind = kinds.get(order_id) or "reserve"
             spec = items_spec(items[order_id])
-            pipe.hset(key, mapping={"items": spec, "kind": kind, "phase": "done"})
-            pipe.pexpire(key, retention + max(0, expiry[order_id] - now))
+            lifetime = retention + max(0, expiry[order_id] - now)
+            pipe.set(key, order_record(kind, spec), px=lifetime)
         await pipe.execute()
 
 

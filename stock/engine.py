@@ -15,6 +15,7 @@ retry of the same request completes the order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections import defaultdict
@@ -22,9 +23,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import LockError
+
 from stock import keys, validate
 from stock.config import Settings
-from stock.errors import InsufficientStock, NotFound, StockError
+from stock.errors import InsufficientStock, NotFound, StockError, Unavailable
 from stock.scripts import (
     STATE_NAMES,
     Counters,
@@ -38,7 +41,8 @@ from stock.validate import Item
 
 log = logging.getLogger("stock.engine")
 
-HOLD_MS = 30_000  # how long a multi-node confirm's first step keeps the stock held
+HOLD_MS = 30_000  # how long a multi-node transition's first step keeps the stock held
+LOCK_S = 10.0  # the longest a multi-node transition holds its order's lock
 
 STATUS_OF = {
     "reserve": "reserved",
@@ -64,6 +68,11 @@ class OrderResult:
 def items_spec(items: Iterable[Item]) -> str:
     """The canonical text of an order's items, compared to detect order_conflict."""
     return ",".join(f"{i.sku}:{i.qty}" for i in sorted(items))
+
+
+def order_record(kind: str, spec: str, phase: str = "done", owner: str = "") -> str:
+    """The order record's value (``read_record`` in ``lua/_lib.lua`` reads it)."""
+    return f"{kind}|{phase}|{owner}|{spec}"
 
 
 def parse_spec(spec: str) -> list[Item]:
@@ -246,8 +255,27 @@ class StockEngine:
             keys_, args = self._line_call(order_id, items, ttl_ms, False, spec, kind, True)
             return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
         groups = self._groups(items)
-        if op == "confirm" and len(groups) > 1:
-            await self._hold_all(order_id, groups, spec, kind)
+        if len(groups) == 1:  # one script call: atomic on its node
+            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms)
+        # Several nodes: one transition of this order at a time (redis-py's Lock on
+        # the order's slot), and every line made safe from the reaper first, so
+        # that racing calls cannot leave half an order confirmed and half released.
+        lock = self.redis.lock(
+            keys.order_lock_key(order_id), timeout=LOCK_S, blocking_timeout=LOCK_S
+        )
+        if not await lock.acquire():
+            raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
+        try:
+            if op in ("confirm", "release", "extend"):
+                await self._hold_all(order_id, groups, spec, op)
+            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms)
+        finally:
+            with contextlib.suppress(LockError):
+                await lock.release()
+
+    async def _apply_groups(
+        self, op: str, order_id: str, groups: list[list[Item]], spec: str, kind: str, ttl_ms: int
+    ) -> OrderResult:
         outcomes = await asyncio.gather(
             *(self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind) for g in groups),
             self.redis.pexpire(keys.order_key(order_id), self.retention_ms + ttl_ms),
@@ -264,15 +292,14 @@ class StockEngine:
         )
         return _result(order_id, op, merged)
 
-    async def _hold_all(
-        self, order_id: str, groups: list[list[Item]], spec: str, kind: str
-    ) -> None:
-        """Before a multi-node confirm: every group must still hold its stock
-        (``hold.lua`` re-acquires expired lines), or none does and the confirm is
-        refused, so that it cannot sell one node's lines and fail on another's."""
+    async def _hold_all(self, order_id: str, groups: list[list[Item]], spec: str, op: str) -> None:
+        """Before a multi-node confirm, release or extend: every group's lines get
+        time enough that the reaper cannot expire some of them half-way (a confirm
+        also re-acquires expired lines, ``hold.lua``), or nothing changes and the
+        call is refused."""
         token = secrets.token_hex(6)
         held = await asyncio.gather(
-            *(self._group_call("hold", order_id, g, HOLD_MS, False, spec, kind, token)
+            *(self._group_call("hold", order_id, g, HOLD_MS, False, spec, op, token)
               for g in groups),
             return_exceptions=True,
         )  # fmt: skip
@@ -288,10 +315,15 @@ class StockEngine:
 
     async def _record(self, order_id: str) -> tuple[str, str, list[Item]]:
         validate.order_id(order_id)
-        spec, kind, phase = await self._hmget(keys.order_key(order_id), "items", "kind", "phase")
-        if spec is None:
+        okey = keys.order_key(order_id)
+        if self.scripts.pipeline is not None:  # standalone: ride the auto-pipeline
+            raw = await self.scripts.pipeline.execute("GET", okey)
+        else:
+            raw = await self.redis.get(okey)
+        if raw is None:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
-        return kind, phase or "done", parse_spec(spec)
+        kind, phase, _owner, spec = raw.split("|", 3)
+        return kind, phase, parse_spec(spec)
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the auto-pipeline when there is one (standalone)."""

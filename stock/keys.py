@@ -15,9 +15,10 @@ key                                             type    holds
 ``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored
                                                         by expiry (ms, server time)
 ``stock:{b<n>}:events``                         stream  one delta event per change
-``stock:order:{<order_id>}``                    hash    the order's items, kind and
-                                                        phase, so confirm/release
-                                                        need only the order id
+``stock:order:{<order_id>}``                    string  ``kind|phase|owner|items``:
+                                                        the order's items, so
+                                                        confirm/release need
+                                                        only the order id
 ==============================================  ======  ==========================
 
 A SKU never contains ``|`` (DESIGN §6), so ``<sku>|<order_id>`` splits at the
@@ -84,6 +85,11 @@ def line_keys(sku: str, order_id: str, buckets: int) -> LineKeys:
 
 def order_key(order_id: str) -> str:
     return f"{PREFIX}:order:{{{order_id}}}"
+
+
+def order_lock_key(order_id: str) -> str:
+    """A multi-node transition's lock, in the order record's slot."""
+    return f"{PREFIX}:order:{{{order_id}}}:lock"
 
 
 def all_events_keys(buckets: int) -> list[str]:

@@ -92,7 +92,8 @@ class Outcome:
     events: dict[str, int] = field(default_factory=dict)
     # a refused acquire on a cluster may add reserve+abort pairs (compensation)
     compensated: bool = False
-    # a cluster confirm first holds the lines (hold.lua): maybe one more event each
+    # a cluster confirm, release or extend first holds the lines (hold.lua):
+    # maybe one more event each
     held: bool = False
     apply: Callable[[Any], None] = lambda result: None
 
@@ -205,7 +206,8 @@ class StockModel:
                 if op == "extend":
                     line.expires_ms = expiry[line.sku]
 
-        return Outcome(events={ln.sku: 1 for ln in changing}, apply=apply, held=op == "confirm")
+        held = op in ("confirm", "release", "extend")
+        return Outcome(events={ln.sku: 1 for ln in changing}, apply=apply, held=held)
 
     def expire(self, order_id: str, sku: str) -> None:
         """The reaper expired this RESERVED line."""

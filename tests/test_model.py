@@ -166,7 +166,7 @@ class StockMachine(RuleBasedStateMachine):
                 # (for a confirm: expired lines re-acquired, then expired again)
                 assert gained % 2 == 0, (sku, gained)
             elif outcome.held and self.h.cluster:
-                # a multi-node confirm first holds its lines (hold.lua): an expired
+                # a multi-node confirm/release/extend first holds its lines: an expired
                 # line re-acquired or a reserved one extended adds one event
                 assert gained in (expected, expected + 1), (sku, gained, expected)
             else:

@@ -55,7 +55,7 @@ async def _snapshot(redis: Any, settings: Settings) -> dict[str, Any]:
             value and "|".join(value.split("|")[:3]),
             await redis.zscore(line.due, keys.line_member(sku, order_id)),
         )
-        state[order_id] = await redis.hgetall(keys.order_key(order_id))
+        state[order_id] = await redis.get(keys.order_key(order_id))
     return state
 
 
