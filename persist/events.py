@@ -36,10 +36,10 @@ LINE_STATES = {
 }
 ORDER_KINDS = {"reserve": "reserve", "deduct": "deduct"}
 
-LEDGER_COPY_COLUMNS = (
-    "sku", "order_id", "op", "qty", "at_ms", "available", "reserved", "sold", "seq",
-    "expires_ms", "reason", "stream", "stream_id",
-)  # fmt: skip
+BATCH_COLUMNS = (
+    "op", "sku", "order_id", "qty", "available", "reserved", "sold", "seq", "at_ms",
+    "expires_ms", "reason", "stream", "stream_id", "kind",
+)  # FIELD_ORDER, where the event came from, the line's order kind  # fmt: skip
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -107,15 +107,43 @@ _OFFSETS_LOCK = """
 SELECT stream, last_ms, last_seq FROM stream_offsets WHERE stream = any($1::text[])
 ORDER BY stream FOR UPDATE
 """
-_LEVELS = """
+_BATCH_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS writer_batch (
+    op text, sku text, order_id text, qty bigint, available bigint, reserved bigint,
+    sold bigint, seq bigint, at_ms bigint, expires_ms bigint, reason text, stream text,
+    stream_id text, kind text
+) ON COMMIT DELETE ROWS
+"""
+_STATE_OF_OP = "CASE op " + " ".join(
+    f"WHEN '{op}' THEN '{state}'" for op, state in LINE_STATES.items()
+)
+_LINE_OPS = ", ".join(f"'{op}'" for op in LINE_STATES)
+# A SKU (and so each of its lines) lives in one stream, in seq order: the entry
+# with the highest seq of a SKU or line in the batch is its latest.
+_FROM_BATCH = f"""
+INSERT INTO stock_ledger ({", ".join(BATCH_COLUMNS[:-1])})
+SELECT {", ".join(BATCH_COLUMNS[:-1])} FROM writer_batch;
+
 INSERT INTO stock_levels AS l (sku, available, reserved, sold, seq, updated_at)
-SELECT u.sku, u.a::bigint, u.r::bigint, u.s::bigint, u.seq::bigint, now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-    AS u(sku, a, r, s, seq)
+SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq, now()
+FROM writer_batch ORDER BY sku, seq DESC
 ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
     reserved = excluded.reserved, sold = excluded.sold, seq = excluded.seq,
     updated_at = excluded.updated_at
-WHERE excluded.seq > l.seq
+WHERE excluded.seq > l.seq;
+
+INSERT INTO reservation_lines AS r (order_id, sku, qty, state, kind, expires_at, seq, updated_at)
+SELECT order_id, sku, qty, {_STATE_OF_OP} END, kind,
+    CASE WHEN expires_ms > 0 THEN to_timestamp(expires_ms::float8 / 1000) END, seq, now()
+FROM (
+    SELECT DISTINCT ON (order_id, sku) order_id, sku, qty, op, expires_ms, seq, kind
+    FROM writer_batch WHERE op IN ({_LINE_OPS})
+    ORDER BY order_id, sku, seq DESC
+) AS latest
+ON CONFLICT (order_id, sku) DO UPDATE SET qty = excluded.qty, state = excluded.state,
+    kind = CASE WHEN excluded.kind <> '' THEN excluded.kind ELSE r.kind END,
+    expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at
+WHERE excluded.seq > r.seq;
 """
 LINES_UPSERT = """
 INSERT INTO reservation_lines AS r (order_id, sku, qty, state, kind, expires_at, seq, updated_at)
@@ -165,25 +193,38 @@ def in_order(fields: list[str]) -> list[str]:
     if len(fields) == 22 and fields[0] == "op" and fields[20] == "reason":
         return fields
     named = dict(zip(fields[::2], fields[1::2], strict=True))
-    return [x for name in FIELD_ORDER for x in (name, named.get(name) or "")]
+    blank = {"order": "", "reason": ""}
+    return [x for n in FIELD_ORDER for x in (n, named.get(n) or blank.get(n, "0"))]
 
 
-def _text(value: str) -> str:
-    """A value for COPY's text format."""
-    return value.translate(_ESCAPES) if value and not value.isalnum() else value
-
-
-def _ledger_lines(chunks: list[Chunk]) -> bytes:
-    """The chunks' events as COPY text rows (LEDGER_COPY_COLUMNS)."""
+def _copy_rows(chunks: list[Chunk]) -> bytes:
+    """The chunks' events as COPY text rows (BATCH_COLUMNS). ``kind`` is the order
+    kind of the line as far as this batch knows it (from its reserve/deduct event)."""
     out = []
+    kinds: dict[str, str] = {}
     for chunk in chunks:
         tail = f"\t{chunk.stream}\t"
         for entry_id, v in chunk.entries:
-            out.append(
-                f"{v[3]}\t{_text(v[5])}\t{v[1]}\t{v[7]}\t{v[17]}\t{v[9]}\t{v[11]}\t{v[13]}"
-                f"\t{v[15]}\t{v[19] or 0}\t{_text(v[21])}{tail}{entry_id}\n"
-            )
+            values = v[1::2]  # FIELD_ORDER
+            if values[10] or "\\" in values[2]:  # reason, order id: may need escapes
+                values[2], values[10] = (
+                    values[2].translate(_ESCAPES),
+                    values[10].translate(_ESCAPES),
+                )
+            op, kind = values[0], ""
+            if op in LINE_STATES:
+                line = values[2] + "|" + values[1]
+                if op in ORDER_KINDS:
+                    kinds[line] = kind = op
+                else:
+                    kind = kinds.get(line, "")
+            out.append("\t".join(values) + tail + entry_id + "\t" + kind + "\n")
     return "".join(out).encode()
+
+
+async def prepare(conn: asyncpg.Connection) -> None:
+    """Create the writer's session table (once per connection)."""
+    await conn.execute(_BATCH_TABLE)
 
 
 async def apply_batch(conn: asyncpg.Connection, chunks: list[Chunk]) -> dict[str, StreamId]:
@@ -222,38 +263,8 @@ def _above(chunk: Chunk, offset: StreamId) -> Chunk:
 
 
 async def _write(conn: asyncpg.Connection, chunks: list[Chunk]) -> None:
+    """COPY the events into the session table, then let PostgreSQL fan them out."""
     await conn.copy_to_table(
-        "stock_ledger",
-        source=io.BytesIO(_ledger_lines(chunks)),
-        columns=LEDGER_COPY_COLUMNS,
-        format="text",
+        "writer_batch", source=io.BytesIO(_copy_rows(chunks)), columns=BATCH_COLUMNS
     )
-    # A SKU (and so each of its lines) lives in one stream, whose entries are in
-    # the SKU's seq order: the last entry of a SKU or line is its latest.
-    levels: dict[str, list[str]] = {}
-    lines: dict[tuple[str, str], list[str]] = {}
-    kinds: dict[tuple[str, str], str] = {}  # from the line's reserve/deduct event, if in batch
-    for chunk in chunks:
-        for _, v in chunk.entries:
-            levels[v[3]] = v
-            op = v[1]
-            if op in LINE_STATES:
-                key = (v[5], v[3])
-                lines[key] = v
-                if op in ORDER_KINDS:
-                    kinds[key] = ORDER_KINDS[op]
-    latest = list(levels.values())
-    await conn.execute(_LEVELS, *_columns(latest, 3, 9, 11, 13, 15))
-    if lines:
-        changes = list(lines.values())
-        await conn.execute(
-            LINES_UPSERT,
-            *_columns(changes, 5, 3, 7),
-            [LINE_STATES[v[1]] for v in changes],
-            [kinds.get((v[5], v[3]), "") for v in changes],
-            *_columns(changes, 19, 15),
-        )
-
-
-def _columns(rows: list[list[str]], *indexes: int) -> list[list[str]]:
-    return [[row[i] for row in rows] for i in indexes]
+    await conn.execute(_FROM_BATCH)

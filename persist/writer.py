@@ -38,7 +38,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from persist.events import Chunk, StreamId, apply_batch, in_order, read_offsets
+from persist.events import Chunk, StreamId, apply_batch, in_order, prepare, read_offsets
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -49,7 +49,10 @@ log = logging.getLogger("persist.writer")
 WRITER_LOCK = 0x5704  # first key of the writer's pg_try_advisory_lock(int, int)
 GROUP = "stock-writer"
 CONSUMER = "writer"
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+PG_ERRORS = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+    TimeoutError,
+)  # fmt: skip
 
 _TRY_LOCKS = "SELECT b FROM unnest($2::int[]) AS b WHERE pg_try_advisory_lock($1, b)"
 
@@ -114,6 +117,7 @@ class Writer:
         if self.conn is None or self.conn.is_closed():
             self.owned.clear()
             self.conn = await asyncpg.connect(self.dsn, timeout=10)
+            await prepare(self.conn)
             self._next_rebalance = 0.0
         if time.monotonic() >= self._next_rebalance:
             await self._acquire(self.conn)
@@ -283,8 +287,11 @@ class Writer:
                 except RedisError as exc:
                     failing, delay = self._failed("Redis", failing, exc, delay)
                     self.stats.redis_errors += 1
-                except PG_ERRORS as exc:
-                    failing, delay = self._failed("PostgreSQL", failing, exc, delay)
+                except Exception as exc:  # PostgreSQL, or the client's state after it went
+                    what = "PostgreSQL" if isinstance(exc, PG_ERRORS) else "writer"
+                    if what == "writer":
+                        log.exception("writer: unexpected error; reconnecting")
+                    failing, delay = self._failed(what, failing, exc, delay)
                     self.stats.pg_errors += 1
                     await self._drop_connection()
                 try:
