@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint run clean bench bench-tools loadtest
+.PHONY: install test lint run clean bench bench-tools bench-aof loadtest
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ bench-tools:
 
 bench: $(LOAD) bench-tools
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+# reserve throughput with appendfsync always vs everysec (make bench-aof BENCH_AOF_ARGS="--runs 5")
+bench-aof: install
+	$(BIN)/python -m loadtest.bench_aof $(BENCH_AOF_ARGS)
 
 loadtest: $(LOAD)
 	$(BIN)/python -m loadtest.run_loadtest $(LOADTEST_ARGS)

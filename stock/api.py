@@ -373,18 +373,26 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = connect(settings)
         app[ENGINE] = StockEngine(client, settings)
+        # On a cluster the reaper and the writer get their own client: when a node is
+        # lost, redis-py's cluster pipelines (the reaper's and writer's rounds over every
+        # bucket) close *every* connection of their client before retrying, which would
+        # fail the API's calls in flight on the healthy nodes.
+        background = connect(settings) if settings.redis_cluster else client
         stop = asyncio.Event()
         tasks = []
         if run_reaper:
-            reaper = Reaper(client, settings, app[ENGINE].scripts)
+            scripts = app[ENGINE].scripts if background is client else None
+            reaper = Reaper(background, settings, scripts)
             app[BACKGROUND]["reaper"] = reaper
             _watch_reaper(app[METRICS], reaper)
             tasks.append(asyncio.create_task(reaper.run(stop), name="reaper"))
         if run_writer and settings.database_url:
-            tasks.append(await _start_writer(app, client, stop))
+            tasks.append(await _start_writer(app, background, stop))
         yield
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if background is not client:
+            await background.aclose()
         await client.aclose()
 
     app.cleanup_ctx.append(resources)
