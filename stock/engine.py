@@ -42,7 +42,7 @@ from stock.validate import Item
 log = logging.getLogger("stock.engine")
 
 HOLD_MS = 30_000  # how long a multi-node transition's first step keeps the stock held
-LOCK_S = 10.0  # the longest a multi-node transition holds its order's lock
+LOCK_S = 10.0  # the longest a multi-node call holds its order's lock or lease
 
 STATUS_OF = {
     "reserve": "reserved",
@@ -92,6 +92,7 @@ class StockEngine:
         self.cluster = settings.redis_cluster
         self.scripts = Scripts(client)
         self.retention_ms = settings.retention_s * 1000
+        self.lease_s = LOCK_S  # how long a cluster attempt owns its order record
         # redis-py's cluster pools fail instead of waiting when they run dry: bound
         # the operations in flight so a stampede queues here. (Standalone calls
         # share an auto-pipeline and a blocking pool, which queue by themselves.)
@@ -197,13 +198,24 @@ class StockEngine:
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int
     ) -> OrderResult:
         """Open the record, reserve every bucket group, then close the record; on a
-        refusal undo this attempt's lines and drop the record. The attempt's token
-        tags its lines: a concurrent copy of the same request takes the order over
-        (re-tagging the lines it replays), and then this attempt undoes nothing of
-        it and leaves the record to the copy."""
+        refusal undo this attempt's lines and drop the record. One attempt at a
+        time owns the record (a lease): a concurrent copy of the same request
+        waits for it, then replays the finished order or starts afresh. If the
+        owner stalls past its lease, a copy takes the order over; the token that
+        tags every line then keeps the stalled attempt from undoing lines the
+        copy has taken over."""
         okey = keys.order_key(order_id)
         token = secrets.token_hex(6)
-        opened = await self.scripts("order", [okey], [spec, op, ttl_ms + self.retention_ms, token])
+        args = [spec, op, ttl_ms + self.retention_ms, token, int(self.lease_s * 1000)]
+        opened = await self.scripts("order", [okey], args)
+        waited = 0.0
+        while opened[0] == "BUSY":  # another copy of this request is at work: wait
+            if waited > self.lease_s + 1:
+                raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
+            delay = min(0.005 * 2 ** int(waited * 20).bit_length(), 0.1)
+            await asyncio.sleep(delay)
+            waited += delay
+            opened = await self.scripts("order", [okey], args)
         if opened[0] == "CONFLICT":
             parse_lines(opened, order_id)  # raises OrderConflict
         pending = opened[0] == "NEW" or opened[1] == "pending"

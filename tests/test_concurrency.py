@@ -344,6 +344,8 @@ class Gate:
         self.held = asyncio.Event()
         self.opened = asyncio.Event()
         engine.scripts = self  # type: ignore[assignment]
+        # a held cluster attempt keeps its order's lease: copies wait it out
+        engine.lease_s = 0.5
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

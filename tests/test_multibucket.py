@@ -88,7 +88,8 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
     spec = items_spec(items)
     lifetime = 1000 + engine.retention_ms
     record = keys.order_key(order_id)
-    await engine.scripts("order", [record], [spec, "reserve", lifetime, "crashed"])
+    # the crashed attempt's lease has run out by the time anyone retries
+    await engine.scripts("order", [record], [spec, "reserve", lifetime, "crashed", 0])
     await engine._group_call("reserve", order_id, [items[0]], 1000, True, spec, tag="crashed")
 
 
