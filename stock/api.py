@@ -417,10 +417,15 @@ async def _start_writer(
     app[BACKGROUND]["writer"] = writer
     metrics = app[METRICS]
 
+    counted = 0
+
     def refresh() -> None:
+        nonlocal counted
         metrics.flush_lag.set(writer.stats.flush_lag_s)
         metrics.writer_batch.set(writer.stats.last_batch)
         metrics.writer_events.set(writer.stats.events_total)
+        metrics.pg_errors.inc(max(0, writer.stats.pg_errors - counted))  # the writer's
+        counted = max(counted, writer.stats.pg_errors)
 
     metrics.on_scrape(refresh)
     return asyncio.create_task(writer.run(stop), name="writer")

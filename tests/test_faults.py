@@ -751,6 +751,8 @@ async def test_postgres_down_ten_seconds_during_http_load(
                         await asyncio.sleep(1.0)
                     _, text = await call_text(http, f"{base}/metrics")
                     lag_down = metric(text, "stock_writer_flush_lag_seconds")
+                    pg_errors = metric(text, "stock_postgres_errors_total")
+                    assert pg_errors > 0, "the writer's PostgreSQL errors are not in /metrics"
                 finally:
                     await asyncio.to_thread(postgres.start)
                 phase = "after"
@@ -796,7 +798,8 @@ async def test_postgres_down_ten_seconds_during_http_load(
         f" HTTP calls { ({k: dict(v) for k, v in statuses.items()}) }; /readyz while down"
         f" {[s for p, s, _ in ready if p == 'down']}, after {[s for p, s, _ in ready][-1]};"
         f" {len(final)} orders all in PostgreSQL; stock_writer_flush_lag_seconds at the end"
-        f" of the outage {lag_down:.2f}, after the drain {lag:.2f};"
+        f" of the outage {lag_down:.2f}, after the drain {lag:.2f}; stock_postgres_errors_total"
+        f" {pg_errors:.0f};"
         f" {checks} invariant checks"
     )
 
