@@ -103,6 +103,7 @@ class Writer:
         self.offsets: dict[int, StreamId] = {}  # recorded in PostgreSQL
         self.delivered: dict[int, StreamId] = {}  # the last entry read (>= offset)
         self._prefetched: list[_Read] | None = None
+        self.hot: set[int] = set()  # buckets whose last read was full
         self._next_rebalance = 0.0
         self.scripts = Scripts(client)
         # Its own client for the stream reads, with redis-py's reply parsing turned off
@@ -204,10 +205,10 @@ class Writer:
 
     async def _read(self) -> list[_Read]:
         buckets = sorted(self.owned)
-        count = max(1, self.settings.writer_batch // len(buckets))
+        counts = self._counts(buckets)
         pipe = self.streams.pipeline(transaction=False)
         for b in buckets:
-            key = keys.events_key(b)
+            key, count = keys.events_key(b), counts[b]
             pipe.xrange(key, min=f"({self.delivered[b]}", max="+", count=1)
             pipe.xreadgroup(GROUP, CONSUMER, {key: "0" if b in self.pending else ">"}, count)
         replies = await pipe.execute(raise_on_error=False)
@@ -220,11 +221,23 @@ class Writer:
             for r in (head, reply):
                 if isinstance(r, Exception):
                     raise r
-            reads.append(self._sort(b, head, _entries(reply), count))
+            reads.append(self._sort(b, head, _entries(reply), counts[b]))
         if missing:
             await self._ensure_groups(missing)
             self.pending.update(missing)
         return reads
+
+    def _counts(self, buckets: list[int]) -> dict[int, int]:
+        """Entries to ask each bucket for, at most the batch in all: an even share,
+        and what the others leave shared among the buckets that had more waiting
+        last time (a flash sale on one SKU fills one stream)."""
+        batch = self.settings.writer_batch
+        base = max(1, batch // len(buckets))
+        hot = [b for b in buckets if b in self.hot]
+        if not hot:
+            return dict.fromkeys(buckets, base)
+        share = max(base, (batch - base * (len(buckets) - len(hot))) // len(hot))
+        return {b: share if b in self.hot else base for b in buckets}
 
     def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
         """Split a bucket's reply into fresh events and entries only to acknowledge."""
@@ -238,6 +251,10 @@ class Writer:
             else None
         )
         full = len(entries) >= count
+        if full:
+            self.hot.add(bucket)
+        else:
+            self.hot.discard(bucket)
         if bucket in self.pending:
             if not live and not full:
                 self.pending.discard(bucket)  # pending list drained: read new entries next
