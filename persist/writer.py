@@ -48,6 +48,7 @@ log = logging.getLogger("persist.writer")
 
 WRITER_LOCK = 0x5704  # first key of the writer's pg_try_advisory_lock(int, int)
 GROUP = "stock-writer"
+PROBE = 16  # entries asked of a bucket that was empty last time
 CONSUMER = "writer"
 PG_ERRORS = (
     asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
@@ -104,6 +105,7 @@ class Writer:
         self.delivered: dict[int, StreamId] = {}  # the last entry read (>= offset)
         self._prefetched: list[_Read] | None = None
         self.hot: set[int] = set()  # buckets whose last read was full
+        self.idle: set[int] = set()  # buckets whose last read was empty
         self._next_rebalance = 0.0
         self.scripts = Scripts(client)
         # Its own client for the stream reads, with redis-py's reply parsing turned off
@@ -228,16 +230,20 @@ class Writer:
         return reads
 
     def _counts(self, buckets: list[int]) -> dict[int, int]:
-        """Entries to ask each bucket for, at most the batch in all: an even share,
-        and what the others leave shared among the buckets that had more waiting
-        last time (a flash sale on one SKU fills one stream)."""
+        """Entries to ask each bucket for, at most the batch in all: a small probe
+        for buckets that were empty last time, an even share for the others, and
+        what is left shared among the buckets that had more waiting (a flash sale
+        on one SKU fills one stream)."""
         batch = self.settings.writer_batch
         base = max(1, batch // len(buckets))
+        probe = min(base, PROBE)
+        counts = {b: probe if b in self.idle else base for b in buckets}
         hot = [b for b in buckets if b in self.hot]
-        if not hot:
-            return dict.fromkeys(buckets, base)
-        share = max(base, (batch - base * (len(buckets) - len(hot))) // len(hot))
-        return {b: share if b in self.hot else base for b in buckets}
+        if hot:
+            left = batch - sum(counts[b] for b in buckets if b not in self.hot)
+            share = max(base, left // len(hot))
+            counts.update(dict.fromkeys(hot, share))
+        return counts
 
     def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
         """Split a bucket's reply into fresh events and entries only to acknowledge."""
@@ -251,10 +257,12 @@ class Writer:
             else None
         )
         full = len(entries) >= count
+        self.hot.discard(bucket)
+        self.idle.discard(bucket)
         if full:
             self.hot.add(bucket)
-        else:
-            self.hot.discard(bucket)
+        elif not entries:
+            self.idle.add(bucket)
         if bucket in self.pending:
             if not live and not full:
                 self.pending.discard(bucket)  # pending list drained: read new entries next
