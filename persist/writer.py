@@ -319,6 +319,7 @@ class Writer:
                     failing, delay = self._failed(what, failing, exc, delay)
                     self.stats.pg_errors += 1
                     await self._drop_connection()
+                    await self._peek_lag()
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 except TimeoutError:
@@ -335,6 +336,21 @@ class Writer:
         self.delivered.update({b: self.offsets[b] for b in self.owned})
         self._prefetched = None
         return what, min(max(delay, 0.05) * 2, 5.0) * random.uniform(0.5, 1.5)
+
+    async def _peek_lag(self) -> None:
+        """While PostgreSQL is away: the oldest event after the known offsets, so
+        that flush lag keeps growing during an outage."""
+        buckets = sorted(self.offsets)
+        try:
+            pipe = self.streams.pipeline(transaction=False)
+            for b in buckets:
+                pipe.xrange(keys.events_key(b), min=f"({self.offsets[b]}", max="+", count=1)
+            heads = await pipe.execute()
+        except RedisError:
+            return
+        oldest = [StreamId.parse(h[0][0]).ms for h in heads if h]
+        if oldest:
+            self.stats.oldest_unflushed_ms = min(oldest)
 
     async def _drop_connection(self) -> None:
         conn, self.conn = self.conn, None

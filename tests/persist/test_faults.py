@@ -106,6 +106,7 @@ async def test_postgres_down_for_five_seconds(
     await asyncio.sleep(0.5)
     await asyncio.to_thread(postgres.stop)
     await asyncio.sleep(5)
+    lag_while_down = writer.stats.flush_lag_s
     await asyncio.to_thread(postgres.start)
     done.set()
     await load
@@ -117,3 +118,5 @@ async def test_postgres_down_for_five_seconds(
     stop.set()
     await task
     assert writer.stats.pg_errors > 0
+    assert lag_while_down > 0  # the backlog's age shows while PostgreSQL is away
+    assert writer.stats.flush_lag_s == 0
