@@ -183,3 +183,34 @@ async def test_dev_serves_and_leaves_nothing_behind(
     ]  # fmt: skip
     assert leftovers == []
     assert not Path(workdir.group(1)).exists()
+
+
+async def test_workers_share_one_port(settings: Settings, dsn: str, redis: Any) -> None:
+    """``--workers 2``: two processes serve one port; SIGTERM stops them all, exit 0."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stock.cli", "serve", "--workers", "2"],
+        env=stock_env(settings, port, dsn),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base, proc)
+        children = [  # multiprocessing also starts a resource tracker: not a worker
+            c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())
+        ]
+        assert len(children) == 2
+        async with aiohttp.ClientSession() as http:
+            await call(http, "PUT", f"{base}/v1/stock/W", json={"available": 50}, headers=ADMIN)
+            answers = await asyncio.gather(
+                *(call(http, "POST", f"{base}/v1/reservations",
+                       json={"order_id": f"w-{i}", "items": [{"sku": "W", "qty": 1}]})
+                  for i in range(60))
+            )  # fmt: skip
+            _, stock = await call(http, "GET", f"{base}/v1/stock/W")
+        assert Counter(s for s, _ in answers) == {201: 50, 409: 10}
+        assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0
+    assert not any(child.is_running() for child in children)
