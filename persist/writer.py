@@ -28,6 +28,7 @@ state change) and re-reads the pending entries when PostgreSQL is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -104,6 +105,7 @@ class Writer:
         self.offsets: dict[int, StreamId] = {}  # recorded in PostgreSQL
         self.delivered: dict[int, StreamId] = {}  # the last entry read (>= offset)
         self._prefetched: list[_Read] | None = None
+        self._acking: asyncio.Future[None] | None = None
         self.hot: set[int] = set()  # buckets whose last read was full
         self.idle: set[int] = set()  # buckets whose last read was empty
         self._next_rebalance = 0.0
@@ -153,6 +155,8 @@ class Writer:
 
     async def aclose(self) -> None:
         """Close everything the writer opened."""
+        with contextlib.suppress(RedisError):
+            await self._acked()
         await self.close()
         await self.streams.aclose()
 
@@ -169,7 +173,8 @@ class Writer:
     async def step(self) -> tuple[int, bool]:
         """Read, apply and acknowledge one batch; returns (events applied, more waiting).
 
-        With a backlog, the next batch is read from Redis while this one commits.
+        With a backlog, the next batch is read from Redis while this one commits, and
+        this one is acknowledged while the next one commits.
         """
         conn = await self._connect()
         if not self.owned:
@@ -183,9 +188,12 @@ class Writer:
         try:
             if chunks:
                 await self._apply(conn, chunks, count)
-            await self._ack(reads)
+            await self._acked()  # the previous batch's (acknowledges are in order)
+            self._acking = asyncio.ensure_future(self._ack(reads))
             if ahead is not None:
                 self._prefetched = await ahead
+            else:
+                await self._acked()
         finally:
             if ahead is not None and not ahead.done():
                 ahead.cancel()
@@ -278,6 +286,12 @@ class Writer:
         more = full or bool(live and bucket in self.pending)
         return _Read(bucket, bool(entries), fresh, more)
 
+    async def _acked(self) -> None:
+        """Wait for the acknowledgement in flight, if any (its error is raised here)."""
+        acking, self._acking = self._acking, None
+        if acking is not None:
+            await acking
+
     async def _ack(self, reads: list[_Read]) -> None:
         """Acknowledge (and trim) each bucket read up to its offset: ``lua/writer_ack.lua``,
         one call per bucket (its own slot on a cluster), run concurrently."""
@@ -335,6 +349,9 @@ class Writer:
         self.pending.update(self.owned)  # whatever was read is still pending in Redis
         self.delivered.update({b: self.offsets[b] for b in self.owned})
         self._prefetched = None
+        if self._acking is not None and self._acking.done():
+            self._acking.exception()  # retrieved: raised once, in the step that failed
+            self._acking = None
         return what, min(max(delay, 0.05) * 2, 5.0) * random.uniform(0.5, 1.5)
 
     async def _peek_lag(self) -> None:
