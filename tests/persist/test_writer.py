@@ -62,3 +62,36 @@ async def test_two_writers_split_nothing_twice(
     for stop in stops:
         stop.set()
     await asyncio.gather(*tasks)
+
+
+async def test_writer_that_lost_its_lock_cannot_make_the_next_skip(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """A writer whose PostgreSQL session died still reads once before it notices;
+    the entries it took stay pending, and the new owner must not skip past them."""
+    skus = sku_names(8)
+    await stock_up(engine, skus, 100)
+    old = Writer(redis, psettings, psettings.database_url)
+    await _drain_with(old)
+    assert old.conn is not None
+    old.conn.terminate()  # its locks go with the session; it does not know yet
+    new = Writer(redis, psettings, psettings.database_url)
+    await new.step()  # takes every bucket, finds nothing pending
+    assert len(new.owned) == psettings.buckets
+    await mixed_load(engine, skus, 200, workers=4, seed=5)
+    stolen = await old._read()  # delivered to the group, never written
+    assert sum(len(r.fresh.entries) for r in stolen if r.fresh) > 0
+    await mixed_load(engine, skus, 200, workers=4, seed=6)
+    await _drain_with(new)
+    assert new.stats.gaps > 0
+    await new.aclose()
+    await old.streams.aclose()
+    await wait_persisted(redis, psettings, pg, skus, wait_s=5)
+
+
+async def _drain_with(writer: Writer) -> None:
+    while True:
+        was_pending = bool(writer.pending) or not writer.owned
+        count, more = await writer.step()
+        if not count and not more and not was_pending:
+            return
