@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 
 from persist.migrate import migrate
 from persist.writer import Writer
@@ -88,15 +89,16 @@ async def bench(settings: Settings, count: int, skus: int) -> float:
     await client.flushdb()
     await fill(client, settings, count, skus)
     writer = Writer(client, settings, settings.database_url)
-    cpu = time.process_time()
+    backend = psutil.Process(await (await writer._connect()).fetchval("SELECT pg_backend_pid()"))
+    cpu = (time.process_time(), _cpu(backend), await _redis_cpu(client))
     started = time.perf_counter()
     applied = 0
     while applied < count:
         n, _more = await writer.step()
         applied += n
     elapsed = time.perf_counter() - started
-    cpu = time.process_time() - cpu
-    await writer.close()
+    used = (time.process_time() - cpu[0], _cpu(backend) - cpu[1], await _redis_cpu(client) - cpu[2])
+    await writer.aclose()
     rows = await conn.fetchval("SELECT count(*) FROM stock_ledger")
     await conn.close()
     await client.aclose()
@@ -104,10 +106,20 @@ async def bench(settings: Settings, count: int, skus: int) -> float:
     sizes = writer.stats.batch_sizes
     print(
         f"writer: {count} events in {elapsed:.2f} s = {count / elapsed:,.0f} events/s "
-        f"({writer.stats.batches_total} transactions, up to {max(sizes)} events each; "
-        f"writer CPU {cpu:.2f} s)"
+        f"({writer.stats.batches_total} transactions, up to {max(sizes)} events each; CPU s: "
+        f"writer {used[0]:.2f}, PostgreSQL backend {used[1]:.2f}, Redis {used[2]:.2f})"
     )
     return count / elapsed
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def _redis_cpu(client: Any) -> float:
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _runs(settings: Settings, args: argparse.Namespace) -> None:
