@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -90,7 +89,3 @@ def writer_env(settings: Settings) -> dict[str, str]:
 
 
 WRITER_COMMAND = [sys.executable, "-m", "stock.cli", "writer"]
-
-
-def rows(records: list[Any]) -> list[dict[str, Any]]:
-    return [dict(r) for r in records]

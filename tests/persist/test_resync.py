@@ -167,3 +167,25 @@ async def test_cli_commands(redis: Any, engine: StockEngine, psettings: Settings
     assert _cli(psettings, "reconcile", "D").returncode == 1
     assert _cli(psettings, "resync", "D").returncode == 0
     assert _cli(psettings, "reconcile").returncode == 0
+
+
+async def test_redis_lost_with_a_writer_running(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """The runbook's path: Redis comes back empty under a live writer, resync, carry on."""
+    from persist.writer import Writer
+
+    dsn = psettings.database_url
+    stop = asyncio.Event()
+    writer = Writer(redis, psettings, dsn)
+    task = asyncio.create_task(writer.run(stop))
+    await _shop(engine)
+    await wait_persisted(redis, psettings, pg, SKUS, wait_s=10)
+    await flush(redis)  # streams and consumer groups gone too
+    assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    await engine.confirm("held-1")  # traffic goes on: new events on new streams
+    await engine.reserve("after", [{"sku": "D", "qty": 2}])
+    await wait_persisted(redis, psettings, pg, SKUS, wait_s=10)
+    assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    stop.set()
+    await task
