@@ -121,6 +121,7 @@ class Writer:
     async def _connect(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
             self.owned.clear()
+            self._prefetched = None  # read for locks that this new session may not get
             self.conn = await asyncpg.connect(self.dsn, timeout=10)
             await prepare(self.conn)
             self._next_rebalance = 0.0
