@@ -137,7 +137,10 @@ class Resync:
         self.events: dict[str, list[Event]] = {}  # unflushed, per SKU, of the current chunk
 
     async def run(self, skus: list[str] | None) -> ResyncReport:
-        names = sorted(set(skus)) if skus is not None else sorted(await pg_levels(self.conn, None))
+        wanted = set(skus) if skus is not None else set(await pg_levels(self.conn, None))
+        # bucket by bucket, so that each chunk reads few expiry indexes and streams
+        buckets = self.settings.buckets
+        names = sorted(wanted, key=lambda sku: (keys.bucket_of(sku, buckets), sku))
         for start in range(0, len(names), CHUNK):
             await self._chunk(names[start : start + CHUNK])
             if len(names) > CHUNK:
