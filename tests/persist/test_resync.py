@@ -189,3 +189,23 @@ async def test_redis_lost_with_a_writer_running(
     assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
     stop.set()
     await task
+
+
+@pytest.mark.parametrize("settings", ["standalone"], indirect=True)
+async def test_resync_prints_progress_for_many_skus(
+    redis: Any,
+    engine: StockEngine,
+    psettings: Settings,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import persist.resync
+
+    monkeypatch.setattr(persist.resync, "CHUNK", 2)
+    await _shop(engine)
+    await drain(redis, psettings, psettings.database_url)
+    await flush(redis)
+    assert await resync(redis, psettings, psettings.database_url, None, out=io.StringIO()) == 0
+    progress = capsys.readouterr().err.splitlines()
+    assert progress == ["resync: 2/4 SKUs", "resync: 4/4 SKUs"]
+    assert (await engine.get_stock("D")).sold == 5
