@@ -3,9 +3,10 @@
 An event is one entry of a bucket stream (``stock:{b<n>}:events``), written by
 ``lua/_lib.lua``'s ``commit``: op, sku, order, qty, the counters after the
 change, the SKU's ``seq``, server time ``at`` (ms), line expiry ``exp`` (ms, 0
-if none) and reason. ``apply_batch`` writes a batch in one transaction:
+if none) and reason. ``apply_batch`` writes a batch in one transaction: it
+COPYs the events into a session table (``writer_batch``), and from there
 
-- the ledger gets one row per event (COPY), ``(stream, stream_id)`` unique;
+- the ledger gets one row per event;
 - ``stock_levels`` takes the counters of each SKU's latest event, and never
   goes back to an older ``seq``;
 - ``reservation_lines`` takes each line's latest state (an ``abort`` leaves the
@@ -14,12 +15,13 @@ if none) and reason. ``apply_batch`` writes a batch in one transaction:
 - ``stream_offsets`` records the last entry applied per stream. Entries at or
   below the recorded offset are skipped, so a batch re-read after a crash is
   never applied twice.
+
+Resync and reconcile read the unflushed events as ``Event`` tuples instead.
 """
 
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import asyncpg
@@ -40,8 +42,6 @@ BATCH_COLUMNS = (
     "op", "sku", "order_id", "qty", "available", "reserved", "sold", "seq", "at_ms",
     "expires_ms", "reason", "stream", "stream_id", "kind",
 )  # FIELD_ORDER, where the event came from, the line's order kind  # fmt: skip
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class StreamId(NamedTuple):
@@ -93,11 +93,6 @@ def parse_event(stream: str, entry_id: str, fields: dict[str, str]) -> Event:
         int(fields.get("exp") or 0),
         fields.get("reason", ""),
     )
-
-
-def ms_time(ms: int) -> datetime:
-    """A Redis server time in ms as an aware datetime."""
-    return _EPOCH + timedelta(milliseconds=ms)
 
 
 _OFFSETS_ENSURE = """
