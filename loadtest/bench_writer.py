@@ -6,7 +6,7 @@ times one writer draining them: ledger rows, stock_levels, reservation_lines
 and offsets, one transaction per batch.
 
     .venv/bin/python loadtest/bench_writer.py                 # throwaway servers, best of 3
-    .venv/bin/python loadtest/bench_writer.py --events 100000 --batch 5000 \\
+    .venv/bin/python loadtest/bench_writer.py --events 100000 --batch 10000 \\
         --redis-url redis://127.0.0.1:6379/0 --database-url postgresql://...
 
 Without URLs it starts a throwaway valkey-server and PostgreSQL (the same
@@ -132,7 +132,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--skus", type=int, default=1_000)
-    parser.add_argument("--batch", type=int, default=5_000, help="STOCK_WRITER_BATCH")
+    parser.add_argument(
+        "--batch", type=int, default=Settings().writer_batch, help="STOCK_WRITER_BATCH"
+    )
     parser.add_argument("--buckets", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
     parser.add_argument("--redis-url")

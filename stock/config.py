@@ -96,7 +96,7 @@ class Settings:
     reaper_period_s: float = 0.25
     reaper_batch: int = 500
     redis_max_connections: int = 128
-    writer_batch: int = 5000  # most events the writer applies in one transaction
+    writer_batch: int = 10_000  # most events the writer applies in one transaction
     writer_interval_ms: int = 50  # how long the writer waits when the streams are idle
 
     @classmethod
