@@ -5,6 +5,7 @@ migrated database per test."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -44,6 +45,7 @@ def postgres() -> Iterator[Postgres]:
     server = get_server(base / "pgdata", cleanup_mode="delete")
     yield Postgres(server)
     server.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
