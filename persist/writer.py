@@ -51,6 +51,8 @@ WRITER_LOCK = 0x5704  # first key of the writer's pg_try_advisory_lock(int, int)
 GROUP = "stock-writer"
 PROBE = 16  # entries asked of a bucket that was empty last time
 CONSUMER = "writer"
+WAITAOF_MS = 2000  # how long a read waits for Redis to fsync what it returned
+
 PG_ERRORS = (
     asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
     TimeoutError,
@@ -115,6 +117,7 @@ class Writer:
         self.streams = connect(settings)
         for command in ("XREADGROUP", "XRANGE"):
             self.streams.set_response_callback(command, _raw)
+        self._wait_aof: bool | None = None  # decided at the first read
 
     # -- PostgreSQL side ----------------------------------------------------
 
@@ -217,12 +220,23 @@ class Writer:
     async def _read(self) -> list[_Read]:
         buckets = sorted(self.owned)
         counts = self._counts(buckets)
+        if self._wait_aof is None:
+            self._wait_aof = await self._aof_on()
         pipe = self.streams.pipeline(transaction=False)
         for b in buckets:
             key, count = keys.events_key(b), counts[b]
             pipe.xrange(key, min=f"({self.delivered[b]}", max="+", count=1)
             pipe.xreadgroup(GROUP, CONSUMER, {key: "0" if b in self.pending else ">"}, count)
+        if self._wait_aof:
+            # On the same connection, after the XREADGROUPs (writes): wait until Redis
+            # has them, and so every event they returned, fsynced in its AOF. Without
+            # this a Redis host crash could lose events PostgreSQL already has.
+            pipe.execute_command("WAITAOF", 1, 0, WAITAOF_MS)
         replies = await pipe.execute(raise_on_error=False)
+        if self._wait_aof:
+            synced = replies.pop()
+            if isinstance(synced, Exception) or int(synced[0]) < 1:
+                raise RedisError(f"events not yet fsynced by Redis (WAITAOF: {synced!r})")
         reads, missing = [], []
         for i, b in enumerate(buckets):
             head, reply = replies[2 * i], replies[2 * i + 1]
@@ -237,6 +251,21 @@ class Writer:
             await self._ensure_groups(missing)
             self.pending.update(missing)
         return reads
+
+    async def _aof_on(self) -> bool:
+        """Whether to WAITAOF before applying: standalone Redis 7.2+/Valkey with its AOF
+        on. (A cluster pipeline splits by node and cannot keep WAITAOF on the
+        connection that read; there, replicas are the durability.)"""
+        if self.settings.redis_cluster:
+            return False
+        try:
+            config = await self.streams.config_get("appendonly")
+            if config.get("appendonly") != "yes":
+                return False
+            await self.streams.execute_command("WAITAOF", 0, 0, 1)
+        except RedisError:
+            return False  # CONFIG refused (managed Redis), or a server before 7.2
+        return True
 
     def _counts(self, buckets: list[int]) -> dict[int, int]:
         """Entries to ask each bucket for, at most the batch in all: a small probe
