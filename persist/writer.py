@@ -368,8 +368,23 @@ class Writer:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 except TimeoutError:
                     pass
+            if not failing:
+                await self._flush_on_stop()
         finally:
             await self.aclose()
+
+    async def _flush_on_stop(self, budget_s: float = 5.0) -> None:
+        """A graceful stop (SIGTERM) flushes what is waiting, within a budget; what is
+        left stays in Redis for the next writer."""
+        deadline = time.monotonic() + budget_s
+        try:
+            while time.monotonic() < deadline:
+                pending_round = bool(self.pending) or not self.owned
+                count, more = await self.step()
+                if not count and not more and not pending_round:
+                    break  # (a round of pending lists is followed by one of new events)
+        except Exception as exc:  # the next writer takes it from the pending list
+            log.warning("writer: final flush stopped: %s", exc)
 
     def _failed(
         self, what: str, failing: str | None, exc: BaseException, delay: float

@@ -95,3 +95,19 @@ async def _drain_with(writer: Writer) -> None:
         count, more = await writer.step()
         if not count and not more and not was_pending:
             return
+
+
+async def test_graceful_stop_flushes_what_is_waiting(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """SIGTERM (the stop event) with events waiting: the writer flushes them first."""
+    skus = sku_names(5)
+    await stock_up(engine, skus, 100)
+    for i in range(200):
+        await engine.reserve(f"stop-{i}", [{"sku": skus[i % 5], "qty": 1}])
+    stop = asyncio.Event()
+    stop.set()  # already stopping when it starts: only the final flush runs
+    await Writer(redis, psettings, psettings.database_url).run(stop)
+    assert await pg.fetchval("SELECT count(*) FROM stock_ledger WHERE op = 'reserve'") == 200
+    levels = await pg.fetch("SELECT sku, reserved FROM stock_levels ORDER BY sku")
+    assert [(r["sku"], r["reserved"]) for r in levels] == [(s, 40) for s in sorted(skus)]
