@@ -16,12 +16,14 @@ Standalone Redis only: redis-py refuses EVALSHA in a cluster pipeline
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
 MAX_BATCH = 512
+BATCH_TIMEOUT_S = 10.0  # when the client has no socket_timeout
 
 
 class AutoPipeline:
@@ -61,17 +63,20 @@ class AutoPipeline:
         try:
             conn = await pool.get_connection()
             await conn.send_packed_command(b"".join(hiredis.pack_command(a) for a, _ in batch))
-            for _args, future in batch:
-                try:
-                    reply = await conn.read_response()
-                except ResponseError as exc:
-                    reply = exc
-                if future.done():
-                    continue
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+            # One deadline for the whole batch instead of one per reply (a per-reply
+            # timeout context was a tenth of the HTTP profile).
+            async with asyncio.timeout(conn.socket_timeout or BATCH_TIMEOUT_S):
+                for _args, future in batch:
+                    try:
+                        reply = await conn.read_response(timeout=math.inf)
+                    except ResponseError as exc:
+                        reply = exc
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
         except BaseException as exc:
             # No connection, or it broke mid-batch (its state is unknown, so drop
             # it): every caller still waiting hears the error.
