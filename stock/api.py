@@ -136,9 +136,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         else:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = error_response("internal", 500, "internal error")
-    route = _route_name(request)
-    metrics.requests.labels(route, request.method, str(response.status)).inc()
-    metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    metrics.request_done(_route_name(request), request.method, response.status, elapsed)
     return response
 
 
@@ -238,9 +237,9 @@ async def _order_op(
                         request.path, exc)  # fmt: skip
             result = await call()
     except StockError as exc:
-        metrics.outcomes.labels(op, exc.code).inc()
+        metrics.outcome(op, exc.code)
         raise
-    metrics.outcomes.labels(op, "replay" if result.replay else "ok").inc()
+    metrics.outcome(op, "replay" if result.replay else "ok")
     with_expiry = op in ("reserve", "extend")
     return json_response(order_body(result, with_expiry), 200 if result.replay else created)
 

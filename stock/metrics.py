@@ -7,6 +7,7 @@ that mirror the reaper and writer are read when ``/metrics`` is scraped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -58,6 +59,24 @@ class Metrics:
             "stock_writer_events", "Events this process's writer applied", registry=r
         )
         self._collectors: list[Callable[[], None]] = []
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._outcome_children: dict[tuple[str, str], Any] = {}
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request (label lookups cached: they were ~4% of a request)."""
+        key = (route, method, str(status))
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.latency.labels(route, method))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def outcome(self, op: str, outcome: str) -> None:
+        child = self._outcome_children.get((op, outcome))
+        if child is None:
+            child = self._outcome_children[(op, outcome)] = self.outcomes.labels(op, outcome)
+        child.inc()
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Register a callback that copies live figures into the gauges."""
