@@ -616,7 +616,7 @@ def main() -> int:
         s["bytes/reservation"] = without
         report.add("5a. Redis bytes per active reservation", without, "bytes",
                    f"{n} on one SKU, event stream deleted before reading; MEMORY USAGE: "
-                   f"order hash {order_b}, line {line_b}, rest due zset + keyspace")  # fmt: skip
+                   f"order record {order_b}, line {line_b}, rest due zset + keyspace")  # fmt: skip
         report.add("5b. same, event stream kept (writer not run)", with_stream, "bytes",
                    "untrimmed stream: one entry per reservation")  # fmt: skip
         _log("6/6 reaper and writer")
