@@ -12,30 +12,28 @@ from stock.errors import ConfigError
 DAY_S = 86_400
 
 
-def _int_in(low: int, high: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
+def _number_in(kind: type[int] | type[float], low: float, high: float) -> Callable[[str, str], Any]:
+    """A parser of an int or float setting within [low, high]."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(name: str, raw: str) -> Any:
         try:
-            value = int(raw)
+            value = kind(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            raise ConfigError(f"{name} must be {noun}, got {raw!r}") from None
         if not low <= value <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
 
     return parse
+
+
+def _int_in(low: int, high: int) -> Callable[[str, str], int]:
+    return _number_in(int, low, high)
 
 
 def _float_in(low: float, high: float) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
+    return _number_in(float, low, high)
 
 
 def _bool(name: str, raw: str) -> bool:
