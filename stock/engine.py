@@ -208,13 +208,12 @@ class StockEngine:
         token = secrets.token_hex(6)
         args = [spec, op, ttl_ms + self.retention_ms, token, int(self.lease_s * 1000)]
         opened = await self.scripts("order", [okey], args)
-        waited = 0.0
+        waited, delay = 0.0, 0.005
         while opened[0] == "BUSY":  # another copy of this request is at work: wait
             if waited > self.lease_s + 1:
                 raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
-            delay = min(0.005 * 2 ** int(waited * 20).bit_length(), 0.1)
             await asyncio.sleep(delay)
-            waited += delay
+            waited, delay = waited + delay, min(delay * 2, 0.1)
             opened = await self.scripts("order", [okey], args)
         if opened[0] == "CONFLICT":
             parse_lines(opened, order_id)  # raises OrderConflict
@@ -241,15 +240,9 @@ class StockEngine:
                         log.error("order %r: undo failed, the reaper returns it: %r",
                                   order_id, problem)  # fmt: skip
             raise _merge_failures(failures)
-        replies = [o for o in outcomes if isinstance(o, LinesReply)]
         if pending:
             await self.scripts("order_close", [okey], [token, "done"])
-        merged = LinesReply(
-            replay=all(r.replay for r in replies),
-            expires_ms=max(r.expires_ms for r in replies),
-            lines=[line for r in replies for line in r.lines],
-        )
-        return _result(order_id, op, merged)
+        return _result(order_id, op, _merge(outcomes))
 
     async def _transition(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
         if self._inflight is None:
@@ -296,13 +289,7 @@ class StockEngine:
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
             raise failures[0]
-        replies = [o for o in outcomes if isinstance(o, LinesReply)]
-        merged = LinesReply(
-            replay=all(r.replay for r in replies),
-            expires_ms=max(r.expires_ms for r in replies),
-            lines=[line for r in replies for line in r.lines],
-        )
-        return _result(order_id, op, merged)
+        return _result(order_id, op, _merge(outcomes))
 
     async def _hold_all(self, order_id: str, groups: list[list[Item]], spec: str, op: str) -> None:
         """Before a multi-node confirm, release or extend: every group's lines get
@@ -400,6 +387,16 @@ def _state_name(code: str) -> str:
 
 def _result(order_id: str, op: str, reply: LinesReply) -> OrderResult:
     return OrderResult(order_id, STATUS_OF[op], reply.replay, reply.expires_ms, reply.lines)
+
+
+def _merge(outcomes: Sequence[Any]) -> LinesReply:
+    """One reply for the bucket groups of one order: a replay only if every group was."""
+    replies = [o for o in outcomes if isinstance(o, LinesReply)]
+    return LinesReply(
+        replay=all(r.replay for r in replies),
+        expires_ms=max(r.expires_ms for r in replies),
+        lines=[line for r in replies for line in r.lines],
+    )
 
 
 def _merge_failures(failures: list[BaseException]) -> BaseException:
