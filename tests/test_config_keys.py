@@ -72,3 +72,10 @@ def test_items_spec_is_canonical() -> None:
     assert a == items_spec([Item("A", 2), Item("B", 1)]) == "A:2,B:1"
     assert parse_spec(a) == [Item("A", 2), Item("B", 1)]
     assert parse_spec("a:b:c:3") == [Item("a:b:c", 3)]
+
+
+def test_every_setting_is_documented() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert [v for v in Settings.variables() if f"`{v}`" not in readme] == []
