@@ -47,13 +47,21 @@ end
 
 -- Store the SKU's counters and append their delta event, in one step.
 -- c is the table read_sku returned, with the new counters.
-local function commit(sku_key, events_key, ev, c, at)
+local function append_event(events_key, ev, c, at)
   c.seq = c.seq + 1
-  redis.call('HSET', sku_key, 'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq)
   redis.call('XADD', events_key, '*',
     'op', ev.op, 'sku', ev.sku, 'order', ev.order or '', 'qty', ev.qty,
     'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq, 'at', at,
     'exp', ev.exp or 0, 'reason', ev.reason or '')
+end
+
+local function store_counters(sku_key, c)
+  redis.call('HSET', sku_key, 'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq)
+end
+
+local function commit(sku_key, events_key, ev, c, at)
+  append_event(events_key, ev, c, at)
+  store_counters(sku_key, c)
   return c.seq
 end
 

@@ -13,6 +13,9 @@
 local now = now_ms()
 local retention = tonumber(ARGV[1])
 local expired, dropped = 0, 0
+-- A SKU's counters are read once and stored once per call (a flash sale's
+-- due lines are mostly one SKU); each expired line still gets its own event.
+local counters, touched = {}, {}
 for i = 2, #ARGV do
   local member = ARGV[i]
   local k_sku, k_line = KEYS[1 + 2 * (i - 1)], KEYS[2 + 2 * (i - 1)]
@@ -20,16 +23,25 @@ for i = 2, #ARGV do
   if not line or line.state ~= 'R' then
     dropped = dropped + redis.call('ZREM', KEYS[1], member)
   elseif line.exp <= now then
-    local c = read_sku(k_sku)
+    local c = counters[k_sku]
+    if not c then
+      c = read_sku(k_sku)
+      counters[k_sku] = c
+    end
     if not c.fenced then
       c.r, c.a = c.r - line.qty, c.a + line.qty
       redis.call('SET', k_line, 'E|' .. line.qty .. '|' .. line.exp, 'PX', retention)
       redis.call('ZREM', KEYS[1], member)
       local sep = string.find(member, '|', 1, true)
-      commit(k_sku, KEYS[2], {op = 'expire', sku = string.sub(member, 1, sep - 1),
+      append_event(KEYS[2], {op = 'expire', sku = string.sub(member, 1, sep - 1),
         order = string.sub(member, sep + 1), qty = line.qty, exp = line.exp}, c, now)
+      if not c.dirty then
+        c.dirty = true
+        touched[#touched + 1] = k_sku
+      end
       expired = expired + 1
     end
   end
 end
+for _, k_sku in ipairs(touched) do store_counters(k_sku, counters[k_sku]) end
 return {expired, dropped}
