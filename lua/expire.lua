@@ -16,12 +16,13 @@ local expired, dropped = 0, 0
 -- A SKU's counters are read once and stored once per call (a flash sale's
 -- due lines are mostly one SKU); each expired line still gets its own event.
 local counters, touched = {}, {}
+local leaving, stale = {}, {}  -- members to take out of the index, in one ZREM at the end
 for i = 2, #ARGV do
   local member = ARGV[i]
   local k_sku, k_line = KEYS[1 + 2 * (i - 1)], KEYS[2 + 2 * (i - 1)]
   local line = read_line(k_line)
   if not line or line.state ~= 'R' then
-    dropped = dropped + redis.call('ZREM', KEYS[1], member)
+    stale[#stale + 1] = member
   elseif line.exp <= now then
     local c = counters[k_sku]
     if not c then
@@ -31,7 +32,7 @@ for i = 2, #ARGV do
     if not c.fenced then
       c.r, c.a = c.r - line.qty, c.a + line.qty
       redis.call('SET', k_line, 'E|' .. line.qty .. '|' .. line.exp, 'PX', retention)
-      redis.call('ZREM', KEYS[1], member)
+      leaving[#leaving + 1] = member
       local sep = string.find(member, '|', 1, true)
       append_event(KEYS[2], {op = 'expire', sku = string.sub(member, 1, sep - 1),
         order = string.sub(member, sep + 1), qty = line.qty, exp = line.exp}, c, now)
@@ -44,4 +45,15 @@ for i = 2, #ARGV do
   end
 end
 for _, k_sku in ipairs(touched) do store_counters(k_sku, counters[k_sku]) end
+
+local function zrem_all(members)  -- in chunks: unpack() has a stack limit
+  local removed = 0
+  for first = 1, #members, 500 do
+    removed = removed + redis.call('ZREM', KEYS[1],
+      unpack(members, first, math.min(first + 499, #members)))
+  end
+  return removed
+end
+zrem_all(leaving)
+dropped = zrem_all(stale)
 return {expired, dropped}
