@@ -196,3 +196,20 @@ class Cluster:
 
 def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def stock_env(settings: Any, port: int, dsn: str, token: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``stock serve`` subprocess for these settings."""
+    env = dict(os.environ)
+    env.update(
+        STOCK_REDIS_URL=settings.redis_url,
+        STOCK_REDIS_CLUSTER="1" if settings.redis_cluster else "0",
+        STOCK_DATABASE_URL=dsn,
+        STOCK_PORT=str(port),
+        STOCK_ADMIN_TOKEN=token,
+        STOCK_BUCKETS=str(settings.buckets),
+        STOCK_REAPER_PERIOD_S="0.1",
+        STOCK_WRITER_INTERVAL_MS="20",
+        **extra,
+    )
+    return env

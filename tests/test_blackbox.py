@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from stock.config import Settings
+from tests import servers
 from tests.servers import free_port
 
 TOKEN = "blackbox-token"
@@ -27,17 +28,7 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def stock_env(settings: Settings, port: int, dsn: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        STOCK_REDIS_URL=settings.redis_url,
-        STOCK_REDIS_CLUSTER="1" if settings.redis_cluster else "0",
-        STOCK_DATABASE_URL=dsn,
-        STOCK_PORT=str(port),
-        STOCK_ADMIN_TOKEN=TOKEN,
-        STOCK_BUCKETS=str(settings.buckets),
-        STOCK_REAPER_PERIOD_S="0.1",
-    )
-    return env
+    return servers.stock_env(settings, port, dsn, TOKEN)
 
 
 async def wait_ready(base: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:

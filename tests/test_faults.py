@@ -18,7 +18,6 @@ twice), and where a writer runs, PostgreSQL == Redis with one ledger row per eve
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
@@ -45,7 +44,7 @@ from stock.errors import InsufficientStock, NotFound, Unavailable
 from tests.conftest import BUCKETS
 from tests.persist.conftest import Postgres
 from tests.persist.helpers import wait_persisted
-from tests.servers import Cluster, ServerProcess, free_port
+from tests.servers import Cluster, ServerProcess, free_port, stock_env
 
 pytestmark = pytest.mark.faults
 
@@ -126,19 +125,7 @@ async def stream_matches_counters(redis: Any, settings: Settings, skus: list[str
 
 
 def serve_env(settings: Settings, port: int, dsn: str = "", **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        STOCK_REDIS_URL=settings.redis_url,
-        STOCK_REDIS_CLUSTER="1" if settings.redis_cluster else "0",
-        STOCK_DATABASE_URL=dsn,
-        STOCK_PORT=str(port),
-        STOCK_ADMIN_TOKEN=TOKEN,
-        STOCK_BUCKETS=str(settings.buckets),
-        STOCK_REAPER_PERIOD_S="0.1",
-        STOCK_WRITER_INTERVAL_MS="20",
-        **extra,
-    )
-    return env
+    return stock_env(settings, port, dsn, TOKEN, **extra)
 
 
 async def start_serve(
