@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from stock import keys
+from stock.client import connect
 from stock.config import Settings
 from stock.engine import OrderResult, StockEngine
 from stock.errors import (
@@ -305,6 +306,29 @@ async def test_flash_sale_sells_exactly_the_stock(engine: StockEngine, op: str) 
     assert min(int(e["available"]) for e in events) == 0
     for e in events:
         assert int(e["available"]) + int(e["reserved"]) + int(e["sold"]) == 100, e
+
+
+async def test_a_fresh_client_routes_its_first_burst(
+    engine: StockEngine, settings: Settings
+) -> None:
+    """A process that has just started meets the stampede with its very first calls:
+    60 buyers on 50 units through a client that has sent nothing yet. Each call must
+    reach its key's node (redis-py 8.1 alone would send them to one node, draw MOVED
+    replies and close the connections of the calls in flight)."""
+    await engine.set_stock("A", 50)
+    fresh = connect(settings)
+    try:
+        buyer = StockEngine(fresh, settings)
+        answers = await asyncio.gather(
+            *(buyer.reserve(f"first-{i}", [{"sku": "A", "qty": 1}]) for i in range(60)),
+            return_exceptions=True,
+        )
+    finally:
+        await fresh.aclose()
+    outcomes = Counter(type(a).__name__ for a in answers)
+    assert outcomes == {"OrderResult": 50, "InsufficientStock": 10}
+    stock = await engine.get_stock("A")
+    assert (stock.available, stock.reserved, stock.sold) == (0, 50, 0)
 
 
 async def test_flash_sale_of_a_two_item_bundle(engine: StockEngine) -> None:
