@@ -44,4 +44,4 @@ def connect(settings: Settings, **options: Any) -> Any:
     pool = BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=size, timeout=10, **options
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
