@@ -32,7 +32,9 @@ from typing import Any
 import hiredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-MAX_BATCH = 32
+# Small batches keep Redis busy while this process handles the replies of the last
+# one: 8 served HTTP best here (8: 10-14k req/s, 32: 7-7.7k, 128: 6.5-7k; wrk -c50).
+MAX_BATCH = 8
 DEFAULT_TIMEOUT_S = 10.0  # when the client has no socket_timeout
 READ_SIZE = 1 << 16
 
