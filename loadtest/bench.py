@@ -52,6 +52,7 @@ from stock import keys
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine, items_spec
+from stock.pipeline import MAX_BATCH
 from stock.scripts import load_sources
 from stock.validate import Item
 
@@ -198,13 +199,17 @@ async def _raw_call(settings: Settings, ttl_ms: int) -> tuple[list[str], list[st
         await client.aclose()
 
 
+PIPELINE = MAX_BATCH  # redis-benchmark -P: the auto-pipeline's batch size
+
 # -- 1. raw ceiling ------------------------------------------------------------
 
 
-def redis_benchmark(port: int, concurrency: int, requests: int, command: list[str]) -> float:
+def redis_benchmark(
+    port: int, concurrency: int, requests: int, command: list[str], pipeline: int = 1
+) -> float:
     out = subprocess.run(
         ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(concurrency),
-         "-n", str(requests), "-r", "2000000000", "--csv", *command],
+         "-n", str(requests), "-r", "2000000000", "-P", str(pipeline), "--csv", *command],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
     lines = [line for line in out.splitlines() if line.strip()]
@@ -220,12 +225,15 @@ def raw_command(settings: Settings) -> tuple[list[str], str]:
     return ["EVALSHA", sha, str(len(keys_)), *keys_, *args], keys_[1]
 
 
-def bench_raw(settings: Settings, port: int, concurrency: int, requests: int) -> float:
-    """One redis-benchmark run of ``requests`` reserves, checked against the counters."""
+def bench_raw(
+    settings: Settings, port: int, concurrency: int, requests: int, pipeline: int = 1
+) -> float:
+    """One redis-benchmark run of ``requests`` reserves, checked against the counters;
+    ``pipeline`` > 1 sends that many calls per write on each connection (-P)."""
     client = fresh(settings)
     run_async(set_hot(settings, [HOT]))
     command, sku_key = raw_command(settings)
-    rps = redis_benchmark(port, concurrency, requests, command)
+    rps = redis_benchmark(port, concurrency, requests, command, pipeline)
     made = int(client.hget(sku_key, "reserved") or 0)
     client.close()
     if made < requests * 0.99:
@@ -591,6 +599,10 @@ def main() -> int:
                    f"hot SKU, new order per call, -c {c}; {samples(raws)}")  # fmt: skip
         note = f"{c} coroutines, uvloop; {samples(libs)}; library/raw = {lib / raw:.2f}"
         report.add("2. library: StockEngine.reserve", lib, "ops/s", note)
+        piped = [bench_raw(settings, valkey.port, c, requests, PIPELINE) for _ in range(rep)]
+        report.add(f"1b. raw, pipelined (redis-benchmark -P {PIPELINE})", max(piped), "ops/s",
+                   f"context for 2., which pipelines too; {samples(piped)}; "
+                   f"library/this = {lib / max(piped):.2f}")  # fmt: skip
         _log("3/6 HTTP: stock serve vs bare aiohttp, wrk, alternating")
         apis, bares = bench_http(settings, args.wrk_threads, c, secs, rep)
         api, bare = max(apis), max(bares)
