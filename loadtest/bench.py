@@ -314,16 +314,19 @@ def _serve(command: list[str], port: int, env: dict[str, str]) -> subprocess.Pop
 
 def bench_http(
     settings: Settings, threads: int, connections: int, seconds: float, repeat: int
-) -> tuple[list[float], list[float]]:
-    """``stock serve`` and the bare app side by side, runs alternating; req/s samples."""
+) -> dict[str, list[float]]:
+    """``stock serve`` (one process, and ``--workers 2``) and the bare app side by side,
+    runs alternating; req/s samples by server."""
     env = dict(os.environ, STOCK_REDIS_URL=settings.redis_url, STOCK_BUCKETS=str(settings.buckets))
     env.pop("STOCK_DATABASE_URL", None)
     servers = {
         "api": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"],
         "bare": [sys.executable, "-m", "loadtest.bare_app"],
-    }
+        "api2": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper",
+                 "--workers", "2"],
+    }  # fmt: skip
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    samples: dict[str, list[float]] = {"api": [], "bare": []}
+    samples: dict[str, list[float]] = {name: [] for name in servers}
     try:
         for name, command in servers.items():
             port = free_port()
@@ -338,7 +341,7 @@ def bench_http(
     finally:
         for proc, _port in procs.values():
             stop_process(proc)
-    return samples["api"], samples["bare"]
+    return samples
 
 
 # -- 4. PostgreSQL row lock ------------------------------------------------------
@@ -604,13 +607,16 @@ def main() -> int:
                    f"context for 2., which pipelines too; {samples(piped)}; "
                    f"library/this = {lib / max(piped):.2f}")  # fmt: skip
         _log("3/6 HTTP: stock serve vs bare aiohttp, wrk, alternating")
-        apis, bares = bench_http(settings, args.wrk_threads, c, secs, rep)
+        http = bench_http(settings, args.wrk_threads, c, secs, rep)
+        apis, bares, api2s = http["api"], http["bare"], http["api2"]
         api, bare = max(apis), max(bares)
         s["http/bare"] = api / bare
         note = f"wrk -t{args.wrk_threads} -c{c}, 1 worker process; {samples(apis)}"
         report.add("3a. HTTP: POST /v1/reservations (stock serve)", api, "req/s", note)
         note = f"same body in, same size out; {samples(bares)}; http/bare = {api / bare:.2f}"
         report.add("3b. HTTP: bare aiohttp+uvloop+orjson", bare, "req/s", note)
+        note = f"context: two processes on one port (SO_REUSEPORT); {samples(api2s)}"
+        report.add("3c. HTTP: stock serve --workers 2", max(api2s), "req/s", note)
         _log("4/6 PostgreSQL row-lock decrement")
         pg_dir = workdir / "pg"
         pg_dir.mkdir()
