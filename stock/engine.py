@@ -67,7 +67,10 @@ class OrderResult:
 
 def items_spec(items: Iterable[Item]) -> str:
     """The canonical text of an order's items, compared to detect order_conflict."""
-    return ",".join(f"{i.sku}:{i.qty}" for i in sorted(items))
+    ordered = sorted(items)
+    if len(ordered) == 1:  # most orders: skip the generator
+        return f"{ordered[0].sku}:{ordered[0].qty}"
+    return ",".join(f"{i.sku}:{i.qty}" for i in ordered)
 
 
 def order_record(kind: str, spec: str, phase: str = "done", owner: str = "") -> str:

@@ -16,6 +16,7 @@ MAX_QTY = 1_000_000
 MAX_ITEMS = 100
 MAX_TTL_S = 86_400
 MAX_ORDER_ID = 128
+ORDER_ID_RE = re.compile(rf"[ -~]{{1,{MAX_ORDER_ID}}}")  # printable ASCII
 
 
 class Item(NamedTuple):
@@ -34,11 +35,7 @@ def sku(value: Any, field: str = "sku") -> str:
 
 
 def order_id(value: Any, field: str = "order_id") -> str:
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= MAX_ORDER_ID
-        or not all(" " <= ch <= "~" for ch in value)
-    ):
+    if not isinstance(value, str) or ORDER_ID_RE.fullmatch(value) is None:
         raise InvalidRequest(
             f"{field} must be 1 to {MAX_ORDER_ID} printable ASCII characters", field=field
         )
