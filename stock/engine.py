@@ -127,6 +127,7 @@ class StockEngine:
             "adjust",
             [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
             [sku, delta, expected, reason],
+            once=True,  # a delta applied twice would be a unit made or lost
         )
         return parse_counters(reply, sku)
 

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stock import keys
 from stock.engine import StockEngine
@@ -263,6 +264,37 @@ async def test_adjust_delta_cas_and_floor(engine: StockEngine) -> None:
     with pytest.raises(InsufficientStock):
         await engine.adjust("A", -13)
     assert await counters(engine, "A") == (12, 0, 0)
+
+
+async def test_a_lost_adjust_reply_is_not_applied_twice(
+    engine: StockEngine, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adjust whose reply is lost (here: it ran, then the client timed out) must
+    not run again by itself: redis-py's cluster client resends such a call, and a
+    delta applied twice makes or loses units. The caller gets the error (503 over
+    HTTP) and the counter moved once. (On standalone the auto-pipeline never
+    resends: tests/test_pipeline.py.)"""
+    if not settings.redis_cluster:
+        pytest.skip("the reply is lost inside redis-py's cluster client")
+    from redis.asyncio.cluster import ClusterNode
+
+    send = ClusterNode.execute_command
+    lost: list[Any] = []
+
+    async def lose_first_adjust_reply(node: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = await send(node, *args, **kwargs)
+        if args[0] == "EVALSHA" and "LOST" in args and not lost:
+            lost.append(reply)
+            raise RedisTimeoutError("reply lost (injected by the test)")
+        return reply
+
+    await engine.set_stock("LOST", 10)
+    monkeypatch.setattr(ClusterNode, "execute_command", lose_first_adjust_reply)
+    with pytest.raises(RedisTimeoutError):
+        await engine.adjust("LOST", 5, reason="restock")
+    monkeypatch.undo()
+    assert lost  # the script ran on the server
+    assert (await engine.get_stock("LOST")).available == 15
 
 
 async def test_set_keeps_reserved_and_sold(engine: StockEngine) -> None:
