@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from persist.events import encode
 from persist.migrate import migrate
 from persist.writer import Writer
 from stock import keys
@@ -62,11 +63,10 @@ def synthetic_events(count: int, skus: int, seed: int = 7) -> list[tuple[str, di
             c[1] += qty
             open_orders.append((order, sku, qty))
         c[3] += 1
-        fields = {
+        fields = encode({
             "op": op, "sku": sku, "order": order, "qty": qty, "available": c[0],
             "reserved": c[1], "sold": c[2], "seq": c[3], "at": now, "exp": now + 900_000,
-            "reason": "",
-        }  # fmt: skip
+        })  # fmt: skip
         out.append((sku, fields))
     return out
 

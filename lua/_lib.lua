@@ -45,22 +45,33 @@ local function read_line(key)
   return {state = state, qty = tonumber(qty), exp = tonumber(exp), tag = tag}
 end
 
--- Store the SKU's counters and append their delta event, in one step.
--- c is the table read_sku returned, with the new counters.
-local function append_event(events_key, ev, c, at)
+-- Append a delta event to the bucket stream; c is the table read_sku returned,
+-- with the new counters (its seq is advanced here). The event is one stream
+-- field 'e': 'op|qty|available|reserved|sold|seq|at|exp|sku|order' (integers
+-- in decimal), so it ends with the line's member 'sku|order_id' ('sku|' for a
+-- SKU-wide event; an order id may itself contain '|'), plus a field 'reason'
+-- only when there is one (set, adjust, resync). persist/events.py decodes it
+-- (decode); keep the two in step.
+local function append_event(events_key, op, member, qty, exp, c, at, reason)
   c.seq = c.seq + 1
-  redis.call('XADD', events_key, '*',
-    'op', ev.op, 'sku', ev.sku, 'order', ev.order or '', 'qty', ev.qty,
-    'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq, 'at', at,
-    'exp', ev.exp or 0, 'reason', ev.reason or '')
+  local e = string.format('%s|%d|%d|%d|%d|%d|%d|%d|%s', op, qty, c.a, c.r, c.s, c.seq, at,
+    exp, member)
+  if reason and reason ~= '' then
+    redis.call('XADD', events_key, '*', 'e', e, 'reason', reason)
+  else
+    redis.call('XADD', events_key, '*', 'e', e)
+  end
 end
 
 local function store_counters(sku_key, c)
   redis.call('HSET', sku_key, 'available', c.a, 'reserved', c.r, 'sold', c.s, 'seq', c.seq)
 end
 
+-- Store the SKU's counters and append their delta event, in one step.
+-- ev: {op, sku, order (none for a SKU-wide event), qty, exp, reason}.
 local function commit(sku_key, events_key, ev, c, at)
-  append_event(events_key, ev, c, at)
+  append_event(events_key, ev.op, ev.sku .. '|' .. (ev.order or ''), ev.qty, ev.exp or 0, c, at,
+    ev.reason)
   store_counters(sku_key, c)
   return c.seq
 end

@@ -33,9 +33,7 @@ for i = 2, #ARGV do
       c.r, c.a = c.r - line.qty, c.a + line.qty
       redis.call('SET', k_line, 'E|' .. line.qty .. '|' .. line.exp, 'PX', retention)
       leaving[#leaving + 1] = member
-      local sep = string.find(member, '|', 1, true)
-      append_event(KEYS[2], {op = 'expire', sku = string.sub(member, 1, sep - 1),
-        order = string.sub(member, sep + 1), qty = line.qty, exp = line.exp}, c, now)
+      append_event(KEYS[2], 'expire', member, line.qty, line.exp, c, now)
       if not c.dirty then
         c.dirty = true
         touched[#touched + 1] = k_sku

@@ -1,9 +1,14 @@
 """Stream events and how one batch of them lands in PostgreSQL.
 
 An event is one entry of a bucket stream (``stock:{b<n>}:events``), written by
-``lua/_lib.lua``'s ``commit``: op, sku, order, qty, the counters after the
+``lua/_lib.lua``'s ``append_event``: op, qty, the counters after the
 change, the SKU's ``seq``, server time ``at`` (ms), line expiry ``exp`` (ms, 0
-if none) and reason. ``apply_batch`` writes a batch in one transaction: it
+if none), sku, order and reason. The entry has one field ``e``, those values
+but the reason joined by ``|`` in ``FIELD_ORDER`` (so it ends with the line's
+expiry index member ``sku|order_id``; an order id may itself contain ``|``, a
+SKU never does), and a field ``reason`` only when there is one. ``decode`` is the
+one place in Python that reads that format (``encode`` writes it, for tests and
+benchmarks). ``apply_batch`` writes a batch in one transaction: it
 COPYs the events into a session table (``writer_batch``), and from there
 
 - the ledger gets one row per event;
@@ -22,7 +27,8 @@ Resync and reconcile read the unflushed events as ``Event`` tuples instead.
 from __future__ import annotations
 
 import io
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -38,10 +44,14 @@ LINE_STATES = {
 }
 ORDER_KINDS = {"reserve": "reserve", "deduct": "deduct"}
 
+# An event's values in the order of its "e" field, then its reason.
+FIELD_ORDER = ("op", "qty", "available", "reserved", "sold", "seq", "at", "exp", "sku", "order",
+               "reason")  # fmt: skip
 BATCH_COLUMNS = (
-    "op", "sku", "order_id", "qty", "available", "reserved", "sold", "seq", "at_ms",
-    "expires_ms", "reason", "stream", "stream_id", "kind",
+    "op", "qty", "available", "reserved", "sold", "seq", "at_ms", "expires_ms", "sku",
+    "order_id", "reason", "stream", "stream_id", "kind",
 )  # FIELD_ORDER, where the event came from, the line's order kind  # fmt: skip
+_PACKED = len(FIELD_ORDER) - 1  # values in the "e" field
 
 
 class StreamId(NamedTuple):
@@ -76,23 +86,45 @@ class Event(NamedTuple):
     reason: str
 
 
-def parse_event(stream: str, entry_id: str, fields: dict[str, str]) -> Event:
-    """One stream entry as an Event."""
-    return Event(
-        stream,
-        StreamId.parse(entry_id),
-        fields["op"],
-        fields["sku"],
-        fields.get("order", ""),
-        int(fields["qty"]),
-        int(fields["available"]),
-        int(fields["reserved"]),
-        int(fields["sold"]),
-        int(fields["seq"]),
-        int(fields["at"]),
-        int(fields.get("exp") or 0),
-        fields.get("reason", ""),
+def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
+    """One stream entry's values in FIELD_ORDER, from its fields as a parsing client
+    returns them (a dict) or raw (the flat field/value list)."""
+    if not isinstance(fields, Mapping) and len(fields) == 2 and fields[0] == "e":
+        values = fields[1].split("|", _PACKED - 1)  # the common case: no reason
+        values.append("")
+        return values
+    named = (
+        fields if isinstance(fields, Mapping) else dict(zip(fields[::2], fields[1::2], strict=True))
     )
+    packed = named.get("e")
+    if packed is None:  # one field per value: written before this format
+        blank = {"order": "", "reason": ""}
+        return [named.get(n) or blank.get(n, "0") for n in FIELD_ORDER]
+    values = packed.split("|", _PACKED - 1)
+    values.append(named.get("reason", ""))
+    return values
+
+
+def encode(values: Mapping[str, Any]) -> dict[str, str]:
+    """The stream fields of an event given by name, as ``append_event`` writes them
+    (for tests and benchmarks; the scripts write the events)."""
+    packed = "|".join(str(values.get(n) or (0 if n != "order" else "")) for n in FIELD_ORDER[:-1])
+    reason = values.get("reason") or ""
+    return {"e": packed, "reason": reason} if reason else {"e": packed}
+
+
+def named(fields: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    """One stream entry as {name: value} (text values, as in the stream)."""
+    return dict(zip(FIELD_ORDER, decode(fields), strict=True))
+
+
+def parse_event(stream: str, entry_id: str, fields: Mapping[str, str] | Sequence[str]) -> Event:
+    """One stream entry as an Event."""
+    op, qty, available, reserved, sold, seq, at, exp, sku, order, reason = decode(fields)
+    return Event(
+        stream, StreamId.parse(entry_id), op, sku, order, int(qty), int(available),
+        int(reserved), int(sold), int(seq), int(at), int(exp or 0), reason,
+    )  # fmt: skip
 
 
 _OFFSETS_ENSURE = """
@@ -168,28 +200,17 @@ async def read_offsets(conn: asyncpg.Connection, streams: list[str]) -> dict[str
     return {s: found.get(s, StreamId(0, 0)) for s in streams}
 
 
-# the field order of _lib.lua's XADD, values at the odd positions of a raw entry
-FIELD_ORDER = ("op", "sku", "order", "qty", "available", "reserved", "sold", "seq", "at", "exp",
-               "reason")  # fmt: skip
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 class Chunk(NamedTuple):
-    """The fresh entries read from one stream: ids ascending, raw field lists."""
+    """The fresh entries read from one stream: ids ascending, values as ``decode``
+    returns them."""
 
     stream: str
     first: StreamId
     last: StreamId
     entries: list[tuple[str, list[str]]]
-
-
-def in_order(fields: list[str]) -> list[str]:
-    """A raw entry's flat field/value list, in _lib.lua's order (it nearly always is)."""
-    if len(fields) == 22 and fields[0] == "op" and fields[20] == "reason":
-        return fields
-    named = dict(zip(fields[::2], fields[1::2], strict=True))
-    blank = {"order": "", "reason": ""}
-    return [x for n in FIELD_ORDER for x in (n, named.get(n) or blank.get(n, "0"))]
 
 
 def _copy_rows(chunks: list[Chunk]) -> bytes:
@@ -199,16 +220,13 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
     kinds: dict[str, str] = {}
     for chunk in chunks:
         tail = f"\t{chunk.stream}\t"
-        for entry_id, v in chunk.entries:
-            values = v[1::2]  # FIELD_ORDER
-            if values[10] or "\\" in values[2]:  # reason, order id: may need escapes
-                values[2], values[10] = (
-                    values[2].translate(_ESCAPES),
-                    values[10].translate(_ESCAPES),
-                )
+        for entry_id, values in chunk.entries:  # FIELD_ORDER
+            if values[10] or "\\" in values[9]:  # reason, order id: may need escapes
+                order, reason = values[9].translate(_ESCAPES), values[10].translate(_ESCAPES)
+                values = [*values[:9], order, reason]
             op, kind = values[0], ""
             if op in LINE_STATES:
-                line = values[2] + "|" + values[1]
+                line = values[9] + "|" + values[8]
                 if op in ORDER_KINDS:
                     kinds[line] = kind = op
                 else:

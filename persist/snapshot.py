@@ -91,8 +91,11 @@ async def unflushed(
         while True:
             entries = await client.xrange(stream, min=start, max="+", count=SCAN_CHUNK)
             for entry_id, fields in entries:
-                if fields and (wanted is None or fields.get("sku") in wanted):
-                    out[fields["sku"]].append(parse_event(stream, entry_id, fields))
+                if not fields:
+                    continue
+                event = parse_event(stream, entry_id, fields)
+                if wanted is None or event.sku in wanted:
+                    out[event.sku].append(event)
             if len(entries) < SCAN_CHUNK:
                 break
             start = f"({entries[-1][0]}"

@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from persist.events import Chunk, StreamId, apply_batch, in_order, prepare, read_offsets
+from persist.events import Chunk, StreamId, apply_batch, decode, prepare, read_offsets
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -286,7 +286,7 @@ class Writer:
     def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
         """Split a bucket's reply into fresh events and entries only to acknowledge."""
         key, offset = keys.events_key(bucket), self.offsets[bucket]
-        live = [(entry_id, in_order(fields)) for entry_id, fields in entries if fields]
+        live = [(entry_id, decode(fields)) for entry_id, fields in entries if fields]
         if live and StreamId.parse(live[0][0]) <= offset:  # ids ascend: drop the known ones
             live = [(i, f) for i, f in live if StreamId.parse(i) > offset]
         fresh = (

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from persist.events import named
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -106,7 +107,8 @@ async def read_events(engine: StockEngine) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = defaultdict(list)
     for bucket in sorted({keys.bucket_of(s, engine.settings.buckets) for s in SKUS}):
         for _id, fields in await engine.redis.xrange(keys.events_key(bucket)):
-            out[fields["sku"]].append(fields)
+            event = named(fields)
+            out[event["sku"]].append(event)
     return out
 
 
@@ -374,11 +376,11 @@ class Gate:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def __call__(self, name: str, keys_: Any, args: Any) -> Any:
+    async def __call__(self, name: str, keys_: Any, args: Any, **options: Any) -> Any:
         if name == self.script and not self.held.is_set():
             self.held.set()
             await self.opened.wait()
-        return await self.inner(name, keys_, args)
+        return await self.inner(name, keys_, args, **options)
 
     async def reached(self, task: asyncio.Task[Any]) -> None:
         """Until the held call is waiting, or the task ended without one."""

@@ -36,6 +36,7 @@ import pytest
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from persist.events import named
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -104,7 +105,8 @@ async def stream_matches_counters(redis: Any, settings: Settings, skus: list[str
     events: dict[str, list[dict[str, str]]] = defaultdict(list)
     for bucket in sorted({keys.bucket_of(s, settings.buckets) for s in skus}):
         for _id, fields in await redis.xrange(keys.events_key(bucket)):
-            events[fields["sku"]].append(fields)
+            event = named(fields)
+            events[event["sku"]].append(event)
     checks = 0
     for sku in skus:
         values = await redis.hmget(

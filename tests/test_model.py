@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import RedisCluster
 
+from persist.events import named
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -97,7 +98,8 @@ class Harness:
             out: dict[str, list[dict[str, str]]] = {s: [] for s in SKUS}
             for bucket in buckets:
                 for _id, fields in await self.client.xrange(keys.events_key(bucket)):
-                    out.setdefault(fields["sku"], []).append(fields)
+                    event = named(fields)
+                    out.setdefault(event["sku"], []).append(event)
             return out
 
         return self.run(read())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from persist.events import named
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -16,7 +17,8 @@ from tests.conftest import BUCKETS
 async def events_of(client: Any, op: str) -> list[dict[str, str]]:
     found = []
     for key in keys.all_events_keys(BUCKETS):
-        found += [fields for _id, fields in await client.xrange(key) if fields["op"] == op]
+        events = [named(fields) for _id, fields in await client.xrange(key)]
+        found += [e for e in events if e["op"] == op]
     return found
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from persist.events import named
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -58,7 +59,7 @@ async def test_aof_restart_keeps_counters_and_lines(tmp_path: Path) -> None:
 async def all_events(client: Any) -> list[dict[str, str]]:
     events = []
     for key in keys.all_events_keys(BUCKETS):
-        events += [fields for _id, fields in await client.xrange(key)]
+        events += [named(fields) for _id, fields in await client.xrange(key)]
     return sorted(events, key=lambda e: (e["sku"], int(e["seq"])))
 
 
