@@ -11,7 +11,7 @@
 -- Returns {expired_count, dropped_count}.
 -- Events: op=expire, one per expired line.
 local now = now_ms()
-local retention = tonumber(ARGV[1])
+local until_ms = now + tonumber(ARGV[1])  -- terminal lines are kept for retention
 local expired, dropped = 0, 0
 -- A SKU's counters are read once and stored once per call (a flash sale's
 -- due lines are mostly one SKU); each expired line still gets its own event.
@@ -20,20 +20,25 @@ local leaving, stale = {}, {}  -- members to take out of the index, in one ZREM 
 for i = 2, #ARGV do
   local member = ARGV[i]
   local k_sku, k_line = KEYS[1 + 2 * (i - 1)], KEYS[2 + 2 * (i - 1)]
-  local line = read_line(k_line)
-  if not line or line.state ~= 'R' then
+  -- the line 'state|qty|expires_ms[|tag]' (read_line, without its table: the
+  -- quantity and expiry stay text for the new value and the event)
+  local v = redis.call('GET', k_line)
+  local state, qty, exp
+  if v then state, qty, exp = string.match(v, '^(%u)|(%d+)|(%d+)') end
+  if state ~= 'R' then
     stale[#stale + 1] = member
-  elseif line.exp <= now then
+  elseif tonumber(exp) <= now then
     local c = counters[k_sku]
     if not c then
       c = read_sku(k_sku)
       counters[k_sku] = c
     end
     if not c.fenced then
-      c.r, c.a = c.r - line.qty, c.a + line.qty
-      redis.call('SET', k_line, 'E|' .. line.qty .. '|' .. line.exp, 'PX', retention)
+      local q = tonumber(qty)
+      c.r, c.a = c.r - q, c.a + q
+      redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp, 'PXAT', until_ms)
       leaving[#leaving + 1] = member
-      append_event(KEYS[2], 'expire', member, line.qty, line.exp, c, now)
+      append_event(KEYS[2], 'expire', member, q, exp, c, now)
       if not c.dirty then
         c.dirty = true
         touched[#touched + 1] = k_sku

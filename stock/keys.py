@@ -52,7 +52,17 @@ def bucket_tag(bucket: int) -> str:
 
 
 def sku_key(sku: str, buckets: int) -> str:
-    return f"{bucket_tag(bucket_of(sku, buckets))}:sku:{sku}"
+    return sku_key_in(bucket_of(sku, buckets), sku)
+
+
+def sku_key_in(bucket: int, sku: str) -> str:
+    """``sku_key`` of a SKU whose bucket the caller already knows."""
+    return f"{bucket_tag(bucket)}:sku:{sku}"
+
+
+def line_key_prefix(bucket: int) -> str:
+    """A line's key is this prefix + its member (``line_member``)."""
+    return f"{bucket_tag(bucket)}:line:"
 
 
 def line_member(sku: str, order_id: str) -> str:

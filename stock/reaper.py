@@ -22,6 +22,8 @@ from stock.scripts import Scripts
 
 log = logging.getLogger("stock.reaper")
 
+HOT_CALLS = 4  # script calls (of up to reaper_batch lines) per pass for a bucket with a backlog
+
 
 @dataclass
 class ReaperStats:
@@ -37,24 +39,36 @@ class Reaper:
         self.settings = settings
         self.scripts = scripts or Scripts(client)
         self.stats = ReaperStats()
+        self._hot: set[int] = set()  # buckets that had a full batch due at the last pass
 
     async def server_ms(self) -> int:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
     async def reap_once(self) -> int:
-        """One pass over every bucket; returns how many lines it expired."""
+        """One pass over every bucket; returns how many lines it expired.
+
+        A bucket that had a full batch due at the last pass (a backlog, or a flash
+        sale's one hot SKU) is read for up to ``HOT_CALLS`` batches, run as that
+        many concurrent script calls, so that Redis runs one while the next is built.
+        """
         now = await self.server_ms()
         batch = self.settings.reaper_batch
         buckets = list(range(self.settings.buckets))
         pipe = self.redis.pipeline(transaction=False)
         for bucket in buckets:
-            pipe.zrangebyscore(keys.due_key(bucket), "-inf", now, 0, batch, withscores=True)
+            limit = batch * HOT_CALLS if bucket in self._hot else batch
+            pipe.zrangebyscore(keys.due_key(bucket), "-inf", now, 0, limit, withscores=True)
         due_lists = await pipe.execute()
         oldest = min((due[0][1] for due in due_lists if due), default=now)
         self.stats.expiry_lag_s = max(0.0, (now - oldest) / 1000)
+        self._hot = {b for b, due in zip(buckets, due_lists, strict=True) if len(due) >= batch}
         counts = await asyncio.gather(
-            *(self._expire(b, due) for b, due in zip(buckets, due_lists, strict=True) if due)
+            *(
+                self._expire(b, due[start : start + batch])
+                for b, due in zip(buckets, due_lists, strict=True)
+                for start in range(0, len(due), batch)
+            )
         )
         expired = sum(counts)
         self.stats.last_batch = expired
@@ -62,12 +76,17 @@ class Reaper:
         return expired
 
     async def _expire(self, bucket: int, due: list[tuple[str, float]]) -> int:
+        """One ``expire.lua`` call for ``due`` (members of ``bucket``'s expiry index)."""
         keys_ = [keys.due_key(bucket), keys.events_key(bucket)]
         members = [member for member, _score in due]
+        line_prefix = keys.line_key_prefix(bucket)
+        sku_keys: dict[str, str] = {}  # a flash sale's due lines are mostly one SKU
         for member in members:
-            sku, order_id = keys.split_member(member)
-            line = keys.line_keys(sku, order_id, self.settings.buckets)
-            keys_.extend((line.sku, line.line))
+            sku = keys.split_member(member)[0]
+            sku_key = sku_keys.get(sku)
+            if sku_key is None:
+                sku_key = sku_keys[sku] = keys.sku_key_in(bucket, sku)
+            keys_ += (sku_key, line_prefix + member)
         expired, _dropped = await self.scripts(
             "expire", keys_, [self.settings.retention_s * 1000, *members]
         )

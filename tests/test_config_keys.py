@@ -59,6 +59,12 @@ def test_a_lines_keys_share_one_slot() -> None:
     line = keys.line_keys("SKU-1", "order{with}braces|and|bars", 64)
     assert len({key_slot(k.encode()) for k in line}) == 1
     assert keys.sku_key("SKU-1", 64) == line.sku
+    bucket, member = (
+        keys.bucket_of("SKU-1", 64),
+        keys.line_member("SKU-1", "order{with}braces|and|bars"),
+    )
+    assert keys.sku_key_in(bucket, "SKU-1") == line.sku  # the reaper's way, bucket known
+    assert keys.line_key_prefix(bucket) + member == line.line
     assert key_slot(keys.order_key("o-1").encode()) == key_slot(b"o-1")
 
 
