@@ -89,7 +89,7 @@ class Event(NamedTuple):
 def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
     """One stream entry's values in FIELD_ORDER, from its fields as a parsing client
     returns them (a dict) or raw (the flat field/value list)."""
-    if not isinstance(fields, Mapping) and len(fields) == 2 and fields[0] == "e":
+    if type(fields) is list and len(fields) == 2 and fields[0] == "e":
         values = fields[1].split("|", _PACKED - 1)  # the common case: no reason
         values.append("")
         return values
