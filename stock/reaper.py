@@ -58,9 +58,12 @@ class Reaper:
         pipe = self.redis.pipeline(transaction=False)
         for bucket in buckets:
             limit = batch * HOT_CALLS if bucket in self._hot else batch
-            pipe.zrangebyscore(keys.due_key(bucket), "-inf", now, 0, limit, withscores=True)
-        due_lists = await pipe.execute()
-        oldest = min((due[0][1] for due in due_lists if due), default=now)
+            due_key = keys.due_key(bucket)
+            pipe.zrange(due_key, 0, 0, withscores=True)  # the oldest line, for the lag
+            pipe.zrangebyscore(due_key, "-inf", now, 0, limit)  # (scores cost a float each)
+        replies = await pipe.execute()
+        heads, due_lists = replies[0::2], replies[1::2]
+        oldest = min((head[0][1] for head in heads if head), default=now)
         self.stats.expiry_lag_s = max(0.0, (now - oldest) / 1000)
         self._hot = {b for b, due in zip(buckets, due_lists, strict=True) if len(due) >= batch}
         counts = await asyncio.gather(
@@ -75,10 +78,9 @@ class Reaper:
         self.stats.expired_total += expired
         return expired
 
-    async def _expire(self, bucket: int, due: list[tuple[str, float]]) -> int:
-        """One ``expire.lua`` call for ``due`` (members of ``bucket``'s expiry index)."""
+    async def _expire(self, bucket: int, members: list[str]) -> int:
+        """One ``expire.lua`` call for ``members`` of ``bucket``'s expiry index."""
         keys_ = [keys.due_key(bucket), keys.events_key(bucket)]
-        members = [member for member, _score in due]
         line_prefix = keys.line_key_prefix(bucket)
         sku_keys: dict[str, str] = {}  # a flash sale's due lines are mostly one SKU
         for member in members:
