@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 lint: install
 	$(BIN)/ruff check stock persist tests loadtest
 	$(BIN)/ruff format --check stock persist tests loadtest
+	$(BIN)/mypy stock persist
 
 test: install lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q

@@ -90,7 +90,7 @@ def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
     """One stream entry's values in FIELD_ORDER, from its fields as a parsing client
     returns them (a dict) or raw (the flat field/value list)."""
     if type(fields) is list and len(fields) == 2 and fields[0] == "e":
-        values = fields[1].split("|", _PACKED - 1)  # the common case: no reason
+        values = str(fields[1]).split("|", _PACKED - 1)  # the common case: no reason
         values.append("")
         return values
     named = (

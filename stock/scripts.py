@@ -100,7 +100,7 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
     code, rest = reply[0], reply[1:]
     if code == "INSUFFICIENT":
         short = [{"sku": sku, "available": avail} for sku, avail in _pairs(rest)]
-        names = ", ".join(s["sku"] for s in short)
+        names = ", ".join(str(s["sku"]) for s in short)
         raise InsufficientStock(f"not enough stock for {names}", items=short)
     if code == "CONFLICT":
         raise OrderConflict(f"order {order_id!r} already exists with other items")
