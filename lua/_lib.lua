@@ -12,7 +12,8 @@
 --   ARGV[6] items_spec  canonical 'sku:qty,...' of the whole order
 --   ARGV[7] kind        'reserve' or 'deduct' (the order record's kind)
 --   ARGV[8] tag         the calling attempt's token on a cluster ('' standalone)
---   ARGV[9..] sku, qty  pairs, one per line of this call
+--   ARGV[9] reason      free text for the events' reason field ('' for none)
+--   ARGV[10..] sku, qty pairs, one per line of this call
 --   KEYS (after the optional order key), four per line, same order as ARGV:
 --     sku hash, line string, bucket expiry zset, bucket event stream
 --
@@ -81,13 +82,14 @@ local function parse_call()
   local call = {
     order_key = with_order and KEYS[1] or nil, order_id = ARGV[2],
     ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
-    may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], tag = ARGV[8], items = {},
+    may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], tag = ARGV[8], reason = ARGV[9],
+    items = {},
   }
   local base = with_order and 1 or 0
-  for i = 1, (#ARGV - 8) / 2 do
+  for i = 1, (#ARGV - 9) / 2 do
     local k = base + (i - 1) * 4
     call.items[i] = {
-      sku = ARGV[7 + 2 * i], qty = tonumber(ARGV[8 + 2 * i]),
+      sku = ARGV[8 + 2 * i], qty = tonumber(ARGV[9 + 2 * i]),
       k_sku = KEYS[k + 1], k_line = KEYS[k + 2], k_due = KEYS[k + 3], k_events = KEYS[k + 4],
     }
   end
@@ -176,7 +178,8 @@ local function run_lines(call, op, decide)
         redis.call('ZREM', it.k_due, member)
       end
       commit(it.k_sku, it.k_events,
-        {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp}, c, now)
+        {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp,
+         reason = call.reason}, c, now)
     end
     if p.exp > latest then latest = p.exp end
     out[#out + 1] = it.sku

@@ -10,7 +10,7 @@ import sys
 from stock.client import connect
 from stock.config import Settings
 
-COMMANDS = ("migrate", "writer", "resync", "reconcile")
+COMMANDS = ("migrate", "writer", "resync", "reconcile", "reconcile-payments")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,6 +29,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )  # fmt: skip
     reconcile = commands.add_parser("reconcile", help="compare Redis with PostgreSQL")
     reconcile.add_argument("skus", nargs="*", metavar="SKU", help="default: every SKU")
+    payments = commands.add_parser(
+        "reconcile-payments", help="compare a payment channel's CSV export with the orders"
+    )
+    payments.add_argument("file", metavar="FILE", help="CSV with columns order_id and status")
+    payments.add_argument("--repair", action="store_true", help="confirm or cancel what is off")
+    payments.add_argument("--since", metavar="T", help="ISO 8601: sales from T must be in FILE")
+    payments.add_argument("--until", metavar="T", help="ISO 8601: sales before T must be in FILE")
+    payments.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -51,6 +59,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "writer":
             await _writer(client, settings)
             return 0
+        if args.command == "reconcile-payments":
+            return await _reconcile_payments(args, client, settings)
         skus = args.skus or None
         if args.command == "resync":
             from persist.resync import resync
@@ -74,3 +84,22 @@ async def _writer(client: object, settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await Writer(client, settings, settings.database_url).run(stop)
+
+
+async def _reconcile_payments(args: argparse.Namespace, client: object, settings: Settings) -> int:
+    from pathlib import Path
+
+    from persist.payments import parse_time, reconcile_payments
+    from stock.engine import StockEngine
+    from stock.errors import InvalidRequest
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+        return await reconcile_payments(
+            StockEngine(client, settings), settings.database_url, Path(args.file),
+            repair=args.repair, since=since, until=until, as_json=args.json,
+        )  # fmt: skip
+    except (InvalidRequest, OSError) as exc:
+        print(f"stock reconcile-payments: {exc}", file=sys.stderr)
+        return 2

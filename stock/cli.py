@@ -19,6 +19,12 @@ from stock.errors import ConfigError
 from stock.reaper import Reaper
 
 
+def persist_commands() -> tuple[str, ...]:
+    from persist.cli import COMMANDS
+
+    return COMMANDS
+
+
 async def _reaper(settings: Settings) -> None:
     client = connect(settings)
     stop = asyncio.Event()
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_dev(settings)
     if args.command == "reaper":
         asyncio.run(_reaper(settings))
-    if args.command in ("migrate", "writer", "resync", "reconcile"):
+    if args.command in persist_commands():
         from persist import cli as persist_cli
 
         return persist_cli.run(args, settings)

@@ -151,14 +151,15 @@ class StockEngine:
     async def deduct(self, order_id: str, items: Sequence[Any]) -> OrderResult:
         return await self._acquire("deduct", order_id, items, 0)
 
-    async def confirm(self, order_id: str) -> OrderResult:
-        return await self._transition("confirm", order_id, 0)
+    async def confirm(self, order_id: str, reason: str = "") -> OrderResult:
+        """``reason`` goes to the ledger (``payment-probe``, ``reconcile-payments``)."""
+        return await self._transition("confirm", order_id, 0, reason)
 
     async def release(self, order_id: str) -> OrderResult:
         return await self._transition("release", order_id, 0)
 
-    async def cancel(self, order_id: str) -> OrderResult:
-        return await self._transition("cancel", order_id, 0)
+    async def cancel(self, order_id: str, reason: str = "") -> OrderResult:
+        return await self._transition("cancel", order_id, 0, reason)
 
     async def extend(self, order_id: str, ttl_s: int) -> OrderResult:
         return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
@@ -248,24 +249,30 @@ class StockEngine:
             await self.scripts("order_close", [okey], [token, "done"])
         return _result(order_id, op, _merge(outcomes))
 
-    async def _transition(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
+    async def _transition(
+        self, op: str, order_id: str, ttl_ms: int, reason: str = ""
+    ) -> OrderResult:
         if self._inflight is None:
-            return await self._transition_now(op, order_id, ttl_ms)
+            return await self._transition_now(op, order_id, ttl_ms, reason)
         async with self._inflight:
-            return await self._transition_now(op, order_id, ttl_ms)
+            return await self._transition_now(op, order_id, ttl_ms, reason)
 
-    async def _transition_now(self, op: str, order_id: str, ttl_ms: int) -> OrderResult:
+    async def _transition_now(
+        self, op: str, order_id: str, ttl_ms: int, reason: str = ""
+    ) -> OrderResult:
         validate.order_id(order_id)
         kind, phase, items = await self._record(order_id)
         if phase == "pending":  # a cluster reserve still running, or stopped midway
             raise NotFound(f"order {order_id!r} is not complete", order_id=order_id)
         spec = items_spec(items)
         if not self.cluster:
-            keys_, args = self._line_call(order_id, items, ttl_ms, False, spec, kind, True)
+            keys_, args = self._line_call(
+                order_id, items, ttl_ms, False, spec, kind, True, reason=reason
+            )
             return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
         groups = self._groups(items)
         if len(groups) == 1:  # one script call: atomic on its node
-            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms)
+            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms, reason)
         # Several nodes: one transition of this order at a time (redis-py's Lock on
         # the order's slot), and every line made safe from the reaper first, so
         # that racing calls cannot leave half an order confirmed and half released.
@@ -277,16 +284,26 @@ class StockEngine:
         try:
             if op in ("confirm", "release", "extend"):
                 await self._hold_all(order_id, groups, spec, op)
-            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms)
+            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms, reason)
         finally:
             with contextlib.suppress(LockError):
                 await lock.release()
 
     async def _apply_groups(
-        self, op: str, order_id: str, groups: list[list[Item]], spec: str, kind: str, ttl_ms: int
+        self,
+        op: str,
+        order_id: str,
+        groups: list[list[Item]],
+        spec: str,
+        kind: str,
+        ttl_ms: int,
+        reason: str = "",
     ) -> OrderResult:
         outcomes = await asyncio.gather(
-            *(self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind) for g in groups),
+            *(
+                self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind, reason=reason)
+                for g in groups
+            ),
             self.redis.pexpire(keys.order_key(order_id), self.retention_ms + ttl_ms),
             return_exceptions=True,
         )
@@ -344,9 +361,10 @@ class StockEngine:
         spec: str,
         kind: str | None = None,
         tag: str = "",
+        reason: str = "",
     ) -> LinesReply:
         keys_, args = self._line_call(
-            order_id, group, ttl_ms, may_create, spec, kind or op, False, tag
+            order_id, group, ttl_ms, may_create, spec, kind or op, False, tag, reason
         )
         return parse_lines(await self.scripts(op, keys_, args), order_id)
 
@@ -360,6 +378,7 @@ class StockEngine:
         kind: str,
         with_order: bool,
         tag: str = "",
+        reason: str = "",
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV in the line call layout of ``lua/_lib.lua``."""
         keys_: list[str] = [keys.order_key(order_id)] if with_order else []
@@ -372,6 +391,7 @@ class StockEngine:
             spec,
             kind,
             tag,
+            reason,
         ]
         for item in items:
             keys_.extend(keys.line_keys(item.sku, order_id, self.settings.buckets))
