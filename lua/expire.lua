@@ -1,7 +1,9 @@
 -- expire.lua: the reaper's step for one bucket (RESERVED -> EXPIRED).
 -- KEYS[1] the bucket's expiry zset, KEYS[2] the bucket's event stream,
 -- then per candidate line: KEYS[2+2i-1] sku hash, KEYS[2+2i] line string
--- ARGV[1] retention_ms, ARGV[2..] per candidate: its zset member 'sku|order_id'
+-- ARGV[1] retention_ms, ARGV[2] the events' reason ('' for none; payment-aware
+-- expiry: payment-unpaid, payment-grace-exhausted), ARGV[3..] per candidate:
+-- its zset member 'sku|order_id'
 -- (the reaper reads due members with ZRANGE BYSCORE first and builds the keys).
 -- A candidate expires only if its line is still RESERVED and its expiry
 -- (server time) has passed, so racing reapers expire each line exactly once.
@@ -12,14 +14,15 @@
 -- Events: op=expire, one per expired line.
 local now = now_ms()
 local until_ms = now + tonumber(ARGV[1])  -- terminal lines are kept for retention
+local reason = ARGV[2]
 local expired, dropped = 0, 0
 -- A SKU's counters are read once and stored once per call (a flash sale's
 -- due lines are mostly one SKU); each expired line still gets its own event.
 local counters, touched = {}, {}
 local leaving, stale = {}, {}  -- members to take out of the index, in one ZREM at the end
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local member = ARGV[i]
-  local k_sku, k_line = KEYS[1 + 2 * (i - 1)], KEYS[2 + 2 * (i - 1)]
+  local k_sku, k_line = KEYS[1 + 2 * (i - 2)], KEYS[2 + 2 * (i - 2)]
   -- the line 'state|qty|expires_ms[|tag]' (read_line, without its table: the
   -- quantity and expiry stay text for the new value and the event)
   local v = redis.call('GET', k_line)
@@ -38,7 +41,7 @@ for i = 2, #ARGV do
       c.r, c.a = c.r - q, c.a + q
       redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp, 'PXAT', until_ms)
       leaving[#leaving + 1] = member
-      append_event(KEYS[2], 'expire', member, q, exp, c, now)
+      append_event(KEYS[2], 'expire', member, q, exp, c, now, reason)
       if not c.dirty then
         c.dirty = true
         touched[#touched + 1] = k_sku

@@ -30,6 +30,7 @@ from stock.engine import OrderResult, StockEngine
 from stock.errors import InvalidRequest, StockError
 from stock.metrics import Metrics
 from stock.openapi import spec as openapi_spec
+from stock.payment_probe import PaymentProbe
 from stock.reaper import Reaper
 
 log = logging.getLogger("stock.api")
@@ -390,7 +391,11 @@ def create_app(
         tasks = []
         if run_reaper:
             scripts = app[ENGINE].scripts if background is client else None
-            reaper = Reaper(background, settings, scripts)
+            probe = None
+            if settings.payment_status_url:
+                probe = PaymentProbe(app[ENGINE], settings, app[METRICS].registry)
+                app[BACKGROUND]["payment_probe"] = probe
+            reaper = Reaper(background, settings, scripts, probe)
             app[BACKGROUND]["reaper"] = reaper
             _watch_reaper(app[METRICS], reaper)
             tasks.append(asyncio.create_task(reaper.run(stop), name="reaper"))
@@ -399,6 +404,8 @@ def create_app(
         yield
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if "payment_probe" in app[BACKGROUND]:
+            await app[BACKGROUND]["payment_probe"].aclose()
         if background is not client:
             await background.aclose()
         await client.aclose()

@@ -31,9 +31,17 @@ async def _reaper(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    probe = None
+    if settings.payment_status_url:
+        from stock.engine import StockEngine
+        from stock.payment_probe import PaymentProbe
+
+        probe = PaymentProbe(StockEngine(client, settings), settings)
     try:
-        await Reaper(client, settings).run(stop)
+        await Reaper(client, settings, probe=probe).run(stop)
     finally:
+        if probe is not None:
+            await probe.aclose()
         await client.aclose()
 
 

@@ -55,6 +55,12 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _status_url(name: str, raw: str) -> str:
+    if raw and (not raw.startswith(("http://", "https://")) or "{order_id}" not in raw):
+        raise ConfigError(f"{name} must be an http(s) URL holding {{order_id}}, got {raw!r}")
+    return raw
+
+
 # field name -> (environment variable, parser)
 _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "redis_url": ("STOCK_REDIS_URL", _redis_url),
@@ -71,6 +77,9 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "redis_max_connections": ("STOCK_REDIS_MAX_CONNECTIONS", _int_in(1, 100_000)),
     "writer_batch": ("STOCK_WRITER_BATCH", _int_in(1, 100_000)),
     "writer_interval_ms": ("STOCK_WRITER_INTERVAL_MS", _int_in(1, 60_000)),
+    "payment_status_url": ("STOCK_PAYMENT_STATUS_URL", _status_url),
+    "payment_probe_timeout_ms": ("STOCK_PAYMENT_PROBE_TIMEOUT_MS", _int_in(10, 60_000)),
+    "payment_grace_s": ("STOCK_PAYMENT_GRACE_S", _int_in(0, 30 * DAY_S)),
 }
 
 
@@ -96,6 +105,9 @@ class Settings:
     redis_max_connections: int = 128
     writer_batch: int = 10_000  # most events the writer applies in one transaction
     writer_interval_ms: int = 50  # how long the writer waits when the streams are idle
+    payment_status_url: str = ""  # payment-aware expiry when set (DESIGN §9)
+    payment_probe_timeout_ms: int = 1000
+    payment_grace_s: int = 600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

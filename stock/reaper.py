@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from stock import keys
 from stock.config import Settings
+from stock.payment_probe import FIRST_RETRY_MS, MAX_RETRY_MS, PaymentProbe
 from stock.scripts import Scripts
 
 log = logging.getLogger("stock.reaper")
@@ -34,10 +35,17 @@ class ReaperStats:
 
 
 class Reaper:
-    def __init__(self, client: Any, settings: Settings, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        settings: Settings,
+        scripts: Scripts | None = None,
+        probe: PaymentProbe | None = None,
+    ) -> None:
         self.redis = client
         self.settings = settings
         self.scripts = scripts or Scripts(client)
+        self.probe = probe  # payment-aware expiry: due lines are asked about first
         self.stats = ReaperStats()
         self._hot: set[int] = set()  # buckets that had a full batch due at the last pass
 
@@ -66,9 +74,10 @@ class Reaper:
         oldest = min((head[0][1] for head in heads if head), default=now)
         self.stats.expiry_lag_s = max(0.0, (now - oldest) / 1000)
         self._hot = {b for b, due in zip(buckets, due_lists, strict=True) if len(due) >= batch}
+        step = self._expire if self.probe is None else self._claim
         counts = await asyncio.gather(
             *(
-                self._expire(b, due[start : start + batch])
+                step(b, due[start : start + batch])
                 for b, due in zip(buckets, due_lists, strict=True)
                 for start in range(0, len(due), batch)
             )
@@ -78,7 +87,7 @@ class Reaper:
         self.stats.expired_total += expired
         return expired
 
-    async def _expire(self, bucket: int, members: list[str]) -> int:
+    async def _expire(self, bucket: int, members: list[str], reason: str = "") -> int:
         """One ``expire.lua`` call for ``members`` of ``bucket``'s expiry index."""
         keys_ = [keys.due_key(bucket), keys.events_key(bucket)]
         line_prefix = keys.line_key_prefix(bucket)
@@ -90,9 +99,20 @@ class Reaper:
                 sku_key = sku_keys[sku] = keys.sku_key_in(bucket, sku)
             keys_ += (sku_key, line_prefix + member)
         expired, _dropped = await self.scripts(
-            "expire", keys_, [self.settings.retention_s * 1000, *members]
+            "expire", keys_, [self.settings.retention_s * 1000, reason, *members]
         )
         return int(expired)
+
+    async def _claim(self, bucket: int, members: list[str]) -> int:
+        """Payment-aware expiry: claim the due lines for a probe (``defer.lua``) and
+        let the probe decide; returns the lines expired now (grace exhausted)."""
+        assert self.probe is not None
+        line_prefix = keys.line_key_prefix(bucket)
+        keys_ = [keys.due_key(bucket), *(line_prefix + m for m in members)]
+        reply = await self.scripts("defer", keys_, [FIRST_RETRY_MS, MAX_RETRY_MS, *members])
+        now = int(reply[0])
+        claimed = [(str(reply[i]), int(reply[i + 1])) for i in range(1, len(reply), 2)]
+        return await self.probe.handle_due(bucket, now, claimed, self._expire)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reap every period until ``stop`` is set; back off while Redis is down."""

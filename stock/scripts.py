@@ -30,7 +30,7 @@ from stock.errors import (
 from stock.pipeline import AutoPipeline, evalsha
 
 LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend", "hold")
-OTHER_OPS = ("set", "adjust", "expire", "order", "order_close", "resync", "writer_ack")
+OTHER_OPS = ("set", "adjust", "expire", "defer", "order", "order_close", "resync", "writer_ack")
 
 STATE_NAMES = {
     "R": "reserved",
