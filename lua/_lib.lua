@@ -13,12 +13,17 @@
 --   ARGV[7] kind        'reserve' or 'deduct' (the order record's kind)
 --   ARGV[8] tag         the calling attempt's token on a cluster ('' standalone)
 --   ARGV[9] reason      free text for the events' reason field ('' for none)
---   ARGV[10..] sku, qty pairs, one per line of this call
+--   ARGV[10] customer   the buyer (reserve/deduct; '' for none): per-customer limits
+--   ARGV[11..] sku, qty pairs, one per line of this call
 --   KEYS (after the optional order key), four per line, same order as ARGV:
 --     sku hash, line string, bucket expiry zset, bucket event stream
 --
--- A line is a string 'state|qty|expires_ms' or 'state|qty|expires_ms|tag';
--- states: R reserved, C confirmed, X released, E expired, N cancelled.
+-- A line is a string 'state|qty|expires_ms', 'state|qty|expires_ms|tag' or
+-- 'state|qty|expires_ms|tag|customer' (tag may be empty; a customer id may
+-- hold '|', so it comes last); states: R reserved, C confirmed, X released,
+-- E expired, N cancelled. A customer's units of a SKU held or bought (R, C)
+-- are counted in the SKU hash's field 'c:<customer>', checked against its
+-- field 'limit' when a line is created (per-customer purchase limits).
 -- Terminal lines expire after retention. On a cluster, where one order is
 -- several calls, the tag names the attempt that last created or replayed the
 -- line, so that a failed attempt undoes only lines no other attempt has
@@ -27,23 +32,45 @@
 --   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
 --   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
 --   {'UNAVAILABLE', sku}  {'NOTFOUND', sku}
+--   {'LIMIT', sku, limit, held, ...}  {'CUSTOMER_REQUIRED', sku}
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function read_sku(key)
-  local v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced')
+local function read_sku(key, customer)
+  local v
+  if customer and customer ~= '' then
+    v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
+      'c:' .. customer)
+  else
+    v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit')
+  end
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
-          seq = tonumber(v[4]) or 0, fenced = v[5] == '1', exists = v[1] ~= false}
+          seq = tonumber(v[4]) or 0, fenced = v[5] == '1', exists = v[1] ~= false,
+          limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
+end
+
+-- A customer's units of a SKU held or bought: moved by delta, the field
+-- dropped at 0 so that a sale's buyers cost nothing once their lines are gone.
+local function count_customer(sku_key, customer, delta)
+  if customer == '' or delta == 0 then return end
+  if redis.call('HINCRBY', sku_key, 'c:' .. customer, delta) <= 0 then
+    redis.call('HDEL', sku_key, 'c:' .. customer)
+  end
+end
+
+local function holds(state)
+  return state == 'R' or state == 'C'
 end
 
 local function read_line(key)
   local v = redis.call('GET', key)
   if not v then return nil end
-  local state, qty, exp, tag = string.match(v, '^(%u)|(%d+)|(%d+)|?(.*)$')
-  return {state = state, qty = tonumber(qty), exp = tonumber(exp), tag = tag}
+  local state, qty, exp, tag, customer = string.match(v, '^(%u)|(%d+)|(%d+)|?([^|]*)|?(.*)$')
+  return {state = state, qty = tonumber(qty), exp = tonumber(exp), tag = tag,
+          customer = customer}
 end
 
 -- Append a delta event to the bucket stream; c is the table read_sku returned,
@@ -83,13 +110,14 @@ local function parse_call()
     order_key = with_order and KEYS[1] or nil, order_id = ARGV[2],
     ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
     may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], tag = ARGV[8], reason = ARGV[9],
+    customer = ARGV[10] or '',
     items = {},
   }
   local base = with_order and 1 or 0
-  for i = 1, (#ARGV - 9) / 2 do
+  for i = 1, (#ARGV - 10) / 2 do
     local k = base + (i - 1) * 4
     call.items[i] = {
-      sku = ARGV[8 + 2 * i], qty = tonumber(ARGV[9 + 2 * i]),
+      sku = ARGV[9 + 2 * i], qty = tonumber(ARGV[10 + 2 * i]),
       k_sku = KEYS[k + 1], k_line = KEYS[k + 2], k_due = KEYS[k + 3], k_events = KEYS[k + 4],
     }
   end
@@ -127,8 +155,22 @@ end
 
 local function line_value(p, tag)
   local v = p.state .. '|' .. p.qty .. '|' .. p.exp
+  if p.customer and p.customer ~= '' then return v .. '|' .. (tag or '') .. '|' .. p.customer end
   if tag and tag ~= '' then v = v .. '|' .. tag end
   return v
+end
+
+-- The per-customer limit of a new line: nil, or an error reply; appends the
+-- line's {sku, limit, held} to over when it would pass the limit.
+local function check_limit(call, it, c, over)
+  if not c.limit then return nil end
+  if call.customer == '' then return {'CUSTOMER_REQUIRED', it.sku} end
+  if c.held + it.qty > c.limit then
+    over[#over + 1] = it.sku
+    over[#over + 1] = c.limit
+    over[#over + 1] = c.held
+  end
+  return nil
 end
 
 -- Plan every line with decide(item, line, counters, now, call), which returns
@@ -139,13 +181,20 @@ end
 -- restamp only writes the calling attempt's tag into the line.
 local function run_lines(call, op, decide)
   local now = now_ms()
-  local plans, short = {}, {}
+  local plans, short, over = {}, {}, {}
   for i, it in ipairs(call.items) do
-    local c = read_sku(it.k_sku)
+    local c = read_sku(it.k_sku, call.customer)
     if c.fenced then return {'UNAVAILABLE', it.sku} end
     local line = read_line(it.k_line)
     local plan, err = decide(it, line, c, now, call)
     if err then return err end
+    if not line and holds(plan.state) and not plan.replay then  -- a new hold or sale
+      plan.customer = call.customer
+      local refused = check_limit(call, it, c, over)
+      if refused then return refused end
+    elseif line then
+      plan.customer = line.customer
+    end
     if plan.short then
       short[#short + 1] = it.sku
       short[#short + 1] = c.a
@@ -156,6 +205,10 @@ local function run_lines(call, op, decide)
   if #short > 0 then
     table.insert(short, 1, 'INSUFFICIENT')
     return short
+  end
+  if #over > 0 then
+    table.insert(over, 1, 'LIMIT')
+    return over
   end
   local out, all_replay, latest = {'OK', 0}, true, 0
   for _, p in ipairs(plans) do
@@ -177,6 +230,9 @@ local function run_lines(call, op, decide)
       if p.line and p.line.state == 'R' and p.state ~= 'R' then
         redis.call('ZREM', it.k_due, member)
       end
+      local was = p.line and holds(p.line.state) and 1 or 0
+      local now_holds = (not p.delete and holds(p.state)) and 1 or 0
+      count_customer(it.k_sku, p.customer or '', (now_holds - was) * p.qty)
       commit(it.k_sku, it.k_events,
         {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp,
          reason = call.reason}, c, now)

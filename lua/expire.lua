@@ -23,11 +23,14 @@ local leaving, stale = {}, {}  -- members to take out of the index, in one ZREM 
 for i = 3, #ARGV do
   local member = ARGV[i]
   local k_sku, k_line = KEYS[1 + 2 * (i - 2)], KEYS[2 + 2 * (i - 2)]
-  -- the line 'state|qty|expires_ms[|tag]' (read_line, without its table: the
-  -- quantity and expiry stay text for the new value and the event)
+  -- the line 'state|qty|expires_ms[|tag[|customer]]' (read_line, without its
+  -- table: the quantity and expiry stay text for the new value and the event)
   local v = redis.call('GET', k_line)
-  local state, qty, exp
-  if v then state, qty, exp = string.match(v, '^(%u)|(%d+)|(%d+)') end
+  local state, qty, exp, customer
+  if v then
+    state, qty, exp = string.match(v, '^(%u)|(%d+)|(%d+)')
+    customer = string.match(v, '^%u|%d+|%d+|[^|]*|(.+)$')
+  end
   if state ~= 'R' then
     stale[#stale + 1] = member
   elseif tonumber(exp) <= now then
@@ -39,7 +42,12 @@ for i = 3, #ARGV do
     if not c.fenced then
       local q = tonumber(qty)
       c.r, c.a = c.r - q, c.a + q
-      redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp, 'PXAT', until_ms)
+      if customer then  -- kept, so that a late confirm counts it again
+        redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp .. '||' .. customer, 'PXAT', until_ms)
+        count_customer(k_sku, customer, -q)
+      else
+        redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp, 'PXAT', until_ms)
+      end
       leaving[#leaving + 1] = member
       append_event(KEYS[2], 'expire', member, q, exp, c, now, reason)
       if not c.dirty then

@@ -246,18 +246,40 @@ async def _order_op(
 
 
 async def create_reservation(request: web.Request) -> web.Response:
-    body = await json_body(request, {"order_id", "items", "ttl_s"})
+    body = await json_body(request, {"order_id", "items", "ttl_s", "customer_id"})
     order_id, items = require(body, "order_id"), require(body, "items")
     ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
-    engine = request.app[ENGINE]  # the engine validates order_id and items
-    return await _order_op(request, "reserve", lambda: engine.reserve(order_id, items, ttl), 201)
+    customer = body.get("customer_id")  # the engine validates it, order_id and items
+    engine = request.app[ENGINE]
+    return await _order_op(
+        request, "reserve", lambda: engine.reserve(order_id, items, ttl, customer), 201
+    )
 
 
 async def create_deduction(request: web.Request) -> web.Response:
-    body = await json_body(request, {"order_id", "items"})
+    body = await json_body(request, {"order_id", "items", "customer_id"})
     order_id, items = require(body, "order_id"), require(body, "items")
+    customer = body.get("customer_id")
     engine = request.app[ENGINE]
-    return await _order_op(request, "deduct", lambda: engine.deduct(order_id, items), 201)
+    return await _order_op(request, "deduct", lambda: engine.deduct(order_id, items, customer), 201)
+
+
+@admin
+async def put_limits(request: web.Request) -> web.Response:
+    sku = validate.sku(request.match_info["sku"])
+    body = await json_body(request, {"per_customer"})
+    if "per_customer" not in body:
+        raise InvalidRequest("per_customer is required (null removes the limit)",
+                             field="per_customer")  # fmt: skip
+    limit = await request.app[ENGINE].set_limit(sku, body["per_customer"])
+    return json_response({"sku": sku, "per_customer": limit})
+
+
+@admin
+async def get_limits(request: web.Request) -> web.Response:
+    sku = validate.sku(request.match_info["sku"])
+    limit = await request.app[ENGINE].get_limit(sku)
+    return json_response({"sku": sku, "per_customer": limit})
 
 
 def _path_order(request: web.Request) -> str:
@@ -356,6 +378,8 @@ def _routes(app: web.Application) -> None:
     r.add_get("/v1/stock/{sku}", get_stock)
     r.add_put("/v1/stock/{sku}", put_stock)
     r.add_post("/v1/stock/{sku}/adjust", adjust_stock)
+    r.add_put("/v1/stock/{sku}/limits", put_limits)
+    r.add_get("/v1/stock/{sku}/limits", get_limits)
     r.add_post("/v1/reservations", create_reservation)
     r.add_get("/v1/reservations/{order_id}", get_reservation)
     r.add_post("/v1/reservations/{order_id}/confirm", confirm)

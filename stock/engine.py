@@ -143,13 +143,33 @@ class StockEngine:
     # -- orders -------------------------------------------------------------
 
     async def reserve(
-        self, order_id: str, items: Sequence[Any], ttl_s: int | None = None
+        self,
+        order_id: str,
+        items: Sequence[Any],
+        ttl_s: int | None = None,
+        customer_id: str | None = None,
     ) -> OrderResult:
         ttl = self.settings.reservation_ttl_s if ttl_s is None else validate.ttl_s(ttl_s)
-        return await self._acquire("reserve", order_id, items, ttl * 1000)
+        return await self._acquire("reserve", order_id, items, ttl * 1000, customer_id)
 
-    async def deduct(self, order_id: str, items: Sequence[Any]) -> OrderResult:
-        return await self._acquire("deduct", order_id, items, 0)
+    async def deduct(
+        self, order_id: str, items: Sequence[Any], customer_id: str | None = None
+    ) -> OrderResult:
+        return await self._acquire("deduct", order_id, items, 0, customer_id)
+
+    async def set_limit(self, sku: str, per_customer: int | None) -> int | None:
+        """A SKU's per-customer purchase limit; ``None`` removes it (DESIGN §9)."""
+        validate.sku(sku)
+        if per_customer is not None:
+            validate.int_in(per_customer, "per_customer", 1, 1_000_000)
+        key = keys.sku_key(sku, self.settings.buckets)
+        reply = await self.scripts("limits", [key], ["" if per_customer is None else per_customer])
+        return int(reply[1]) if reply[1] != "" else None
+
+    async def get_limit(self, sku: str) -> int | None:
+        validate.sku(sku)
+        (limit,) = await self._hmget(keys.sku_key(sku, self.settings.buckets), "limit")
+        return None if limit is None else int(limit)
 
     async def confirm(self, order_id: str, reason: str = "") -> OrderResult:
         """``reason`` goes to the ledger (``payment-probe``, ``reconcile-payments``)."""
@@ -180,27 +200,40 @@ class StockEngine:
     # -- internals ----------------------------------------------------------
 
     async def _acquire(
-        self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
+        self,
+        op: str,
+        order_id: str,
+        raw_items: Sequence[Any],
+        ttl_ms: int,
+        customer_id: str | None = None,
     ) -> OrderResult:
         if self._inflight is None:
-            return await self._acquire_now(op, order_id, raw_items, ttl_ms)
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
         async with self._inflight:
-            return await self._acquire_now(op, order_id, raw_items, ttl_ms)
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
 
     async def _acquire_now(
-        self, op: str, order_id: str, raw_items: Sequence[Any], ttl_ms: int
+        self,
+        op: str,
+        order_id: str,
+        raw_items: Sequence[Any],
+        ttl_ms: int,
+        customer_id: str | None = None,
     ) -> OrderResult:
         validate.order_id(order_id)
         items = validate.items(raw_items)
+        customer = "" if customer_id is None else validate.customer_id(customer_id)
         spec = items_spec(items)
         if not self.cluster:
-            keys_, args = self._line_call(order_id, items, ttl_ms, True, spec, op, with_order=True)
+            keys_, args = self._line_call(
+                order_id, items, ttl_ms, True, spec, op, with_order=True, customer=customer
+            )
             reply = parse_lines(await self.scripts(op, keys_, args), order_id)
             return _result(order_id, op, reply)
-        return await self._acquire_on_cluster(op, order_id, items, spec, ttl_ms)
+        return await self._acquire_on_cluster(op, order_id, items, spec, ttl_ms, customer)
 
     async def _acquire_on_cluster(
-        self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int
+        self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
     ) -> OrderResult:
         """Open the record, reserve every bucket group, then close the record; on a
         refusal undo this attempt's lines and drop the record. One attempt at a
@@ -225,7 +258,12 @@ class StockEngine:
         pending = opened[0] == "NEW" or opened[1] == "pending"
         groups = self._groups(items)
         outcomes = await asyncio.gather(
-            *(self._group_call(op, order_id, g, ttl_ms, pending, spec, tag=token) for g in groups),
+            *(
+                self._group_call(
+                    op, order_id, g, ttl_ms, pending, spec, tag=token, customer=customer
+                )
+                for g in groups
+            ),
             return_exceptions=True,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -362,9 +400,10 @@ class StockEngine:
         kind: str | None = None,
         tag: str = "",
         reason: str = "",
+        customer: str = "",
     ) -> LinesReply:
         keys_, args = self._line_call(
-            order_id, group, ttl_ms, may_create, spec, kind or op, False, tag, reason
+            order_id, group, ttl_ms, may_create, spec, kind or op, False, tag, reason, customer
         )
         return parse_lines(await self.scripts(op, keys_, args), order_id)
 
@@ -379,6 +418,7 @@ class StockEngine:
         with_order: bool,
         tag: str = "",
         reason: str = "",
+        customer: str = "",
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV in the line call layout of ``lua/_lib.lua``."""
         keys_: list[str] = [keys.order_key(order_id)] if with_order else []
@@ -392,6 +432,7 @@ class StockEngine:
             kind,
             tag,
             reason,
+            customer,
         ]
         for item in items:
             keys_.extend(keys.line_keys(item.sku, order_id, self.settings.buckets))

@@ -48,6 +48,13 @@ class ReservationExpired(StockError):
     code, status = "reservation_expired", 409
 
 
+class LimitExceeded(StockError):
+    """``details["items"]`` lists ``{"sku", "limit", "held"}`` for each item over its
+    per-customer limit (``held``: units the customer holds or bought)."""
+
+    code, status = "limit_exceeded", 409
+
+
 class StaleStock(StockError):
     code, status = "stale_stock", 409
 

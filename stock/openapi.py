@@ -21,12 +21,15 @@ ITEMS = {
     "description": "no SKU twice",
 }  # fmt: skip
 TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
+CUSTOMER = {**ORDER_ID, "description": "the buyer; required for a SKU with a per-customer limit"}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 1_000_000, "nullable": True}
 EXPIRES = {"type": "string", "format": "date-time"}
 
 ERRORS = {
     "invalid_request": 400, "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
     "insufficient_stock": 409, "order_conflict": 409, "invalid_transition": 409,
-    "reservation_expired": 409, "stale_stock": 409, "payload_too_large": 413,
+    "reservation_expired": 409, "stale_stock": 409, "limit_exceeded": 409,
+    "payload_too_large": 413,
     "unavailable": 503,
 }  # fmt: skip
 
@@ -40,6 +43,7 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
     }
 
 
+LIMITS = _obj(["sku", "per_customer"], sku=SKU, per_customer=LIMIT)
 COUNTERS = _obj(
     ["sku", "available", "reserved", "sold"], sku=SKU, available=COUNT, reserved=COUNT, sold=COUNT
 )
@@ -102,7 +106,8 @@ def spec() -> dict[str, Any]:
     reserved = {"201": _json(order_ref, "reserved"), "200": _json(order_ref, "replay")}
     sold = {"201": _json(order_ref, "sold"), "200": _json(order_ref, "replay")}
     done = {"200": _json(order_ref, "done (or a replay)")}
-    new_order = {"order_id": ORDER_ID, "items": ITEMS}
+    new_order = {"order_id": ORDER_ID, "items": ITEMS, "customer_id": CUSTOMER}
+    limits = {"200": _json(LIMITS, "the SKU's per-customer limit (null: none)")}
     big = [409, 413]
     return {
         "openapi": "3.0.3",
@@ -124,6 +129,12 @@ def spec() -> dict[str, Any]:
                                 ["delta"], delta=DELTA,
                                 reason={"type": "string", "maxLength": 200},
                                 expected_available={**AMOUNT, "nullable": True})),
+            },
+            "/v1/stock/{sku}/limits": {
+                "get": _op("A SKU's per-customer limit", limits, [], admin=True, params=["sku"]),
+                "put": _op("Set or remove (null) a SKU's per-customer limit", limits, [413],
+                           admin=True, params=["sku"],
+                           body=_obj(["per_customer"], per_customer=LIMIT)),
             },
             "/v1/reservations": {
                 "post": _op("Reserve stock for an order", reserved, big,

@@ -19,7 +19,9 @@ from redis.exceptions import NoScriptError
 
 from stock.errors import (
     InsufficientStock,
+    InvalidRequest,
     InvalidTransition,
+    LimitExceeded,
     NotFound,
     OrderConflict,
     ReservationExpired,
@@ -30,7 +32,17 @@ from stock.errors import (
 from stock.pipeline import AutoPipeline, evalsha
 
 LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend", "hold")
-OTHER_OPS = ("set", "adjust", "expire", "defer", "order", "order_close", "resync", "writer_ack")
+OTHER_OPS = (
+    "set",
+    "adjust",
+    "expire",
+    "defer",
+    "limits",
+    "order",
+    "order_close",
+    "resync",
+    "writer_ack",
+)
 
 STATE_NAMES = {
     "R": "reserved",
@@ -119,6 +131,18 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
         raise Unavailable(f"SKU {rest[0]!r} is being resynced; retry shortly", sku=rest[0])
     if code == "NOTFOUND":
         raise NotFound(f"order {order_id!r} has no line for {rest[0]!r}")
+    if code == "LIMIT":
+        over = [
+            {"sku": str(rest[i]), "limit": int(rest[i + 1]), "held": int(rest[i + 2])}
+            for i in range(0, len(rest), 3)
+        ]
+        names = ", ".join(str(o["sku"]) for o in over)
+        raise LimitExceeded(f"per-customer limit reached for {names}", items=over)
+    if code == "CUSTOMER_REQUIRED":
+        raise InvalidRequest(
+            f"SKU {rest[0]!r} has a per-customer limit: customer_id is required",
+            field="customer_id",
+        )
     if code == "STALE":
         raise StaleStock("available differs from expected_available", available=int(rest[0]))
     raise StockError(f"unexpected script reply {code!r}")

@@ -42,6 +42,15 @@ def order_id(value: Any, field: str = "order_id") -> str:
     return value
 
 
+def customer_id(value: Any, field: str = "customer_id") -> str:
+    """Same alphabet and length as an order id: 1 to 128 printable ASCII characters."""
+    if not isinstance(value, str) or ORDER_ID_RE.fullmatch(value) is None:
+        raise InvalidRequest(
+            f"{field} must be 1 to {MAX_ORDER_ID} printable ASCII characters", field=field
+        )
+    return value
+
+
 def int_in(value: Any, field: str, low: int, high: int) -> int:
     if not _is_int(value) or not low <= value <= high:
         raise InvalidRequest(f"{field} must be an integer from {low} to {high}", field=field)
