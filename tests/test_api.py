@@ -218,3 +218,29 @@ async def test_redis_down_is_503() -> None:
         assert response.status == 503
         assert (await response.json())["error"] == "unavailable"
         assert (await client.get("/readyz")).status == 503
+
+
+async def test_limits_routes_and_limit_exceeded(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 10)
+    url = "/v1/stock/A/limits"
+    assert (await api.get(url)).status == 401
+    assert await (await api.get(url, headers=ADMIN)).json() == {"sku": "A", "per_customer": None}
+    bad = await api.put(url, json={"per_customer": 0}, headers=ADMIN)
+    assert bad.status == 400 and (await bad.json())["field"] == "per_customer"
+    ok = await api.put(url, json={"per_customer": 2}, headers=ADMIN)
+    assert await ok.json() == {"sku": "A", "per_customer": 2}
+    items = [{"sku": "A", "qty": 2}]
+    nobody = await reserve(api, "o1", items)
+    assert nobody.status == 400 and (await nobody.json())["field"] == "customer_id"
+    assert (await reserve(api, "o1", items, customer_id="c1")).status == 201
+    over = await api.post(
+        "/v1/deductions", json={"order_id": "o2", "items": items[:1], "customer_id": "c1"}
+    )
+    assert over.status == 409
+    body = await over.json()
+    assert body["error"] == "limit_exceeded"
+    assert body["items"] == [{"sku": "A", "limit": 2, "held": 2}]
+    bad_customer = await reserve(api, "o3", items, customer_id="")
+    assert bad_customer.status == 400 and (await bad_customer.json())["field"] == "customer_id"
+    removed = await api.put(url, json={"per_customer": None}, headers=ADMIN)
+    assert await removed.json() == {"sku": "A", "per_customer": None}
