@@ -39,6 +39,16 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A resync's fence is the field fenced = 'token@until_ms' (fence.lua): it holds
+-- until until_ms of server time. Returns until_ms while it holds, else 0 (no
+-- fence, one that ran out, or a value of any other form).
+local function fence_until(v)
+  if not v then return 0 end
+  local until_ms = tonumber(string.match(v, '@(%d+)$'))
+  if until_ms and until_ms > now_ms() then return until_ms end
+  return 0
+end
+
 local function read_sku(key, customer)
   local v
   if customer and customer ~= '' then
@@ -47,9 +57,10 @@ local function read_sku(key, customer)
   else
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit')
   end
+  local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
-          seq = tonumber(v[4]) or 0, fenced = v[5] == '1', exists = v[1] ~= false,
-          limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
+          seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
+          exists = v[1] ~= false, limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
 end
 
 -- A customer's units of a SKU held or bought: moved by delta, the field

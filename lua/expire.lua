@@ -7,8 +7,11 @@
 -- (the reaper reads due members with ZRANGE BYSCORE first and builds the keys).
 -- A candidate expires only if its line is still RESERVED and its expiry
 -- (server time) has passed, so racing reapers expire each line exactly once.
--- A member whose line is gone or no longer RESERVED is dropped from the index;
--- a fenced SKU's lines wait for the resync to finish.
+-- A member whose line is gone or no longer RESERVED is dropped from the index.
+-- A due line of a fenced SKU waits for the fence: its score moves to the fence's
+-- end, at most PASS_BY_MS ahead, so that the reaper's next read of the index gets
+-- the lines behind it instead of the same fenced head again (a resync rewrites
+-- its SKUs' lines with their own expiry; one killed leaves them due at its end).
 -- Per expired line: reserved -= qty, available += qty.
 -- Returns {expired_count, dropped_count}.
 -- Events: op=expire, one per expired line.
@@ -16,6 +19,7 @@ local now = now_ms()
 local until_ms = now + tonumber(ARGV[1])  -- terminal lines are kept for retention
 local reason = ARGV[2]
 local expired, dropped = 0, 0
+local PASS_BY_MS = 1000
 -- A SKU's counters are read once and stored once per call (a flash sale's
 -- due lines are mostly one SKU); each expired line still gets its own event.
 local counters, touched = {}, {}
@@ -55,6 +59,8 @@ for i = 3, #ARGV do
         touched[#touched + 1] = k_sku
       end
       expired = expired + 1
+    else
+      redis.call('ZADD', KEYS[1], 'XX', math.min(c.fence_until, now + PASS_BY_MS), member)
     end
   end
 end

@@ -3,12 +3,14 @@
 -- KEYS[3+i] the line string of line i (same order as the ARGV line groups)
 -- ARGV[1] sku, ARGV[2] available, ARGV[3] reserved, ARGV[4] sold,
 -- ARGV[5] PostgreSQL's seq for the SKU, ARGV[6] retention_ms, ARGV[7] reason,
--- ARGV[8..] per line four values: order_id, state, qty, expires_ms; state
+-- ARGV[8] the resync's fence token,
+-- ARGV[9..] per line four values: order_id, state, qty, expires_ms; state
 --   R: stored without TTL and indexed in the expiry zset at expires_ms;
 --   C/X/E/N: stored as a terminal line for retention_ms, dropped from the zset;
 --   '-': the line is deleted and dropped from the zset.
--- The SKU must be fenced (fenced=1, set by the resync before it reads
--- PostgreSQL): otherwise nothing changes and the reply is {'NOTFENCED', sku}.
+-- The SKU must hold this resync's live fence (fence.lua, taken before it read
+-- PostgreSQL, renewed since: so nothing changed the SKU in between): otherwise
+-- nothing changes and the reply is {'NOTFENCED', sku}.
 -- Counters are set, seq becomes max(seq in Redis, ARGV[5]) + 1, and the SKU
 -- stays fenced (the resync unfences it after the order records are written).
 -- Returns {'OK', seq}.
@@ -16,11 +18,14 @@
 -- reason ARGV[7]; the writer applies it like set (counters only), and its
 -- higher seq makes PostgreSQL take it over any older unflushed event.
 local c = read_sku(KEYS[1])
-if not c.fenced then return {'NOTFENCED', ARGV[1]} end
+local mine = ARGV[8] .. '@'
+if not c.fenced or string.sub(c.fence, 1, #mine) ~= mine then
+  return {'NOTFENCED', ARGV[1]}
+end
 local retention = tonumber(ARGV[6])
-for i = 0, (#ARGV - 7) / 4 - 1 do
-  local order_id, state = ARGV[8 + 4 * i], ARGV[9 + 4 * i]
-  local qty, exp = ARGV[10 + 4 * i], ARGV[11 + 4 * i]
+for i = 0, (#ARGV - 8) / 4 - 1 do
+  local order_id, state = ARGV[9 + 4 * i], ARGV[10 + 4 * i]
+  local qty, exp = ARGV[11 + 4 * i], ARGV[12 + 4 * i]
   local k_line, member = KEYS[4 + i], ARGV[1] .. '|' .. order_id
   if state == 'R' then
     redis.call('SET', k_line, 'R|' .. qty .. '|' .. exp)

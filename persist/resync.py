@@ -2,9 +2,12 @@
 
 SKUs go in chunks. For each chunk:
 
-1. **Fence**: ``HSET fenced 1`` on every SKU hash. From then on every script
-   answers ``unavailable`` for them (the reaper leaves their lines alone), so
-   nothing changes between the read below and the write.
+1. **Fence** (``persist/fences.py``): ``fenced = token@until_ms`` on every SKU
+   hash, renewed while the chunk runs. From then on every script answers
+   ``unavailable`` for them (the reaper passes their lines by), so nothing
+   changes between the read below and the write. A SKU another run holds
+   refuses the chunk (``FenceBusy``); a run that dies leaves fences that end by
+   themselves after ``STOCK_FENCE_TTL_S``.
 2. **Unflushed events**: a SKU whose stream still holds events after the
    recorded offset is waited for (a running writer flushes them) for up to
    ``wait_s``, then refused, unless ``force``.
@@ -12,11 +15,18 @@ SKUs go in chunks. For each chunk:
    that are RESERVED or ended within the retention window (so that a late retry
    still replays instead of selling twice); Redis RESERVED lines that
    PostgreSQL does not hold are rewritten to its state (or deleted if it has none).
-4. **Write** per SKU with ``lua/resync.lua`` (counters, seq, lines with their
-   original expiry, the expiry index, and a ``resync`` event whose higher seq
-   makes PostgreSQL take the result over any older unflushed event), then the
-   order records of the restored lines (items from every line of the order,
-   kind, phase ``done``), then **unfence**.
+4. **Write** the order records of the restored lines first (items from every
+   line of the order, kind, phase ``done``; ``lua/resync_order.lua``, on the
+   server's clock), then per SKU with ``lua/resync.lua`` (counters, seq, lines
+   with their original expiry, the expiry index, and a ``resync`` event whose
+   higher seq makes PostgreSQL take the result over any older unflushed event;
+   refused unless the run's own fence still holds), then **unfence** (only this
+   run's fences).
+
+A run that fails or dies at any point leaves each SKU either as it was or fully
+restored: ``resync.lua`` rewrites one SKU in one atomic step, and the order
+records it needs are written before it (a record without its lines changes no
+stock: the line scripts refuse it). Run it again to finish.
 
 ``dry_run`` fences nothing and writes nothing: it prints the per-SKU diff.
 """
@@ -33,6 +43,7 @@ from typing import Any, NamedTuple, TextIO
 import asyncpg
 
 from persist.events import LINE_STATES, LINES_UPSERT, Event
+from persist.fences import FenceError, Fences
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock import keys
 from stock.config import Settings
@@ -104,18 +115,6 @@ class ResyncReport:
     missing: list[str] = field(default_factory=list)  # not in stock_levels
 
 
-async def fence(client: Any, settings: Settings, skus: list[str], on: bool = True) -> None:
-    """Set (or clear) the fence on each SKU's counters hash."""
-    pipe = client.pipeline(transaction=False)
-    for sku in skus:
-        key = keys.sku_key(sku, settings.buckets)
-        if on:
-            pipe.hset(key, "fenced", "1")
-        else:
-            pipe.hdel(key, "fenced")
-    await pipe.execute()
-
-
 class Resync:
     """One resync run over a list of SKUs."""
 
@@ -133,6 +132,7 @@ class Resync:
         self.redis, self.settings, self.conn = client, settings, conn
         self.dry_run, self.force, self.wait_s, self.out = dry_run, force, wait_s, out
         self.scripts = Scripts(client)
+        self.fences = Fences(self.scripts, settings)
         self.report = ResyncReport()
         self.events: dict[str, list[Event]] = {}  # unflushed, per SKU, of the current chunk
 
@@ -149,24 +149,25 @@ class Resync:
         return self.report
 
     async def _chunk(self, skus: list[str]) -> None:
+        if self.dry_run:
+            await self._resync(skus)
+            return
+        async with self.fences.holding(skus):
+            await self._resync(skus)
+
+    async def _resync(self, skus: list[str]) -> None:
+        pending = await self._unflushed(skus)
+        refused = [] if self.force else [s for s in skus if pending.get(s)]
+        self.report.refused += refused
+        plans = await self._plan([s for s in skus if s not in refused], pending)
+        for plan in plans:
+            if plan.changed():
+                self.report.changed.append(plan.sku)
+                if self.dry_run:
+                    print(plan.diff(), file=self.out)
         if not self.dry_run:
-            await fence(self.redis, self.settings, skus)
-        try:
-            pending = await self._unflushed(skus)
-            refused = [] if self.force else [s for s in skus if pending.get(s)]
-            self.report.refused += refused
-            plans = await self._plan([s for s in skus if s not in refused], pending)
-            for plan in plans:
-                if plan.changed():
-                    self.report.changed.append(plan.sku)
-                    if self.dry_run:
-                        print(plan.diff(), file=self.out)
-            if not self.dry_run:
-                await self._write(plans)
-            self.report.resynced += [p.sku for p in plans]
-        finally:
-            if not self.dry_run:
-                await fence(self.redis, self.settings, skus, on=False)
+            await self._write(plans)
+        self.report.resynced += [p.sku for p in plans]
 
     async def _unflushed(self, skus: list[str]) -> dict[str, int]:
         """Unflushed events per SKU; waits up to ``wait_s`` for a writer to flush them."""
@@ -251,14 +252,21 @@ class Resync:
         return out
 
     async def _write(self, plans: list[SkuPlan]) -> None:
-        replies = await asyncio.gather(*(self._write_sku(p) for p in plans))
-        for plan, reply in zip(plans, replies, strict=True):
-            if reply[0] != "OK":
-                raise RuntimeError(f"resync of {plan.sku!r} refused: {reply}")
-        await self._supersede(plans, [int(reply[1]) for reply in replies])
+        """Order records first, then each SKU in one step: a SKU is as it was or whole."""
         orders = sorted({line.order_id for p in plans for line in p.restore})
         if orders:
             await self._write_orders(orders)
+        writes = (self._write_sku(p) for p in plans)
+        replies: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
+        done = [(p, r) for p, r in zip(plans, replies, strict=True) if _ok(r)]
+        await self._supersede([p for p, _ in done], [int(r[1]) for _, r in done])
+        for plan, reply in zip(plans, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            if reply[0] == "NOTFENCED":
+                raise FenceError(f"the fence on SKU {plan.sku!r} ended before its write", plan.sku)
+            if reply[0] != "OK":
+                raise RuntimeError(f"resync of {plan.sku!r} refused: {reply}")
 
     async def _supersede(self, plans: list[SkuPlan], seqs: list[int]) -> None:
         """With ``force``: lines rewritten here that unflushed events also touch get
@@ -289,7 +297,7 @@ class Resync:
         keys_ += [keys.due_key(bucket), keys.events_key(bucket)]
         t = plan.target
         args: list[Any] = [plan.sku, t.available, t.reserved, t.sold, t.seq]
-        args += [self.settings.retention_s * 1000, "resync"]
+        args += [self.settings.retention_s * 1000, "resync", self.fences.token]
         for line in plan.restore + plan.drop:
             keys_.append(keys.line_keys(plan.sku, line.order_id, self.settings.buckets).line)
             args += [line.order_id, line.state, line.qty, line.expires_ms]
@@ -308,16 +316,25 @@ class Resync:
             items[r["order_id"]].append(Item(r["sku"], r["qty"]))
             kinds[r["order_id"]] = kinds.get(r["order_id"]) or r["kind"]
             expiry[r["order_id"]] = max(expiry[r["order_id"]], _ms(r["expires_at"]))
-        now = int(time.time() * 1000)
         retention = self.settings.retention_s * 1000
-        pipe = self.redis.pipeline(transaction=False)
-        for order_id in orders:
-            key = keys.order_key(order_id)
-            kind = kinds.get(order_id) or "reserve"
-            spec = items_spec(items[order_id])
-            lifetime = retention + max(0, expiry[order_id] - now)
-            pipe.set(key, order_record(kind, spec), px=lifetime)
-        await pipe.execute()
+        await asyncio.gather(
+            *(
+                self.scripts(
+                    "resync_order",
+                    [keys.order_key(order_id)],
+                    [
+                        order_record(kinds.get(order_id) or "reserve", items_spec(items[order_id])),
+                        expiry[order_id],
+                        retention,
+                    ],
+                )
+                for order_id in orders
+            )
+        )
+
+
+def _ok(reply: Any) -> bool:
+    return not isinstance(reply, BaseException) and reply[0] == "OK"
 
 
 def _ms(at: Any) -> int:
@@ -340,6 +357,9 @@ async def resync(
     try:
         run = Resync(client, settings, conn, dry_run=dry_run, force=force, wait_s=wait_s, out=out)
         report = await run.run(skus)
+    except FenceError as exc:
+        print(f"resync: {exc}; each SKU is as it was or resynced: run it again", file=out)
+        return 3
     finally:
         await conn.close()
     verb = "would resync" if dry_run else "resynced"

@@ -33,7 +33,7 @@ class Levels(NamedTuple):
 
 class RedisSku(NamedTuple):
     levels: Levels | None  # None when the hash has no counters (lost, or only fenced)
-    fenced: bool
+    fenced: bool  # a resync's fence holds
 
 
 async def redis_levels(client: Any, settings: Settings, skus: list[str]) -> dict[str, RedisSku]:
@@ -43,12 +43,21 @@ async def redis_levels(client: Any, settings: Settings, skus: list[str]) -> dict
         pipe.hmget(keys.sku_key(sku, settings.buckets), "available", "reserved", "sold", "seq")
         pipe.hget(keys.sku_key(sku, settings.buckets), "fenced")
     replies = await pipe.execute()
+    seconds, micros = await client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     out = {}
     for i, sku in enumerate(skus):
-        values, fenced = replies[2 * i], replies[2 * i + 1]
+        values, fence = replies[2 * i], replies[2 * i + 1]
         levels = None if values[0] is None else Levels(*(int(v or 0) for v in values))
-        out[sku] = RedisSku(levels, fenced == "1")
+        out[sku] = RedisSku(levels, fence_holds(fence, now_ms))
     return out
+
+
+def fence_holds(fence: str | None, now_ms: int) -> bool:
+    """Whether a ``fenced`` value ``token@until_ms`` still holds (``fence_until`` in
+    lua/_lib.lua): a fence that ran out, or of another form, is none."""
+    until = (fence or "").rpartition("@")[2]
+    return until.isdigit() and int(until) > now_ms
 
 
 async def redis_skus(client: Any) -> set[str]:

@@ -80,6 +80,7 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "payment_status_url": ("STOCK_PAYMENT_STATUS_URL", _status_url),
     "payment_probe_timeout_ms": ("STOCK_PAYMENT_PROBE_TIMEOUT_MS", _int_in(10, 60_000)),
     "payment_grace_s": ("STOCK_PAYMENT_GRACE_S", _int_in(0, 30 * DAY_S)),
+    "fence_ttl_s": ("STOCK_FENCE_TTL_S", _float_in(0.1, 3600.0)),
 }
 
 
@@ -108,6 +109,7 @@ class Settings:
     payment_status_url: str = ""  # payment-aware expiry when set (DESIGN §9)
     payment_probe_timeout_ms: int = 1000
     payment_grace_s: int = 600
+    fence_ttl_s: float = 10.0  # a resync's fence ends this long after its last renewal
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -10,7 +10,7 @@ key                                             type    holds
 ==============================================  ======  ==========================
 ``stock:{b<n>}:sku:<sku>``                      hash    available, reserved, sold,
                                                         seq (per-SKU event number),
-                                                        fenced (set during resync)
+                                                        fenced (token@until_ms)
 ``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms``
 ``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored
                                                         by expiry (ms, server time)

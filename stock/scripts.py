@@ -43,6 +43,7 @@ OTHER_OPS = (
     "resync",
     "writer_ack",
 )
+RESYNC_OPS = ("fence", "resync_order")  # persist/fences.py, persist/resync.py
 
 STATE_NAMES = {
     "R": "reserved",
@@ -66,7 +67,9 @@ def load_sources() -> dict[str, str]:
     """Script name -> full source (``_lib.lua`` + the operation's file)."""
     lua = _lua_dir()
     lib = (lua / "_lib.lua").read_text()
-    return {op: lib + "\n" + (lua / f"{op}.lua").read_text() for op in LINE_OPS + OTHER_OPS}
+    return {
+        op: lib + "\n" + (lua / f"{op}.lua").read_text() for op in LINE_OPS + OTHER_OPS + RESYNC_OPS
+    }
 
 
 _SOURCES = load_sources()

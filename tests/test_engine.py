@@ -236,9 +236,10 @@ async def test_unknown_order_is_not_found(engine: StockEngine) -> None:
 
 
 async def test_fenced_sku_is_unavailable(engine: StockEngine) -> None:
+    fence = "test@99999999999999"  # a resync's fence: token@until_ms
     await engine.set_stock("A", 10)
     await engine.reserve("o1", one("A", 2))
-    await engine.redis.hset(keys.sku_key("A", BUCKETS), "fenced", "1")
+    await engine.redis.hset(keys.sku_key("A", BUCKETS), "fenced", fence)
     for call in (
         engine.reserve("o2", one("A")),
         engine.deduct("o3", one("A")),

@@ -6,18 +6,21 @@ import asyncio
 import io
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import pytest
 
+from persist.fences import FenceBusy, FenceLost, Fences
 from persist.reconcile import reconcile
-from persist.resync import fence, resync
+from persist.resync import resync
 from stock import keys
 from stock.config import Settings
 from stock.engine import StockEngine
 from stock.errors import Unavailable
 from stock.reaper import Reaper
+from stock.scripts import Scripts
 from tests.conftest import flush
 from tests.persist.conftest import writer_env
 from tests.persist.helpers import drain, wait_persisted
@@ -97,13 +100,27 @@ async def test_fenced_sku_is_unavailable(
     redis: Any, engine: StockEngine, psettings: Settings
 ) -> None:
     await engine.set_stock("A", 5)
-    await fence(redis, psettings, ["A"])
+    fences = Fences(Scripts(redis), psettings)
+    await fences.take(["A", "B"])
     with pytest.raises(Unavailable):
         await engine.reserve("o1", [{"sku": "A", "qty": 1}])
     with pytest.raises(Unavailable):
         await engine.adjust("A", 1)
-    await fence(redis, psettings, ["A"], on=False)
+    other = Fences(Scripts(redis), replace(psettings, fence_ttl_s=0.3))
+    with pytest.raises(FenceBusy):  # all or none: B is not taken either
+        await other.take(["C", "B"])
+    await other.lift(["A"])  # not its fence: stays
+    with pytest.raises(Unavailable):
+        await engine.set_stock("A", 1)
+    await fences.lift()
     await engine.reserve("o1", [{"sku": "A", "qty": 1}])
+    await other.take(["A"])  # a fence that is not renewed ends by itself
+    with pytest.raises(Unavailable):
+        await engine.release("o1")
+    await asyncio.sleep(0.35)
+    await engine.release("o1")
+    with pytest.raises(FenceLost):
+        await other.renew()
 
 
 async def test_unflushed_events_refuse_unless_forced(
