@@ -51,7 +51,7 @@ class Op:
     result: Result | None  # None: outcome unknown
     order: str = ""
     qty: int = 0  # reserve/deduct quantity; adjust delta
-    client: str = ""  # who issued it (for reports)
+    note: str = ""  # why its outcome is unknown (for reports)
 
     def text(self) -> str:
         what = f"{self.kind}({self.order or self.sku}{', ' + str(self.qty) if self.qty else ''})"
