@@ -253,6 +253,8 @@ class Resync:
 
     async def _write(self, plans: list[SkuPlan]) -> None:
         """Order records first, then each SKU in one step: a SKU is as it was or whole."""
+        if self.fences.lost is not None:  # the renewer found a fence gone: write nothing
+            raise self.fences.lost
         orders = sorted({line.order_id for p in plans for line in p.restore})
         if orders:
             await self._write_orders(orders)

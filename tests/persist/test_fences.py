@@ -87,8 +87,10 @@ async def test_concurrent_resyncs_do_not_unfence_each_other(
     await engine.set_stock("A", 10)
     await drain(redis, psettings, dsn)
     await engine.reserve("late", one("A"))  # the first resync waits for it, fenced
-    first = asyncio.create_task(resync(redis, psettings, dsn, ["A"], wait_s=30, out=io.StringIO()))
+    renewing = replace(psettings, fence_ttl_s=0.5)  # renewed every ~0.17 s while it works
+    first = asyncio.create_task(resync(redis, renewing, dsn, ["A"], wait_s=30, out=io.StringIO()))
     await _until_fenced(redis, psettings, "A")
+    await asyncio.sleep(1.2)  # past two fence lifetimes: still held, by renewal
     out = io.StringIO()
     status = await resync(redis, psettings, dsn, ["A"], wait_s=0.2, out=out)
     with pytest.raises(Unavailable):  # the first one's fence still holds
