@@ -176,6 +176,7 @@ class Workload:
     readers: int = 2
     cap: int = 300  # operations per SKU (the checker's search grows with the history)
     seed: int = 1
+    kills: bool = True  # SIGKILL and restart each API process once
 
 
 async def _session(rec: Recorder, w: Workload, sku: str, order: str) -> None:
@@ -252,7 +253,7 @@ async def record(settings: Settings, w: Workload) -> tuple[list[Op], Api]:
                 *(_loop(rec, w, until, (0.01, 0.05), buy) for _ in range(w.buyers)),
                 *(_loop(rec, w, until, (0.002, 0.02), read) for _ in range(w.readers)),
                 _loop(rec, w, until, (0.05, 0.15), adjust),
-                _killer(api, started, w),
+                *([_killer(api, started, w)] if w.kills else []),
             )
             for sku in w.skus:  # a last read of each, after everything
                 await rec.retrying("read", sku)

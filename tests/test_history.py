@@ -5,6 +5,7 @@ SKU's history must be linearizable against the stock model (tests/linearizabilit
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import replace
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from stock import keys
 from stock.config import Settings
 from tests.history import Workload, record
 from tests.linearizability import by_sku, check
@@ -46,3 +48,25 @@ async def test_history_with_api_processes_killed_is_linearizable(
     refused = next(op for op in history if op.result and op.result[0] == "insufficient_stock")
     oversold = [replace(op, result=("created",)) if op is refused else op for op in history]
     assert not check(by_sku(oversold)[refused.sku], workload.stock).ok
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("settings", ["standalone"], indirect=True)
+async def test_history_check_catches_a_unit_made_from_nothing(
+    settings: Settings, redis: Any
+) -> None:
+    """The live check can fail: one unit added behind the API's back mid-run (a stand-in
+    for a script that returns stock twice) makes that SKU's history not linearizable."""
+    workload = Workload(skus=["H1", "H2"], stock=10, duration_s=2.0, kills=False)
+    key = keys.sku_key("H1", settings.buckets)
+
+    async def sabotage() -> None:
+        while int(await redis.hget(key, "reserved") or 0) == 0:
+            await asyncio.sleep(0.01)
+        await redis.hincrby(key, "available", 1)
+
+    (history, _api), _ = await asyncio.gather(record(settings, workload), sabotage())
+    verdicts = {sku: check(ops, workload.stock) for sku, ops in by_sku(history).items()}
+    assert verdicts["H2"].ok, verdicts["H2"].explain()
+    assert not verdicts["H1"].ok
+    print(verdicts["H1"].explain())
