@@ -92,16 +92,16 @@ class Fences:
         if self.held:
             lost = await self._call("renew", self.held)
             if lost:
-                raise FenceLost(
-                    f"the fence on SKU {lost[0][1]!r} ended before the resync", lost[0][1]
-                )
+                sku = lost[0][1]
+                raise FenceLost(f"the fence on SKU {sku!r} ended before the resync's write", sku)
 
     async def lift(self, skus: list[str] | None = None) -> None:
         """Remove this run's fences (never another run's)."""
         names = self.held if skus is None else skus
         if names:
             await self._call("lift", names)
-        self.held = [s for s in self.held if s not in set(names)]
+        gone = set(names)
+        self.held = [s for s in self.held if s not in gone]
 
     async def _lift_quietly(self, skus: list[str]) -> None:
         try:
