@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from persist.fences import Fences
 from persist.resync import Resync, resync
 from stock import keys
 from stock.config import Settings
@@ -153,9 +154,10 @@ async def test_fenced_head_lines_do_not_starve_the_bucket(
 async def test_failed_resync_leaves_no_half_restored_sku(
     redis: Any, engine: StockEngine, psettings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A resync that fails between SKUs (here the second SKU's write): a SKU is either
-    as before or fully restored (counters, lines, and the order records its lines
-    need); a rerun completes."""
+    """A resync that dies between SKUs (the second SKU's write fails and the process is
+    gone before it lifts its fences): a SKU is either as before or fully restored
+    (counters, lines, and the order records its lines need); the fences end by
+    themselves; a rerun completes."""
     dsn = psettings.database_url
     for sku in ("A", "B"):
         await engine.set_stock(sku, 10)
@@ -171,15 +173,28 @@ async def test_failed_resync_leaves_no_half_restored_sku(
             raise ConnectionError("lost Redis half-way")
         return await original(self, plan)
 
+    async def dead(self: Fences, skus: list[str]) -> None:
+        """The process died: nobody lifts the fences."""
+
     monkeypatch.setattr(Resync, "_write_sku", fail_second)
+    monkeypatch.setattr(Fences, "_lift_quietly", dead)
+    short = replace(psettings, fence_ttl_s=0.5)
     with pytest.raises(ConnectionError):
-        await resync(redis, psettings, dsn, ["A", "B"], out=io.StringIO())
+        await resync(redis, short, dsn, ["A", "B"], out=io.StringIO())
     done, failed = written
-    # the first SKU is restored with its order record: its reservation confirms
-    assert (await engine.confirm(f"held-{done}")).status == "confirmed"
+    with pytest.raises(Unavailable):  # still fenced: the run is gone, its fences not yet
+        await engine.confirm(f"held-{done}")
+    deadline = time.monotonic() + 2
+    while True:  # the first SKU is restored with its order record: its reservation confirms
+        try:
+            assert (await engine.confirm(f"held-{done}")).status == "confirmed"
+            break
+        except Unavailable:
+            assert time.monotonic() < deadline, "the fence never ended"
+            await asyncio.sleep(0.02)
     with pytest.raises(NotFound):  # the second is as it was (lost), not half-restored
         await engine.get_stock(failed)
-    monkeypatch.setattr(Resync, "_write_sku", original)
+    monkeypatch.undo()
     await drain(redis, psettings, dsn)
     assert await resync(redis, psettings, dsn, [failed], out=io.StringIO()) == 0
     assert (await engine.confirm(f"held-{failed}")).status == "confirmed"
