@@ -179,7 +179,7 @@ class Workload:
     kills: bool = True  # SIGKILL and restart each API process once
 
 
-async def _session(rec: Recorder, w: Workload, sku: str, order: str) -> None:
+async def _session(rec: Recorder, sku: str, order: str) -> None:
     kind = "deduct" if rec.rng.random() < 0.25 else "reserve"
     qty = rec.rng.choice((1, 1, 2, 3))
     result = await rec.retrying(kind, sku, order, qty)
@@ -195,10 +195,9 @@ async def _session(rec: Recorder, w: Workload, sku: str, order: str) -> None:
 
 async def _loop(
     rec: Recorder, w: Workload, until: float, pause: tuple[float, float],
-    body: Callable[[str, int], Awaitable[None]],
+    body: Callable[[str], Awaitable[None]],
 ) -> None:  # fmt: skip
-    """Run ``body(sku, n)`` until ``until`` on SKUs whose history is not full yet."""
-    n = 0
+    """Run ``body(sku)`` until ``until`` on SKUs whose history is not full yet."""
     while time.monotonic() < until:
         counts = {sku: 0 for sku in w.skus}
         for op in rec.ops:
@@ -206,8 +205,7 @@ async def _loop(
         open_skus = [sku for sku in w.skus if counts[sku] < w.cap]
         if not open_skus:
             return
-        n += 1
-        await body(rec.rng.choice(open_skus), n)
+        await body(rec.rng.choice(open_skus))
         await asyncio.sleep(rec.rng.uniform(*pause))
 
 
@@ -240,13 +238,13 @@ async def record(settings: Settings, w: Workload) -> tuple[list[Op], Api]:
             until = started + w.duration_s
             counter = iter(range(10**9))
 
-            async def buy(sku: str, n: int) -> None:
-                await _session(rec, w, sku, f"{sku}-{w.seed}-{next(counter)}")
+            async def buy(sku: str) -> None:
+                await _session(rec, sku, f"{sku}-{w.seed}-{next(counter)}")
 
-            async def read(sku: str, n: int) -> None:
+            async def read(sku: str) -> None:
                 await rec.call("read", sku)
 
-            async def adjust(sku: str, n: int) -> None:
+            async def adjust(sku: str) -> None:
                 await rec.call("adjust", sku, qty=rec.rng.choice((3, 2, -1, -2)))
 
             await asyncio.gather(
