@@ -12,7 +12,8 @@
 -- PostgreSQL, renewed since: so nothing changed the SKU in between): otherwise
 -- nothing changes and the reply is {'NOTFENCED', sku}.
 -- Counters are set, seq becomes max(seq in Redis, ARGV[5]) + 1, and the SKU
--- stays fenced (the resync unfences it after the order records are written).
+-- stays fenced (the resync lifts its fences when its chunk is done; it writes
+-- the order records of these lines before this call).
 -- Returns {'OK', seq}.
 -- Events: op=resync with the new counters, qty = change of available,
 -- reason ARGV[7]; the writer applies it like set (counters only), and its
