@@ -59,9 +59,9 @@ class PaymentProbe:
         self.template = settings.payment_status_url
         self.timeout = aiohttp.ClientTimeout(total=settings.payment_probe_timeout_ms / 1000)
         self.grace_ms = settings.payment_grace_s * 1000
-        self.buckets = settings.buckets
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._claimed: dict[str, dict[int, list[str]]] = {}  # order -> bucket -> members
         self._session: aiohttp.ClientSession | None = None
         self.outcomes = Counter(
             "stock_payment_probe", "Payment probes by outcome", ["outcome"], registry=registry
@@ -84,6 +84,7 @@ class PaymentProbe:
         for member, exp in claimed:
             if now_ms - exp < self.grace_ms:
                 order_id = keys.split_member(member)[1]
+                self._claimed.setdefault(order_id, {}).setdefault(bucket, []).append(member)
                 if order_id not in self._inflight:
                     task = asyncio.create_task(self._probe(order_id, expire), name=order_id)
                     self._inflight[order_id] = task
@@ -92,6 +93,7 @@ class PaymentProbe:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task.get_name(), None)
+        self._claimed.pop(task.get_name(), None)
 
     async def ask(self, order_id: str) -> str:
         """``paid``, ``pending``, ``unpaid`` or ``error`` (timeout, 5xx, refused)."""
@@ -129,14 +131,12 @@ class PaymentProbe:
             log.exception("payment probe of %r: acting on %s failed", order_id, outcome)
 
     async def _expire_order(self, order_id: str, expire: ExpireLines) -> None:
-        order = await self.engine.get_order(order_id)
-        by_bucket: dict[int, list[str]] = {}
-        for line in order["lines"]:
-            if line.state == "reserved":
-                bucket = keys.bucket_of(line.sku, self.buckets)
-                by_bucket.setdefault(bucket, []).append(keys.line_member(line.sku, order_id))
-        for bucket, members in by_bucket.items():
-            await expire(bucket, members, "payment-unpaid")
+        """Expire the order's lines the reapers claimed while it was asked (a line of
+        another bucket claimed later is asked about again, and expired then)."""
+        claimed = self._claimed.get(order_id, {})
+        await asyncio.gather(
+            *(expire(bucket, members, "payment-unpaid") for bucket, members in claimed.items())
+        )
 
     async def aclose(self) -> None:
         for task in list(self._inflight.values()):

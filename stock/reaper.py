@@ -109,7 +109,9 @@ class Reaper:
         assert self.probe is not None
         line_prefix = keys.line_key_prefix(bucket)
         keys_ = [keys.due_key(bucket), *(line_prefix + m for m in members)]
-        reply = await self.scripts("defer", keys_, [FIRST_RETRY_MS, MAX_RETRY_MS, *members])
+        reply = await self.scripts(
+            "defer", keys_, [FIRST_RETRY_MS, MAX_RETRY_MS, self.probe.grace_ms, *members]
+        )
         now = int(reply[0])
         claimed = [(str(reply[i]), int(reply[i + 1])) for i in range(1, len(reply), 2)]
         return await self.probe.handle_due(bucket, now, claimed, self._expire)

@@ -141,10 +141,11 @@ async def test_paid_confirmed_unpaid_and_404_expired_at_expiry(
     running, probes = await start_reapers(engine, s)
     try:
         await asyncio.sleep(1.0)
-        took = await wait_for(lambda: _all_decided(engine, ["paid", "unpaid", "gone"]), timeout=2.0)
+        await wait_for(lambda: _all_decided(engine, ["paid", "unpaid", "gone"]), timeout=10.0)
     finally:
         await stop_reapers(running, probes)
-    assert took < 1.0  # decided within 1 s of the expiry
+    lags = await decision_lags_ms(engine.redis, settings, "A")
+    assert max(lags.values()) < 1000, lags  # decided within 1 s of the expiry (server time)
     assert await state_of(engine, "paid") == "confirmed"
     assert await state_of(engine, "unpaid") == "expired"
     assert await state_of(engine, "gone") == "expired"
@@ -171,22 +172,22 @@ async def test_undecided_held_asked_again_then_grace_exhausted(
     s = probe_settings(settings, payments.url, grace_s=4)
     await engine.set_stock("A", 5)
     payments.answers["o1"] = answer
-    held = await engine.reserve("o1", [{"sku": "A", "qty": 3}], ttl_s=1)
+    await engine.reserve("o1", [{"sku": "A", "qty": 3}], ttl_s=1)
     running, probes = await start_reapers(engine, s)
     try:
         await asyncio.sleep(3.5)  # 2.5 s past expiry, within the grace
         assert await state_of(engine, "o1") == "reserved"
         assert (await engine.get_stock("A")).reserved == 3  # the stock is still held
         assert payments.asked["o1"] >= 2  # asked at expiry and again within 2 s
-        await wait_for(lambda: _all_decided(engine, ["o1"]), timeout=3.0)
-        expired_at = time.time() * 1000
+        await wait_for(lambda: _all_decided(engine, ["o1"]), timeout=10.0)
     finally:
         await stop_reapers(running, probes)
     assert await state_of(engine, "o1") == "expired"
     assert ("expire", "o1", "payment-grace-exhausted") in await events_of(
         engine.redis, settings, "A"
     )
-    assert expired_at - (held.expires_ms + 4000) < 1500  # soon after the grace ran out
+    past_grace = (await decision_lags_ms(engine.redis, settings, "A"))["o1"] - 4000
+    assert 0 <= past_grace < 1000, past_grace  # held no longer than the grace (+ a pass)
     assert (await engine.get_stock("A")).available == 5
 
 
@@ -200,7 +201,7 @@ async def test_refused_connection_holds_then_expires(
     try:
         await asyncio.sleep(2.0)
         assert await state_of(engine, "o1") == "reserved"
-        await wait_for(lambda: _all_decided(engine, ["o1"]), timeout=3.0)
+        await wait_for(lambda: _all_decided(engine, ["o1"]), timeout=10.0)
     finally:
         await stop_reapers(running, probes)
     assert probes[0].outcomes.labels("error")._value.get() >= 1
@@ -215,14 +216,14 @@ async def test_hanging_service_never_delays_other_orders(
     hanging = [f"hang-{i}" for i in range(100)]
     others = [f"other-{i}" for i in range(40)]
     payments.answers.update({o: "slow" for o in hanging})
-    for order_id in hanging:  # due first: their probes take every slot for 5 s
-        await engine.reserve(order_id, [{"sku": "A", "qty": 1}], ttl_s=1)
-    await asyncio.sleep(0.3)
-    for order_id in others:
-        await engine.reserve(order_id, [{"sku": "A", "qty": 1}], ttl_s=1)
     running, probes = await start_reapers(engine, s)
     try:
-        await wait_for(lambda: _all_decided(engine, others), timeout=5.0)
+        for order_id in hanging:  # due first: their probes hang for 5 s each
+            await engine.reserve(order_id, [{"sku": "A", "qty": 1}], ttl_s=1)
+        await asyncio.sleep(0.3)
+        for order_id in others:
+            await engine.reserve(order_id, [{"sku": "A", "qty": 1}], ttl_s=1)
+        await wait_for(lambda: _all_decided(engine, others), timeout=10.0)
     finally:
         await stop_reapers(running, probes)
     lags = await decision_lags_ms(engine.redis, settings, "A")
@@ -245,7 +246,7 @@ async def test_one_decision_per_line_with_several_reapers(
     running, probes = await start_reapers(engine, s, count=3)
     try:
         await asyncio.sleep(1.0)
-        await wait_for(lambda: _all_decided(engine, orders), timeout=3.0)
+        await wait_for(lambda: _all_decided(engine, orders), timeout=10.0)
         await asyncio.sleep(0.5)  # room for a second, wrong decision to show
     finally:
         await stop_reapers(running, probes)
