@@ -16,6 +16,11 @@ Scenarios (one user class each, weighted):
 - ``RetryingClient``: the first request times out on the client side and the client
   retries the same ``order_id``: the retry must answer the same order, once.
 - ``Restocker``: an admin adds stock now and then (``adjust``), journaled.
+- ``LimitedBuyer``: a few customers (scalpers) keep buying a SKU with a
+  per-customer limit; ``limit_exceeded`` is the expected answer past it.
+- ``LostCallback``: reserve with a 1 s TTL, pay, and the payment callback is
+  lost (no confirm): the stock comes back at expiry; ``make loadtest`` then
+  runs ``stock reconcile-payments --repair`` with these orders marked paid.
 
 Every user makes fresh order ids. The catalogue comes from ``LOADTEST_CATALOG``
 (JSON ``{"flash": [...], "skus": [...]}``), defaulting to ``stock dev``'s demo
@@ -45,6 +50,8 @@ CATALOG: dict[str, list[str]] = json.loads(os.environ.get("LOADTEST_CATALOG", "n
 )
 FLASH = CATALOG["flash"]
 SKUS = CATALOG["skus"]
+LIMITED = CATALOG.get("limited", [])
+CUSTOMERS = 20  # customers per limited SKU
 ADMIN = {"Authorization": f"Bearer {os.environ.get('STOCK_ADMIN_TOKEN', '')}"}
 JSON = {"Content-Type": "application/json"}
 
@@ -319,3 +326,41 @@ class Restocker(Shopper):
         )  # fmt: skip
         if status == 200:
             journal("adjust", sku=sku, delta=delta, reason=reason, outcome="ok")
+
+
+class LimitedBuyer(Shopper):
+    """Scalpers: a few customers buy a limited SKU again and again."""
+
+    weight = 2
+    wait_time = between(0.05, 0.3)
+
+    @task
+    def buy_limited(self) -> None:
+        if not LIMITED:
+            return
+        order = self.new_order()
+        sku = random.choice(LIMITED)
+        customer = f"{sku}-c{random.randrange(CUSTOMERS)}"
+        items = [{"sku": sku, "qty": random.randint(1, 2)}]
+        status, payload = self.call(
+            "POST", "/v1/deductions", "/v1/deductions (limited)",
+            {"order_id": order, "items": items, "customer_id": customer},
+            {201: set(), 409: {"limit_exceeded", "insufficient_stock"}},
+        )  # fmt: skip
+        if status == 201 and payload.get("status") == "confirmed":
+            journal("confirmed", order=order, sku=sku, qty=items[0]["qty"], customer=customer)
+
+
+class LostCallback(Shopper):
+    """Paid, but the payment callback never arrives: the reservation expires."""
+
+    weight = 1
+    wait_time = between(0.2, 1.0)
+
+    @task
+    def pay_and_lose_the_callback(self) -> None:
+        order = self.new_order()
+        items = [{"sku": random.choice(SKUS), "qty": 1}]
+        status, _ = self.reserve(order, items, 1, "/v1/reservations (lost callback)")
+        if status == 201:
+            journal("lost_callback", order=order, sku=items[0]["sku"], qty=1)

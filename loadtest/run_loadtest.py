@@ -48,6 +48,8 @@ ROOT = HERE.parent
 FLASH_UNITS = [20, 50, 100]
 REGULAR_UNITS = 2000
 REGULAR_COUNT = 12
+LIMITED_UNITS = 500
+LIMIT = 2  # per customer, on the limited SKU
 SHORT_TTL_S = 2  # the longest TTL the scenarios leave to the reaper
 
 
@@ -58,6 +60,7 @@ class Service:
     url: str
     token: str
     dsn: str
+    redis_url: str = ""
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
 
@@ -89,14 +92,14 @@ def start_dev(workdir: Path) -> Service:
              "--admin-token", token],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    service = Service(f"http://127.0.0.1:{port}", token, "", proc, log)
+    service = Service(f"http://127.0.0.1:{port}", token, "", "", proc, log)
     deadline = time.monotonic() + 120
     while True:
         text = log.read_text(errors="replace")
         redis_url = re.search(r"Redis:\s+(\S+)", text)
         dsn = re.search(r"PostgreSQL:\s+(\S+)", text)
         if redis_url and dsn and "admin token:" in text:
-            service.dsn = dsn.group(1)
+            service.dsn, service.redis_url = dsn.group(1), redis_url.group(1)
             print(f"loadtest: stock dev on {service.url}, Redis {redis_url.group(1)}")
             break
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -121,24 +124,26 @@ def api(service: Service, method: str, path: str, body: Any = None, admin: bool 
 # -- the run ---------------------------------------------------------------------
 
 
-def catalog(run: str) -> tuple[dict[str, int], list[str], list[str]]:
+def catalog(run: str) -> tuple[dict[str, int], list[str], list[str], list[str]]:
     """This run's SKUs (unique names, so a shared service's other SKUs are untouched)."""
     flash = [f"LT{run}-FLASH-{i}" for i in range(len(FLASH_UNITS))]
     regular = [f"LT{run}-SKU-{i:02d}" for i in range(REGULAR_COUNT)]
+    limited = [f"LT{run}-LIMITED"]
     loaded = dict(zip(flash, FLASH_UNITS, strict=True))
     loaded.update({sku: REGULAR_UNITS for sku in regular})
-    return loaded, flash, regular
+    loaded.update({sku: LIMITED_UNITS for sku in limited})
+    return loaded, flash, regular, limited
 
 
 def run_locust(
     service: Service, args: argparse.Namespace, flash: list[str], regular: list[str],
-    workdir: Path,
+    limited: list[str], workdir: Path,
 ) -> tuple[Path, Path]:  # fmt: skip
     journal = workdir / "journal.jsonl"
     stats = workdir / "locust"
     env = dict(os.environ)
     env.update(
-        LOADTEST_CATALOG=json.dumps({"flash": flash, "skus": regular}),
+        LOADTEST_CATALOG=json.dumps({"flash": flash, "skus": regular, "limited": limited}),
         LOADTEST_JOURNAL=str(journal),
         STOCK_ADMIN_TOKEN=service.token,
     )
@@ -327,6 +332,59 @@ def check(
     return levels
 
 
+def check_limits(journal: list[dict[str, Any]], verdict: Verdict) -> None:
+    """No customer bought more of a limited SKU than its limit (nothing is refunded
+    there, so held + bought is what was confirmed)."""
+    bought: dict[str, int] = defaultdict(int)
+    for e in journal:
+        if e["kind"] == "confirmed" and "customer" in e:
+            bought[e["customer"]] += e["qty"]
+    over = {c: n for c, n in bought.items() if n > LIMIT}
+    verdict.check(not over, f"customers past the per-customer limit {LIMIT}: {over}")
+    verdict.notes.append(
+        f"limited SKU: {len(bought)} customers bought {sum(bought.values())} units, "
+        f"at most {max(bought.values(), default=0)} each (limit {LIMIT})"
+    )
+
+
+def reconcile_lost_callbacks(
+    service: Service, journal: list[dict[str, Any]], workdir: Path, verdict: Verdict
+) -> list[dict[str, Any]]:
+    """The lost callbacks' orders, marked paid in a payment export, through
+    ``stock reconcile-payments --repair``: each must end confirmed or refund_needed,
+    and a second run must change nothing. Returns journal entries of the confirmed."""
+    lost = {e["order"]: e for e in journal if e["kind"] == "lost_callback"}
+    if not lost or not service.dsn or not service.redis_url:
+        verdict.notes.append("reconcile-payments SKIPPED: no lost callbacks, DSN or Redis URL")
+        return []
+    export = workdir / "payments.csv"
+    export.write_text("order_id,status\n" + "".join(f"{o},paid\n" for o in lost))
+    env = dict(os.environ, STOCK_REDIS_URL=service.redis_url, STOCK_DATABASE_URL=service.dsn)
+    command = [sys.executable, "-m", "stock.cli", "reconcile-payments", str(export), "--json"]
+    runs = [
+        subprocess.run([*command, "--repair"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+        for _ in range(2)
+    ]  # fmt: skip
+    first, second = ([json.loads(line) for line in r.stdout.splitlines()] for r in runs)
+    actions: dict[str, int] = defaultdict(int)
+    for finding in first:
+        actions[f"{finding['outcome']}/{finding['action']}"] += 1
+    verdict.check(
+        set(actions) <= {"ok/none", "paid_not_sold/confirmed", "paid_still_reserved/confirmed",
+                         "paid_not_sold/refund_needed"},
+        f"reconcile-payments: unexpected findings {dict(actions)} ({runs[0].stderr[-300:]})",
+    )  # fmt: skip
+    again = {f["action"] for f in second}
+    verdict.check(again <= {"none", "refund_needed"}, f"reconcile-payments repaired again: {again}")
+    verdict.notes.append(f"lost callbacks: {len(lost)} paid orders reconciled: {dict(actions)}")
+    return [
+        {"kind": "confirmed", "order": f["order_id"], "sku": lost[f["order_id"]]["sku"],
+         "qty": lost[f["order_id"]]["qty"]}
+        for f in first if f["action"] == "confirmed"
+    ]  # fmt: skip
+
+
 def report(
     levels: dict[str, dict[str, int]], loaded: dict[str, int], journal: list[dict[str, Any]],
     totals: tuple[int, int, list[str]], verdict: Verdict,
@@ -384,14 +442,18 @@ def main() -> int:
     summary = "no run"
     try:
         run = secrets.token_hex(3).upper()
-        loaded, flash, regular = catalog(run)
+        loaded, flash, regular, limited = catalog(run)
         for sku, units in loaded.items():
             api(service, "PUT", f"/v1/stock/{sku}", {"available": units, "reason": "loadtest"},
                 admin=True)  # fmt: skip
+        for sku in limited:
+            api(service, "PUT", f"/v1/stock/{sku}/limits", {"per_customer": LIMIT}, admin=True)
         print(f"loadtest: loaded {sum(loaded.values())} units over {len(loaded)} SKUs (LT{run}-*)")
-        journal_path, stats_path = run_locust(service, args, flash, regular, workdir)
+        journal_path, stats_path = run_locust(service, args, flash, regular, limited, workdir)
         time.sleep(SHORT_TTL_S + 2)  # the last short reservations expire; the reaper runs
         journal = read_journal(journal_path)
+        check_limits(journal, verdict)
+        journal += reconcile_lost_callbacks(service, journal, workdir, verdict)
         totals = locust_totals(stats_path)
         if not args.allow_failures:
             verdict.check(totals[1] == 0, f"locust saw {totals[1]} unexpected answers")
