@@ -110,7 +110,7 @@ function renderHealth(h) {
     ["expiry lag", seconds(h.expiry_lag_s)],
     ["flush lag", seconds(h.flush_lag_s)],
     ["writer buckets held", h.writer
-      ? `${h.writer.held} / ${h.writer.buckets} (${h.writer.writers} writer(s))` : "n/a"],
+      ? `${h.writer.held} / ${h.writer.buckets}, ${h.writer.writers} writer(s)` : "n/a"],
     ["payment probe", h.payment_probe
       ? Object.entries(h.payment_probe).map(([k, v]) => `${k} ${v}`).join(", ") || "no probes yet"
       : "not in this build"],
@@ -185,11 +185,17 @@ async function loadLedger(sku) {
   body.replaceChildren();
   for (const r of answer.rows) {
     const row = document.createElement("tr");
-    for (const v of [r.at, r.op, r.order_id, r.qty, r.available, r.reserved, r.sold, r.seq,
+    row.title = r.at || "";
+    for (const v of [shortTime(r.at), r.op, r.order_id, r.qty, r.available, r.reserved, r.sold, r.seq,
       r.reason]) cell(row, v);
     body.appendChild(row);
   }
   return answer.rows;
+}
+
+// "2026-12-02T06:18:37.171Z" -> "06:18:37.171" (the full time is the row's tooltip)
+function shortTime(iso) {
+  return iso ? iso.slice(11, 23) : "";
 }
 
 async function adjust() {
