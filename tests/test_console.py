@@ -22,6 +22,7 @@ from stock import keys
 from stock.api import ENGINE, create_app
 from stock.config import Settings
 from tests.conftest import flush
+from tests.test_payment_probe import PaymentService, payments  # noqa: F401
 
 TOKEN = "console-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -214,3 +215,30 @@ async def test_reconcile_outcome_reaches_health_and_metrics(
         return "stock_reconcile_drifting_skus 1.0" in text
 
     assert await wait_for(gauge, timeout=15), "the drift gauge never showed the reconcile"
+
+
+async def test_health_shows_payment_probe_outcomes(
+    settings: Settings,
+    redis: Any,
+    payments: PaymentService,  # noqa: F811
+) -> None:
+    """A real payment service answers one order paid and fails the other (500)."""
+    payments.answers.update({"o-paid": "paid", "o-down": "500"})
+    config = replace(
+        settings, admin_token=TOKEN, reaper_period_s=0.05,
+        payment_status_url=payments.url, payment_probe_timeout_ms=300,
+    )  # fmt: skip
+    app = create_app(config, run_writer=False)
+    async with TestClient(TestServer(app)) as api:
+        await api.put("/v1/stock/A", json={"available": 5}, headers=ADMIN)
+        for order_id in ("o-paid", "o-down"):
+            body = {"order_id": order_id, "items": [{"sku": "A", "qty": 1}], "ttl_s": 1}
+            assert (await api.post("/v1/reservations", json=body)).status == 201
+
+        async def probed() -> Any:
+            health = await (await api.get("/v1/admin/health", headers=ADMIN)).json()
+            outcomes = health["payment_probe"]
+            return outcomes if {"paid", "error"} <= set(outcomes) else None
+
+        outcomes = await wait_for(probed)
+    assert outcomes and outcomes["paid"] == 1 and outcomes["error"] >= 1, outcomes
