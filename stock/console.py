@@ -127,7 +127,8 @@ async def ledger(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     app = request.app
     pool = await app[POOL].get()
-    body = await ops.health(app[ENGINE].redis, app[SETTINGS], pool, app[METRICS].registry)
+    registry = app[METRICS].all_processes()  # the payment probe's counts of every worker
+    body = await ops.health(app[ENGINE].redis, app[SETTINGS], pool, registry)
     return json_response(body)
 
 

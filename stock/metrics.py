@@ -135,10 +135,14 @@ class Metrics:
         for refresh in self._collectors:
             refresh()
 
+    def all_processes(self) -> CollectorRegistry:
+        """The registry a scrape reads: every worker's values in multiprocess mode."""
+        if not self.multiprocess:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return merged
+
     def render(self) -> bytes:
         self.refresh()
-        if self.multiprocess:
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-            return generate_latest(merged)
-        return generate_latest(self.registry)
+        return generate_latest(self.all_processes())

@@ -10,8 +10,8 @@ worker answers the health route, and it must answer for all of them.
 - writer buckets held: the writers' advisory locks in ``pg_locks``;
 - the last reconcile: a small JSON record ``stock reconcile`` leaves in Redis
   (``keys.reconcile_key``);
-- payment-probe outcomes: the ``stock_payment_probe`` counter of this process's
-  metrics, once that exists.
+- payment-probe outcomes: the ``stock_payment_probe`` counter (of every worker
+  in multiprocess mode), where the probe runs.
 """
 
 from __future__ import annotations

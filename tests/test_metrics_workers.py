@@ -74,6 +74,13 @@ async def test_one_scrape_covers_every_worker(settings: Settings, dsn: str, redi
             assert (len(pids), healthz) == (2, [REQUESTS]), "a scrape saw one worker only"
             assert [s.value for s in found["stock_buckets"]] == [settings.buckets]
             assert [s.value for s in found["stock_oversell_skus"]] == [0]
+        async with aiohttp.ClientSession() as http:  # the health route, from pg_locks
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.get(f"{base}/v1/admin/health", headers=auth) as response:
+                health = await response.json()
+        writer = health["writer"]  # one writer may hold them all until they rebalance
+        assert (writer["held"], writer["buckets"]) == (settings.buckets, settings.buckets)
+        assert writer["writers"] in (1, 2)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
