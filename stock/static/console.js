@@ -113,7 +113,7 @@ function renderHealth(h) {
       ? `${h.writer.held} / ${h.writer.buckets}, ${h.writer.writers} writer(s)` : "n/a"],
     ["payment probe", h.payment_probe
       ? Object.entries(h.payment_probe).map(([k, v]) => `${k} ${v}`).join(", ") || "no probes yet"
-      : "not in this build"],
+      : "not configured (STOCK_PAYMENT_STATUS_URL)"],
     ["last reconcile", h.reconcile
       ? `${h.reconcile.at}: ${h.reconcile.checked} checked, ${h.reconcile.drifting} drifting`
       : "never run"],
