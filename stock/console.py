@@ -11,6 +11,9 @@ added here are the two it needs besides the existing ones:
   looked for among the newest ``LEDGER_WINDOW`` ledger rows, a bounded scan of
   the primary key.
 - ``GET /v1/admin/health``: ``stock.ops.health``.
+- ``POST /v1/admin/orders/{order_id}/confirm|release|cancel`` with
+  ``{"reason"}`` (required): the same operations as the public routes, with the
+  operator's reason on the ledger rows they write.
 
 Registered from ``stock.api.create_app`` by ``setup_console``.
 """
@@ -22,13 +25,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
+from typing import Any
 
 import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from stock import ops, validate
-from stock.api import ENGINE, METRICS, SETTINGS, admin, iso_ms, json_response
+from stock import api, ops, validate
+from stock.api import ENGINE, METRICS, SETTINGS, admin, iso_ms, json_body, json_response
 from stock.errors import InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger("stock.console")
@@ -132,6 +136,28 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+def _reason(body: dict[str, Any]) -> str:
+    reason = api.require(body, "reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 200:
+        raise InvalidRequest("reason must be 1 to 200 characters", field="reason")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in reason):
+        raise InvalidRequest("reason must not hold control characters", field="reason")
+    return reason
+
+
+def _order_action(op: str) -> Any:
+    """An admin order operation that records the operator's reason in the ledger."""
+
+    @admin
+    async def handler(request: web.Request) -> web.Response:
+        order_id = validate.order_id(request.match_info["order_id"])
+        reason = _reason(await json_body(request, {"reason"}))
+        call = getattr(request.app[ENGINE], op)
+        return await api._order_op(request, op, lambda: call(order_id, reason=reason))
+
+    return handler
+
+
 async def _gauges(app: web.Application, stop: asyncio.Event) -> None:
     """Keep this process's gauges fresh: in multiprocess mode a scrape reaches one
     worker, so each one refreshes its own; and the last reconcile's drift."""
@@ -160,6 +186,8 @@ def setup_console(app: web.Application) -> None:
     r.add_get("/console/{name}", asset)
     r.add_get("/v1/stock/{sku}/ledger", ledger)
     r.add_get("/v1/admin/health", health)
+    for op in ("confirm", "release", "cancel"):
+        r.add_post(f"/v1/admin/orders/{{order_id}}/{op}", _order_action(op))
     app[POOL] = _Pool(app[SETTINGS].database_url)
 
     async def background(app: web.Application) -> AsyncIterator[None]:

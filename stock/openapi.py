@@ -138,6 +138,8 @@ def spec() -> dict[str, Any]:
             },
             "/v1/stock/{sku}/ledger": {"get": _ledger_op()},  # the console's (stock.console)
             "/v1/admin/health": {"get": _health_op()},
+            **{f"/v1/admin/orders/{{order_id}}/{op}": {"post": _admin_order_op(op)}
+               for op in ("confirm", "release", "cancel")},
             "/v1/reservations": {
                 "post": _op("Reserve stock for an order", reserved, big,
                             body=_obj(["order_id", "items"], **new_order, ttl_s=TTL)),
@@ -220,3 +222,13 @@ def _health_op() -> dict[str, Any]:
     return _op("The pipeline's health: lags, writer buckets, last reconcile, payment probe",
                {"200": _json(HEALTH, "health (a failing part is named in its field)")}, [],
                admin=True)  # fmt: skip
+
+
+def _admin_order_op(op: str) -> dict[str, Any]:
+    done = {"200": _json({"$ref": "#/components/schemas/Order"}, "done (or a replay)")}
+    text = r"[^\x00-\x1f\x7f]*"  # no control characters, and one that is not a space
+    reason = {"type": "string", "minLength": 1, "maxLength": 200,
+              "pattern": rf"^{text}[^\x00-\x20\x7f]{text}$"}  # fmt: skip
+    return _op(f"{op.capitalize()} an order with the operator's reason in the ledger (console)",
+               done, [404, 409, 413], admin=True, params=["order_id"],
+               body=_obj(["reason"], reason=reason))  # fmt: skip

@@ -242,3 +242,47 @@ async def test_health_shows_payment_probe_outcomes(
 
         outcomes = await wait_for(probed)
     assert outcomes and outcomes["paid"] == 1 and outcomes["error"] >= 1, outcomes
+
+
+async def test_admin_order_actions_need_a_reason(bare: TestClient[Any, Any]) -> None:
+    await bare.put("/v1/stock/A", json={"available": 5}, headers=ADMIN)
+    body = {"order_id": "o1", "items": [{"sku": "A", "qty": 2}], "ttl_s": 60}
+    assert (await bare.post("/v1/reservations", json=body)).status == 201
+    url = "/v1/admin/orders/o1/release"
+    assert (await bare.post(url, json={"reason": "x"})).status == 401
+    for bad in ({}, {"reason": ""}, {"reason": "   "}, {"reason": "a\nb"}, {"reason": 5},
+                {"reason": "r" * 201}, {"reason": "ok", "extra": 1}):  # fmt: skip
+        answer = await bare.post(url, json=bad, headers=ADMIN)
+        assert answer.status == 400, bad
+    released = await bare.post(url, json={"reason": "customer asked"}, headers=ADMIN)
+    assert (released.status, (await released.json())["status"]) == (200, "released")
+    again = await bare.post(url, json={"reason": "customer asked"}, headers=ADMIN)
+    assert again.status == 200  # a replay, as on the public route
+    confirm = await bare.post("/v1/admin/orders/o1/confirm", json={"reason": "r"}, headers=ADMIN)
+    assert (confirm.status, (await confirm.json())["error"]) == (409, "invalid_transition")
+    missing = await bare.post("/v1/admin/orders/nope/cancel", json={"reason": "r"}, headers=ADMIN)
+    assert missing.status == 404
+    stock = await (await bare.get("/v1/stock/A")).json()
+    assert (stock["available"], stock["reserved"]) == (5, 0)
+
+
+async def test_admin_order_reasons_reach_the_ledger(full: TestClient[Any, Any]) -> None:
+    await full.put("/v1/stock/A", json={"available": 5}, headers=ADMIN)
+    for order_id in ("o1", "o2"):
+        body = {"order_id": order_id, "items": [{"sku": "A", "qty": 1}], "ttl_s": 60}
+        assert (await full.post("/v1/reservations", json=body)).status == 201
+    steps = [("o1", "confirm", "paid by bank transfer"), ("o1", "cancel", "fraud check failed"),
+             ("o2", "release", "customer called")]  # fmt: skip
+    for order_id, op, reason in steps:
+        answer = await full.post(
+            f"/v1/admin/orders/{order_id}/{op}", json={"reason": reason}, headers=ADMIN
+        )
+        assert answer.status == 200, await answer.text()
+
+    async def reasons() -> dict[str, str]:
+        answer = await full.get("/v1/stock/A/ledger", headers=ADMIN)
+        rows = (await answer.json())["rows"]
+        found = {r["op"]: r["reason"] for r in rows if r["op"] in ("confirm", "cancel", "release")}
+        return found if len(found) == 3 else {}
+
+    assert await wait_for(reasons) == {op: reason for _, op, reason in steps}

@@ -85,14 +85,17 @@ async def test_console_in_a_browser(service: str, dsn: str, settings: Settings) 
             await browser.close()
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     conn = await asyncpg.connect(dsn)
-    try:  # the adjust made through the form is in the ledger with its reason
-        row = await conn.fetchrow(
-            "SELECT qty, available, reason FROM stock_ledger WHERE sku = 'HOODIE-M' "
-            "AND op = 'adjust' ORDER BY seq DESC LIMIT 1"
+    try:  # what the page did is in the ledger with the reasons typed
+        rows = await conn.fetch(
+            "SELECT op, qty, available, reason FROM stock_ledger WHERE sku = 'HOODIE-M' "
+            "AND op IN ('adjust', 'release') ORDER BY seq"
         )
     finally:
         await conn.close()
-    assert row is not None and tuple(row) == (5, 12, "restock from warehouse B")
+    assert [tuple(row) for row in rows] == [
+        ("adjust", 5, 12, "restock from warehouse B"),
+        ("release", 3, 15, "customer called to cancel"),
+    ]
 
 
 async def _login(page: Page) -> None:
@@ -134,6 +137,10 @@ async def _order_release(page: Page) -> None:
     await page.fill("[data-test=order-input]", "web-1001")
     await page.click("[data-test=order-lookup]")
     await expect(page.locator("[data-test=order-status]")).to_have_text("reserved")
+    await page.click("[data-test=order-release]")  # the reason is mandatory here too
+    await expect(page.locator("[data-test=error]")).to_contain_text("reason is required")
+    await expect(page.locator("[data-test=order-status]")).to_have_text("reserved")
+    await page.fill("[data-test=order-reason]", "customer called to cancel")
     await page.click("[data-test=order-release]")
     await expect(page.locator("[data-test=order-status]")).to_have_text("released")
     await expect(page.locator("[data-test=order-release]")).to_be_disabled()
@@ -141,6 +148,7 @@ async def _order_release(page: Page) -> None:
     await expect(page.locator("[data-test=sku-reserved]")).to_have_text("0")
     # a refusal of the service is shown: confirming the released order
     await page.evaluate("document.querySelector('[data-test=order-confirm]').disabled = false")
+    await page.fill("[data-test=order-reason]", "paid after all")
     await page.click("[data-test=order-confirm]")
     await expect(page.locator("[data-test=error]")).to_contain_text("invalid_transition")
     await expect(page.locator("[data-test=order-status]")).to_have_text("released")

@@ -246,12 +246,16 @@ async function lookupOrder(orderId) {
   $("order-view").hidden = false;
 }
 
+// The admin order routes: the same operations as the public ones, with the
+// operator's reason on the ledger rows.
 async function orderAction(op) {
   if (!currentOrder) throw new Error("Look up an order first.");
-  const id = encodeURIComponent(currentOrder);
-  const path = op === "cancel" ? `/v1/orders/${id}/cancel` : `/v1/reservations/${id}/${op}`;
+  const reason = $("order-reason").value.trim();
+  if (!reason) throw new Error(`a reason is required to ${op} an order`);
+  const path = `/v1/admin/orders/${encodeURIComponent(currentOrder)}/${op}`;
   try {
-    await api("POST", path);
+    await api("POST", path, { reason });
+    $("order-reason").value = "";
   } finally {
     await lookupOrder(currentOrder);
     if (currentSku) await lookupSku(currentSku);
