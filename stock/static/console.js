@@ -215,7 +215,7 @@ async function adjust() {
   $("adjust-delta").value = "";
   $("adjust-reason").value = "";
   // the ledger row appears once the writer has flushed it (tens of ms)
-  for (let i = 0; i < 20; i++) {
+  for (let i = 0; i < 40; i++) {
     const rows = await loadLedger(sku);
     if (!rows.length || rows.some((r) => r.reason === reason && r.available === counters.available)) {
       return;
