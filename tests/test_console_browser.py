@@ -53,11 +53,19 @@ async def service(settings: Settings, dsn: str, redis: Any) -> AsyncIterator[str
 
 
 async def seed(base: str) -> None:
-    """A SKU with 10 units and an order holding 3 of them."""
+    """A SKU with 10 units, at most 4 per customer, and an order holding 3 of them."""
     async with aiohttp.ClientSession() as http:
         put = await http.put(f"{base}/v1/stock/HOODIE-M", json={"available": 10}, headers=ADMIN)
         assert put.status == 200
-        order = {"order_id": "web-1001", "items": [{"sku": "HOODIE-M", "qty": 3}], "ttl_s": 900}
+        limit = {"per_customer": 4}
+        put = await http.put(f"{base}/v1/stock/HOODIE-M/limits", json=limit, headers=ADMIN)
+        assert put.status == 200
+        order = {
+            "order_id": "web-1001",
+            "items": [{"sku": "HOODIE-M", "qty": 3}],
+            "ttl_s": 900,
+            "customer_id": "c-42",
+        }
         assert (await http.post(f"{base}/v1/reservations", json=order)).status == 201
 
 
@@ -118,7 +126,7 @@ async def _sku_and_adjust(page: Page) -> None:
     await expect(page.locator("[data-test=sku-available]")).to_have_text("7")
     await expect(page.locator("[data-test=sku-reserved]")).to_have_text("3")
     await expect(page.locator("[data-test=sku-sold]")).to_have_text("0")
-    await expect(page.locator("[data-test=limits]")).to_have_text("no limits")
+    await expect(page.locator("[data-test=limits]")).to_have_text("at most 4 per customer")
     # the reason is mandatory: nothing is sent without one
     await page.fill("[data-test=adjust-delta]", "5")
     await page.click("[data-test=adjust-submit]")

@@ -162,7 +162,8 @@ async function loadLimits(sku) {
   const box = $("limits");
   try {
     const limits = await api("GET", `/v1/stock/${encodeURIComponent(sku)}/limits`);
-    box.textContent = JSON.stringify(limits);
+    box.textContent = limits.per_customer === null || limits.per_customer === undefined
+      ? "no limits" : `at most ${limits.per_customer} per customer`;
   } catch (err) {
     if (!(err instanceof ApiError) || err.status !== 404) throw err;
     box.textContent = "no limits";
