@@ -163,17 +163,19 @@ async def _gauges(app: web.Application, stop: asyncio.Event) -> None:
     worker, so each one refreshes its own; and the last reconcile's drift."""
     metrics, tick = app[METRICS], 0
     while not stop.is_set():
-        if metrics.multiprocess:
-            metrics.refresh()
-        engine = app.get(ENGINE)
-        if tick % RECONCILE_EVERY == 0 and engine is not None:
-            try:
+        try:
+            if metrics.multiprocess:
+                metrics.refresh()
+            engine = app.get(ENGINE)
+            if tick % RECONCILE_EVERY == 0 and engine is not None:
                 record = await ops.last_reconcile(engine.redis)
-            except (RedisError, OSError):
-                record = None
-            if record is not None:
-                metrics.reconcile_drifting.set(record.get("drifting", 0))
-                metrics.reconcile_at.set(record.get("at_ms", 0) / 1000)
+                if record is not None:
+                    metrics.reconcile_drifting.set(float(record.get("drifting", 0)))
+                    metrics.reconcile_at.set(float(record.get("at_ms", 0)) / 1000)
+        except (RedisError, OSError):
+            pass  # Redis away: the gauges keep their last values
+        except Exception:  # a bad record, a client failure: keep the loop alive
+            log.exception("console gauges: refresh failed")
         tick += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), GAUGE_PERIOD_S)
