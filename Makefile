@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint run clean bench bench-tools bench-aof loadtest
+.PHONY: install test lint run clean bench bench-tools bench-aof loadtest test-tools
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,18 @@ lint: install
 	$(BIN)/ruff format --check stock persist tests loadtest
 	$(BIN)/mypy stock persist
 
-test: install lint
+# the console's browser test drives Debian's Chromium; the alert rules are checked
+# with promtool (Debian's prometheus package). Installed here when missing (as root).
+test-tools:
+	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y --no-install-recommends chromium prometheus || \
+	    { apt-get update && apt-get install -y --no-install-recommends chromium prometheus; }; \
+	  else echo "make test needs chromium and promtool: sudo apt-get install -y chromium prometheus"; \
+	  exit 1; fi; \
+	fi
+
+test: install lint test-tools
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q
 
 run: install

@@ -26,6 +26,7 @@ from persist.snapshot import (
     unflushed,
 )
 from stock.config import Settings
+from stock.ops import record_reconcile
 
 RECHECK_PAUSE_S = 0.5
 
@@ -88,12 +89,14 @@ def _drift(sku: str, redis: RedisSku, pg: Levels | None, events: list[Any]) -> D
 async def reconcile(
     client: Any, settings: Settings, dsn: str, skus: list[str] | None, out: TextIO = sys.stdout
 ) -> int:
-    """Print the drift per SKU; returns the exit status (1 on any drift, else 0)."""
+    """Print the drift per SKU; returns the exit status (1 on any drift, else 0).
+    The outcome is also left in Redis for the console and the drift alert."""
     conn = await asyncpg.connect(dsn)
     try:
         checked, drifts = await find_drift(client, conn, settings, skus)
     finally:
         await conn.close()
+    await record_reconcile(client, checked, [d.text() for d in drifts], whole=skus is None)
     for drift in drifts:
         print(drift.text(), file=out)
     print(f"reconcile: {checked} SKUs checked, {len(drifts)} drifting", file=out)

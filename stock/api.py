@@ -402,6 +402,9 @@ def create_app(
     app[METRICS] = Metrics()
     app[BACKGROUND] = {}
     _routes(app)
+    from stock.console import setup_console  # the console and its admin routes (DESIGN §11)
+
+    setup_console(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = connect(settings)
@@ -463,6 +466,8 @@ async def _start_writer(
         metrics.flush_lag.set(writer.stats.flush_lag_s)
         metrics.writer_batch.set(writer.stats.last_batch)
         metrics.writer_events.set(writer.stats.events_total)
+        metrics.writer_buckets.set(writer.stats.owned_buckets)
+        metrics.buckets.set(app[SETTINGS].buckets)
         metrics.pg_errors.inc(max(0, writer.stats.pg_errors - counted))  # the writer's
         counted = max(counted, writer.stats.pg_errors)
 

@@ -175,8 +175,8 @@ class StockEngine:
         """``reason`` goes to the ledger (``payment-probe``, ``reconcile-payments``)."""
         return await self._transition("confirm", order_id, 0, reason)
 
-    async def release(self, order_id: str) -> OrderResult:
-        return await self._transition("release", order_id, 0)
+    async def release(self, order_id: str, reason: str = "") -> OrderResult:
+        return await self._transition("release", order_id, 0, reason)
 
     async def cancel(self, order_id: str, reason: str = "") -> OrderResult:
         return await self._transition("cancel", order_id, 0, reason)

@@ -19,6 +19,8 @@ key                                             type    holds
                                                         the order's items, so
                                                         confirm/release need
                                                         only the order id
+``stock:reconcile:last``                        string  JSON outcome of the last
+                                                        ``stock reconcile``
 ==============================================  ======  ==========================
 
 A SKU never contains ``|`` (DESIGN §6), so ``<sku>|<order_id>`` splits at the
@@ -114,3 +116,8 @@ def sku_key_pattern() -> str:
 def sku_of_key(key: str) -> str:
     """The SKU of a counters hash key (inverse of ``sku_key``)."""
     return key.partition(":sku:")[2]
+
+
+def reconcile_key() -> str:
+    """The outcome of the last ``stock reconcile`` (JSON), read by the health route."""
+    return f"{PREFIX}:reconcile:last"

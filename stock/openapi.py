@@ -136,6 +136,10 @@ def spec() -> dict[str, Any]:
                            admin=True, params=["sku"],
                            body=_obj(["per_customer"], per_customer=LIMIT)),
             },
+            "/v1/stock/{sku}/ledger": {"get": _ledger_op()},  # the console's (stock.console)
+            "/v1/admin/health": {"get": _health_op()},
+            **{f"/v1/admin/orders/{{order_id}}/{op}": {"post": _admin_order_op(op)}
+               for op in ("confirm", "release", "cancel")},
             "/v1/reservations": {
                 "post": _op("Reserve stock for an order", reserved, big,
                             body=_obj(["order_id", "items"], **new_order, ttl_s=TTL)),
@@ -171,7 +175,60 @@ def spec() -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "text", "content": {"text/plain": {"schema": {
                     "type": "string"}}}}}}},
+            "/console": {"get": {"summary": "The operator console (one HTML page)", "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": {
+                    "type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This description", "responses": {
                 "200": _json({"type": "object"}, "OpenAPI 3")}}},
         },
     }  # fmt: skip
+
+
+LEDGER_ROW = _obj(
+    ["id", "order_id", "op", "qty", "available", "reserved", "sold", "seq", "reason", "at"],
+    id={"type": "integer"}, order_id={"type": "string"}, op={"type": "string"},
+    qty={"type": "integer"}, available={"type": "integer"}, reserved={"type": "integer"},
+    sold={"type": "integer"}, seq={"type": "integer"}, reason={"type": "string"},
+    at={**EXPIRES, "nullable": True},
+)  # fmt: skip
+LAG = {"type": "number", "minimum": 0, "nullable": True}
+HEALTH = _obj(
+    ["redis", "postgres", "expiry_lag_s", "flush_lag_s", "writer", "reconcile",
+     "payment_probe", "buckets"],
+    redis={"type": "string"}, postgres={"type": "string"}, expiry_lag_s=LAG, flush_lag_s=LAG,
+    writer={**_obj(["buckets", "held", "writers"], buckets=COUNT, held=COUNT, writers=COUNT),
+            "nullable": True},
+    reconcile={"type": "object", "nullable": True, "description": "the last `stock reconcile`:"
+               " at, at_ms, checked, drifting, drifts (the first 50 lines), whole"},
+    payment_probe={"type": "object", "nullable": True,
+                   "additionalProperties": {"type": "number"}, "description": "outcome -> count"},
+    buckets={"type": "integer"},
+)  # fmt: skip
+
+
+def _ledger_op() -> dict[str, Any]:
+    body = _obj(["sku", "rows", "window"], sku=SKU, window={"type": "integer"},
+                rows={"type": "array", "items": LEDGER_ROW})  # fmt: skip
+    op = _op("A SKU's newest ledger rows (PostgreSQL; 404 without it)",
+             {"200": _json(body, "newest first")}, [404], admin=True, params=["sku"])  # fmt: skip
+    op["parameters"].append(
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}}
+    )  # fmt: skip
+    return op
+
+
+def _health_op() -> dict[str, Any]:
+    return _op("The pipeline's health: lags, writer buckets, last reconcile, payment probe",
+               {"200": _json(HEALTH, "health (a failing part is named in its field)")}, [],
+               admin=True)  # fmt: skip
+
+
+def _admin_order_op(op: str) -> dict[str, Any]:
+    done = {"200": _json({"$ref": "#/components/schemas/Order"}, "done (or a replay)")}
+    text = r"[^\x00-\x1f\x7f]*"  # no control characters, and one that is not a space
+    reason = {"type": "string", "minLength": 1, "maxLength": 200,
+              "pattern": rf"^{text}[^\x00-\x20\x7f]{text}$"}  # fmt: skip
+    return _op(f"{op.capitalize()} an order with the operator's reason in the ledger (console)",
+               done, [404, 409, 413], admin=True, params=["order_id"],
+               body=_obj(["reason"], reason=reason))  # fmt: skip

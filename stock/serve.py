@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
+import tempfile
 from typing import Any
 
 import uvloop
@@ -18,6 +21,7 @@ from aiohttp import web
 
 from stock.api import create_app
 from stock.config import Settings
+from stock.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("stock.serve")
 
@@ -32,6 +36,17 @@ def serve_one(settings: Settings, run_reaper: bool, run_writer: bool, reuse_port
     )  # fmt: skip
 
 
+def _metrics_dir() -> str | None:
+    """Give the workers one prometheus-client multiprocess directory, so that a scrape
+    of any of them covers all. Set before they start: the client reads it on import.
+    An operator's own ``PROMETHEUS_MULTIPROC_DIR`` is used as it is (and kept)."""
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    made = tempfile.mkdtemp(prefix="stock-metrics-")
+    os.environ[MULTIPROC_ENV] = made
+    return made
+
+
 def serve(
     settings: Settings, workers: int = 1, run_reaper: bool = True, run_writer: bool = True
 ) -> int:
@@ -41,6 +56,7 @@ def serve(
     if workers <= 1:
         serve_one(settings, run_reaper, run_writer, reuse_port=False)
         return 0
+    made = _metrics_dir()
     context = multiprocessing.get_context("spawn")
     children: list[Any] = [
         context.Process(target=serve_one, args=(settings, run_reaper, run_writer, True))
@@ -58,4 +74,6 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
     for child in children:
         child.join()
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
     return max((child.exitcode or 0) for child in children)

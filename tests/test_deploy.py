@@ -64,3 +64,4 @@ def test_wheel_ships_lua_and_migrations(tmp_path: Path) -> None:
     lua = {p.name for p in (ROOT / "lua").glob("*.lua")}
     assert {f"stock/lua/{name}" for name in lua} <= names
     assert "persist/migrations/0001_init.sql" in names
+    assert {f"stock/static/console.{ext}" for ext in ("html", "js", "css")} <= names
