@@ -19,6 +19,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,12 @@ async def _flush(client: Any, cluster: bool) -> None:
         await client.flushall()
 
 
-async def _orders(settings: Settings, size: int, concurrency: int, seconds: float) -> float:
+async def _orders(
+    settings: Settings, size: int, concurrency: int, seconds: float
+) -> tuple[float, float]:
     """Reserves per second of ``size``-item orders over the 64 SKUs, checked against
-    the counters afterwards."""
+    the counters afterwards, and this process's CPU time per order (us): on a shared
+    machine the rate depends on what else runs, the CPU per order much less."""
     client = connect(settings)
     try:
         await _flush(client, settings.redis_cluster)
@@ -56,21 +60,26 @@ async def _orders(settings: Settings, size: int, concurrency: int, seconds: floa
         for sku in SKUS:
             await engine.set_stock(sku, STOCK, reason="bench")
         n = len(SKUS)
+        calls = 0
 
         async def call(w: int, i: int) -> None:
+            nonlocal calls
+            calls += 1
             first = (w * 13 + i * 7) % n
             items = [Item(SKUS[first], 1)]
             if size == 2:
                 items.append(Item(SKUS[(first + 1 + (w + i) % (n - 1)) % n], 1))
             await engine.reserve(f"cl-{w}-{i}", items)
 
+        cpu = time.process_time()
         count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7)
+        cpu = time.process_time() - cpu
         reserved = sum([(await engine.get_stock(sku)).reserved for sku in SKUS])
     finally:
         await client.aclose()
     if reserved < count * size:
         raise SystemExit(f"cluster bench: {count} orders of {size} but {reserved} units reserved")
-    return count / elapsed
+    return count / elapsed, cpu / calls * 1e6
 
 
 def measure(
@@ -86,13 +95,16 @@ def measure(
         "cluster": Settings(redis_url=cluster.url, redis_cluster=True, redis_max_connections=size),
     }
     rates: dict[tuple[str, int], list[float]] = {}
+    cpus: dict[tuple[str, int], list[float]] = {}
     try:
         for _ in range(repeat):
             for items in (1, 2):
                 for name, settings in backends.items():
-                    rate = run_async(_orders(settings, items, concurrency, seconds))
+                    rate, cpu = run_async(_orders(settings, items, concurrency, seconds))
                     rates.setdefault((name, items), []).append(rate)
-                    _log(f"cluster row: {name}, {items}-item orders: {rate:.0f}/s")
+                    cpus.setdefault((name, items), []).append(cpu)
+                    _log(f"cluster row: {name}, {items}-item orders: {rate:.0f}/s, "
+                         f"client CPU {cpu:.0f} us/order")  # fmt: skip
     finally:
         cluster.stop()
         standalone.stop()
@@ -104,10 +116,12 @@ def measure(
         report.add(f"7{'ac'[items - 1]}. library, standalone: {label} reserve",
                    best["standalone", items], "orders/s",
                    f"{len(SKUS)} SKUs, {concurrency} coroutines; "
-                   f"{samples(rates['standalone', items])}")  # fmt: skip
+                   f"{samples(rates['standalone', items])}; "
+                   f"client CPU {min(cpus['standalone', items]):.0f} us/order")  # fmt: skip
         report.add(f"7{'bd'[items - 1]}. library, 3-master cluster: {label} reserve",
                    best["cluster", items], "orders/s",
                    f"same load; {samples(rates['cluster', items])}; "
+                   f"client CPU {min(cpus['cluster', items]):.0f} us/order; "
                    f"cluster/standalone = {ratio:.2f}")  # fmt: skip
     return ratios[0], ratios[1]
 
