@@ -67,6 +67,7 @@ GOALS = {
     "bytes/reservation": (300, "<="),
     "reaper/s": (50_000, ">="),
     "writer/s": (50_000, ">="),
+    "cluster/standalone": (0.8, ">="),
 }
 
 
@@ -579,7 +580,13 @@ def main() -> int:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--reservations", type=int, default=100_000, help="memory and reaper")
     parser.add_argument("--reaper-skus", type=int, default=256)
+    parser.add_argument("--only", choices=["cluster"], help="run one row alone (7: cluster)")
     args = parser.parse_args()
+    if args.only == "cluster":
+        from loadtest import bench_cluster
+
+        bench_cluster.run(args.concurrency, min(args.seconds, 2.0), args.repeat)
+        return 0
     if not tools_present():
         return 2
     c, secs, rep = args.concurrency, args.seconds, args.repeat
@@ -666,6 +673,11 @@ def main() -> int:
             s["writer/s"] = external[0]
             report.add("6e. writer: events/s, synthetic backlog", external[0], "events/s",
                        external[1] + "; the summary's writer/s")  # fmt: skip
+        _log("7 the library on a 3-master cluster against standalone, alternating")
+        from loadtest import bench_cluster
+
+        single, _two = bench_cluster.measure(report, workdir / "cluster-row", c, secs, rep)
+        s["cluster/standalone"] = single
     finally:
         if postgres is not None:
             postgres.cleanup()
@@ -675,7 +687,8 @@ def main() -> int:
     print(
         f"bench: library/raw={s['library/raw']:.2f} http/bare={s['http/bare']:.2f} "
         f"library/pg={s['library/pg']:.1f} bytes/reservation={s['bytes/reservation']:.0f} "
-        f"reaper/s={s['reaper/s']:.0f} writer/s={s['writer/s']:.0f}",
+        f"reaper/s={s['reaper/s']:.0f} writer/s={s['writer/s']:.0f} "
+        f"cluster/standalone={s['cluster/standalone']:.2f}",
         flush=True,
     )
     return 0

@@ -342,7 +342,9 @@ class StockEngine:
                 self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind, reason=reason)
                 for g in groups
             ),
-            self.redis.pexpire(keys.order_key(order_id), self.retention_ms + ttl_ms),
+            self.scripts.pipeline.execute(
+                "PEXPIRE", keys.order_key(order_id), self.retention_ms + ttl_ms
+            ),
             return_exceptions=True,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -374,7 +376,7 @@ class StockEngine:
     async def _record(self, order_id: str) -> tuple[str, str, list[Item]]:
         validate.order_id(order_id)
         okey = keys.order_key(order_id)
-        if self.scripts.pipeline is not None:  # standalone: ride the auto-pipeline
+        if self.scripts.pipeline is not None:  # ride the (per-node) auto-pipeline
             raw = await self.scripts.pipeline.execute("GET", okey)
         else:
             raw = await self.redis.get(okey)
@@ -384,7 +386,7 @@ class StockEngine:
         return kind, phase, parse_spec(spec)
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:
-        """HMGET, through the auto-pipeline when there is one (standalone)."""
+        """HMGET, through the (per-node) auto-pipeline."""
         if self.scripts.pipeline is not None:
             return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
         return list(await self.redis.hmget(key, *fields))

@@ -17,9 +17,10 @@ per tick they took turns, and the library ran at about 0.55 of Redis's own rate.
 
 redis-py opens and authenticates the connection (and gives it back to the pool
 when it breaks, or takes it when the client closes); this module only writes
-packed commands to its stream and reads replies from it. Standalone Redis only:
-redis-py refuses EVALSHA in a cluster pipeline (redis/redis-py#2914), so a
-cluster client runs calls concurrently through redis-py instead.
+packed commands to its stream and reads replies from it. On a cluster, one
+such pipeline per node borrows a connection of that node
+(``stock.cluster_pipeline``), since redis-py 8.1 refuses EVALSHA in its cluster
+pipeline (redis/redis-py#2914).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -51,11 +53,11 @@ class _Link:
     """One borrowed connection: the callers waiting on it, in order, and when each
     write went out (for the deadline)."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, reply_error: Callable[[str], Exception]) -> None:
         self.conn = conn
         self.writer = conn._writer  # redis-py's asyncio streams of the open connection
         self.reader = conn._reader
-        self.parser = hiredis.Reader(encoding="utf-8", replyError=_reply_error)
+        self.parser = hiredis.Reader(encoding="utf-8", replyError=reply_error)
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.writes: deque[tuple[float, int]] = deque()  # (loop time, calls written by then)
         self.written = 0
@@ -98,6 +100,9 @@ class _Link:
 
 
 class AutoPipeline:
+    # how an error reply becomes an exception (the cluster's pipelines use redis-py's own)
+    reply_error: Callable[[str], Exception] = staticmethod(_reply_error)
+
     def __init__(self, client: Any, max_batch: int = MAX_BATCH) -> None:
         """``client``: a standalone redis-py asyncio client, whose pool lends the
         pipeline one connection at a time."""
@@ -177,13 +182,19 @@ class AutoPipeline:
             return
         self._send(link, packed, futures)
 
+    async def _borrow(self) -> Any:
+        """An open connection of the client's pool (a subclass may lend another's)."""
+        return await self.client.connection_pool.get_connection()
+
+    async def _return(self, conn: Any) -> None:
+        await self.client.connection_pool.release(conn)
+
     async def _open(self) -> _Link:
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
+        conn = await self._borrow()
         try:
-            link = _Link(conn)
+            link = _Link(conn, self.reply_error)
         except BaseException:
-            await pool.release(conn)
+            await self._return(conn)
             raise
         link.task = asyncio.create_task(self._run(link))
         self._link = link
@@ -205,12 +216,11 @@ class AutoPipeline:
             await self._give_back(link)
 
     async def _give_back(self, link: _Link) -> None:
-        pool = self.client.connection_pool
         try:
             await link.conn.disconnect()
         except Exception as exc:  # closing a broken socket; nothing else to do
             log.debug("auto-pipeline: disconnect failed: %r", exc)
-        await pool.release(link.conn)
+        await self._return(link.conn)
 
     async def aclose(self) -> None:
         """Close the borrowed connection (the client's ``aclose`` also does)."""

@@ -2,8 +2,8 @@
 
 Each ``lua/<op>.lua`` is read once with ``importlib.resources`` (the wheel ships
 them as ``stock/lua``; a source checkout reads the top-level ``lua/``), prefixed
-with ``lua/_lib.lua`` and registered with redis-py's ``register_script``, which
-calls EVALSHA and reloads the script on NOSCRIPT (after a restart or failover).
+with ``lua/_lib.lua`` and called by EVALSHA through an auto-pipeline, which loads
+the script and calls again on NOSCRIPT (after a restart, failover or SCRIPT FLUSH).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import NoScriptError
 
+from stock.cluster_pipeline import ClusterBatch
 from stock.errors import (
     InsufficientStock,
     InvalidRequest,
@@ -171,43 +171,35 @@ def parse_counters(reply: Sequence[Any], sku: str) -> Counters:
 class Scripts:
     """The registered scripts of one client (standalone or cluster).
 
-    On a standalone client calls go through an AutoPipeline (which never sends a
-    call twice); on a cluster client through redis-py's Script objects,
-    concurrently, since a cluster pipeline cannot carry EVALSHA.
+    Calls are auto-pipelined: on standalone through one AutoPipeline (which never
+    sends a call twice), on a cluster through one per node (``ClusterBatch``),
+    which resends a lost call through redis-py's cluster client unless ``once``.
+    ``pipeline`` also carries the engine's keyed non-script commands (GET, HMGET).
     """
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
-        self.pipeline = None if isinstance(client, RedisCluster) else AutoPipeline(client)
+        self._auto: AutoPipeline | None = None
+        self._batch: ClusterBatch | None = None
+        self.pipeline: AutoPipeline | ClusterBatch
+        if isinstance(client, RedisCluster):
+            self.pipeline = self._batch = ClusterBatch(client)
+        else:
+            self.pipeline = self._auto = AutoPipeline(client)
 
     async def __call__(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, once: bool = False
     ) -> Any:
-        """Run script ``name``. With ``once`` the client never sends it a second time:
-        redis-py's cluster client resends a call whose reply was lost (a timeout, a
-        dropped connection), which is harmless for the idempotent order scripts but
-        would apply a non-idempotent one (``adjust``) twice; the caller hears the
-        error instead and the outcome stays the caller's to check."""
+        """Run script ``name``. With ``once`` the call is never sent a second time: on
+        a cluster a call whose reply was lost (a timeout, a dropped connection) is
+        resent through redis-py, which is harmless for the idempotent order scripts
+        but would apply a non-idempotent one (``adjust``) twice; the caller hears
+        the error instead and the outcome stays the caller's to check."""
         script = self._scripts[name]
-        if self.pipeline is not None:
-            return await evalsha(self.pipeline, script.sha, _SOURCES[name], list(keys), list(args))
-        if not once:
-            return await script(keys=list(keys), args=list(args))
-        return await self._cluster_once(name, script.sha, keys, args)
-
-    async def _cluster_once(
-        self, name: str, sha: str, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        """EVALSHA to the node of the keys' slot, with redis-py's retries off (a call
-        given ``target_nodes`` is tried once); a MOVED during a resharding or a
-        failover fails it too."""
-        if self.client.get_default_node() is None:
-            await self.client.initialize()
-        node = self.client.get_node_from_key(keys[0])
-        command = ("EVALSHA", sha, len(keys), *keys, *args)
-        try:
-            return await self.client.execute_command(*command, target_nodes=node)
-        except NoScriptError:  # nothing ran: load the script and call once more
-            await self.client.script_load(_SOURCES[name])
-            return await self.client.execute_command(*command, target_nodes=node)
+        if self._auto is not None:
+            return await evalsha(self._auto, script.sha, _SOURCES[name], list(keys), list(args))
+        assert self._batch is not None
+        keys, args = list(keys), list(args)
+        fallback = None if once else (lambda: script(keys=keys, args=args))
+        return await self._batch.evalsha(script.sha, _SOURCES[name], keys, args, fallback)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stock import keys
 from stock.engine import StockEngine
@@ -276,22 +276,25 @@ async def test_a_lost_adjust_reply_is_not_applied_twice(
     HTTP) and the counter moved once. (On standalone the auto-pipeline never
     resends: tests/test_pipeline.py.)"""
     if not settings.redis_cluster:
-        pytest.skip("the reply is lost inside redis-py's cluster client")
-    from redis.asyncio.cluster import ClusterNode
+        pytest.skip("the reply is lost inside the cluster's per-node pipeline")
+    from stock.cluster_pipeline import NodePipeline
 
-    send = ClusterNode.execute_command
+    send = NodePipeline.execute
     lost: list[Any] = []
 
-    async def lose_first_adjust_reply(node: Any, *args: Any, **kwargs: Any) -> Any:
-        reply = await send(node, *args, **kwargs)
+    async def lose(reply: Any) -> Any:
+        lost.append(await reply)
+        raise RedisConnectionError("reply lost (injected by the test)")
+
+    def lose_first_adjust_reply(pipe: Any, *args: Any) -> Any:
+        reply = send(pipe, *args)
         if args[0] == "EVALSHA" and "LOST" in args and not lost:
-            lost.append(reply)
-            raise RedisTimeoutError("reply lost (injected by the test)")
+            return asyncio.ensure_future(lose(reply))
         return reply
 
     await engine.set_stock("LOST", 10)
-    monkeypatch.setattr(ClusterNode, "execute_command", lose_first_adjust_reply)
-    with pytest.raises(RedisTimeoutError):
+    monkeypatch.setattr(NodePipeline, "execute", lose_first_adjust_reply)
+    with pytest.raises(RedisConnectionError):
         await engine.adjust("LOST", 5, reason="restock")
     monkeypatch.undo()
     assert lost  # the script ran on the server
