@@ -1,4 +1,4 @@
-"""The persistence commands of ``stock``: migrate, writer, resync, reconcile."""
+"""The persistence commands of ``stock``: migrate, writer, resync, reconcile, webhooks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from stock.client import connect
 from stock.config import Settings
 
-COMMANDS = ("migrate", "writer", "resync", "reconcile", "reconcile-payments")
+COMMANDS = ("migrate", "writer", "resync", "reconcile", "reconcile-payments", "webhooks")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,6 +27,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--wait", type=float, default=5.0, metavar="S",
         help="how long to wait for the writer to flush a SKU's events before refusing it",
     )  # fmt: skip
+    commands.add_parser("webhooks", help="send the webhook outbox's deliveries until SIGTERM")
     reconcile = commands.add_parser("reconcile", help="compare Redis with PostgreSQL")
     reconcile.add_argument("skus", nargs="*", metavar="SKU", help="default: every SKU")
     payments = commands.add_parser(
@@ -53,6 +54,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         applied = await migrate(settings.database_url)
         print(f"migrate: applied {len(applied)} migration(s) {' '.join(applied)}".rstrip())
+        return 0
+    if args.command == "webhooks":
+        await _webhooks(settings)
         return 0
     client = connect(settings)
     try:
@@ -103,3 +107,13 @@ async def _reconcile_payments(args: argparse.Namespace, client: object, settings
     except (InvalidRequest, OSError) as exc:
         print(f"stock reconcile-payments: {exc}", file=sys.stderr)
         return 2
+
+
+async def _webhooks(settings: Settings) -> None:
+    from persist.dispatcher import Dispatcher
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Dispatcher(settings, settings.database_url).run(stop)

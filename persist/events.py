@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from persist import webhooks
+
 LINE_STATES = {
     "reserve": "reserved",
     "deduct": "confirmed",
@@ -280,4 +282,5 @@ async def _write(conn: asyncpg.Connection, chunks: list[Chunk]) -> None:
     await conn.copy_to_table(
         "writer_batch", source=io.BytesIO(_copy_rows(chunks)), columns=BATCH_COLUMNS
     )
+    await webhooks.offer(conn)  # the outbox, in this transaction, before stock_levels moves
     await conn.execute(_FROM_BATCH)

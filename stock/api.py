@@ -405,6 +405,9 @@ def create_app(
     from stock.console import setup_console  # the console and its admin routes (DESIGN §11)
 
     setup_console(app)
+    from stock.webhooks_api import setup_webhooks
+
+    setup_webhooks(app, run_dispatcher=run_writer)  # routes, and the dispatcher with PostgreSQL
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = connect(settings)

@@ -81,6 +81,10 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "payment_probe_timeout_ms": ("STOCK_PAYMENT_PROBE_TIMEOUT_MS", _int_in(10, 60_000)),
     "payment_grace_s": ("STOCK_PAYMENT_GRACE_S", _int_in(0, 30 * DAY_S)),
     "fence_ttl_s": ("STOCK_FENCE_TTL_S", _float_in(0.1, 3600.0)),
+    "webhook_retry_s": ("STOCK_WEBHOOK_RETRY_S", _int_in(1, 30 * DAY_S)),
+    "webhook_retry_base_s": ("STOCK_WEBHOOK_RETRY_BASE_S", _float_in(0.01, 300.0)),
+    "webhook_timeout_s": ("STOCK_WEBHOOK_TIMEOUT_S", _float_in(0.1, 300.0)),
+    "webhook_concurrency": ("STOCK_WEBHOOK_CONCURRENCY", _int_in(1, 10_000)),
 }
 
 
@@ -110,6 +114,10 @@ class Settings:
     payment_probe_timeout_ms: int = 1000
     payment_grace_s: int = 600
     fence_ttl_s: float = 10.0  # a resync's fence ends this long after its last renewal
+    webhook_retry_s: int = DAY_S  # how long a delivery is retried before it is failed
+    webhook_retry_base_s: float = 1.0  # first retry delay, doubling up to 5 minutes
+    webhook_timeout_s: float = 10.0  # per request
+    webhook_concurrency: int = 32  # requests in flight per dispatcher
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

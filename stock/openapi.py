@@ -101,6 +101,8 @@ def _op(
 
 @cache
 def spec() -> dict[str, Any]:
+    from stock.webhooks_spec import paths as webhook_paths
+
     order_ref = {"$ref": "#/components/schemas/Order"}
     counters = {"200": _json(COUNTERS, "the SKU's counters")}
     reserved = {"201": _json(order_ref, "reserved"), "200": _json(order_ref, "replay")}
@@ -167,6 +169,7 @@ def spec() -> dict[str, Any]:
                 "post": _op("Cancel a confirmed order", done, [404, 409], admin=True,
                             params=["order_id"]),
             },
+            **webhook_paths(),
             "/healthz": {"get": {"summary": "Liveness",
                                  "responses": {"200": _json({"type": "object"}, "alive")}}},
             "/readyz": {"get": {"summary": "Readiness (Redis, PostgreSQL where the writer runs)",

@@ -21,7 +21,9 @@ from tests.conftest import BUCKETS
 from tests.servers import ServerProcess, free_port
 
 TOKEN = "fuzz-token"
-schema = schemathesis.openapi.from_dict(spec())
+# No webhook routes: a made-up subscription would make a dispatcher POST to made-up
+# hosts, and our machines may send traffic only to loopback.
+schema = schemathesis.openapi.from_dict(spec()).exclude(path_regex=r"^/v1/webhooks")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""Webhooks (DESIGN §11): the outbox side and the subscriptions.
+
+``offer`` runs inside the writer's batch transaction (``persist.events``), after
+the batch is COPYed into ``writer_batch`` and before ``stock_levels`` moves on,
+so a delivery exists exactly when its event is durable: a batch that rolls back
+offers nothing, and a batch applied once offers once.
+
+- ``order.confirmed`` (confirm, deduct), ``order.cancelled``,
+  ``reservation.expired``: one per event (one order line).
+- ``stock.sold_out`` / ``stock.back_in_stock``: an event whose ``available`` is 0
+  where the SKU's previous event (in the batch, else ``stock_levels``) had more,
+  or the other way round (a SKU never seen counts as 0).
+- ``stock.changed``: coalesced. Each batch offers the latest counters of each
+  SKU; the (subscription, SKU) row still ``pending`` takes them (with a new
+  event id) instead of a second row, and the dispatcher keeps one second
+  between two of them (``webhook_throttle``).
+
+The dispatcher that sends them is ``persist.dispatcher``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+EVENT_TYPES = (
+    "stock.changed", "stock.sold_out", "stock.back_in_stock", "reservation.expired",
+    "order.confirmed", "order.cancelled",
+)  # fmt: skip
+STATES = ("pending", "sending", "delivered", "failed", "superseded")
+
+_DATA = """jsonb_strip_nulls(jsonb_build_object('sku', {e}.sku, 'order_id', {order},
+    'available', {e}.available, 'reserved', {e}.reserved, 'sold', {e}.sold, 'seq', {e}.seq))"""
+
+# One round trip; both statements skip everything when there is no subscription.
+OFFER = f"""
+WITH subs AS MATERIALIZED (SELECT id, events FROM webhook_subscriptions),
+ev AS (
+    SELECT b.op, b.sku, b.order_id, b.available, b.reserved, b.sold, b.seq, b.at_ms,
+        coalesce(lag(b.available) OVER (PARTITION BY b.sku ORDER BY b.seq), l.available, 0)
+            AS before
+    FROM writer_batch b LEFT JOIN stock_levels l ON l.sku = b.sku
+    WHERE EXISTS (SELECT 1 FROM subs)
+),
+typed AS (
+    SELECT ev.*, t.type FROM ev CROSS JOIN LATERAL (VALUES
+        (CASE WHEN ev.op IN ('confirm', 'deduct') THEN 'order.confirmed' END),
+        (CASE WHEN ev.op = 'cancel' THEN 'order.cancelled' END),
+        (CASE WHEN ev.op = 'expire' THEN 'reservation.expired' END),
+        (CASE WHEN ev.available <= 0 AND ev.before > 0 THEN 'stock.sold_out' END),
+        (CASE WHEN ev.available > 0 AND ev.before <= 0 THEN 'stock.back_in_stock' END)
+    ) AS t(type) WHERE t.type IS NOT NULL
+)
+INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at)
+SELECT s.id, typed.type, typed.sku, typed.seq,
+    {_DATA.format(e="typed", order="nullif(typed.order_id, '')")},
+    to_timestamp(typed.at_ms::float8 / 1000)
+FROM typed JOIN subs s ON typed.type = any(s.events)
+ORDER BY typed.seq, s.id;
+
+INSERT INTO webhook_deliveries AS d (subscription_id, type, sku, seq, data, created_at, next_at)
+SELECT s.id, 'stock.changed', c.sku, c.seq, {_DATA.format(e="c", order="NULL")},
+    to_timestamp(c.at_ms::float8 / 1000), greatest(now(), t.not_before)
+FROM (
+    SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq, at_ms FROM writer_batch
+    WHERE op <> 'extend'
+      AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE 'stock.changed' = any(events))
+    ORDER BY sku, seq DESC
+) AS c
+JOIN webhook_subscriptions s ON 'stock.changed' = any(s.events)
+LEFT JOIN webhook_throttle t ON t.subscription_id = s.id AND t.sku = c.sku
+ON CONFLICT (subscription_id, sku) WHERE type = 'stock.changed' AND state = 'pending'
+DO UPDATE SET event_id = gen_random_uuid(), seq = excluded.seq, data = excluded.data,
+    created_at = excluded.created_at
+WHERE excluded.seq > d.seq;
+"""
+
+
+async def offer(conn: asyncpg.Connection) -> None:
+    """Put the deliveries of the batch in ``writer_batch`` into the outbox (call it in
+    the batch's transaction, before ``stock_levels`` is updated)."""
+    await conn.execute(OFFER)
+
+
+# -- subscriptions (the admin API) ------------------------------------------------
+
+
+async def subscribe(conn: Any, url: str, events: list[str], secret: str) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "INSERT INTO webhook_subscriptions (url, events, secret) VALUES ($1, $2, $3)"
+        " RETURNING id, url, events",
+        url, events, secret,
+    )  # fmt: skip
+    return _subscription(row)
+
+
+async def subscriptions(conn: Any) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, url, events, created_at FROM webhook_subscriptions ORDER BY created_at, id"
+    )
+    return [{**_subscription(r), "created_at": r["created_at"]} for r in rows]
+
+
+async def unsubscribe(conn: Any, subscription_id: str) -> bool:
+    """Delete a subscription and its outbox rows; False when there is none."""
+    done = await conn.execute("DELETE FROM webhook_subscriptions WHERE id = $1", subscription_id)
+    return bool(done != "DELETE 0")
+
+
+async def exists(conn: Any, subscription_id: str) -> bool:
+    found = await conn.fetchval(
+        "SELECT 1 FROM webhook_subscriptions WHERE id = $1", subscription_id
+    )
+    return found is not None
+
+
+async def deliveries(
+    conn: Any, subscription_id: str, state: str | None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The subscription's latest deliveries (newest first), of one state or all."""
+    rows = await conn.fetch(
+        "SELECT event_id, type, sku, state, attempts, data::text AS data, created_at, next_at,"
+        " delivered_at, last_status, last_error FROM webhook_deliveries"
+        " WHERE subscription_id = $1 AND ($2::text IS NULL OR state = $2)"
+        " ORDER BY id DESC LIMIT $3",
+        subscription_id, state, limit,
+    )  # fmt: skip
+    return [dict(r) for r in rows]
+
+
+def _subscription(row: Any) -> dict[str, Any]:
+    return {"id": str(row["id"]), "url": row["url"], "events": list(row["events"])}
