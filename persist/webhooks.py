@@ -59,9 +59,9 @@ SELECT s.id, typed.type, typed.sku, typed.seq,
 FROM typed JOIN subs s ON typed.type = any(s.events)
 ORDER BY typed.seq, s.id;
 
-INSERT INTO webhook_deliveries AS d (subscription_id, type, sku, seq, data, created_at, next_at)
+INSERT INTO webhook_deliveries AS d (subscription_id, type, sku, seq, data, created_at)
 SELECT s.id, 'stock.changed', c.sku, c.seq, {_DATA.format(e="c", order="NULL")},
-    to_timestamp(c.at_ms::float8 / 1000), greatest(now(), t.not_before)
+    to_timestamp(c.at_ms::float8 / 1000)
 FROM (
     SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq, at_ms FROM writer_batch
     WHERE op <> 'extend'
@@ -69,7 +69,6 @@ FROM (
     ORDER BY sku, seq DESC
 ) AS c
 JOIN webhook_subscriptions s ON 'stock.changed' = any(s.events)
-LEFT JOIN webhook_throttle t ON t.subscription_id = s.id AND t.sku = c.sku
 ON CONFLICT (subscription_id, sku) WHERE type = 'stock.changed' AND state = 'pending'
 DO UPDATE SET event_id = gen_random_uuid(), seq = excluded.seq, data = excluded.data,
     created_at = excluded.created_at
