@@ -8,10 +8,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from persist import webhooks
@@ -246,3 +248,45 @@ async def test_failed_deliveries_metric(hsettings: Settings) -> None:
         app[BACKGROUND]["webhooks"].stats.failed = 2
         text = await (await client.get("/metrics")).text()
     assert "stock_webhook_deliveries_failed_total 2.0" in text
+
+
+def readme_receiver() -> dict[str, Any]:
+    """The receiver example of the README, run as written (its secret swapped)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("A receiver that verifies the signature")
+    code = readme[readme.index("```python\n", start) + 10 : readme.index("```\n", start + 50)]
+    code = code.replace('SECRET = b"s3cret"', f"SECRET = {SECRET.encode()!r}")
+    scope: dict[str, Any] = {"__name__": "readme_receiver"}
+    exec(compile(code, "README.md", "exec"), scope)
+    return scope
+
+
+async def test_readme_receiver_verifies_real_deliveries(
+    redis: Any, engine: StockEngine, hsettings: Settings, pg: asyncpg.Connection,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    scope = readme_receiver()
+    app = web.Application()
+    app.add_routes([web.post("/hook", scope["hook"])])
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("/hook"))
+    good = await webhooks.subscribe(pg, url, ["order.confirmed"], SECRET)
+    bad = await webhooks.subscribe(pg, url, ["order.confirmed"], "not-the-secret")
+    try:
+        async with pipeline(redis, hsettings) as (dispatcher,):
+            await engine.set_stock("A", 5)
+            await engine.deduct("o1", [{"sku": "A", "qty": 1}])
+            await until(lambda: dispatcher.stats.delivered == 1 and dispatcher.stats.retried >= 1,
+                        10, "one accepted, one refused")  # fmt: skip
+    finally:
+        await server.close()
+    states = {
+        str(r["subscription_id"]): (r["state"], r["last_status"])
+        for r in await pg.fetch(
+            "SELECT subscription_id, state, last_status FROM webhook_deliveries"
+        )
+    }
+    assert states[str(good["id"])] == ("delivered", 204)
+    assert states[str(bad["id"])] == ("pending", 401)
+    assert "order.confirmed {" in capsys.readouterr().out
