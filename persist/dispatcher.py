@@ -39,7 +39,7 @@ log = logging.getLogger("persist.dispatcher")
 
 PER_SUBSCRIPTION = 4  # requests in flight per subscription
 MAX_BACKOFF_S = 300.0
-LEASE_MARGIN_S = 30.0  # beyond the request timeout, to record the outcome
+LEASE_MARGIN_S = 5.0  # beyond the request timeout, to record the outcome
 CLEANUP_EVERY_S = 60.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
 import time
 from dataclasses import replace
 from typing import Any
@@ -14,10 +15,12 @@ import asyncpg
 import pytest
 
 from persist import webhooks
+from persist.dispatcher import Dispatcher
 from stock.config import Settings
 from stock.engine import StockEngine
 from stock.errors import StockError
 from tests.conftest import BUCKETS
+from tests.persist.conftest import WRITER_COMMAND, writer_env
 from tests.persist.receivers import Receiver, pipeline, receiving, until
 from tests.servers import ServerProcess
 
@@ -162,3 +165,37 @@ async def test_two_dispatchers_deliver_each_event_once(
         assert order_ids(r) == sorted(orders)  # each once, none twice
     assert all(d.stats.delivered > 0 for d in sent), [d.stats for d in sent]
     assert sum(d.stats.delivered for d in sent) == 3 * len(orders)
+
+
+@pytest.mark.faults
+async def test_dispatcher_killed_mid_send_the_event_goes_again(
+    redis: Any, engine: StockEngine, hsettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """``stock webhooks`` SIGKILLed while its request is at the receiver: the row stays
+    ``sending`` until its lease (timeout + 5 s) ends, then another dispatcher sends
+    the same event (same id) again: at least once."""
+    receiver = Receiver(SECRET, delay_s=1.0)
+    await subscribe(pg, receiver, "order.confirmed")
+    env = {**writer_env(hsettings), "STOCK_WEBHOOK_TIMEOUT_S": "2"}
+    async with receiving(receiver), pipeline(redis, hsettings, dispatchers=0):
+        child = subprocess.Popen([*WRITER_COMMAND[:-1], "webhooks"], env=env)
+        try:
+            await engine.set_stock("A", 5)
+            await engine.deduct("o1", [{"sku": "A", "qty": 1}])
+            await until(lambda: len(receiver.got) == 1, 15, "the first send")
+            child.kill()
+        finally:
+            child.kill()
+            child.wait(10)
+        assert await pg.fetchval("SELECT state FROM webhook_deliveries") == "sending"
+        receiver.delay_s = 0
+        other = Dispatcher(hsettings, hsettings.database_url, poll_s=0.05)
+        stop = asyncio.Event()
+        task = asyncio.create_task(other.run(stop))
+        await until(lambda: other.stats.delivered == 1, 15, "sent again")
+        stop.set()
+        await task
+    first, again = receiver.got
+    assert first.event_id == again.event_id
+    assert 2 + 5 - 0.5 <= again.at - first.at <= 2 + 5 + 2, again.at - first.at
+    assert await pg.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
