@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from persist import webhooks
 from persist.events import encode
 from persist.migrate import migrate
 from persist.writer import Writer
@@ -80,11 +81,15 @@ async def fill(client: Any, settings: Settings, count: int, skus: int) -> None:
         await pipe.execute()
 
 
-async def bench(settings: Settings, count: int, skus: int) -> float:
-    """Fill, drain, check; returns events per second."""
+async def bench(settings: Settings, count: int, skus: int, hooks: int = 0) -> float:
+    """Fill, drain, check; returns events per second. ``hooks`` webhook subscriptions
+    to every event type make the writer fill the outbox too (nothing is sent)."""
     await migrate(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     await conn.execute("TRUNCATE stock_ledger, stock_levels, reservation_lines, stream_offsets")
+    await conn.execute("TRUNCATE webhook_subscriptions CASCADE")
+    for _ in range(hooks):
+        await webhooks.subscribe(conn, "http://127.0.0.1:9/bench", list(webhooks.EVENT_TYPES), "b")
     client = connect(settings)
     await client.flushdb()
     await fill(client, settings, count, skus)
@@ -100,6 +105,7 @@ async def bench(settings: Settings, count: int, skus: int) -> float:
     used = (time.process_time() - cpu[0], _cpu(backend) - cpu[1], await _redis_cpu(client) - cpu[2])
     await writer.aclose()
     rows = await conn.fetchval("SELECT count(*) FROM stock_ledger")
+    offered = await conn.fetchval("SELECT count(*) FROM webhook_deliveries")
     await conn.close()
     await client.aclose()
     assert rows == count, f"ledger has {rows} rows for {count} events"
@@ -108,6 +114,7 @@ async def bench(settings: Settings, count: int, skus: int) -> float:
         f"writer: {count} events in {elapsed:.2f} s = {count / elapsed:,.0f} events/s "
         f"({writer.stats.batches_total} transactions, up to {max(sizes)} events each; CPU s: "
         f"writer {used[0]:.2f}, PostgreSQL backend {used[1]:.2f}, Redis {used[2]:.2f})"
+        + (f"; {offered} webhook deliveries offered" if hooks else "")
     )
     return count / elapsed
 
@@ -123,7 +130,10 @@ async def _redis_cpu(client: Any) -> float:
 
 
 def _runs(settings: Settings, args: argparse.Namespace) -> None:
-    rates = [asyncio.run(bench(settings, args.events, args.skus)) for _ in range(args.repeat)]
+    rates = [
+        asyncio.run(bench(settings, args.events, args.skus, args.webhooks))
+        for _ in range(args.repeat)
+    ]
     runs = " / ".join(f"{r:,.0f}" for r in rates)
     print(f"writer/s={max(rates):.0f} (best of {len(rates)}: {runs}; batch {args.batch})")
 
@@ -137,6 +147,9 @@ def main() -> None:
     )
     parser.add_argument("--buckets", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
+    parser.add_argument(
+        "--webhooks", type=int, default=0, help="webhook subscriptions to every event type"
+    )
     parser.add_argument("--redis-url")
     parser.add_argument("--database-url")
     args = parser.parse_args()

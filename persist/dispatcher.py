@@ -105,10 +105,12 @@ throttled AS (
 )
 SELECT state FROM done
 """
+# Old finished rows, and rows the writer offered while their subscription was deleted.
 _CLEANUP = """
-DELETE FROM webhook_deliveries
-WHERE state IN ('delivered', 'superseded', 'failed')
-  AND coalesce(delivered_at, next_at) < now() - make_interval(secs => $1)
+DELETE FROM webhook_deliveries d
+WHERE (d.state IN ('delivered', 'superseded', 'failed')
+       AND coalesce(d.delivered_at, d.next_at) < now() - make_interval(secs => $1))
+   OR NOT EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = d.subscription_id)
 """
 
 

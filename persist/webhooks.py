@@ -38,19 +38,19 @@ OFFER = f"""
 WITH subs AS MATERIALIZED (SELECT id, events FROM webhook_subscriptions),
 ev AS (
     SELECT b.op, b.sku, b.order_id, b.available, b.reserved, b.sold, b.seq, b.at_ms,
-        coalesce(lag(b.available) OVER (PARTITION BY b.sku ORDER BY b.seq), l.available, 0)
-            AS before
+        coalesce(lag(b.available) OVER (PARTITION BY b.sku COLLATE "C" ORDER BY b.seq),
+                 l.available, 0) AS before
     FROM writer_batch b LEFT JOIN stock_levels l ON l.sku = b.sku
     WHERE EXISTS (SELECT 1 FROM subs)
 ),
 typed AS (
-    SELECT ev.*, t.type FROM ev CROSS JOIN LATERAL (VALUES
-        (CASE WHEN ev.op IN ('confirm', 'deduct') THEN 'order.confirmed' END),
-        (CASE WHEN ev.op = 'cancel' THEN 'order.cancelled' END),
-        (CASE WHEN ev.op = 'expire' THEN 'reservation.expired' END),
-        (CASE WHEN ev.available <= 0 AND ev.before > 0 THEN 'stock.sold_out' END),
-        (CASE WHEN ev.available > 0 AND ev.before <= 0 THEN 'stock.back_in_stock' END)
-    ) AS t(type) WHERE t.type IS NOT NULL
+    SELECT ev.*, CASE ev.op WHEN 'cancel' THEN 'order.cancelled'
+        WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
+    FROM ev WHERE ev.op IN ('confirm', 'deduct', 'cancel', 'expire')
+    UNION ALL
+    SELECT ev.*, CASE WHEN ev.available <= 0 THEN 'stock.sold_out'
+        ELSE 'stock.back_in_stock' END
+    FROM ev WHERE (ev.available <= 0) <> (ev.before <= 0)
 )
 INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at)
 SELECT s.id, typed.type, typed.sku, typed.seq,
@@ -63,10 +63,11 @@ INSERT INTO webhook_deliveries AS d (subscription_id, type, sku, seq, data, crea
 SELECT s.id, 'stock.changed', c.sku, c.seq, {_DATA.format(e="c", order="NULL")},
     to_timestamp(c.at_ms::float8 / 1000)
 FROM (
-    SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq, at_ms FROM writer_batch
+    SELECT DISTINCT ON (sku COLLATE "C") sku, available, reserved, sold, seq, at_ms
+    FROM writer_batch
     WHERE op <> 'extend'
       AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE 'stock.changed' = any(events))
-    ORDER BY sku, seq DESC
+    ORDER BY sku COLLATE "C", seq DESC
 ) AS c
 JOIN webhook_subscriptions s ON 'stock.changed' = any(s.events)
 ON CONFLICT (subscription_id, sku) WHERE type = 'stock.changed' AND state = 'pending'
@@ -103,8 +104,13 @@ async def subscriptions(conn: Any) -> list[dict[str, Any]]:
 
 async def unsubscribe(conn: Any, subscription_id: str) -> bool:
     """Delete a subscription and its outbox rows; False when there is none."""
-    done = await conn.execute("DELETE FROM webhook_subscriptions WHERE id = $1", subscription_id)
-    return bool(done != "DELETE 0")
+    gone = await conn.fetchval(
+        "WITH s AS (DELETE FROM webhook_subscriptions WHERE id = $1 RETURNING id),"
+        " d AS (DELETE FROM webhook_deliveries WHERE subscription_id = $1)"
+        " SELECT count(*) FROM s",
+        subscription_id,
+    )
+    return bool(gone)
 
 
 async def exists(conn: Any, subscription_id: str) -> bool:

@@ -178,7 +178,7 @@ async def test_subscription_gets_only_its_types(
     redis: Any, engine: StockEngine, hsettings: Settings, pg: asyncpg.Connection
 ) -> None:
     confirmed, sold_out = Receiver(SECRET), Receiver(SECRET)
-    await subscribe(pg, confirmed, "order.confirmed")
+    confirmed_id = await subscribe(pg, confirmed, "order.confirmed")
     await subscribe(pg, sold_out, "stock.sold_out")
     async with receiving(confirmed, sold_out), pipeline(redis, hsettings):
         await engine.set_stock("A", 2)
@@ -188,6 +188,8 @@ async def test_subscription_gets_only_its_types(
         await asyncio.sleep(0.3)  # nothing else follows
     assert {g.body["type"] for g in confirmed.got} == {"order.confirmed"}
     assert [g.body["type"] for g in sold_out.got] == ["stock.sold_out"]
+    assert await webhooks.unsubscribe(pg, confirmed_id)  # its outbox rows go with it
+    assert await pg.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
 
 
 async def test_nothing_offered_for_an_event_that_never_reached_postgres(
