@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jsonschema_rs  # (schemathesis brings it)
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -70,6 +71,13 @@ async def test_subscriptions_api(api: TestClient[Any, Any]) -> None:
     assert "secret" not in listed["webhooks"][0] and "x" not in str(listed)
     deliveries = await api.get(f"/v1/webhooks/{sub['id']}/deliveries?status=failed", headers=ADMIN)
     assert (await deliveries.json()) == {"deliveries": []}
+    paths = (await (await api.get("/openapi.json")).json())["paths"]
+    for path, method, code, answer in [
+        ("/v1/webhooks", "post", "201", sub),
+        ("/v1/webhooks", "get", "200", listed),
+    ]:
+        schema = paths[path][method]["responses"][code]["content"]["application/json"]["schema"]
+        jsonschema_rs.validate(schema, answer)
     bad = await api.get(f"/v1/webhooks/{sub['id']}/deliveries?status=nope", headers=ADMIN)
     assert bad.status == 400
     assert (await api.delete(f"/v1/webhooks/{sub['id']}", headers=ADMIN)).status == 204
