@@ -117,6 +117,11 @@ async def test_without_postgres_the_routes_say_so(settings: Settings) -> None:
         response = await client.get("/v1/webhooks", headers=ADMIN)
         assert response.status == 503
         assert "STOCK_DATABASE_URL" in (await response.json())["message"]
+    down = replace(settings, admin_token=TOKEN, database_url="postgresql://u@127.0.0.1:1/x")
+    app = create_app(down, run_reaper=False, run_writer=False)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/v1/webhooks", headers=ADMIN)
+        assert (response.status, (await response.json())["error"]) == (503, "unavailable")
 
 
 async def test_migrations_apply_out_of_order(dsn: str, pg: asyncpg.Connection) -> None:
