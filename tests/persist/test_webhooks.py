@@ -255,14 +255,35 @@ async def test_failed_after_the_retry_window(
     assert failed[0]["id"] == receiver.got[0].event_id
 
 
-async def test_failed_deliveries_metric(hsettings: Settings) -> None:
-    app = create_app(hsettings, run_reaper=False, run_writer=True)
-    async with TestClient(TestServer(app)) as client:
-        from stock.api import BACKGROUND
+async def test_served_app_dispatches_and_counts(redis: Any, hsettings: Settings) -> None:
+    """The app of ``stock serve`` (writer and dispatcher inside), driven over HTTP only:
+    a subscription made through the API gets the sale; one whose receiver always
+    answers 500 ends failed, in the metric and the deliveries route."""
+    good, bad = Receiver(SECRET), Receiver(SECRET, status=500)
+    app = create_app(replace(hsettings, webhook_retry_s=1), run_reaper=False, run_writer=True)
+    async with receiving(good, bad), TestClient(TestServer(app)) as client:
+        ids = []
+        for r in (good, bad):
+            body = {"url": r.url, "events": ["order.confirmed"], "secret": SECRET}
+            created = await client.post("/v1/webhooks", json=body, headers=ADMIN)
+            ids.append((await created.json())["id"])
+        assert (await client.put("/v1/stock/A", json={"available": 3}, headers=ADMIN)).status == 200
+        sale = {"order_id": "o1", "items": [{"sku": "A", "qty": 1}]}
+        assert (await client.post("/v1/deductions", json=sale)).status == 201
 
-        app[BACKGROUND]["webhooks"].stats.failed = 2
+        async def failed() -> list[Any]:
+            url = f"/v1/webhooks/{ids[1]}/deliveries?status=failed"
+            return list((await (await client.get(url, headers=ADMIN)).json())["deliveries"])
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await failed():
+            assert asyncio.get_running_loop().time() < deadline, "no failed delivery"
+            await asyncio.sleep(0.1)
         text = await (await client.get("/metrics")).text()
-    assert "stock_webhook_deliveries_failed_total 2.0" in text
+    assert [g.body["data"]["order_id"] for g in good.got] == ["o1"] and good.verified(good.got[0])
+    assert len(bad.got) >= 2
+    assert "stock_webhook_deliveries_total 1.0" in text
+    assert "stock_webhook_deliveries_failed_total 1.0" in text
 
 
 def readme_receiver() -> dict[str, Any]:
