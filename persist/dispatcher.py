@@ -105,12 +105,15 @@ throttled AS (
 )
 SELECT state FROM done
 """
-# Old finished rows, and rows the writer offered while their subscription was deleted.
+# Old finished rows, rows the writer offered while their subscription was being
+# deleted, and throttle marks long past.
 _CLEANUP = """
+WITH marks AS (DELETE FROM webhook_throttle WHERE not_before < now() - interval '1 hour')
 DELETE FROM webhook_deliveries d
 WHERE (d.state IN ('delivered', 'superseded', 'failed')
        AND coalesce(d.delivered_at, d.next_at) < now() - make_interval(secs => $1))
-   OR NOT EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = d.subscription_id)
+   OR (d.state = 'pending'
+       AND NOT EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = d.subscription_id))
 """
 
 

@@ -5,6 +5,7 @@ backend)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from persist import webhooks
+from persist.dispatcher import Dispatcher
 from persist.migrate import migration_files
 from stock.api import create_app
 from stock.config import Settings
@@ -326,3 +328,32 @@ async def test_readme_receiver_verifies_real_deliveries(
     assert states[str(good["id"])] == ("delivered", 204)
     assert states[str(bad["id"])] == ("pending", 401)
     assert "order.confirmed {" in capsys.readouterr().out
+
+
+async def test_cleanup_drops_old_rows_orphans_and_marks(
+    hsettings: Settings, pg: asyncpg.Connection
+) -> None:
+    keep = await webhooks.subscribe(pg, "http://127.0.0.1:9/x", ["order.confirmed"], "s")
+    await pg.execute(
+        "INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at,"
+        " state, delivered_at, next_at) VALUES"
+        " ($1, 'order.confirmed', 'A', 1, '{}', now(), 'delivered', now() - interval '8 days',"
+        "  now() - interval '8 days'),"  # old: goes
+        " ($1, 'order.confirmed', 'A', 2, '{}', now(), 'delivered', now(), now()),"  # stays
+        " ($1, 'order.confirmed', 'A', 3, '{}', now(), 'pending', NULL, now() + interval '1 h'),"
+        " (gen_random_uuid(), 'order.confirmed', 'A', 4, '{}', now(), 'pending', NULL, now())",
+        uuid.UUID(keep["id"]),
+    )  # the last one's subscription is gone: an orphan
+    await pg.execute(
+        "INSERT INTO webhook_throttle VALUES ($1, 'A', now() - interval '2 hours'),"
+        " ($1, 'B', now())",
+        uuid.UUID(keep["id"]),
+    )
+    dispatcher = Dispatcher(hsettings, hsettings.database_url)
+    try:
+        await dispatcher.poll()
+    finally:
+        await dispatcher.aclose()
+    left = await pg.fetch("SELECT seq FROM webhook_deliveries ORDER BY seq")
+    assert [r["seq"] for r in left] == [2, 3]
+    assert [r["sku"] for r in await pg.fetch("SELECT sku FROM webhook_throttle")] == ["B"]
