@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import orjson
 from aiohttp import web
 from prometheus_client import Counter
 from yarl import URL
@@ -130,8 +131,6 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 
 def _delivery(row: dict[str, Any]) -> dict[str, Any]:
-    import orjson
-
     out = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
     out["id"] = str(out.pop("event_id"))
     out["data"] = orjson.loads(row["data"])
