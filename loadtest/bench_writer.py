@@ -87,7 +87,7 @@ async def bench(settings: Settings, count: int, skus: int, hooks: int = 0) -> fl
     await migrate(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     await conn.execute("TRUNCATE stock_ledger, stock_levels, reservation_lines, stream_offsets")
-    await conn.execute("TRUNCATE webhook_subscriptions CASCADE")
+    await conn.execute("TRUNCATE webhook_subscriptions, webhook_deliveries, webhook_throttle")
     for _ in range(hooks):
         await webhooks.subscribe(conn, "http://127.0.0.1:9/bench", list(webhooks.EVENT_TYPES), "b")
     client = connect(settings)

@@ -30,34 +30,43 @@ EVENT_TYPES = (
 )  # fmt: skip
 STATES = ("pending", "sending", "delivered", "failed", "superseded")
 
+_ORDER_TYPES = "'{order.confirmed,order.cancelled,reservation.expired}'::text[]"
+_STOCK_TYPES = "'{stock.sold_out,stock.back_in_stock}'::text[]"
 _DATA = """jsonb_strip_nulls(jsonb_build_object('sku', {e}.sku, 'order_id', {order},
     'available', {e}.available, 'reserved', {e}.reserved, 'sold', {e}.sold, 'seq', {e}.seq))"""
 
-# One round trip; both statements skip everything when there is no subscription.
+# One round trip; each statement skips everything when no subscription wants its types
+# (only sold-out / back-in-stock need each event's previous ``available``: a sort).
 OFFER = f"""
-WITH subs AS MATERIALIZED (SELECT id, events FROM webhook_subscriptions),
-ev AS (
-    SELECT b.op, b.sku, b.order_id, b.available, b.reserved, b.sold, b.seq, b.at_ms,
-        coalesce(lag(b.available) OVER (PARTITION BY b.sku COLLATE "C" ORDER BY b.seq),
-                 l.available, 0) AS before
-    FROM writer_batch b LEFT JOIN stock_levels l ON l.sku = b.sku
-    WHERE EXISTS (SELECT 1 FROM subs)
-),
-typed AS (
-    SELECT ev.*, CASE ev.op WHEN 'cancel' THEN 'order.cancelled'
-        WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
-    FROM ev WHERE ev.op IN ('confirm', 'deduct', 'cancel', 'expire')
-    UNION ALL
-    SELECT ev.*, CASE WHEN ev.available <= 0 THEN 'stock.sold_out'
-        ELSE 'stock.back_in_stock' END
-    FROM ev WHERE (ev.available <= 0) <> (ev.before <= 0)
-)
 INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at)
-SELECT s.id, typed.type, typed.sku, typed.seq,
-    {_DATA.format(e="typed", order="nullif(typed.order_id, '')")},
-    to_timestamp(typed.at_ms::float8 / 1000)
-FROM typed JOIN subs s ON typed.type = any(s.events)
-ORDER BY typed.seq, s.id;
+SELECT s.id, e.type, e.sku, e.seq, {_DATA.format(e="e", order="nullif(e.order_id, '')")},
+    to_timestamp(e.at_ms::float8 / 1000)
+FROM (
+    SELECT b.*, CASE b.op WHEN 'cancel' THEN 'order.cancelled'
+        WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
+    FROM writer_batch b
+    WHERE b.op IN ('confirm', 'deduct', 'cancel', 'expire')
+      AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE events && {_ORDER_TYPES})
+) AS e
+JOIN webhook_subscriptions s ON e.type = any(s.events)
+ORDER BY e.seq, s.id;
+
+INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at)
+SELECT s.id, e.type, e.sku, e.seq, {_DATA.format(e="e", order="nullif(e.order_id, '')")},
+    to_timestamp(e.at_ms::float8 / 1000)
+FROM (
+    SELECT ev.*, CASE WHEN ev.available <= 0 THEN 'stock.sold_out'
+        ELSE 'stock.back_in_stock' END AS type
+    FROM (
+        SELECT b.*, coalesce(lag(b.available) OVER (PARTITION BY b.sku COLLATE "C"
+            ORDER BY b.seq), l.available, 0) AS before
+        FROM writer_batch b LEFT JOIN stock_levels l ON l.sku = b.sku
+        WHERE EXISTS (SELECT 1 FROM webhook_subscriptions WHERE events && {_STOCK_TYPES})
+    ) AS ev
+    WHERE (ev.available <= 0) <> (ev.before <= 0)
+) AS e
+JOIN webhook_subscriptions s ON e.type = any(s.events)
+ORDER BY e.seq, s.id;
 
 INSERT INTO webhook_deliveries AS d (subscription_id, type, sku, seq, data, created_at)
 SELECT s.id, 'stock.changed', c.sku, c.seq, {_DATA.format(e="c", order="NULL")},
