@@ -140,7 +140,8 @@ async def test_stock_changed_coalesced_under_a_flash_sale(
     hot = [g for g in receiver.got if g.body["data"]["sku"] == "HOT"]
     gaps = [b.at - a.at for a, b in itertools.pairwise(hot)]
     assert sold > 1000, sold
-    assert 2 <= len(hot) <= 8, len(hot)  # ~3 s of sale: about one a second
+    span = hot[-1].at - hot[0].at
+    assert 2 <= len(hot) <= 1 + span, (len(hot), span)  # over a thousand changes
     assert min(gaps) >= 0.99, gaps
     seqs = [g.body["data"]["seq"] for g in hot]
     assert seqs == sorted(seqs) and seqs[-1] == sold + 1
