@@ -33,6 +33,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from persist.webhooks import data
 from stock.config import Settings
 
 log = logging.getLogger("persist.dispatcher")
@@ -40,7 +41,7 @@ log = logging.getLogger("persist.dispatcher")
 PER_SUBSCRIPTION = 4  # requests in flight per subscription
 MAX_BACKOFF_S = 300.0
 LEASE_MARGIN_S = 5.0  # beyond the request timeout, to record the outcome
-CLEANUP_EVERY_S = 60.0
+CLEANUP_EVERY_S = 600.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 # $1 rows at most, $2 lease (s), $3 per subscription, ($4, $5) subscriptions' rows in flight
@@ -66,8 +67,8 @@ claimed AS (
         next_at = now() + make_interval(secs => $2)
     FROM due, webhook_subscriptions s
     WHERE d.id = due.id AND s.id = d.subscription_id
-    RETURNING d.id, d.event_id, d.subscription_id, d.type, d.sku, d.data::text AS data,
-        d.created_at, d.attempts, d.next_at, s.url, s.secret
+    RETURNING d.id, d.event_id, d.subscription_id, d.type, d.sku, d.order_id, d.available,
+        d.reserved, d.sold, d.seq, d.created_at, d.attempts, d.next_at, s.url, s.secret
 ),
 throttled AS (
     INSERT INTO webhook_throttle (subscription_id, sku, not_before)
@@ -139,7 +140,7 @@ def payload(row: Any) -> bytes:
             "id": str(row["event_id"]),
             "type": row["type"],
             "created_at": created,
-            "data": orjson.loads(row["data"]),
+            "data": data(row),
         }
     )
 

@@ -32,15 +32,17 @@ STATES = ("pending", "sending", "delivered", "failed", "superseded")
 
 _ORDER_TYPES = "'{order.confirmed,order.cancelled,reservation.expired}'::text[]"
 _STOCK_TYPES = "'{stock.sold_out,stock.back_in_stock}'::text[]"
-_DATA = """jsonb_strip_nulls(jsonb_build_object('sku', {e}.sku, 'order_id', {order},
-    'available', {e}.available, 'reserved', {e}.reserved, 'sold', {e}.sold, 'seq', {e}.seq))"""
+_COLUMNS = "subscription_id, type, sku, order_id, available, reserved, sold, seq, created_at"
+_VALUES = (
+    "{e}.sku, {order}, {e}.available, {e}.reserved, {e}.sold, {e}.seq, "
+    "to_timestamp({e}.at_ms::float8 / 1000)"
+)
 
 # One round trip; each statement skips everything when no subscription wants its types
 # (only sold-out / back-in-stock need each event's previous ``available``: a sort).
 OFFER = f"""
-INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at)
-SELECT s.id, e.type, e.sku, e.seq, {_DATA.format(e="e", order="nullif(e.order_id, '')")},
-    to_timestamp(e.at_ms::float8 / 1000)
+INSERT INTO webhook_deliveries ({_COLUMNS})
+SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')")}
 FROM (
     SELECT b.*, CASE b.op WHEN 'cancel' THEN 'order.cancelled'
         WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
@@ -51,9 +53,8 @@ FROM (
 JOIN webhook_subscriptions s ON e.type = any(s.events)
 ORDER BY e.seq, s.id;
 
-INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at)
-SELECT s.id, e.type, e.sku, e.seq, {_DATA.format(e="e", order="nullif(e.order_id, '')")},
-    to_timestamp(e.at_ms::float8 / 1000)
+INSERT INTO webhook_deliveries ({_COLUMNS})
+SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')")}
 FROM (
     SELECT ev.*, CASE WHEN ev.available <= 0 THEN 'stock.sold_out'
         ELSE 'stock.back_in_stock' END AS type
@@ -68,9 +69,8 @@ FROM (
 JOIN webhook_subscriptions s ON e.type = any(s.events)
 ORDER BY e.seq, s.id;
 
-INSERT INTO webhook_deliveries AS d (subscription_id, type, sku, seq, data, created_at)
-SELECT s.id, 'stock.changed', c.sku, c.seq, {_DATA.format(e="c", order="NULL")},
-    to_timestamp(c.at_ms::float8 / 1000)
+INSERT INTO webhook_deliveries AS d ({_COLUMNS})
+SELECT s.id, 'stock.changed', {_VALUES.format(e="c", order="NULL")}
 FROM (
     SELECT DISTINCT ON (sku COLLATE "C") sku, available, reserved, sold, seq, at_ms
     FROM writer_batch
@@ -80,7 +80,8 @@ FROM (
 ) AS c
 JOIN webhook_subscriptions s ON 'stock.changed' = any(s.events)
 ON CONFLICT (subscription_id, sku) WHERE type = 'stock.changed' AND state = 'pending'
-DO UPDATE SET event_id = gen_random_uuid(), seq = excluded.seq, data = excluded.data,
+DO UPDATE SET event_id = gen_random_uuid(), seq = excluded.seq,
+    available = excluded.available, reserved = excluded.reserved, sold = excluded.sold,
     created_at = excluded.created_at
 WHERE excluded.seq > d.seq;
 """
@@ -133,14 +134,26 @@ async def deliveries(
     conn: Any, subscription_id: str, state: str | None, limit: int = 100
 ) -> list[dict[str, Any]]:
     """The subscription's latest deliveries (newest first), of one state or all."""
+    if state is not None and state not in STATES:
+        raise ValueError(f"unknown delivery state {state!r}")
+    # the state as a literal (one of STATES), so that 'failed' uses its partial index
+    where = f" AND state = '{state}'" if state else ""
     rows = await conn.fetch(
-        "SELECT event_id, type, sku, state, attempts, data::text AS data, created_at, next_at,"
-        " delivered_at, last_status, last_error FROM webhook_deliveries"
-        " WHERE subscription_id = $1 AND ($2::text IS NULL OR state = $2)"
-        " ORDER BY id DESC LIMIT $3",
-        subscription_id, state, limit,
+        "SELECT event_id, type, sku, order_id, available, reserved, sold, seq, state, attempts,"
+        " created_at, next_at, delivered_at, last_status, last_error FROM webhook_deliveries"
+        f" WHERE subscription_id = $1{where} ORDER BY id DESC LIMIT $2",
+        subscription_id, limit,
     )  # fmt: skip
     return [dict(r) for r in rows]
+
+
+def data(row: Any) -> dict[str, Any]:
+    """The ``data`` of a delivery's body, from its row."""
+    body = {"sku": row["sku"], "available": row["available"], "reserved": row["reserved"],
+            "sold": row["sold"], "seq": row["seq"]}  # fmt: skip
+    if row["order_id"] is not None:
+        body["order_id"] = row["order_id"]
+    return body
 
 
 def _subscription(row: Any) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import orjson
 from aiohttp import web
 from prometheus_client import Counter
 from yarl import URL
@@ -131,9 +130,13 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 
 def _delivery(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-    out["id"] = str(out.pop("event_id"))
-    out["data"] = orjson.loads(row["data"])
+    out = {
+        "id": str(row["event_id"]), "type": row["type"], "sku": row["sku"],
+        "state": row["state"], "attempts": row["attempts"], "data": webhooks.data(row),
+    }  # fmt: skip
+    for name in ("created_at", "next_at", "delivered_at"):
+        out[name] = row[name].isoformat() if row[name] is not None else None
+    out.update(last_status=row["last_status"], last_error=row["last_error"])
     return out
 
 

@@ -15,16 +15,19 @@ CREATE TABLE IF NOT EXISTS webhook_subscriptions (
 -- (claimed by a dispatcher until next_at, its lease), delivered, failed (retry
 -- window over), superseded (a stock.changed whose newer row is pending).
 -- event_id is the X-Stock-Event-Id: a coalesced stock.changed gets a new one
--- whenever its data changes.
+-- whenever its counters change.
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id              bigserial PRIMARY KEY,
     event_id        uuid NOT NULL DEFAULT gen_random_uuid(),
     subscription_id uuid NOT NULL,  -- no foreign key: its check per row doubled the
                                     -- writer's outbox cost; unsubscribe deletes the rows
     type            text NOT NULL,
-    sku             text NOT NULL,
+    sku             text NOT NULL,  -- the body's data: sku, order_id, counters, seq
+    order_id        text,           -- NULL where the event has none (and stock.changed)
+    available       bigint NOT NULL,
+    reserved        bigint NOT NULL,
+    sold            bigint NOT NULL,
     seq             bigint NOT NULL,
-    data            jsonb NOT NULL,
     created_at      timestamptz NOT NULL,  -- the event's time (Redis server time)
     enqueued_at     timestamptz NOT NULL DEFAULT now(),  -- the retry window starts here
     state           text NOT NULL DEFAULT 'pending',
@@ -41,8 +44,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS webhook_deliveries_coalesce
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due
     ON webhook_deliveries (subscription_id, next_at)
     WHERE state IN ('pending', 'sending');
-CREATE INDEX IF NOT EXISTS webhook_deliveries_state
-    ON webhook_deliveries (subscription_id, state, id);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_failed
+    ON webhook_deliveries (subscription_id, id)
+    WHERE state = 'failed';
 
 -- When the next stock.changed of a (subscription, SKU) may go: one second after
 -- the last one was answered (while one is in flight, its lease).

@@ -335,13 +335,14 @@ async def test_cleanup_drops_old_rows_orphans_and_marks(
 ) -> None:
     keep = await webhooks.subscribe(pg, "http://127.0.0.1:9/x", ["order.confirmed"], "s")
     await pg.execute(
-        "INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, data, created_at,"
+        "INSERT INTO webhook_deliveries (subscription_id, type, sku, seq, available, reserved,"
+        " sold, created_at,"
         " state, delivered_at, next_at) VALUES"
-        " ($1, 'order.confirmed', 'A', 1, '{}', now(), 'delivered', now() - interval '8 days',"
+        " ($1, 'order.confirmed', 'A', 1, 0, 0, 0, now(), 'delivered', now() - interval '8 days',"
         "  now() - interval '8 days'),"  # old: goes
-        " ($1, 'order.confirmed', 'A', 2, '{}', now(), 'delivered', now(), now()),"  # stays
-        " ($1, 'order.confirmed', 'A', 3, '{}', now(), 'pending', NULL, now() + interval '1 h'),"
-        " (gen_random_uuid(), 'order.confirmed', 'A', 4, '{}', now(), 'pending', NULL, now())",
+        " ($1, 'order.confirmed', 'A', 2, 0, 0, 0, now(), 'delivered', now(), now()),"  # stays
+        " ($1, 'order.confirmed', 'A', 3, 0, 0, 0, now(), 'pending', NULL, now() + interval '1 h'),"
+        " (gen_random_uuid(), 'order.confirmed', 'A', 4, 0, 0, 0, now(), 'pending', NULL, now())",
         uuid.UUID(keep["id"]),
     )  # the last one's subscription is gone: an orphan
     await pg.execute(
