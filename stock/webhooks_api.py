@@ -141,7 +141,7 @@ def _delivery(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def setup_webhooks(app: web.Application, run_dispatcher: bool) -> None:
-    """Add the /v1/webhooks routes, and (with PostgreSQL) a dispatcher, to ``app``."""
+    """Add the /v1/webhooks routes, their metrics, and (with PostgreSQL) a dispatcher."""
     settings = app[SETTINGS]
     app[DB] = _Db(settings.database_url)
     r = app.router
@@ -149,10 +149,21 @@ def setup_webhooks(app: web.Application, run_dispatcher: bool) -> None:
     r.add_get("/v1/webhooks", list_webhooks)
     r.add_delete("/v1/webhooks/{id}", delete_webhook)
     r.add_get("/v1/webhooks/{id}/deliveries", list_deliveries)
-    app.cleanup_ctx.append(_lifetime(run_dispatcher and bool(settings.database_url)))
+    registry = app[METRICS].registry  # exported (as 0) by every process, for the alert
+    counters = {
+        "delivered": Counter("stock_webhook_deliveries", "Webhook deliveries answered 2xx",
+                             registry=registry),
+        "failed": Counter("stock_webhook_deliveries_failed",
+                          "Webhook deliveries given up after STOCK_WEBHOOK_RETRY_S",
+                          registry=registry),
+    }  # fmt: skip
+    dispatch = run_dispatcher and bool(settings.database_url)
+    app.cleanup_ctx.append(_lifetime(dispatch, counters))
 
 
-def _lifetime(dispatch: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+def _lifetime(
+    dispatch: bool, counters: dict[str, Counter]
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         from persist.dispatcher import Dispatcher
 
@@ -160,7 +171,7 @@ def _lifetime(dispatch: bool) -> Callable[[web.Application], AsyncIterator[None]
         if dispatch:
             dispatcher = Dispatcher(app[SETTINGS], app[SETTINGS].database_url)
             app[BACKGROUND]["webhooks"] = dispatcher
-            _watch(app, dispatcher)
+            _watch(app, dispatcher, counters)
             task = asyncio.create_task(dispatcher.run(stop), name="webhooks")
         yield
         stop.set()
@@ -173,18 +184,11 @@ def _lifetime(dispatch: bool) -> Callable[[web.Application], AsyncIterator[None]
     return lifetime
 
 
-def _watch(app: web.Application, dispatcher: Any) -> None:
-    registry = app[METRICS].registry
-    delivered = Counter("stock_webhook_deliveries", "Webhook deliveries answered 2xx",
-                        registry=registry)  # fmt: skip
-    failed = Counter(
-        "stock_webhook_deliveries_failed",
-        "Webhook deliveries given up after STOCK_WEBHOOK_RETRY_S", registry=registry,
-    )  # fmt: skip
-    counted = {"delivered": 0, "failed": 0}
+def _watch(app: web.Application, dispatcher: Any, counters: dict[str, Counter]) -> None:
+    counted = dict.fromkeys(counters, 0)
 
     def refresh() -> None:
-        for name, counter in (("delivered", delivered), ("failed", failed)):
+        for name, counter in counters.items():
             now = getattr(dispatcher.stats, name)
             counter.inc(max(0, now - counted[name]))
             counted[name] = max(counted[name], now)
