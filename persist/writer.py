@@ -22,7 +22,8 @@ the pending list instead of skipping past the entries the other one took.
 
 **PostgreSQL down.** The round fails, the batch is dropped from memory (it is
 still pending in Redis), the writer backs off with jitter (logging once per
-state change) and re-reads the pending entries when PostgreSQL is back.
+state change; ``stock.supervise.run_loop``) and re-reads the pending entries
+when PostgreSQL is back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from stock import keys
 from stock.client import connect
 from stock.config import Settings
 from stock.scripts import Scripts
+from stock.supervise import LoopCounters, run_loop
 
 log = logging.getLogger("persist.writer")
 
@@ -339,39 +340,35 @@ class Writer:
 
     # -- the loop -----------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Flush until ``stop`` is set; back off with jitter while a server is down."""
+    async def run(self, stop: asyncio.Event, counters: LoopCounters | None = None) -> None:
+        """Flush until ``stop`` is set. Any error of a round is logged and counted, the
+        round's state dropped, and the writer backs off and goes on
+        (``stock.supervise.run_loop``); a graceful stop flushes what is waiting."""
         idle = self.settings.writer_interval_ms / 1000
-        failing: str | None = None
-        delay = idle
         try:
-            while not stop.is_set():
-                try:
-                    _count, more = await self.step()
-                    if failing:
-                        log.info("writer: %s is back, resuming", failing)
-                    failing, delay = None, idle
-                    if more:
-                        continue
-                except RedisError as exc:
-                    failing, delay = self._failed("Redis", failing, exc, delay)
-                    self.stats.redis_errors += 1
-                except Exception as exc:  # PostgreSQL, or the client's state after it went
-                    what = "PostgreSQL" if isinstance(exc, PG_ERRORS) else "writer"
-                    if what == "writer":
-                        log.exception("writer: unexpected error; reconnecting")
-                    failing, delay = self._failed(what, failing, exc, delay)
-                    self.stats.pg_errors += 1
-                    await self._drop_connection()
-                    await self._peek_lag()
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-            if not failing:
+            healthy = await run_loop(
+                "writer", self._round, stop, idle_s=idle, recover=self._recover,
+                counters=counters,
+            )  # fmt: skip
+            if healthy:
                 await self._flush_on_stop()
         finally:
             await self.aclose()
+
+    async def _round(self) -> bool:
+        return (await self.step())[1]
+
+    async def _recover(self, exc: BaseException) -> str:
+        """Drop what the failed round left; name what is down. After anything but a
+        Redis error the PostgreSQL connection is dropped too (its state is unknown)."""
+        self._failed()
+        if isinstance(exc, RedisError):
+            self.stats.redis_errors += 1
+            return "Redis"
+        self.stats.pg_errors += 1
+        await self._drop_connection()
+        await self._peek_lag()
+        return "PostgreSQL" if isinstance(exc, PG_ERRORS) else "unexpected"
 
     async def _flush_on_stop(self, budget_s: float = 5.0) -> None:
         """A graceful stop (SIGTERM) flushes what is waiting, within a budget; what is
@@ -386,18 +383,13 @@ class Writer:
         except Exception as exc:  # the next writer takes it from the pending list
             log.warning("writer: final flush stopped: %s", exc)
 
-    def _failed(
-        self, what: str, failing: str | None, exc: BaseException, delay: float
-    ) -> tuple[str, float]:
-        if failing != what:
-            log.warning("writer: %s error, backing off: %s", what, exc)
+    def _failed(self) -> None:
         self.pending.update(self.owned)  # whatever was read is still pending in Redis
         self.delivered.update({b: self.offsets[b] for b in self.owned})
         self._prefetched = None
         if self._acking is not None and self._acking.done():
             self._acking.exception()  # retrieved: raised once, in the step that failed
             self._acking = None
-        return what, min(max(delay, 0.05) * 2, 5.0) * random.uniform(0.5, 1.5)
 
     async def _peek_lag(self) -> None:
         """While PostgreSQL is away: the oldest event after the known offsets, so

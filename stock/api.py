@@ -31,7 +31,8 @@ from stock.errors import InvalidRequest, StockError
 from stock.metrics import Metrics
 from stock.openapi import spec as openapi_spec
 from stock.payment_probe import PaymentProbe
-from stock.reaper import Reaper
+from stock.reaper import Reaper, expiry_lag_s
+from stock.supervise import supervise
 
 log = logging.getLogger("stock.api")
 
@@ -362,8 +363,27 @@ async def _postgres_check(dsn: str) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    reaper = request.app[BACKGROUND].get("reaper")
+    if reaper is not None:
+        await _measure_expiry_lag(request.app, reaper)
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def _measure_expiry_lag(app: web.Application, reaper: Reaper) -> None:
+    """The expiry lag as Redis has it now (not the reaper's last figure, which stops
+    with the reaper); when Redis does not answer the gauge keeps its last value and
+    ``stock_redis_errors`` counts the miss."""
+    settings = app[SETTINGS]
+    try:
+        lag = await asyncio.wait_for(
+            expiry_lag_s(reaper.redis, settings.buckets), timeout=settings.redis_timeout_s
+        )
+    except (RedisError, OSError, TimeoutError) as exc:
+        app[METRICS].redis_errors.inc()
+        log.warning("metrics: expiry lag not measured: %r", exc)
+        return
+    app[METRICS].expiry_lag.set(lag)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -428,7 +448,13 @@ def create_app(
             reaper = Reaper(background, settings, scripts, probe)
             app[BACKGROUND]["reaper"] = reaper
             _watch_reaper(app[METRICS], reaper)
-            tasks.append(asyncio.create_task(reaper.run(stop), name="reaper"))
+            run_reaper_loop = functools.partial(reaper.run, stop, app[METRICS])
+            tasks.append(
+                asyncio.create_task(
+                    supervise("reaper", run_reaper_loop, stop, counters=app[METRICS]),
+                    name="reaper",
+                )
+            )
         if run_writer and settings.database_url:
             tasks.append(await _start_writer(app, background, stop))
         yield
@@ -446,7 +472,6 @@ def create_app(
 
 def _watch_reaper(metrics: Metrics, reaper: Reaper) -> None:
     def refresh() -> None:
-        metrics.expiry_lag.set(reaper.stats.expiry_lag_s)
         metrics.expired.set(reaper.stats.expired_total)
         metrics.reaper_batch.set(reaper.stats.last_batch)
 
@@ -475,4 +500,7 @@ async def _start_writer(
         counted = max(counted, writer.stats.pg_errors)
 
     metrics.on_scrape(refresh)
-    return asyncio.create_task(writer.run(stop), name="writer")
+    run_writer_loop = functools.partial(writer.run, stop, metrics)
+    return asyncio.create_task(
+        supervise("writer", run_writer_loop, stop, counters=metrics), name="writer"
+    )

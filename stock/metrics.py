@@ -105,6 +105,18 @@ class Metrics:
         )  # fmt: skip
         self.worker_up.set(1)
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self.loop_errors = Counter(
+            "stock_loop_errors", "Failed passes of a background loop (it backs off and goes "
+            "on)", ["loop"], registry=r,
+        )  # fmt: skip
+        self.loop_restarts = Counter(
+            "stock_loop_restarts", "Background loops that ended and were started again",
+            ["loop"], registry=r,
+        )  # fmt: skip
+        self.quarantined = Counter(
+            "stock_writer_quarantined", "Events the writer could not apply, set aside in "
+            "the event_quarantine table", registry=r,
+        )  # fmt: skip
         self._collectors: list[Callable[[], None]] = []
         self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._outcome_children: dict[tuple[str, str], Any] = {}
@@ -124,6 +136,12 @@ class Metrics:
         if child is None:
             child = self._outcome_children[(op, outcome)] = self.outcomes.labels(op, outcome)
         child.inc()
+
+    def loop_error(self, loop: str) -> None:
+        self.loop_errors.labels(loop).inc()
+
+    def loop_restart(self, loop: str) -> None:
+        self.loop_restarts.labels(loop).inc()
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Register a callback that copies live figures into the gauges."""

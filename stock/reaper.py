@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from stock import keys
 from stock.config import Settings
 from stock.payment_probe import FIRST_RETRY_MS, MAX_RETRY_MS, PaymentProbe
 from stock.scripts import Scripts
+from stock.supervise import LoopCounters, dependency, run_loop
 
 log = logging.getLogger("stock.reaper")
 
@@ -116,26 +114,35 @@ class Reaper:
         claimed = [(str(reply[i]), int(reply[i + 1])) for i in range(1, len(reply), 2)]
         return await self.probe.handle_due(bucket, now, claimed, self._expire)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Reap every period until ``stop`` is set; back off while Redis is down."""
-        period = self.settings.reaper_period_s
-        failing = False
-        delay = period
-        while not stop.is_set():
-            try:
-                expired = await self.reap_once()
-                if failing:
-                    log.info("reaper: Redis is back")
-                failing, delay = False, period
-                if expired >= self.settings.reaper_batch:
-                    continue  # more are due: go again at once
-            except (RedisError, OSError) as exc:
-                self.stats.errors += 1
-                if not failing:
-                    log.warning("reaper: Redis error, backing off: %s", exc)
-                failing = True
-                delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+    async def run(self, stop: asyncio.Event, counters: LoopCounters | None = None) -> None:
+        """Reap every period until ``stop`` is set. Any error of a pass (Redis down,
+        redis-py's cluster client failing mid-failover, a bug) is logged and counted,
+        and the reaper backs off and goes on (``stock.supervise.run_loop``)."""
+        await run_loop(
+            "reaper", self._pass, stop, idle_s=self.settings.reaper_period_s,
+            recover=self._failed, counters=counters,
+        )  # fmt: skip
+
+    async def _pass(self) -> bool:
+        """One pass; True when more lines are due (go again at once)."""
+        return await self.reap_once() >= self.settings.reaper_batch
+
+    async def _failed(self, exc: BaseException) -> str:
+        self.stats.errors += 1
+        self._hot.clear()
+        return dependency(exc)
+
+
+async def expiry_lag_s(client: Any, buckets: int) -> float:
+    """Age of the oldest due, unexpired line, read from Redis now: the head of every
+    bucket's expiry index against the server's TIME, in one pipelined round. The
+    reaper's own figure stops when the reaper does; this one does not."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    for bucket in range(buckets):
+        pipe.zrange(keys.due_key(bucket), 0, 0, withscores=True)
+    replies = await pipe.execute()
+    seconds, micros = replies[0]
+    now = int(seconds) * 1000 + int(micros) // 1000
+    oldest = min((head[0][1] for head in replies[1:] if head), default=now)
+    return max(0.0, (now - oldest) / 1000)

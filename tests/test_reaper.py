@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from persist.events import named
@@ -118,3 +119,39 @@ async def test_stale_index_members_are_dropped(engine: StockEngine, settings: Se
     assert await Reaper(engine.redis, settings).reap_once() == 0
     assert await engine.redis.zcard(due) == 0
     assert (await engine.get_stock("A")).sold == 2
+
+
+async def test_reaper_survives_a_non_redis_exception(
+    engine: StockEngine, settings: Settings, monkeypatch: Any
+) -> None:
+    """redis-py's cluster client raises AttributeError/RuntimeError during a failover:
+    the reaper logs it, backs off and goes on; a line due after it still expires
+    within 1 s of its (server-time) expiry."""
+    await engine.set_stock("A", 1)
+    reaper = Reaper(engine.redis, replace(settings, reaper_period_s=0.05))
+    failed = asyncio.Event()
+    real = reaper.server_ms
+
+    async def broken_once() -> int:
+        if not failed.is_set():
+            failed.set()
+            raise AttributeError("'NoneType' object has no attribute 'write'")
+        return await real()
+
+    monkeypatch.setattr(reaper, "server_ms", broken_once)
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(reaper.run(stop))
+    try:
+        await asyncio.wait_for(failed.wait(), 5)
+        held = await engine.reserve("o1", [{"sku": "A", "qty": 1}], ttl_s=1)
+        for _ in range(150):
+            if (await engine.get_stock("A")).available == 1 or loop_task.done():
+                break
+            await asyncio.sleep(0.02)
+        back_ms = await real()
+        assert not loop_task.done(), f"the reaper ended: {loop_task}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(loop_task, return_exceptions=True), 5)
+    assert (await engine.get_stock("A")).available == 1
+    assert back_ms - held.expires_ms < 1000, back_ms - held.expires_ms
