@@ -109,7 +109,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics = request.app[METRICS]
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        # The request's deadline: what the Redis clients' own deadlines do not bound
+        # (a cluster client's retries and re-discovery, a queue for a connection)
+        # ends here as 503 `unavailable` (TimeoutError is an OSError).
+        async with asyncio.timeout(request.app[SETTINGS].request_timeout_s):
+            response = await handler(request)
     except StockError as exc:
         response = json_response(exc.to_dict(), exc.status)
     except web.HTTPRequestEntityTooLarge:

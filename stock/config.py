@@ -85,6 +85,12 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "webhook_retry_base_s": ("STOCK_WEBHOOK_RETRY_BASE_S", _float_in(0.01, 300.0)),
     "webhook_timeout_s": ("STOCK_WEBHOOK_TIMEOUT_S", _float_in(0.1, 300.0)),
     "webhook_concurrency": ("STOCK_WEBHOOK_CONCURRENCY", _int_in(1, 10_000)),
+    "redis_connect_timeout_s": ("STOCK_REDIS_CONNECT_TIMEOUT_S", _float_in(0.01, 60.0)),
+    "redis_timeout_s": ("STOCK_REDIS_TIMEOUT_S", _float_in(0.01, 300.0)),
+    "redis_keepalive_s": ("STOCK_REDIS_KEEPALIVE_S", _int_in(0, 7_200)),
+    "redis_health_check_s": ("STOCK_REDIS_HEALTH_CHECK_S", _float_in(0.0, 3_600.0)),
+    "redis_retries": ("STOCK_REDIS_RETRIES", _int_in(0, 10)),
+    "request_timeout_s": ("STOCK_REQUEST_TIMEOUT_S", _float_in(0.1, 300.0)),
 }
 
 
@@ -118,6 +124,14 @@ class Settings:
     webhook_retry_base_s: float = 1.0  # first retry delay, doubling up to 5 minutes
     webhook_timeout_s: float = 10.0  # per request
     webhook_concurrency: int = 32  # requests in flight per dispatcher
+    # Deadlines (DESIGN §4): every Redis call is bounded, and the API answers 503
+    # `unavailable` to a request it could not finish within request_timeout_s.
+    redis_connect_timeout_s: float = 1.0
+    redis_timeout_s: float = 2.0  # a reply (and the auto-pipeline's batch) deadline
+    redis_keepalive_s: int = 10  # TCP keepalive idle time (0: off)
+    redis_health_check_s: float = 15.0  # PING a connection idle this long before use
+    redis_retries: int = 1  # redis-py's retries of a standalone call after a timeout
+    request_timeout_s: float = 8.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -26,6 +26,7 @@ pipeline (redis/redis-py#2914).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -108,6 +109,12 @@ class AutoPipeline:
         pipeline one connection at a time."""
         self.client = client
         self.max_batch = max_batch
+        # The deadlines are the client's (stock.client.deadlines: STOCK_REDIS_TIMEOUT_S,
+        # STOCK_REDIS_CONNECT_TIMEOUT_S): a batch's replies, and opening a connection.
+        pool = getattr(client, "connection_pool", None)  # (a cluster client has none)
+        options = pool.connection_kwargs if pool is not None else client.connection_kwargs
+        self.timeout_s = float(options.get("socket_timeout") or DEFAULT_TIMEOUT_S)
+        self.open_timeout_s = float(options.get("socket_connect_timeout") or 0) + self.timeout_s
         self._link: _Link | None = None
         self._opening: asyncio.Future[_Link] | None = None
         self._packed: list[bytes] = []
@@ -190,7 +197,12 @@ class AutoPipeline:
         await self.client.connection_pool.release(conn)
 
     async def _open(self) -> _Link:
-        conn = await self._borrow()
+        """Borrow a connection within the open deadline: waiting for the pool, the TCP
+        connect and redis-py's handshake (which a silent server never answers)."""
+        try:
+            conn = await asyncio.wait_for(self._borrow(), self.open_timeout_s)
+        except builtins.TimeoutError:
+            raise TimeoutError(f"no connection to Redis within {self.open_timeout_s:g} s") from None
         try:
             link = _Link(conn, self.reply_error)
         except BaseException:
@@ -231,9 +243,8 @@ class AutoPipeline:
 
     # -- the deadline -----------------------------------------------------------
 
-    @staticmethod
-    def _timeout(link: _Link) -> float:
-        return float(link.conn.socket_timeout or DEFAULT_TIMEOUT_S)
+    def _timeout(self, link: _Link) -> float:
+        return self.timeout_s
 
     def _arm_watchdog(self, delay: float) -> None:
         self._watchdog = asyncio.get_running_loop().call_later(delay, self._check_deadline)
