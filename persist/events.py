@@ -27,7 +27,7 @@ Resync and reconcile read the unflushed events as ``Event`` tuples instead.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -242,11 +242,17 @@ async def prepare(conn: asyncpg.Connection) -> None:
     await conn.execute(_BATCH_TABLE)
 
 
-async def apply_batch(conn: asyncpg.Connection, chunks: list[Chunk]) -> dict[str, StreamId]:
+Write = Callable[[asyncpg.Connection, list[Chunk]], Awaitable[None]]
+
+
+async def apply_batch(
+    conn: asyncpg.Connection, chunks: list[Chunk], write: Write | None = None
+) -> dict[str, StreamId]:
     """Apply ``chunks`` (one per stream) in one transaction.
 
     Returns the new offset of every stream in the batch; events at or below
-    the offset recorded in PostgreSQL are skipped.
+    the offset recorded in PostgreSQL are skipped. ``write`` replaces the
+    plain COPY (``persist.quarantine`` passes one that sets bad events aside).
     """
     streams = sorted({c.stream for c in chunks})
     async with conn.transaction():
@@ -256,7 +262,7 @@ async def apply_batch(conn: asyncpg.Connection, chunks: list[Chunk]) -> dict[str
         fresh = [_above(c, offsets[c.stream]) for c in chunks]
         fresh = [c for c in fresh if c.entries]
         if fresh:
-            await _write(conn, fresh)
+            await (write or write_events)(conn, fresh)
         new = dict(offsets)
         for c in fresh:
             new[c.stream] = max(new[c.stream], c.last)
@@ -277,7 +283,7 @@ def _above(chunk: Chunk, offset: StreamId) -> Chunk:
     return Chunk(chunk.stream, first, chunk.last, entries)
 
 
-async def _write(conn: asyncpg.Connection, chunks: list[Chunk]) -> None:
+async def write_events(conn: asyncpg.Connection, chunks: list[Chunk]) -> None:
     """COPY the events into the session table, then let PostgreSQL fan them out."""
     await conn.copy_to_table(
         "writer_batch", source=io.BytesIO(_copy_rows(chunks)), columns=BATCH_COLUMNS

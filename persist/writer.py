@@ -40,6 +40,7 @@ import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
 from persist.events import Chunk, StreamId, apply_batch, decode, prepare, read_offsets
+from persist.quarantine import POISON_ERRORS, screened
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
@@ -74,6 +75,7 @@ class WriterStats:
     pg_errors: int = 0
     redis_errors: int = 0
     gaps: int = 0
+    quarantined: int = 0  # events set aside in event_quarantine
     oldest_unflushed_ms: int | None = None
 
     @property
@@ -115,7 +117,9 @@ class Writer:
         self.scripts = Scripts(client)
         # Its own client for the stream reads, with redis-py's reply parsing turned off
         # for XREADGROUP/XRANGE: rows are built from the flat field lists directly.
-        self.streams = connect(settings)
+        # Bytes that are not UTF-8 decode to surrogates instead of failing every read:
+        # the event they belong to fails its COPY and is quarantined (persist.quarantine).
+        self.streams = connect(settings, encoding_errors="surrogateescape")
         for command in ("XREADGROUP", "XRANGE"):
             self.streams.set_response_callback(command, _raw)
         self._wait_aof: bool | None = None  # decided at the first read
@@ -209,7 +213,13 @@ class Writer:
         oldest = min(c.first.ms for c in chunks)
         known = self.stats.oldest_unflushed_ms
         self.stats.oldest_unflushed_ms = oldest if known is None else min(known, oldest)
-        new_offsets = await apply_batch(conn, chunks)
+        try:
+            new_offsets = await apply_batch(conn, chunks)
+        except POISON_ERRORS as exc:  # a bad event: set it aside, apply the others
+            log.warning("writer: batch refused (%r); screening it for bad events", exc)
+            found: list[tuple[str, str, str]] = []
+            new_offsets = await apply_batch(conn, chunks, screened(self._raw_entry, found))
+            self.stats.quarantined += len(found)
         for b in self.owned:
             self.offsets[b] = new_offsets.get(keys.events_key(b), self.offsets[b])
         self.stats.events_total += count
@@ -217,6 +227,12 @@ class Writer:
         self.stats.last_batch = count
         self.stats.batch_sizes.append(count)
         self.stats.oldest_unflushed_ms = None
+
+    async def _raw_entry(self, stream: str, entry_id: str) -> list[bytes]:
+        """One stream entry's fields and values as the bytes Redis holds."""
+        reply = await self.streams.xrange(stream, min=entry_id, max=entry_id, count=1)
+        fields = reply[0][1] if reply else []
+        return [str(f).encode("utf-8", "surrogateescape") for f in fields]
 
     async def _read(self) -> list[_Read]:
         buckets = sorted(self.owned)
@@ -287,7 +303,10 @@ class Writer:
     def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
         """Split a bucket's reply into fresh events and entries only to acknowledge."""
         key, offset = keys.events_key(bucket), self.offsets[bucket]
-        live = [(entry_id, decode(fields)) for entry_id, fields in entries if fields]
+        try:
+            live = [(entry_id, decode(fields)) for entry_id, fields in entries if fields]
+        except Exception:  # a malformed entry: [] fails its COPY and is quarantined
+            live = [(entry_id, _decoded(fields)) for entry_id, fields in entries if fields]
         if live and StreamId.parse(live[0][0]) <= offset:  # ids ascend: drop the known ones
             live = [(i, f) for i, f in live if StreamId.parse(i) > offset]
         fresh = (
@@ -412,6 +431,13 @@ class Writer:
         self.stats.owned_buckets = 0
         if conn is not None:
             conn.terminate()
+
+
+def _decoded(fields: Any) -> list[str]:
+    try:
+        return decode(fields)
+    except Exception:
+        return []
 
 
 def _raw(response: Any, **options: Any) -> Any:

@@ -491,10 +491,12 @@ async def _start_writer(
     app[BACKGROUND]["writer"] = writer
     metrics = app[METRICS]
 
-    counted = 0
+    counted = quarantined = 0
 
     def refresh() -> None:
-        nonlocal counted
+        nonlocal counted, quarantined
+        metrics.quarantined.inc(max(0, writer.stats.quarantined - quarantined))
+        quarantined = max(quarantined, writer.stats.quarantined)
         metrics.flush_lag.set(writer.stats.flush_lag_s)
         metrics.writer_batch.set(writer.stats.last_batch)
         metrics.writer_events.set(writer.stats.events_total)

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from persist.events import encode
 from persist.migrate import migrate, migration_files
 from persist.writer import Writer
 from stock import keys
@@ -147,3 +148,47 @@ async def test_event_text_with_separators_and_the_old_format(
     assert rows[1]["expires_at"] is not None and rows[0]["expires_at"] is None
     line = await pg.fetchrow("SELECT state, kind FROM reservation_lines WHERE order_id = 'o|1\\x'")
     assert tuple(line) == ("reserved", "reserve")
+
+
+async def test_poison_events_are_quarantined_and_the_rest_flow_on(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """Events that cannot be decoded or inserted (a NUL byte, a truncated entry, bytes
+    that are not UTF-8), written straight into a bucket stream, each go to the
+    quarantine table with their raw form; the good events after them reach PostgreSQL
+    and the writer keeps going."""
+    await engine.set_stock("P1", 5)
+    stream = keys.events_key(keys.bucket_of("P1", psettings.buckets))
+    stop = asyncio.Event()
+    writer = Writer(redis, psettings, psettings.database_url)
+    task = asyncio.create_task(writer.run(stop))
+    try:
+        await wait_persisted(redis, psettings, pg, ["P1"])
+        good = {"op": "set", "qty": 1, "available": 1, "seq": 1, "at": 1, "sku": "P1"}
+        bad_ids = [
+            await redis.xadd(stream, encode({**good, "reason": "nul\x00here"})),
+            await redis.xadd(stream, {"e": "set|1|1"}),  # truncated
+            await redis.xadd(stream, {"e": b"set|1|1|0|0|1|1|0|P\xff\xfe|"}),  # not UTF-8
+        ]
+        await engine.adjust("P1", 2, None, "after the poison")
+        for _ in range(200):
+            level = await pg.fetchval("SELECT available FROM stock_levels WHERE sku = 'P1'")
+            if level == 7 or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert level == 7, "the good event after the poison did not reach PostgreSQL"
+        assert not task.done()
+        rows = await pg.fetch(
+            "SELECT stream, stream_id, raw, error FROM event_quarantine ORDER BY id"
+        )
+        assert [(r["stream"], r["stream_id"]) for r in rows] == [(stream, i) for i in bad_ids]
+        assert b"nul\x00here" in b"".join(rows[0]["raw"]), rows[0]
+        assert b"P\xff\xfe" in b"".join(rows[2]["raw"]), rows[2]
+        assert writer.stats.quarantined == 3
+        await engine.adjust("P1", 1, None, "later")  # and it goes on
+        await wait_persisted(redis, psettings, pg, ["P1"])
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    ledger = await pg.fetchval("SELECT count(*) FROM stock_ledger WHERE sku = 'P1'")
+    assert ledger == 3  # set, adjust, adjust: nothing of the poison
