@@ -5,8 +5,8 @@
 -- not reached yet still holds its stock, so it confirms normally.
 -- Per line: RESERVED: reserved -= qty, sold += qty;
 --           EXPIRED: available -= qty, sold += qty.
--- Returns OK, REPLAY (all CONFIRMED already), EXPIRED (sku, available: a late
--- confirm that cannot re-acquire stock), TRANSITION (released/cancelled),
+-- Returns OK, REPLAY (all CONFIRMED already), EXPIRED (sku, available for each
+-- line of a late confirm that cannot re-acquire its stock), TRANSITION (released/cancelled),
 -- NOTFOUND (no such line), UNAVAILABLE (fenced).
 -- Events: op=confirm, one per changed line.
 local call = parse_call()
@@ -19,7 +19,7 @@ local function decide(it, line, c)
   elseif line.state == 'R' then
     plan.dr, plan.ds = -line.qty, line.qty
   elseif line.state == 'E' then
-    if c.a < line.qty then return nil, {'EXPIRED', it.sku, c.a} end
+    if c.a < line.qty then plan.short = true end  -- named with every other short one
     plan.da, plan.ds = -line.qty, line.qty
   else
     return nil, {'TRANSITION', it.sku, line.state}
@@ -27,4 +27,8 @@ local function decide(it, line, c)
   return plan
 end
 
-return run_lines(call, 'confirm', decide)
+-- run_lines refuses the call when any plan is short, naming each short SKU and its
+-- available: here that is a late confirm that cannot re-acquire its stock.
+local reply = run_lines(call, 'confirm', decide)
+if reply[1] == 'INSUFFICIENT' then reply[1] = 'EXPIRED' end
+return reply

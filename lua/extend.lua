@@ -1,7 +1,8 @@
 -- extend.lua: keep a reservation longer (RESERVED -> RESERVED, later expiry).
 -- KEYS/ARGV: the line call layout of _lib.lua; ARGV[3] ttl_ms > 0 counts from
--- now (server time). A RESERVED line past its expiry that the reaper has not
--- reached still holds its stock and may be extended.
+-- now (server time), and never shortens: a line that already expires later is
+-- left as it is (a replay). A RESERVED line past its expiry that the reaper has
+-- not reached still holds its stock and may be extended.
 -- Counters unchanged; the expiry index is re-scored.
 -- Returns OK, TRANSITION (not RESERVED), NOTFOUND, UNAVAILABLE.
 -- Events: op=extend, one per line, with the new exp.
@@ -10,7 +11,9 @@ local call = parse_call()
 local function decide(it, line, c, now)
   if not line then return nil, {'NOTFOUND', it.sku} end
   if line.state ~= 'R' then return nil, {'TRANSITION', it.sku, line.state} end
-  return {state = 'R', qty = line.qty, exp = now + call.ttl}
+  local exp = now + call.ttl
+  if line.exp >= exp then return {replay = true, state = 'R', qty = line.qty, exp = line.exp} end
+  return {state = 'R', qty = line.qty, exp = exp}
 end
 
 return run_lines(call, 'extend', decide)

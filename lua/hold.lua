@@ -15,7 +15,7 @@
 --           CONFIRMED before a confirm, RELEASED before a release: left as
 --             it is (a replay).
 -- All lines of the group or none. Returns OK, REPLAY (nothing to change),
--- EXPIRED (sku, available), TRANSITION (released/cancelled), NOTFOUND,
+-- EXPIRED (sku, available for each short line), TRANSITION (released/cancelled), NOTFOUND,
 -- UNAVAILABLE.
 local call = parse_call()
 
@@ -30,11 +30,15 @@ local function decide(it, line, c, now)
     end
     return {state = 'R', qty = line.qty, exp = until_ms, tag = line.tag, op = 'extend'}
   elseif line.state == 'E' and call.kind == 'confirm' then
-    if c.a < line.qty then return nil, {'EXPIRED', it.sku, c.a} end
+    local short = c.a < line.qty  -- named with every other short SKU (below)
     return {state = 'R', qty = line.qty, exp = until_ms, tag = 'E' .. call.tag,
-            da = -line.qty, dr = line.qty, op = 'reserve'}
+            da = -line.qty, dr = line.qty, op = 'reserve', short = short}
   end
   return nil, {'TRANSITION', it.sku, line.state}
 end
 
-return run_lines(call, 'hold', decide)
+-- run_lines refuses the call when any plan is short, naming each short SKU and its
+-- available: here that is a late confirm that cannot re-acquire its stock.
+local reply = run_lines(call, 'hold', decide)
+if reply[1] == 'INSUFFICIENT' then reply[1] = 'EXPIRED' end
+return reply

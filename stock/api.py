@@ -171,7 +171,9 @@ def admin(handler: Handler) -> Handler:
         token = request.app[SETTINGS].admin_token
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token}"
-        if not token or not hmac.compare_digest(given.encode(), expected.encode()):
+        # aiohttp hands over header bytes that are not UTF-8 as surrogates: compare bytes
+        given_bytes = given.encode("utf-8", "surrogateescape")
+        if not token or not hmac.compare_digest(given_bytes, expected.encode()):
             return error_response("unauthorized", 401, "admin route: bad or missing bearer token")
         return await handler(request)
 
@@ -217,10 +219,7 @@ async def adjust_stock(request: web.Request) -> web.Response:
 
 
 def _reason(body: dict[str, Any]) -> str:
-    reason = body.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 200:
-        raise InvalidRequest("reason must be a string of at most 200 characters", field="reason")
-    return reason
+    return validate.reason(body.get("reason", ""))
 
 
 async def _order_op(
@@ -345,23 +344,22 @@ async def readyz(request: web.Request) -> web.Response:
     except (RedisError, OSError, TimeoutError) as exc:
         checks["redis"] = f"error: {exc or type(exc).__name__}"
     if "writer" in request.app[BACKGROUND]:
-        checks["postgres"] = await _postgres_check(request.app[SETTINGS].database_url)
+        checks["postgres"] = await _postgres_check(request.app[BACKGROUND]["readiness_pool"])
     ready = all(v == "ok" for v in checks.values())
     return json_response(
         {"status": "ready" if ready else "unready", **checks}, 200 if ready else 503
     )
 
 
-async def _postgres_check(dsn: str) -> str:
+async def _postgres_check(pool: Any) -> str:
+    """SELECT 1 on the process's readiness pool (one connection, kept open: opened
+    again only after it broke, never once per request)."""
     import asyncpg
 
     try:
-        conn = await asyncpg.connect(dsn, timeout=2)
-        try:
-            await conn.fetchval("SELECT 1")
-        finally:
-            await conn.close()
-    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        async with asyncio.timeout(2):
+            await pool.fetchval("SELECT 1")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         return f"error: {exc or type(exc).__name__}"
     return "ok"
 
@@ -466,6 +464,8 @@ def create_app(
         await asyncio.gather(*tasks, return_exceptions=True)
         if "payment_probe" in app[BACKGROUND]:
             await app[BACKGROUND]["payment_probe"].aclose()
+        if "readiness_pool" in app[BACKGROUND]:
+            await app[BACKGROUND]["readiness_pool"].close()
         if background is not client:
             await background.aclose()
         await client.aclose()
@@ -485,10 +485,18 @@ def _watch_reaper(metrics: Metrics, reaper: Reaper) -> None:
 async def _start_writer(
     app: web.Application, client: Any, stop: asyncio.Event
 ) -> asyncio.Task[Any]:
+    import asyncpg
+
     from persist.writer import Writer
 
     writer = Writer(client, app[SETTINGS], app[SETTINGS].database_url)
     app[BACKGROUND]["writer"] = writer
+    # /readyz checks PostgreSQL over this one connection (opened at its first use; the
+    # writer's own is busy with its transactions). Closed in the app's cleanup.
+    app[BACKGROUND]["readiness_pool"] = await asyncpg.create_pool(
+        app[SETTINGS].database_url, min_size=0, max_size=1,
+        max_inactive_connection_lifetime=0, timeout=2,
+    )  # fmt: skip
     metrics = app[METRICS]
 
     counted = quarantined = 0

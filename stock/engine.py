@@ -27,7 +27,13 @@ from redis.exceptions import LockError
 
 from stock import keys, validate
 from stock.config import Settings
-from stock.errors import InsufficientStock, NotFound, StockError, Unavailable
+from stock.errors import (
+    InsufficientStock,
+    NotFound,
+    ReservationExpired,
+    StockError,
+    Unavailable,
+)
 from stock.scripts import (
     STATE_NAMES,
     Counters,
@@ -473,6 +479,11 @@ def _merge_failures(failures: list[BaseException]) -> BaseException:
         items = [item for f in short for item in f.details["items"]]
         names = ", ".join(i["sku"] for i in items)
         return InsufficientStock(f"not enough stock for {names}", items=items)
+    late = [f for f in failures if isinstance(f, ReservationExpired)]
+    if len(late) > 1:  # a late confirm on several nodes: name every short SKU too
+        items = [item for f in late for item in f.details["items"]]
+        message = "; ".join(f.message for f in late)
+        return ReservationExpired(message, **{**late[0].details, "items": items})
     for failure in failures:
         if isinstance(failure, StockError):
             return failure

@@ -124,12 +124,13 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
         raise InvalidTransition(
             f"order {order_id!r} line {rest[0]!r} is {state}", state=state, sku=rest[0]
         )
-    if code == "EXPIRED":
+    if code == "EXPIRED":  # every short SKU, as for INSUFFICIENT
+        short = [{"sku": sku, "available": avail} for sku, avail in _pairs(rest)]
+        names = ", ".join(f"{s['sku']!r} ({s['available']} available)" for s in short)
         raise ReservationExpired(
-            f"reservation {order_id!r} expired and {rest[0]!r} has only {rest[1]} available",
-            sku=rest[0],
-            available=int(rest[1]),
-        )
+            f"reservation {order_id!r} expired and there is not enough stock for {names}",
+            sku=rest[0], available=int(rest[1]), items=short,
+        )  # fmt: skip
     if code == "UNAVAILABLE":
         raise Unavailable(f"SKU {rest[0]!r} is being resynced; retry shortly", sku=rest[0])
     if code == "NOTFOUND":

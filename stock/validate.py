@@ -19,6 +19,10 @@ MAX_ORDER_ID = 128
 ORDER_ID_RE = re.compile(rf"[ -~]{{1,{MAX_ORDER_ID}}}")  # printable ASCII
 
 
+MAX_REASON = 200
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
+
+
 class Item(NamedTuple):
     sku: str
     qty: int
@@ -109,3 +113,15 @@ def _explain(raw: Any, where: str) -> None:
     sku(raw.get("sku"), f"{where}.sku")
     int_in(raw.get("qty"), f"{where}.qty", 1, MAX_QTY)
     raise InvalidRequest(f"{where} is not a valid item", field=where)
+
+
+def reason(value: Any, field: str = "reason") -> str:
+    """At most 200 characters, no control characters: a reason travels in the event
+    stream and into PostgreSQL (where a NUL is refused) and log lines."""
+    if not isinstance(value, str) or len(value) > MAX_REASON:
+        raise InvalidRequest(
+            f"{field} must be a string of at most {MAX_REASON} characters", field=field
+        )
+    if CONTROL_RE.search(value):
+        raise InvalidRequest(f"{field} must not contain control characters", field=field)
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -10,8 +11,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from stock import keys
 from stock.api import ENGINE, create_app
 from stock.config import Settings
+from stock.reaper import Reaper
 from tests.conftest import flush
 
 TOKEN = "s3cret-token"
@@ -244,3 +247,108 @@ async def test_limits_routes_and_limit_exceeded(api: TestClient[Any, Any]) -> No
     assert bad_customer.status == 400 and (await bad_customer.json())["field"] == "customer_id"
     removed = await api.put(url, json={"per_customer": None}, headers=ADMIN)
     assert await removed.json() == {"sku": "A", "per_customer": None}
+
+
+# -- poison inputs (issue 12 item 4) ---------------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["nul\x00byte", "line\nbreak", "tab\there", "del\x7f", "c1\x85"])
+async def test_control_characters_in_reason_are_400(api: TestClient[Any, Any], reason: str) -> None:
+    await put_stock(api, "A", 5)
+    calls = [
+        ("/v1/stock/A/adjust", {"delta": 1, "reason": reason}, api.post),
+        ("/v1/stock/A", {"available": 3, "reason": reason}, api.put),
+    ]
+    for url, body, send in calls:
+        response = await send(url, json=body, headers=ADMIN)
+        assert response.status == 400, (url, await response.text())
+        answer = await response.json()
+        assert (answer["error"], answer["field"]) == ("invalid_request", "reason")
+    assert (await (await api.get("/v1/stock/A")).json())["available"] == 5
+
+
+async def test_reason_of_200_printable_characters_is_fine(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 5)
+    ok = await api.post("/v1/stock/A/adjust", json={"delta": 1, "reason": "é" * 200}, headers=ADMIN)
+    assert ok.status == 200
+    long = await api.post(
+        "/v1/stock/A/adjust", json={"delta": 1, "reason": "x" * 201}, headers=ADMIN
+    )
+    assert (await long.json())["field"] == "reason"
+
+
+async def test_non_utf8_authorization_is_401(api: TestClient[Any, Any]) -> None:
+    """Raw bytes on the wire: aiohttp's client would send the header as UTF-8."""
+    reader, writer = await asyncio.open_connection(api.host, api.port)
+    body = b'{"available": 5}'
+    writer.write(
+        b"PUT /v1/stock/A HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x80\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line = answer.split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 401"), answer[:300]
+    assert b'"unauthorized"' in answer
+
+
+async def test_extend_never_shortens(api: TestClient[Any, Any]) -> None:
+    await put_stock(api, "A", 5)
+    created = await (await reserve(api, "o1", [{"sku": "A", "qty": 1}], ttl_s=600)).json()
+    shorter = await api.post("/v1/reservations/o1/extend", json={"ttl_s": 5})
+    assert shorter.status == 200
+    assert (await shorter.json())["expires_at"] == created["expires_at"]
+    view = await (await api.get("/v1/reservations/o1")).json()
+    assert view["items"][0]["expires_at"] == created["expires_at"]
+    longer = await api.post("/v1/reservations/o1/extend", json={"ttl_s": 900})
+    assert (await longer.json())["expires_at"] > created["expires_at"]
+
+
+async def test_reservation_expired_names_every_short_sku(api: TestClient[Any, Any]) -> None:
+    for sku in ("A", "B", "C"):
+        await put_stock(api, sku, 2)
+    items = [{"sku": "A", "qty": 2}, {"sku": "B", "qty": 2}, {"sku": "C", "qty": 1}]
+    assert (await reserve(api, "late", items, ttl_s=1)).status == 201
+    await asyncio.sleep(1.05)
+    engine = api.app[ENGINE]
+    redis = engine.redis  # expire the lines now, as the reaper would
+    for sku in ("A", "B", "C"):
+        due = keys.due_key(keys.bucket_of(sku, engine.settings.buckets))
+        await redis.zadd(due, {keys.line_member(sku, "late"): 1})
+    await Reaper(redis, engine.settings).reap_once()
+    for sku in ("A", "B"):  # others buy A and B meanwhile; C is still there
+        assert (await reserve(api, f"other-{sku}", [{"sku": sku, "qty": 1}])).status == 201
+    response = await api.post("/v1/reservations/late/confirm")
+    assert response.status == 409
+    body = await response.json()
+    assert body["error"] == "reservation_expired"
+    short = sorted(body["items"], key=lambda item: item["sku"])
+    assert short == [{"sku": "A", "available": 1}, {"sku": "B", "available": 1}]
+    assert "'A'" in body["message"] and "'B'" in body["message"]
+
+
+async def test_readyz_reuses_one_postgres_connection(
+    settings: Settings, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncpg
+    import asyncpg.connection
+
+    opened = 0
+    for module in (asyncpg, asyncpg.connection):
+        real = module.connect
+
+        async def counting(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            nonlocal opened
+            opened += 1
+            return await _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "connect", counting)
+    app = create_app(replace(settings, database_url=dsn), run_reaper=False, run_writer=True)
+    async with TestClient(TestServer(app)) as client:
+        first = await client.get("/readyz")
+        assert (first.status, (await first.json())["postgres"]) == (200, "ok")
+        before = opened
+        for _ in range(20):
+            assert (await client.get("/readyz")).status == 200
+        assert opened == before, f"{opened - before} PostgreSQL connections for 20 /readyz"

@@ -65,3 +65,11 @@ def test_wheel_ships_lua_and_migrations(tmp_path: Path) -> None:
     assert {f"stock/lua/{name}" for name in lua} <= names
     assert "persist/migrations/0001_init.sql" in names
     assert {f"stock/static/console.{ext}" for ext in ("html", "js", "css")} <= names
+
+
+def test_compose_ships_no_default_admin_token() -> None:
+    """The admin token must be set by whoever runs the stack: a default is public."""
+    for name, service in compose()["services"].items():
+        token = (service.get("environment") or {}).get("STOCK_ADMIN_TOKEN")
+        if token is not None:
+            assert str(token).startswith("${STOCK_ADMIN_TOKEN:?"), f"{name}: {token!r}"
