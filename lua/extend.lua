@@ -1,7 +1,7 @@
 -- extend.lua: keep a reservation longer (RESERVED -> RESERVED, later expiry).
 -- KEYS/ARGV: the line call layout of _lib.lua; ARGV[3] ttl_ms > 0 counts from
--- now (server time), and never shortens: a line that already expires later is
--- left as it is (a replay). A RESERVED line past its expiry that the reaper has
+-- now (server time), and never shortens: a line that already expires later
+-- keeps its expiry (the event says so). A RESERVED line past its expiry that the reaper has
 -- not reached still holds its stock and may be extended.
 -- Counters unchanged; the expiry index is re-scored.
 -- Returns OK, TRANSITION (not RESERVED), NOTFOUND, UNAVAILABLE.
@@ -12,7 +12,7 @@ local function decide(it, line, c, now)
   if not line then return nil, {'NOTFOUND', it.sku} end
   if line.state ~= 'R' then return nil, {'TRANSITION', it.sku, line.state} end
   local exp = now + call.ttl
-  if line.exp >= exp then return {replay = true, state = 'R', qty = line.qty, exp = line.exp} end
+  if line.exp > exp then exp = line.exp end  -- never shorter than it was
   return {state = 'R', qty = line.qty, exp = exp}
 end
 

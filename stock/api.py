@@ -37,6 +37,7 @@ from stock.supervise import supervise
 log = logging.getLogger("stock.api")
 
 MAX_BODY = 64 * 1024
+LOOP_STOP_S = 15  # how long the reaper and the writer get to stop (the writer flushes)
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", StockEngine)
 METRICS = web.AppKey("metrics", Metrics)
@@ -461,7 +462,13 @@ def create_app(
             tasks.append(await _start_writer(app, background, stop))
         yield
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # a loop stuck in a pass (a call that never returns) is cancelled
+            _done, stuck = await asyncio.wait(tasks, timeout=LOOP_STOP_S)
+            for task in stuck:
+                log.warning("%s did not stop within %d s; cancelling it", task.get_name(),
+                            LOOP_STOP_S)  # fmt: skip
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if "payment_probe" in app[BACKGROUND]:
             await app[BACKGROUND]["payment_probe"].aclose()
         if "readiness_pool" in app[BACKGROUND]:

@@ -135,14 +135,13 @@ class Reaper:
 
 async def expiry_lag_s(client: Any, buckets: int) -> float:
     """Age of the oldest due, unexpired line, read from Redis now: the head of every
-    bucket's expiry index against the server's TIME, in one pipelined round. The
+    bucket's expiry index (one pipelined round) against the server's TIME. The
     reaper's own figure stops when the reaper does; this one does not."""
     pipe = client.pipeline(transaction=False)
-    pipe.time()
     for bucket in range(buckets):
         pipe.zrange(keys.due_key(bucket), 0, 0, withscores=True)
-    replies = await pipe.execute()
-    seconds, micros = replies[0]
+    heads = await pipe.execute()
+    seconds, micros = await client.time()  # (a cluster pipeline takes no keyless command)
     now = int(seconds) * 1000 + int(micros) // 1000
-    oldest = min((head[0][1] for head in replies[1:] if head), default=now)
+    oldest = min((head[0][1] for head in heads if head), default=now)
     return max(0.0, (now - oldest) / 1000)

@@ -6,8 +6,11 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+from aiohttp.test_utils import TestClient, TestServer
+
 from persist.events import named
 from stock import keys
+from stock.api import BACKGROUND, ENGINE, create_app
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
@@ -155,3 +158,37 @@ async def test_reaper_survives_a_non_redis_exception(
         await asyncio.wait_for(asyncio.gather(loop_task, return_exceptions=True), 5)
     assert (await engine.get_stock("A")).available == 1
     assert back_ms - held.expires_ms < 1000, back_ms - held.expires_ms
+
+
+async def test_expiry_lag_metric_comes_from_redis_when_the_reaper_is_stuck(
+    settings: Settings, redis: Any
+) -> None:
+    """A reaper stuck in a pass (a blackholed call, a bug) expires nothing: the lag
+    on /metrics keeps growing, read from Redis, instead of freezing at the reaper's
+    last figure."""
+    app = create_app(replace(settings, reaper_period_s=0.05), run_writer=False)
+    async with TestClient(TestServer(app)) as client:
+        engine, reaper = app[ENGINE], app[BACKGROUND]["reaper"]
+
+        unstuck = asyncio.Event()
+
+        async def stuck() -> int:
+            await unstuck.wait()
+            return 0
+
+        reaper.reap_once = stuck  # from its next pass on
+        await asyncio.sleep(0.2)
+        await engine.set_stock("A", 1)
+        await engine.reserve("o1", [{"sku": "A", "qty": 1}], ttl_s=1)
+        await asyncio.sleep(1.3)
+        first = _gauge(await (await client.get("/metrics")).text(), "stock_expiry_lag_seconds")
+        await asyncio.sleep(0.6)
+        second = _gauge(await (await client.get("/metrics")).text(), "stock_expiry_lag_seconds")
+        unstuck.set()
+    assert first >= 0.2, first
+    assert second - first >= 0.5, (first, second)
+
+
+def _gauge(text: str, name: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
