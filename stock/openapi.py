@@ -24,6 +24,7 @@ TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
 CUSTOMER = {**ORDER_ID, "description": "the buyer; required for a SKU with a per-customer limit"}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 1_000_000, "nullable": True}
 EXPIRES = {"type": "string", "format": "date-time"}
+REASON = {"type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
 
 ERRORS = {
     "invalid_request": 400, "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
@@ -123,13 +124,13 @@ def spec() -> dict[str, Any]:
                 "get": _op("A SKU's counters", counters, [404], params=["sku"]),
                 "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
                            body=_obj(["available"], available=AMOUNT,
-                                     reason={"type": "string", "maxLength": 200})),
+                                     reason=REASON)),
             },
             "/v1/stock/{sku}/adjust": {
                 "post": _op("Add or take stock", counters, [409, 413], admin=True,
                             params=["sku"], body=_obj(
                                 ["delta"], delta=DELTA,
-                                reason={"type": "string", "maxLength": 200},
+                                reason=REASON,
                                 expected_available={**AMOUNT, "nullable": True})),
             },
             "/v1/stock/{sku}/limits": {
