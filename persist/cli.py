@@ -87,7 +87,10 @@ async def _writer(client: object, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Writer(client, settings, settings.database_url).run(stop)
+    from stock.supervise import supervise
+
+    writer = Writer(client, settings, settings.database_url)
+    await supervise("writer", lambda: writer.run(stop), stop)
 
 
 async def _reconcile_payments(args: argparse.Namespace, client: object, settings: Settings) -> int:

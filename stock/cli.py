@@ -17,6 +17,7 @@ from stock.client import connect
 from stock.config import Settings
 from stock.errors import ConfigError
 from stock.reaper import Reaper
+from stock.supervise import supervise
 
 
 def persist_commands() -> tuple[str, ...]:
@@ -38,7 +39,8 @@ async def _reaper(settings: Settings) -> None:
 
         probe = PaymentProbe(StockEngine(client, settings), settings)
     try:
-        await Reaper(client, settings, probe=probe).run(stop)
+        reaper = Reaper(client, settings, probe=probe)
+        await supervise("reaper", lambda: reaper.run(stop), stop)
     finally:
         if probe is not None:
             await probe.aclose()
