@@ -1,8 +1,10 @@
 """The HTTP API v1 (DESIGN §6): an aiohttp app factory with thin handlers.
 
-One middleware turns every error into ``{"error", "message", ...}`` with the
-status of its code and counts the request; handlers only parse, validate and
-call the engine. The Redis client, the reaper and the writer live in
+``stock/front.py`` wraps every handler: errors become ``{"error", "message",
+...}`` with the status of their code, requests past ``STOCK_MAX_INFLIGHT`` get
+503 ``overloaded``, and each request is counted; handlers only parse, validate
+and call the engine (and, with ``STOCK_SOLDOUT_CACHE_MS``, ``stock/soldout.py``
+answers sold-out SKUs from memory). The Redis client, the reaper and the writer live in
 ``cleanup_ctx`` so they open and close with the app.
 """
 
@@ -12,14 +14,12 @@ import asyncio
 import functools
 import hmac
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Set
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -27,12 +27,16 @@ from stock import validate
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import OrderResult, StockEngine
-from stock.errors import InvalidRequest, StockError
+from stock.errors import InsufficientStock, InvalidRequest, StockError
+from stock.front import Front, Handler, error_response, json_response
+from stock.front import raised_in_redis_client as _raised_in_redis_client
 from stock.metrics import Metrics
 from stock.openapi import spec as openapi_spec
 from stock.payment_probe import PaymentProbe
 from stock.reaper import Reaper, expiry_lag_s
+from stock.soldout import SoldOut
 from stock.supervise import supervise
+from stock.validate import Item
 
 log = logging.getLogger("stock.api")
 
@@ -42,16 +46,11 @@ SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", StockEngine)
 METRICS = web.AppKey("metrics", Metrics)
 BACKGROUND = web.AppKey("background", dict)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def error_response(code: str, status: int, message: str, **details: Any) -> web.Response:
-    return json_response({"error": code, "message": message, **details}, status)
+SOLDOUT: web.AppKey[SoldOut | None] = web.AppKey("soldout")  # STOCK_SOLDOUT_CACHE_MS > 0
+FRONT = web.AppKey("front", Front)
+RESERVE_FIELDS = frozenset({"order_id", "items", "ttl_s", "customer_id"})
+DEDUCT_FIELDS = frozenset({"order_id", "items", "customer_id"})
+RETURNS_STOCK = ("release", "cancel")  # order operations that give stock back
 
 
 def iso_ms(ms: int) -> str | None:
@@ -68,7 +67,7 @@ def _iso_second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-async def json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+async def json_body(request: web.Request, allowed: Set[str]) -> dict[str, Any]:
     """The request body as a JSON object with no field outside ``allowed``."""
     raw = await request.read()
     try:
@@ -77,8 +76,8 @@ async def json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
         raise InvalidRequest("body must be valid JSON", field="body") from None
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object", field="body")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
+    if not body.keys() <= allowed:
+        unknown = sorted(set(body) - allowed)
         raise InvalidRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
     return body
 
@@ -95,74 +94,6 @@ def order_body(result: OrderResult, with_expiry: bool) -> dict[str, Any]:
         body["expires_at"] = iso_ms(result.expires_ms)
     body["items"] = [{"sku": line.sku, "qty": line.qty} for line in result.lines]
     return body
-
-
-# -- middleware ----------------------------------------------------------------
-
-
-def _route_name(request: web.Request) -> str:
-    info = request.match_info.route.resource
-    return info.canonical if info is not None else "unmatched"
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    try:
-        # The request's deadline: what the Redis clients' own deadlines do not bound
-        # (a cluster client's retries and re-discovery, a queue for a connection)
-        # ends here as 503 `unavailable` (TimeoutError is an OSError).
-        async with asyncio.timeout(request.app[SETTINGS].request_timeout_s):
-            response = await handler(request)
-    except StockError as exc:
-        response = json_response(exc.to_dict(), exc.status)
-    except web.HTTPRequestEntityTooLarge:
-        response = error_response(
-            "payload_too_large", 413, f"body must be at most {MAX_BODY} bytes"
-        )
-    except web.HTTPNotFound:
-        response = error_response("not_found", 404, f"no route for {request.path}")
-    except web.HTTPMethodNotAllowed as exc:
-        allowed = sorted(exc.allowed_methods)
-        response = error_response(
-            "method_not_allowed", 405, f"{request.method} is not allowed here", allowed=allowed
-        )
-        response.headers["Allow"] = ", ".join(allowed)
-    except (RedisError, OSError) as exc:
-        metrics.redis_errors.inc()
-        log.warning("Redis error on %s %s: %s", request.method, request.path, exc)
-        response = error_response("unavailable", 503, "stock store unavailable, retry shortly")
-    except web.HTTPException as exc:
-        response = error_response("invalid_request", exc.status, exc.reason)
-    except Exception as exc:
-        if _raised_in_redis_client(exc):
-            metrics.redis_errors.inc()
-            log.warning("Redis client failure on %s %s: %r", request.method, request.path, exc)
-            response = error_response("unavailable", 503, "stock store unavailable, retry shortly")
-        else:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response("internal", 500, "internal error")
-    elapsed = time.perf_counter() - started
-    metrics.request_done(_route_name(request), request.method, response.status, elapsed)
-    return response
-
-
-_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
-
-
-def _raised_in_redis_client(exc: BaseException) -> bool:
-    """Whether ``exc`` came out of redis-py's own code. During a cluster failover its
-    cluster client closes every node's connections (``aclose`` on CLUSTERDOWN and on
-    every few MOVED), and calls in flight on those connections then fail with
-    AttributeError or RuntimeError (closed transport) instead of a RedisError. The
-    call's outcome is unknown, as with any lost reply: 503, retry the same request."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def admin(handler: Handler) -> Handler:
@@ -184,16 +115,21 @@ def admin(handler: Handler) -> Handler:
 # -- handlers ------------------------------------------------------------------
 
 
-def _counters(request: web.Request, counters: Any) -> web.Response:
+def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
+    """Counters read or written by a call sent at monotonic time ``sent``."""
     body = counters.as_dict()
     if min(body["available"], body["reserved"], body["sold"]) < 0:
         request.app[METRICS].oversell.inc()
+    soldout = request.app[SOLDOUT]
+    if soldout is not None:
+        soldout.seen(counters.sku, counters.available, sent)
     return json_response(body)
 
 
 async def get_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    return _counters(request, await request.app[ENGINE].get_stock(sku))
+    sent = time.monotonic()
+    return _counters(request, await request.app[ENGINE].get_stock(sku), sent)
 
 
 @admin
@@ -201,8 +137,8 @@ async def put_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
     body = await json_body(request, {"available", "reason"})
     available = validate.int_in(require(body, "available"), "available", 0, 10**12)
-    reason = _reason(body)
-    return _counters(request, await request.app[ENGINE].set_stock(sku, available, reason))
+    reason, sent = _reason(body), time.monotonic()
+    return _counters(request, await request.app[ENGINE].set_stock(sku, available, reason), sent)
 
 
 @admin
@@ -215,8 +151,9 @@ async def adjust_stock(request: web.Request) -> web.Response:
     expected = body.get("expected_available")
     if expected is not None:
         expected = validate.int_in(expected, "expected_available", 0, 10**12)
-    counters = await request.app[ENGINE].adjust(sku, delta, expected, _reason(body))
-    return _counters(request, counters)
+    reason, sent = _reason(body), time.monotonic()
+    counters = await request.app[ENGINE].adjust(sku, delta, expected, reason)
+    return _counters(request, counters, sent)
 
 
 def _reason(body: dict[str, Any]) -> str:
@@ -229,7 +166,9 @@ async def _order_op(
     """Run one order operation. Order operations are idempotent by ``order_id``, so one
     that failed inside the Redis client itself (a connection another call closed, see
     ``_raised_in_redis_client``) is run once more at once: it replays or completes."""
-    metrics = request.app[METRICS]
+    app = request.app
+    metrics, soldout = app[METRICS], app[SOLDOUT]
+    sent = time.monotonic() if soldout is not None else 0.0
     try:
         try:
             result = await call()
@@ -244,28 +183,36 @@ async def _order_op(
             result = await call()
     except StockError as exc:
         metrics.outcome(op, exc.code)
+        if soldout is not None and isinstance(exc, InsufficientStock):
+            soldout.refused(exc.details["items"], sent)
         raise
     metrics.outcome(op, "replay" if result.replay else "ok")
+    if soldout is not None and op in RETURNS_STOCK:
+        soldout.back(line.sku for line in result.lines)
     with_expiry = op in ("reserve", "extend")
     return json_response(order_body(result, with_expiry), 200 if result.replay else created)
 
 
 async def create_reservation(request: web.Request) -> web.Response:
-    body = await json_body(request, {"order_id", "items", "ttl_s", "customer_id"})
+    body = await json_body(request, RESERVE_FIELDS)
     order_id, items = require(body, "order_id"), require(body, "items")
     ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
     customer = body.get("customer_id")  # the engine validates it, order_id and items
     engine = request.app[ENGINE]
+    if request.app[SOLDOUT] is not None:
+        items = _not_sold_out(request, "reserve", order_id, items)
     return await _order_op(
         request, "reserve", lambda: engine.reserve(order_id, items, ttl, customer), 201
     )
 
 
 async def create_deduction(request: web.Request) -> web.Response:
-    body = await json_body(request, {"order_id", "items", "customer_id"})
+    body = await json_body(request, DEDUCT_FIELDS)
     order_id, items = require(body, "order_id"), require(body, "items")
     customer = body.get("customer_id")
     engine = request.app[ENGINE]
+    if request.app[SOLDOUT] is not None:
+        items = _not_sold_out(request, "deduct", order_id, items)
     return await _order_op(request, "deduct", lambda: engine.deduct(order_id, items, customer), 201)
 
 
@@ -285,6 +232,22 @@ async def get_limits(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
     limit = await request.app[ENGINE].get_limit(sku)
     return json_response({"sku": sku, "per_customer": limit})
+
+
+def _not_sold_out(request: web.Request, op: str, order_id: Any, raw_items: Any) -> list[Item]:
+    """The sold-out fast path: the validated items, or 409 insufficient_stock from this
+    process's memory when one of them was seen at 0 within STOCK_SOLDOUT_CACHE_MS."""
+    validate.order_id(order_id)
+    items = validate.items(raw_items)
+    short = request.app[SOLDOUT].short(items)  # type: ignore[union-attr]
+    if short:
+        request.app[METRICS].outcome(op, InsufficientStock.code)
+        request.app[METRICS].soldout_fast.inc()
+        raise InsufficientStock(
+            f"not enough stock for {', '.join(short)}",
+            items=[{"sku": sku, "available": 0} for sku in short],
+        )
+    return items
 
 
 def _path_order(request: web.Request) -> str:
@@ -422,10 +385,13 @@ def create_app(
     settings: Settings, *, run_reaper: bool = True, run_writer: bool = True
 ) -> web.Application:
     """The API app; its Redis client, reaper and writer open and close with it."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY)  # no middleware: see stock/front.py
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[BACKGROUND] = {}
+    app[FRONT] = Front(app[METRICS], settings.max_inflight, MAX_BODY, settings.request_timeout_s)
+    cache_ms = settings.soldout_cache_ms
+    soldout = app[SOLDOUT] = SoldOut(cache_ms) if cache_ms else None
     _routes(app)
     from stock.console import setup_console  # the console and its admin routes (DESIGN §11)
 
@@ -451,6 +417,8 @@ def create_app(
                 probe = PaymentProbe(app[ENGINE], settings, app[METRICS].registry)
                 app[BACKGROUND]["payment_probe"] = probe
             reaper = Reaper(background, settings, scripts, probe)
+            if soldout is not None:
+                reaper.on_return = soldout.back  # its expiries give stock back
             app[BACKGROUND]["reaper"] = reaper
             _watch_reaper(app[METRICS], reaper)
             run_reaper_loop = functools.partial(reaper.run, stop, app[METRICS])
@@ -480,6 +448,7 @@ def create_app(
         await client.aclose()
 
     app.cleanup_ctx.append(resources)
+    app[FRONT].wrap_routes(app)  # last: every route added above
     return app
 
 

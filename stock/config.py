@@ -91,6 +91,8 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "redis_health_check_s": ("STOCK_REDIS_HEALTH_CHECK_S", _float_in(0.0, 3_600.0)),
     "redis_retries": ("STOCK_REDIS_RETRIES", _int_in(0, 10)),
     "request_timeout_s": ("STOCK_REQUEST_TIMEOUT_S", _float_in(0.1, 300.0)),
+    "max_inflight": ("STOCK_MAX_INFLIGHT", _int_in(0, 1_000_000)),
+    "soldout_cache_ms": ("STOCK_SOLDOUT_CACHE_MS", _int_in(0, 60_000)),
 }
 
 
@@ -132,6 +134,11 @@ class Settings:
     redis_health_check_s: float = 15.0  # PING a connection idle this long before use
     redis_retries: int = 1  # redis-py's retries of a standalone call after a timeout
     request_timeout_s: float = 8.0
+    # API requests in flight per process before 503 overloaded (0 = no limit): one
+    # process is CPU-bound at 10-20k req/s, so 256 in flight is 13-25 ms of queue;
+    # more adds only latency (DESIGN §10)
+    max_inflight: int = 256
+    soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -39,6 +39,11 @@ class Metrics:
             "the error code)", ["op", "outcome"], registry=r,
         )  # fmt: skip
         self.redis_errors = Counter("stock_redis_errors", "Redis calls that failed", registry=r)
+        self.soldout_fast = Counter(
+            "stock_soldout_fast_answers",
+            "Reserves and deducts answered sold-out from memory (STOCK_SOLDOUT_CACHE_MS)",
+            registry=r,
+        )
         self.pg_errors = Counter(
             "stock_postgres_errors", "PostgreSQL calls that failed", registry=r
         )

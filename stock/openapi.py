@@ -31,7 +31,7 @@ ERRORS = {
     "insufficient_stock": 409, "order_conflict": 409, "invalid_transition": 409,
     "reservation_expired": 409, "stale_stock": 409, "limit_exceeded": 409,
     "payload_too_large": 413,
-    "unavailable": 503,
+    "unavailable": 503, "overloaded": 503,
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ class Reaper:
         self.probe = probe  # payment-aware expiry: due lines are asked about first
         self.stats = ReaperStats()
         self._hot: set[int] = set()  # buckets that had a full batch due at the last pass
+        # told the SKUs of each batch that expired lines (the sold-out fast path)
+        self.on_return: Callable[[Iterable[str]], None] | None = None
 
     async def server_ms(self) -> int:
         seconds, micros = await self.redis.time()
@@ -99,6 +102,8 @@ class Reaper:
         expired, _dropped = await self.scripts(
             "expire", keys_, [self.settings.retention_s * 1000, reason, *members]
         )
+        if expired and self.on_return is not None:
+            self.on_return(sku_keys)
         return int(expired)
 
     async def _claim(self, bucket: int, members: list[str]) -> int:
