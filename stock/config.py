@@ -134,9 +134,9 @@ class Settings:
     redis_health_check_s: float = 15.0  # PING a connection idle this long before use
     redis_retries: int = 1  # redis-py's retries of a standalone call after a timeout
     request_timeout_s: float = 8.0
-    # API requests in flight per process before 503 overloaded (0 = no limit): one
-    # process is CPU-bound at 10-20k req/s, so 256 in flight is 13-25 ms of queue;
-    # more adds only latency (DESIGN §10)
+    # API requests in flight per process before 503 overloaded (0 = no limit). One
+    # process saturates its core at 10-20k req/s with 15-50 in flight: 256 shed no
+    # ordinary burst and cap the queue at ~13-25 ms; more add only latency (DESIGN §10)
     max_inflight: int = 256
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
 
