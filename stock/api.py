@@ -28,7 +28,9 @@ from stock.client import connect
 from stock.config import Settings
 from stock.engine import OrderResult, StockEngine
 from stock.errors import InsufficientStock, InvalidRequest, StockError
-from stock.front import Front, Handler, error_response, json_response
+from stock.front import Front, Handler
+from stock.front import error_response as error_response  # re-exported (console)
+from stock.front import json_response as json_response
 from stock.front import raised_in_redis_client as _raised_in_redis_client
 from stock.metrics import Metrics
 from stock.openapi import spec as openapi_spec
@@ -200,7 +202,9 @@ async def create_reservation(request: web.Request) -> web.Response:
     customer = body.get("customer_id")  # the engine validates it, order_id and items
     engine = request.app[ENGINE]
     if request.app[SOLDOUT] is not None:
-        items = _not_sold_out(request, "reserve", order_id, items)
+        items, refusal = _sold_out(request, "reserve", order_id, items, customer)
+        if refusal is not None:
+            return refusal
     return await _order_op(
         request, "reserve", lambda: engine.reserve(order_id, items, ttl, customer), 201
     )
@@ -212,7 +216,9 @@ async def create_deduction(request: web.Request) -> web.Response:
     customer = body.get("customer_id")
     engine = request.app[ENGINE]
     if request.app[SOLDOUT] is not None:
-        items = _not_sold_out(request, "deduct", order_id, items)
+        items, refusal = _sold_out(request, "deduct", order_id, items, customer)
+        if refusal is not None:
+            return refusal
     return await _order_op(request, "deduct", lambda: engine.deduct(order_id, items, customer), 201)
 
 
@@ -234,20 +240,26 @@ async def get_limits(request: web.Request) -> web.Response:
     return json_response({"sku": sku, "per_customer": limit})
 
 
-def _not_sold_out(request: web.Request, op: str, order_id: Any, raw_items: Any) -> list[Item]:
-    """The sold-out fast path: the validated items, or 409 insufficient_stock from this
-    process's memory when one of them was seen at 0 within STOCK_SOLDOUT_CACHE_MS."""
+def _sold_out(
+    request: web.Request, op: str, order_id: Any, raw_items: Any, customer: Any
+) -> tuple[list[Item], web.Response | None]:
+    """The sold-out fast path: the items validated as the engine does, and a 409
+    insufficient_stock answered from this process's memory when one of them was seen
+    at 0 within STOCK_SOLDOUT_CACHE_MS (None: ask Redis)."""
     validate.order_id(order_id)
     items = validate.items(raw_items)
+    if customer is not None:
+        validate.customer_id(customer)
     short = request.app[SOLDOUT].short(items)  # type: ignore[union-attr]
-    if short:
-        request.app[METRICS].outcome(op, InsufficientStock.code)
-        request.app[METRICS].soldout_fast.inc()
-        raise InsufficientStock(
-            f"not enough stock for {', '.join(short)}",
-            items=[{"sku": sku, "available": 0} for sku in short],
-        )
-    return items
+    if not short:
+        return items, None
+    request.app[METRICS].outcome(op, InsufficientStock.code)
+    request.app[METRICS].soldout_fast.inc()
+    refusal = InsufficientStock(
+        f"not enough stock for {', '.join(short)}",
+        items=[{"sku": sku, "available": 0} for sku in short],
+    )
+    return items, json_response(refusal.to_dict(), refusal.status)
 
 
 def _path_order(request: web.Request) -> str:
