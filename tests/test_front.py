@@ -92,7 +92,7 @@ async def test_past_the_limit_requests_get_503_at_once(base: Settings, clean: An
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await api.get(path)).status == 200, path
         text = await (await api.get("/metrics")).text()
-        assert 'stock_http_requests_total{route="/v1/reservations",method="POST",' \
+        assert 'stock_http_requests_total{method="POST",route="/v1/reservations",' \
                'status="503"} 10.0' in text  # fmt: skip
         assert all(not task.done() for task in held)
         await clean.execute_command("CLIENT", "UNPAUSE")
