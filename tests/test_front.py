@@ -67,7 +67,10 @@ async def test_past_the_limit_requests_get_503_at_once(base: Settings, clean: An
     """Redis paused for writes holds 4 reserves in flight (the limit); more requests are
     answered 503 overloaded with Retry-After at once, and the health, readiness and
     metrics routes still answer; the held ones complete once Redis is back."""
-    api = await app_client(replace(base, max_inflight=4))
+    # deadlines past the pause, so that the held requests wait for Redis, not time out
+    api = await app_client(
+        replace(base, max_inflight=4, redis_timeout_s=30.0, request_timeout_s=30.0)
+    )
     try:
         await put(api, "", "HOT", 100)
         await clean.execute_command("CLIENT", "PAUSE", "10000", "WRITE")  # scripts wait
