@@ -82,8 +82,8 @@ async def test_writer_sigkilled_during_load(
     assert kills >= KILLS and ops > 2_000
     print(f"writer SIGKILLed {kills} times, {mid_batch} with a batch read but not acknowledged")
     proc = await _spawn(settings)
-    try:
-        await wait_persisted(redis, settings, pg, skus)
+    try:  # a backlog of batches of 100: generous on a loaded machine, not a speed bound
+        await wait_persisted(redis, settings, pg, skus, wait_s=120)
     finally:
         proc.terminate()
         assert await proc.wait() == 0  # SIGTERM: a clean stop
