@@ -402,7 +402,7 @@ async def expire_line(engine: StockEngine, sku: str, order_id: str) -> None:
     lk = keys.line_keys(sku, order_id, BUCKETS)
     await engine.scripts(
         "expire", [lk.due, lk.events, lk.sku, lk.line],
-        [engine.retention_ms, keys.line_member(sku, order_id)],
+        [engine.retention_ms, "", keys.line_member(sku, order_id)],
     )  # fmt: skip
 
 
