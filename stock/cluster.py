@@ -134,10 +134,6 @@ class ClusterOrders:
 
         e = self.engine
         kind, _phase, items = await e._record(order_id, e.retention_ms + ttl_ms)
-        if kind == "deduct" and op in ("release", "extend"):  # as its CONFIRMED lines say
-            raise InvalidTransition(
-                f"order {order_id!r} is a deduction", state="confirmed", sku=items[0].sku
-            )
         spec, groups = items_spec(items), e._groups(items)
         todo = dict(enumerate(groups))
         done: dict[int, LinesReply] = {}
@@ -190,7 +186,8 @@ class ClusterOrders:
         await self._lock(order_id, lock)
         lost = False
         try:
-            if op in ("confirm", "release", "extend"):
+            # (a deduct's lines cannot be released or extended: no holds for those)
+            if op == "confirm" or (op in ("release", "extend") and kind != "deduct"):
                 token = await self._hold_all(order_id, groups, spec, op)
                 try:
                     await lock.reacquire()  # still ours, and for the whole second step
