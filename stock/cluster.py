@@ -67,6 +67,8 @@ class ClusterOrders:
         e, token = self.engine, secrets.token_hex(6)
         hold_ms = e.deduct_hold_ms if op == "deduct" else ttl_ms
         groups = e._groups(items)
+        if op == "deduct" and len(groups) == 1:
+            return await self._deduct_one(order_id, groups[0], spec, token, customer)
         outcomes = await asyncio.gather(
             *(e._group_call("reserve", order_id, g, hold_ms, True, spec, op, token,
                             customer=customer)
@@ -93,6 +95,33 @@ class ClusterOrders:
         if op == "deduct":
             replies = await self._settle(order_id, groups, replies, spec)
         return _result(order_id, op, _merge(replies))
+
+    async def _deduct_one(
+        self, order_id: str, group: list[Item], spec: str, token: str, customer: str
+    ) -> OrderResult:
+        """A single-group deduct: its directory first (``order.lua open``), then one
+        atomic ``deduct.lua``, so no unit is ever sold without a directory and a read
+        never sees it half done. A refusal takes this attempt out of the directory's
+        owners (the directory goes with its last owner); a lost reply does not (the
+        script may have sold: a retry replays it)."""
+        from stock.engine import _result
+
+        e, okey = self.engine, keys.order_key(order_id)
+        lifetime = e.retention_ms
+        opened = await e.scripts("order", [okey], ["open", "deduct", spec, lifetime, token])
+        if opened[0] not in ("NEW", "DONE"):
+            raise _commit_error(order_id, opened)
+        try:
+            reply = await e._group_call(
+                "deduct", order_id, group, 0, True, spec, "deduct", token, customer=customer
+            )
+        except StockError:
+            try:
+                await e.scripts("order", [okey], ["drop", token])
+            except Exception as exc:  # an order with no line: a retry or nobody uses it
+                log.error("order %r: refused deduct left its directory: %r", order_id, exc)
+            raise
+        return _result(order_id, "deduct", reply)
 
     async def _settle(
         self, order_id: str, groups: list[list[Item]], held: list[LinesReply], spec: str
