@@ -142,6 +142,23 @@ async def test_single_group_reserve_is_one_script_call_and_the_commit(
     assert hooked.calls == ["order", "confirm"]
 
 
+async def test_single_group_deduct_opens_its_directory_first(
+    engine: StockEngine, spread: list[str]
+) -> None:
+    hooked = engine.scripts = Hooked(engine.scripts)
+    result = await engine.deduct("d1", order_items(spread[:1]))
+    assert hooked.calls == ["order", "deduct"]  # directory, then one atomic script
+    assert [ln.state for ln in result.lines] == ["confirmed"]
+    assert (await engine.deduct("d1", order_items(spread[:1]))).replay
+    hooked.calls.clear()
+    with pytest.raises(InsufficientStock):
+        await engine.deduct("d2", [{"sku": spread[0], "qty": 50}])
+    assert hooked.calls == ["order", "deduct", "order"]  # refused: the directory goes
+    with pytest.raises(NotFound):
+        await engine.get_order("d2")
+    assert await counters(engine, spread[:1]) == [(4, 0, 1)]
+
+
 async def test_other_items_in_another_bucket_conflict_and_are_undone(
     engine: StockEngine, spread: list[str]
 ) -> None:
