@@ -6,10 +6,11 @@ design and why, in ``lua/README.md`` ("Orders on a Redis Cluster"):
 
 - reserve: every group call (each checks the bucket's copy of the order), then
   commit the directory; a single-group reserve is one script call + the commit;
-- deduct: hold every group (RESERVED, short expiry), commit with a deadline, then
-  settle every group (held -> CONFIRMED): no unit is sold before the directory
-  exists, and a crash leaves only lines with an expiry or a committed order that
-  a retry settles;
+- deduct, one group: the directory first, then one atomic script (no unit sold
+  without a directory, never seen half done); several groups: hold every group
+  (RESERVED, short expiry), commit with a deadline, then confirm every group: a
+  crash leaves only lines with an expiry or a committed order that a retry
+  completes;
 - an attempt that fails undoes every group that may have applied: its token leaves
   each line's tag set, and only a line no other attempt holds is deleted, so a
   copy of the request that holds the line too (and may commit) keeps it;
