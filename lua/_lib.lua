@@ -2,9 +2,10 @@
 -- to every script before it is loaded, so each script stays one EVALSHA.
 --
 -- Line call layout (reserve, deduct, confirm, release, abort, cancel, extend):
---   ARGV[1] with_order  '1' when KEYS[1] is the order record (standalone:
---                       every key on one server), '0' otherwise (cluster:
---                       the engine handles the record in its own call)
+--   ARGV[1] mode        '1' when KEYS[1] is the order record (standalone:
+--                       every key on one server); 'b' when KEYS[1] is the
+--                       bucket's copy of the order (cluster: kind|items, see
+--                       open_copy); '0' when no order key comes first
 --   ARGV[2] order_id
 --   ARGV[3] ttl_ms      reservation lifetime (reserve, extend); else 0
 --   ARGV[4] retention_ms how long a terminal line is kept for replays
@@ -25,9 +26,9 @@
 -- are counted in the SKU hash's field 'c:<customer>', checked against its
 -- field 'limit' when a line is created (per-customer purchase limits).
 -- Terminal lines expire after retention. On a cluster, where one order is
--- several calls, the tag names the attempt that last created or replayed the
--- line, so that a failed attempt undoes only lines no other attempt has
--- taken over (abort.lua).
+-- several calls, the tag is the set of attempts that created or replayed the
+-- line (has_tag, add_tag), so that a failed attempt never undoes a line
+-- another attempt also holds (abort.lua).
 -- Replies: {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, ...}
 --   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
 --   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
@@ -116,15 +117,15 @@ local function commit(sku_key, events_key, ev, c, at)
 end
 
 local function parse_call()
-  local with_order = ARGV[1] == '1'
+  local mode = ARGV[1]
   local call = {
-    order_key = with_order and KEYS[1] or nil, order_id = ARGV[2],
-    ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
+    order_key = mode == '1' and KEYS[1] or nil, copy_key = mode == 'b' and KEYS[1] or nil,
+    order_id = ARGV[2], ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
     may_create = ARGV[5] == '1', spec = ARGV[6], kind = ARGV[7], tag = ARGV[8], reason = ARGV[9],
     customer = ARGV[10] or '',
     items = {},
   }
-  local base = with_order and 1 or 0
+  local base = mode == '0' and 0 or 1
   for i = 1, (#ARGV - 10) / 2 do
     local k = base + (i - 1) * 4
     call.items[i] = {
@@ -136,9 +137,10 @@ local function parse_call()
 end
 
 -- The order record is one string 'kind|phase|owner|items_spec' (a string
--- costs less memory than a hash): kind 'reserve'/'deduct', phase 'done' or
--- 'pending' (a cluster reserve between groups), owner the token of the
--- cluster attempt that runs it ('' when done), items_spec 'sku:qty,...'.
+-- costs less memory than a hash): kind 'reserve'/'deduct', phase 'done'; on a
+-- cluster (the directory, order.lua) also 'abort' (an attempt's undo claim,
+-- owner its token) or a TCC tombstone ('released'/'cancelled', no items);
+-- records of earlier versions may say 'pending' (owner 'token@lease_ms').
 local function read_record(key)
   local v = redis.call('GET', key)
   if not v then return nil end
@@ -162,6 +164,58 @@ local function open_order(call)
     call.may_create, call.new_order = true, true
   end
   return nil
+end
+
+-- Cluster reserve/deduct: the bucket's copy of the order ('kind|items_spec',
+-- written with the order's first lines in this bucket) decides conflict and
+-- replay for the group. call.copy: 'same' (the lines are this order's: a
+-- replay re-tags them), 'none' (no copy: new lines are created with the copy;
+-- an existing line, from an earlier version, replays without a new tag).
+local function open_copy(call)
+  if not call.copy_key then return nil end
+  local v = redis.call('GET', call.copy_key)
+  if not v then
+    call.copy = 'none'
+    return nil
+  end
+  local kind, spec = string.match(v, '^(%a+)|(.*)$')
+  if kind ~= call.kind or spec ~= call.spec then return {'CONFLICT', kind} end
+  call.copy = 'same'
+  return nil
+end
+
+-- The copy's lifetime never shrinks: extended to lifetime_ms when shorter.
+local function keep_copy(key, lifetime)
+  local left = redis.call('PTTL', key)
+  if left >= 0 and left < lifetime then redis.call('PEXPIRE', key, lifetime) end
+end
+
+-- A cluster line's tag is the set of attempts that created or replayed it,
+-- 'token,token,...' (at most TAGS_MAX; a full set takes no more). An undo
+-- (abort.lua) takes its own token out and deletes the line only when no token
+-- is left: a line that any other attempt touched, one that committed the order
+-- among them, stays.
+local TAGS_MAX = 8
+
+local function has_tag(tags, tag)
+  if not tags or tags == '' then return false end
+  return string.find(',' .. tags .. ',', ',' .. tag .. ',', 1, true) ~= nil
+end
+
+local function add_tag(tags, tag)
+  if not tags or tags == '' then return tag end
+  if has_tag(tags, tag) then return tags end
+  local _, commas = string.gsub(tags, ',', '')
+  if commas + 1 >= TAGS_MAX then return tags end
+  return tags .. ',' .. tag
+end
+
+local function drop_tag(tags, tag)
+  local kept = {}
+  for t in string.gmatch(tags, '[^,]+') do
+    if t ~= tag then kept[#kept + 1] = t end
+  end
+  return table.concat(kept, ',')
 end
 
 local function line_value(p, tag)
@@ -189,7 +243,7 @@ end
 -- and an error reply. Nothing is written unless every line of the call can go
 -- ahead. Then apply the plans, one event per changed line (named p.op, else
 -- the script's op); a replay with
--- restamp only writes the calling attempt's tag into the line.
+-- restamp only writes the plan's tag (set) into the line.
 local function run_lines(call, op, decide)
   local now = now_ms()
   local plans, short, over = {}, {}, {}
@@ -256,6 +310,16 @@ local function run_lines(call, op, decide)
   end
   out[2] = latest
   if all_replay then out[1] = 'REPLAY' end
+  if call.copy_key and call.copy ~= 'kept' then
+    local lifetime = call.retention + (call.ttl or 0)
+    if call.copy == 'none' then
+      if not call.saw_line then
+        redis.call('SET', call.copy_key, call.kind .. '|' .. call.spec, 'PX', lifetime)
+      end
+    else
+      keep_copy(call.copy_key, lifetime)
+    end
+  end
   if call.order_key then
     local lifetime = call.retention + (call.ttl or 0)
     if call.new_order then

@@ -1,14 +1,18 @@
--- abort.lua: undo what a failed cluster attempt did in one bucket group (its
--- other groups were refused): a reserve or deduct as if it never happened, or
--- the re-acquisition of expired lines by hold.lua.
--- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored).
--- ARGV[7] kind says what the failed call created: 'reserve' lines are
--- RESERVED (reserved -= qty, available += qty), 'deduct' lines are CONFIRMED
--- (sold -= qty, available += qty). The line is deleted so that a retry of the
--- same order starts afresh. 'hold': lines tagged 'E'..token go back to
--- EXPIRED (reserved -= qty, available += qty; event op=expire).
--- An absent line, or one tagged by another attempt
--- (ARGV[8]) that took the order over, is left alone (a replay).
+-- abort.lua: undo what a failed cluster attempt did in one bucket group: its
+-- reserve or deduct hold as if it never happened, or the holds of a failed
+-- multi-node confirm/release/extend (hold.lua).
+-- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored); mode
+-- 'b' for a reserve/deduct (KEYS[1] the bucket's copy of the order).
+-- ARGV[7] kind 'reserve' or 'deduct': this attempt's token (ARGV[8]) leaves
+-- each RESERVED line's tag set; a line no other attempt holds is deleted
+-- (reserved -= qty, available += qty), so that a retry of the same order
+-- starts afresh; the bucket's copy of the order goes with the group's last
+-- line. A line held by another attempt too (which may have committed the
+-- order), a CONFIRMED line (a settled deduct) and a line without this token
+-- are left alone.
+-- 'hold': lines tagged 'E'..token go back to EXPIRED (reserved -= qty,
+-- available += qty; event op=expire); lines tagged 'H'..token..':'..expiry get
+-- their previous expiry back (event op=extend).
 -- Returns OK, REPLAY, TRANSITION (the line moved on), UNAVAILABLE.
 -- Events: op=abort, one per removed line.
 local call = parse_call()
@@ -19,20 +23,33 @@ local function decide(it, line)
       return {state = 'E', qty = line.qty, exp = line.exp, dr = -line.qty, da = line.qty,
               op = 'expire'}
     end
+    local before = line and line.state == 'R' and string.match(line.tag, '^H' .. call.tag .. ':(%d+)$')
+    if before then
+      return {state = 'R', qty = line.qty, exp = tonumber(before), op = 'extend'}
+    end
     return {replay = true, state = line and line.state or '-', qty = 0, exp = 0}
   end
-  if not line or line.tag ~= call.tag then
+  if not line or line.state == 'C' or not has_tag(line.tag, call.tag) then
     return {replay = true, state = '-', qty = 0, exp = 0}
   end
-  local plan = {state = '-', qty = line.qty, exp = line.exp, delete = true, da = line.qty}
-  if call.kind == 'reserve' and line.state == 'R' then
-    plan.dr = -line.qty
-  elseif call.kind == 'deduct' and line.state == 'C' then
-    plan.ds = -line.qty
-  else
-    return nil, {'TRANSITION', it.sku, line.state}
+  if line.state ~= 'R' then return nil, {'TRANSITION', it.sku, line.state} end
+  local others = drop_tag(line.tag, call.tag)
+  if others ~= '' then  -- another attempt holds it too: only this attempt lets go
+    return {replay = true, restamp = true, state = 'R', qty = line.qty, exp = line.exp,
+            tag = others}
   end
-  return plan
+  return {state = '-', qty = line.qty, exp = line.exp, delete = true, da = line.qty,
+          dr = -line.qty}
 end
 
-return run_lines(call, 'abort', decide)
+call.copy = 'kept'  -- run_lines only extends the copy; it is dropped below
+local out = run_lines(call, 'abort', decide)
+if call.copy_key and out[1] ~= 'TRANSITION' and out[1] ~= 'UNAVAILABLE' then
+  for _, it in ipairs(call.items) do
+    if redis.call('EXISTS', it.k_line) == 1 then return out end
+  end
+  if redis.call('GET', call.copy_key) == call.kind .. '|' .. call.spec then
+    redis.call('DEL', call.copy_key)
+  end
+end
+return out

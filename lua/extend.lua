@@ -5,12 +5,14 @@
 -- not reached still holds its stock and may be extended.
 -- Counters unchanged; the expiry index is re-scored.
 -- Returns OK, TRANSITION (not RESERVED), NOTFOUND, UNAVAILABLE.
+-- A RESERVED line of a deduct answers TRANSITION confirmed (see release.lua).
 -- Events: op=extend, one per line, with the new exp.
 local call = parse_call()
 
 local function decide(it, line, c, now)
   if not line then return nil, {'NOTFOUND', it.sku} end
   if line.state ~= 'R' then return nil, {'TRANSITION', it.sku, line.state} end
+  if call.kind == 'deduct' then return nil, {'TRANSITION', it.sku, 'C'} end  -- (release.lua)
   local exp = now + call.ttl
   if line.exp > exp then exp = line.exp end  -- never shorter than it was
   return {state = 'R', qty = line.qty, exp = exp}

@@ -6,8 +6,9 @@
 -- KEYS/ARGV: the line call layout of _lib.lua; ARGV[3] ttl_ms = how long the
 -- hold lasts (enough for the step to follow), ARGV[7] the step ('confirm',
 -- 'release' or 'extend'), ARGV[8] the attempt's token.
--- Per line: RESERVED expiring within ttl_ms: expiry moved to now + ttl_ms
---             (event op=extend);
+-- Per line: RESERVED expiring within ttl_ms: expiry moved to now + ttl_ms,
+--             tagged 'H'..token..':'..previous expiry so that abort.lua can
+--             put the expiry back when another group refuses (event op=extend);
 --           RESERVED with time left: unchanged;
 --           EXPIRED, for a confirm: re-acquired if available >= qty (available -= qty,
 --             reserved += qty, RESERVED until now + ttl_ms, tagged 'E'..token
@@ -28,7 +29,8 @@ local function decide(it, line, c, now)
     if line.exp >= until_ms then
       return {replay = true, state = 'R', qty = line.qty, exp = line.exp}
     end
-    return {state = 'R', qty = line.qty, exp = until_ms, tag = line.tag, op = 'extend'}
+    return {state = 'R', qty = line.qty, exp = until_ms, tag = 'H' .. call.tag .. ':' .. line.exp,
+            op = 'extend'}
   elseif line.state == 'E' and call.kind == 'confirm' then
     local short = c.a < line.qty  -- named with every other short SKU (below)
     return {state = 'R', qty = line.qty, exp = until_ms, tag = 'E' .. call.tag,

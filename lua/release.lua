@@ -3,6 +3,8 @@
 -- Per line: reserved -= qty, available += qty; the line leaves the expiry index.
 -- Returns OK, REPLAY (all RELEASED already), TRANSITION (confirmed, expired,
 -- cancelled), NOTFOUND, UNAVAILABLE.
+-- A RESERVED line of a deduct (ARGV[7] kind; a cluster deduct holds its
+-- lines before it confirms them) answers TRANSITION confirmed.
 -- Events: op=release, one per changed line.
 local call = parse_call()
 
@@ -11,6 +13,8 @@ local function decide(it, line)
   local plan = {state = 'X', qty = line.qty, exp = line.exp}
   if line.state == 'X' then
     plan.replay = true
+  elseif line.state == 'R' and call.kind == 'deduct' then
+    return nil, {'TRANSITION', it.sku, 'C'}  -- a cluster deduct's hold: being confirmed
   elseif line.state == 'R' then
     plan.dr, plan.da = -line.qty, line.qty
   else

@@ -4,35 +4,28 @@ Standalone Redis: every key lives on one server, so each operation is one
 script call that also reads or writes the order record, and a multi-item
 order is atomic as a whole.
 
-Redis Cluster: the order record lives on its own node. Reserve and deduct
-open the record (``order.lua``, phase ``pending``), run one script per bucket
-group concurrently, and on any refusal undo the groups that went through
-(``abort.lua``) before answering. A crash in between leaves only RESERVED
-lines with an expiry (the reaper returns them) and a ``pending`` record, so a
-retry of the same request completes the order.
+Redis Cluster: an order is one script call per bucket group plus its
+directory on the order's own node (``stock/cluster.py``, design in
+``lua/README.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from redis.exceptions import LockError
+from typing import Any, TypeVar
 
 from stock import keys, validate
+from stock.cluster import ClusterOrders
 from stock.config import Settings
 from stock.errors import (
     InsufficientStock,
     NotFound,
     ReservationExpired,
     StockError,
-    Unavailable,
 )
 from stock.scripts import (
     STATE_NAMES,
@@ -46,9 +39,7 @@ from stock.scripts import (
 from stock.validate import Item
 
 log = logging.getLogger("stock.engine")
-
-HOLD_MS = 30_000  # how long a multi-node transition's first step keeps the stock held
-LOCK_S = 10.0  # the longest a multi-node call holds its order's lock or lease
+T = TypeVar("T")
 
 STATUS_OF = {
     "reserve": "reserved",
@@ -101,11 +92,12 @@ class StockEngine:
         self.cluster = settings.redis_cluster
         self.scripts = Scripts(client)
         self.retention_ms = settings.retention_s * 1000
-        self.lease_s = LOCK_S  # how long a cluster attempt owns its order record
+        self.deduct_hold_ms = 10_000  # a cluster deduct's holds, until it is confirmed
         # redis-py's cluster pools fail instead of waiting when they run dry: bound
         # the operations in flight so a stampede queues here. (Standalone calls
         # share an auto-pipeline and a blocking pool, which queue by themselves.)
         self._inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
+        self.orders = ClusterOrders(self)
 
     # -- stock levels -------------------------------------------------------
 
@@ -232,66 +224,11 @@ class StockEngine:
         spec = items_spec(items)
         if not self.cluster:
             keys_, args = self._line_call(
-                order_id, items, ttl_ms, True, spec, op, with_order=True, customer=customer
+                order_id, items, ttl_ms, True, spec, op, "1", customer=customer
             )
             reply = parse_lines(await self.scripts(op, keys_, args), order_id)
             return _result(order_id, op, reply)
-        return await self._acquire_on_cluster(op, order_id, items, spec, ttl_ms, customer)
-
-    async def _acquire_on_cluster(
-        self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
-    ) -> OrderResult:
-        """Open the record, reserve every bucket group, then close the record; on a
-        refusal undo this attempt's lines and drop the record. One attempt at a
-        time owns the record (a lease): a concurrent copy of the same request
-        waits for it, then replays the finished order or starts afresh. If the
-        owner stalls past its lease, a copy takes the order over; the token that
-        tags every line then keeps the stalled attempt from undoing lines the
-        copy has taken over."""
-        okey = keys.order_key(order_id)
-        token = secrets.token_hex(6)
-        args = [spec, op, ttl_ms + self.retention_ms, token, int(self.lease_s * 1000)]
-        opened = await self.scripts("order", [okey], args)
-        waited, delay = 0.0, 0.005
-        while opened[0] == "BUSY":  # another copy of this request is at work: wait
-            if waited > self.lease_s + 1:
-                raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
-            await asyncio.sleep(delay)
-            waited, delay = waited + delay, min(delay * 2, 0.1)
-            opened = await self.scripts("order", [okey], args)
-        if opened[0] == "CONFLICT":
-            parse_lines(opened, order_id)  # raises OrderConflict
-        pending = opened[0] == "NEW" or opened[1] == "pending"
-        groups = self._groups(items)
-        outcomes = await asyncio.gather(
-            *(
-                self._group_call(
-                    op, order_id, g, ttl_ms, pending, spec, tag=token, customer=customer
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
-        )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            if pending:
-                done = [
-                    g for g, o in zip(groups, outcomes, strict=True) if isinstance(o, LinesReply)
-                ]
-                undone = await asyncio.gather(
-                    *(self._group_call("abort", order_id, g, 0, False, spec, op, token)
-                      for g in done),
-                    return_exceptions=True,
-                )  # fmt: skip
-                await self.scripts("order_close", [okey], [token, "drop"])
-                for problem in undone:
-                    if isinstance(problem, BaseException):
-                        log.error("order %r: undo failed, the reaper returns it: %r",
-                                  order_id, problem)  # fmt: skip
-            raise _merge_failures(failures)
-        if pending:
-            await self.scripts("order_close", [okey], [token, "done"])
-        return _result(order_id, op, _merge(outcomes))
+        return await self.orders.acquire(op, order_id, items, spec, ttl_ms, customer)
 
     async def _transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
@@ -305,91 +242,45 @@ class StockEngine:
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
         validate.order_id(order_id)
-        kind, phase, items = await self._record(order_id)
-        if phase == "pending":  # a cluster reserve still running, or stopped midway
-            raise NotFound(f"order {order_id!r} is not complete", order_id=order_id)
+        if self.cluster:
+            return await self.orders.transition(op, order_id, ttl_ms, reason)
+        kind, _phase, items = await self._record(order_id)
         spec = items_spec(items)
-        if not self.cluster:
-            keys_, args = self._line_call(
-                order_id, items, ttl_ms, False, spec, kind, True, reason=reason
-            )
-            return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
-        groups = self._groups(items)
-        if len(groups) == 1:  # one script call: atomic on its node
-            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms, reason)
-        # Several nodes: one transition of this order at a time (redis-py's Lock on
-        # the order's slot), and every line made safe from the reaper first, so
-        # that racing calls cannot leave half an order confirmed and half released.
-        lock = self.redis.lock(
-            keys.order_lock_key(order_id), timeout=LOCK_S, blocking_timeout=LOCK_S
+        keys_, args = self._line_call(
+            order_id, items, ttl_ms, False, spec, kind, "1", reason=reason
         )
-        if not await lock.acquire():
-            raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
+        return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
+
+    async def _outside(self, waiting: Awaitable[T]) -> T:
+        """Await ``waiting`` without holding an in-flight slot (the caller holds one on
+        a cluster): a wait must not keep other operations out."""
+        if self._inflight is None:
+            return await waiting
+        self._inflight.release()
         try:
-            if op in ("confirm", "release", "extend"):
-                await self._hold_all(order_id, groups, spec, op)
-            return await self._apply_groups(op, order_id, groups, spec, kind, ttl_ms, reason)
+            return await waiting
         finally:
-            with contextlib.suppress(LockError):
-                await lock.release()
+            await asyncio.shield(self._inflight.acquire())
 
-    async def _apply_groups(
-        self,
-        op: str,
-        order_id: str,
-        groups: list[list[Item]],
-        spec: str,
-        kind: str,
-        ttl_ms: int,
-        reason: str = "",
-    ) -> OrderResult:
-        outcomes = await asyncio.gather(
-            *(
-                self._group_call(op, order_id, g, ttl_ms, False, spec, kind=kind, reason=reason)
-                for g in groups
-            ),
-            self.scripts.pipeline.execute(
-                "PEXPIRE", keys.order_key(order_id), self.retention_ms + ttl_ms
-            ),
-            return_exceptions=True,
-        )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            raise failures[0]
-        return _result(order_id, op, _merge(outcomes))
+    async def _pause(self, seconds: float) -> None:
+        await self._outside(asyncio.sleep(seconds))
 
-    async def _hold_all(self, order_id: str, groups: list[list[Item]], spec: str, op: str) -> None:
-        """Before a multi-node confirm, release or extend: every group's lines get
-        time enough that the reaper cannot expire some of them half-way (a confirm
-        also re-acquires expired lines, ``hold.lua``), or nothing changes and the
-        call is refused."""
-        token = secrets.token_hex(6)
-        held = await asyncio.gather(
-            *(self._group_call("hold", order_id, g, HOLD_MS, False, spec, op, token)
-              for g in groups),
-            return_exceptions=True,
-        )  # fmt: skip
-        failures = [h for h in held if isinstance(h, BaseException)]
-        if not failures:
-            return
-        done = [g for g, h in zip(groups, held, strict=True) if isinstance(h, LinesReply)]
-        await asyncio.gather(
-            *(self._group_call("abort", order_id, g, 0, False, spec, "hold", token) for g in done),
-            return_exceptions=True,
-        )
-        raise _merge_failures(failures)
-
-    async def _record(self, order_id: str) -> tuple[str, str, list[Item]]:
+    async def _record(self, order_id: str, lifetime_ms: int = 0) -> tuple[str, str, list[Item]]:
+        """The order's kind, phase and items. On a cluster with ``lifetime_ms`` (a
+        transition) the directory's lifetime is extended to it in the same call."""
         validate.order_id(order_id)
         okey = keys.order_key(order_id)
-        if self.scripts.pipeline is not None:  # ride the (per-node) auto-pipeline
+        if self.cluster and lifetime_ms:
+            found = await self.scripts("order", [okey], ["read", lifetime_ms])
+            raw = found[0] if found else None
+        elif self.scripts.pipeline is not None:  # ride the (per-node) auto-pipeline
             raw = await self.scripts.pipeline.execute("GET", okey)
         else:
             raw = await self.redis.get(okey)
-        if raw is None:
+        if raw is None or raw.split("|", 2)[1] != "done":  # (a tombstone: issue 13)
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         kind, phase, _owner, spec = raw.split("|", 3)
-        return kind, phase, parse_spec(spec)
+        return kind, phase, parse_spec(spec) if spec else []
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
@@ -409,9 +300,12 @@ class StockEngine:
         tag: str = "",
         reason: str = "",
         customer: str = "",
+        mode: str = "b",
     ) -> LinesReply:
+        """One bucket group's script call on a cluster; ``mode`` ``b`` carries the
+        bucket's copy of the order (``lua/_lib.lua``)."""
         keys_, args = self._line_call(
-            order_id, group, ttl_ms, may_create, spec, kind or op, False, tag, reason, customer
+            order_id, group, ttl_ms, may_create, spec, kind or op, mode, tag, reason, customer
         )
         return parse_lines(await self.scripts(op, keys_, args), order_id)
 
@@ -423,15 +317,24 @@ class StockEngine:
         may_create: bool,
         spec: str,
         kind: str,
-        with_order: bool,
+        with_order: str | bool,
         tag: str = "",
         reason: str = "",
         customer: str = "",
     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV in the line call layout of ``lua/_lib.lua``."""
-        keys_: list[str] = [keys.order_key(order_id)] if with_order else []
+        """KEYS and ARGV in the line call layout of ``lua/_lib.lua``. ``with_order`` is
+        the mode: ``1`` (or True) the order record first (standalone), ``b`` the
+        bucket's copy of the order first (a cluster group: all items in one bucket),
+        ``0`` (or False) no order key."""
+        mode = ("1" if with_order else "0") if isinstance(with_order, bool) else with_order
+        keys_: list[str] = []
+        if mode == "1":
+            keys_.append(keys.order_key(order_id))
+        elif mode == "b":
+            bucket = keys.bucket_of(items[0].sku, self.settings.buckets)
+            keys_.append(keys.order_copy_key(bucket, order_id))
         args: list[Any] = [
-            "1" if with_order else "0",
+            mode,
             order_id,
             ttl_ms,
             self.retention_ms,

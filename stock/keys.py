@@ -18,7 +18,10 @@ key                                             type    holds
 ``stock:order:{<order_id>}``                    string  ``kind|phase|owner|items``:
                                                         the order's items, so
                                                         confirm/release need
-                                                        only the order id
+                                                        only the order id (on a
+                                                        cluster: its directory)
+``stock:{b<n>}:order:<order_id>``               string  cluster: the bucket's
+                                                        copy ``kind|items``
 ``stock:reconcile:last``                        string  JSON outcome of the last
                                                         ``stock reconcile``
 ==============================================  ======  ==========================
@@ -97,6 +100,11 @@ def line_keys(sku: str, order_id: str, buckets: int) -> LineKeys:
 
 def order_key(order_id: str) -> str:
     return f"{PREFIX}:order:{{{order_id}}}"
+
+
+def order_copy_key(bucket: int, order_id: str) -> str:
+    """On a cluster: the bucket's copy of an order (``kind|items``) beside its lines."""
+    return f"{bucket_tag(bucket)}:order:{order_id}"
 
 
 def order_lock_key(order_id: str) -> str:

@@ -39,7 +39,6 @@ OTHER_OPS = (
     "defer",
     "limits",
     "order",
-    "order_close",
     "resync",
     "writer_ack",
 )
