@@ -153,7 +153,15 @@ class ClusterBatch:
             if fallback is None:
                 raise
         self.fallbacks += 1
-        return await fallback()
+        try:
+            return await fallback()
+        except AttributeError:
+            # redis-py 8.1 closes every connection of the client when it reloads the
+            # slot map (after MOVED replies), under calls in flight on them: those fail
+            # inside redis-py ('NoneType' ... 'writelines'). Only idempotent calls get
+            # a fallback, so the call is sent once more, on a fresh connection.
+            self.fallbacks += 1
+            return await fallback()
 
     async def _send(
         self, pipe: NodePipeline, command: Sequence[Any], source: str, asking: bool = False
