@@ -40,7 +40,14 @@ LABEL stock.standin=1
 RUN apt-get update && apt-get install -y --no-install-recommends redis-server \\
     && rm -rf /var/lib/apt/lists/* && mkdir /data
 WORKDIR /data
+COPY entrypoint.sh /entrypoint.sh
+ENTRYPOINT ["sh", "/entrypoint.sh"]
 CMD ["redis-server"]
+"""
+
+# as the official image does when it runs redis-server without a config file
+REDIS_ENTRYPOINT = """if [ "$1" = redis-server ]; then set -- "$@" --protected-mode no; fi
+exec "$@"
 """
 
 POSTGRES_STANDIN = f"""FROM {DEBIAN}
@@ -171,6 +178,6 @@ def ensure_python_base() -> float:
 
 def ensure_compose_bases() -> float:
     spent = ensure_debian()
-    spent += ensure_standin("redis:7.2", REDIS_STANDIN)
+    spent += ensure_standin("redis:7.2", REDIS_STANDIN, {"entrypoint.sh": REDIS_ENTRYPOINT})
     spent += ensure_standin("postgres:16", POSTGRES_STANDIN, {"entrypoint.sh": POSTGRES_ENTRYPOINT})
     return spent
