@@ -40,7 +40,7 @@ ci-deps:
 # The Redis 7.0 pass: these suites again against Debian's redis-server 7.0 (no WAITAOF).
 REDIS7 ?= /usr/bin/redis-server
 REDIS7_TESTS := tests/test_concurrency.py tests/test_model.py tests/test_scripts.py \
-	tests/persist/test_writer.py tests/test_faults.py tests/persist/test_faults.py
+	tests/persist/test_writer.py $(wildcard tests/test_fault_*.py) tests/persist/test_faults.py
 
 test-redis7: install
 	@test -x $(REDIS7) || { echo "test-redis7: no $(REDIS7) (make ci-deps as root installs redis-server 7.0)"; exit 1; }

@@ -1,10 +1,13 @@
 """docker-compose.yml brought up for real (docker-compose from Debian, stand-in images).
 
-The file is used as shipped except for two things a shared CI machine needs: the
-API's host ports are ephemeral on loopback (8080-8081 may be taken), and the
-build context is the checkout's absolute path (the file is copied to a temporary
-directory). ``redis:7.2`` and ``postgres:16`` are Debian stand-ins
-(tests/docker_env.py): Redis 7.0 and PostgreSQL 15.
+The file is used as shipped except for what a shared CI machine without a
+registry needs: the API's host ports are ephemeral on loopback (8080-8081 may
+be taken), the build context is the checkout's absolute path (the file is copied
+to a temporary directory), and the monitoring services (prometheus, grafana) are
+left out: their images come from a registry and Grafana has no Debian package
+to make a stand-in from. Everything the API needs is brought up. ``redis:7.2``
+and ``postgres:16`` are Debian stand-ins (tests/docker_env.py): Redis 7.0 and
+PostgreSQL 15.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from tests.test_image import call, wait_for
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN = {"Authorization": "Bearer change-me"}  # the file's default STOCK_ADMIN_TOKEN
+TOKEN = "compose-test-token"  # the file asks for STOCK_ADMIN_TOKEN from the environment
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Compose:
@@ -39,7 +43,8 @@ class Compose:
     def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["docker-compose", "-p", self.project, *args], cwd=self.directory,
-            capture_output=True, text=True, timeout=timeout, env=docker_env.ENV,
+            capture_output=True, text=True, timeout=timeout,
+            env={**docker_env.ENV, "STOCK_ADMIN_TOKEN": TOKEN},
         )  # fmt: skip
 
     def port(self, service: str, index: int) -> int:
@@ -57,6 +62,8 @@ def compose() -> Iterator[Compose]:
     spent = docker_env.ensure_python_base() + docker_env.ensure_compose_bases()
     spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     spec["services"]["api"]["ports"] = ["127.0.0.1::8080"]
+    for monitoring in ("prometheus", "grafana"):
+        spec["services"].pop(monitoring, None)
     for name in ("migrate", "api"):
         spec["services"][name]["build"] = str(ROOT)
     directory = Path(tempfile.mkdtemp(prefix="stock-compose-"))
