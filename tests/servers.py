@@ -7,6 +7,7 @@ server binary (say a ``redis-server`` 7.x on PATH) to run the suite against it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -53,7 +54,10 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 class ServerProcess:
     """One valkey-server on loopback with its own directory (AOF, nodes.conf, log)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *args: str) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, *args: str, binary: str | None = None
+    ) -> None:
+        self.binary = binary or SERVER_BIN
         self.workdir = workdir
         self.port = port or free_port()
         self.args = list(args)
@@ -66,7 +70,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         command = [
-            SERVER_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--dir", str(self.workdir), "--logfile", "server.log", *self.args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(command, cwd=self.workdir)
@@ -192,6 +196,28 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+async def aof_on_disk(client: Any, timeout: float = 10) -> None:
+    """Everything written so far is fsynced in the AOF: WAITAOF where the server has it
+    (7.2+); on Redis 7.0 a BGREWRITEAOF, whose new base file is fsynced when done."""
+    from redis.exceptions import ResponseError
+
+    try:
+        await client.execute_command("WAITAOF", 1, 0, int(timeout * 1000))
+        return
+    except ResponseError as exc:
+        if "unknown command" not in str(exc).lower():
+            raise
+    await client.bgrewriteaof()
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await client.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            break
+        assert time.monotonic() < deadline, "BGREWRITEAOF did not finish"
+        await asyncio.sleep(0.05)
+    assert info["aof_last_bgrewrite_status"] == "ok", info
 
 
 def cleanup(path: Path) -> None:

