@@ -157,6 +157,9 @@ end
 local function open_order(call)
   if not call.order_key then return nil end
   local rec = read_record(call.order_key)
+  if rec and rec.phase ~= 'done' and rec.phase ~= 'pending' then  -- a TCC tombstone
+    return {'CLOSED', rec.phase}
+  end
   if rec then
     if rec.spec ~= call.spec or rec.kind ~= call.kind then return {'CONFLICT', rec.kind} end
     call.may_create = false

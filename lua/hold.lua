@@ -23,7 +23,8 @@ local call = parse_call()
 local function decide(it, line, c, now)
   if not line then return nil, {'NOTFOUND', it.sku} end
   local until_ms = now + call.ttl
-  if (line.state == 'C' and call.kind == 'confirm') or (line.state == 'X' and call.kind == 'release') then
+  if (line.state == 'C' and call.kind == 'confirm') or (line.state == 'X' and call.kind == 'release')
+      or (line.state == 'E' and call.kind == 'release') then  -- release closes it (no hold)
     return {replay = true, state = line.state, qty = line.qty, exp = line.exp}
   elseif line.state == 'R' then
     if line.exp >= until_ms then

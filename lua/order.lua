@@ -3,7 +3,7 @@
 -- its id). The lines live in their buckets' slots; the directory is written
 -- after every bucket group went through (commit), never before.
 -- KEYS[1] the directory (a string, see read_record in _lib.lua)
--- ARGV[1] 'commit', 'open', 'drop' or 'read'
+-- ARGV[1] 'commit', 'open', 'drop', 'read' or 'tomb'
 -- commit: ARGV[2] kind, ARGV[3] items_spec, ARGV[4] lifetime in ms, ARGV[5]
 --   deadline in ms of server time (0 = none). What is there decides first:
 --   the same kind and items: {'DONE'} (committed by this or another attempt of
@@ -22,6 +22,11 @@
 --   script went through, or whose reply was lost, never drops), returns 1.
 -- read: ARGV[2] lifetime in ms: the record's lifetime is extended to it when
 --   shorter (never shortened); returns {value} or {}.
+-- tomb (TCC, standalone and cluster: a release or cancel of an order this key
+--   does not know): ARGV[2] 'released' or 'cancelled', ARGV[3] lifetime in ms.
+--   A committed order: {'EXISTS'} (the caller runs the transition); a
+--   tombstone: {'TOMBSTONE', state}; nothing: 'reserve|<state>||' is set,
+--   {'NEW'}, and any later reserve or deduct of the id is refused.
 -- No event: the directory is routing data, not stock.
 local now = now_ms()
 if ARGV[1] == 'read' then
@@ -30,6 +35,18 @@ if ARGV[1] == 'read' then
   local left, lifetime = redis.call('PTTL', KEYS[1]), tonumber(ARGV[2])
   if left >= 0 and left < lifetime then redis.call('PEXPIRE', KEYS[1], lifetime) end
   return {v}
+end
+if ARGV[1] == 'tomb' then
+  local rec = read_record(KEYS[1])
+  if rec and rec.phase == 'pending' then
+    local lease = tonumber(string.match(rec.owner, '@(%d+)$')) or 0
+    if lease > now then return {'BUSY'} end
+    rec = nil
+  end
+  if rec and rec.phase == 'done' then return {'EXISTS'} end
+  if rec then return {'TOMBSTONE', rec.phase} end
+  redis.call('SET', KEYS[1], record_value('reserve', ARGV[2], '', ''), 'PX', ARGV[3])
+  return {'NEW'}
 end
 if ARGV[1] == 'drop' then
   local rec = read_record(KEYS[1])

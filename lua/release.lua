@@ -1,7 +1,10 @@
 -- release.lua: give held stock back (RESERVED -> RELEASED).
 -- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored).
 -- Per line: reserved -= qty, available += qty; the line leaves the expiry index.
--- Returns OK, REPLAY (all RELEASED already), TRANSITION (confirmed, expired,
+-- EXPIRED -> RELEASED closes an expired line (the order was refunded or
+-- abandoned; its stock is back already): no counter changes, and a later
+-- confirm is refused (TCC, DESIGN §3).
+-- Returns OK, REPLAY (all RELEASED already), TRANSITION (confirmed,
 -- cancelled), NOTFOUND, UNAVAILABLE.
 -- A RESERVED line of a deduct (ARGV[7] kind; a cluster deduct holds its
 -- lines before it confirms them) answers TRANSITION confirmed.
@@ -17,7 +20,7 @@ local function decide(it, line)
     return nil, {'TRANSITION', it.sku, 'C'}  -- a cluster deduct's hold: being confirmed
   elseif line.state == 'R' then
     plan.dr, plan.da = -line.qty, line.qty
-  else
+  elseif line.state ~= 'E' then
     return nil, {'TRANSITION', it.sku, line.state}
   end
   return plan

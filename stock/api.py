@@ -293,11 +293,10 @@ async def cancel(request: web.Request) -> web.Response:
 async def get_reservation(request: web.Request) -> web.Response:
     order = await request.app[ENGINE].get_order(_path_order(request))
     states = {line.state for line in order["lines"]}
-    status = (
-        "pending"
-        if order["phase"] == "pending"
-        else (states.pop() if len(states) == 1 else "mixed")
-    )
+    if order["phase"] in ("pending", "released", "cancelled") and not order["lines"]:
+        status = order["phase"]  # a TCC tombstone: released or cancelled before its try
+    else:
+        status = states.pop() if len(states) == 1 else "mixed"
     items = [
         {"sku": line.sku, "qty": line.qty, "state": line.state,
          "expires_at": iso_ms(line.expires_ms)}

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import LockNotOwnedError
 
 from stock import keys
-from stock.errors import InvalidTransition, OrderConflict, StockError, Unavailable
+from stock.errors import OrderClosed, OrderConflict, StockError, Unavailable
 from stock.scripts import LinesReply
 from stock.validate import Item
 
@@ -333,7 +333,9 @@ def _commit_error(order_id: str, reply: list[Any]) -> StockError:
     if code == "CONFLICT":
         return OrderConflict(f"order {order_id!r} already exists with other items")
     if code == "TOMBSTONE":
-        return InvalidTransition(f"order {order_id!r} is {reply[1]}", state=reply[1])
+        return OrderClosed(
+            f"order {order_id!r} was {reply[1]} before it was reserved", state=reply[1]
+        )
     if code == "LATE":
         return Unavailable(f"order {order_id!r} took too long and was undone; retry")
     return Unavailable(f"order {order_id!r} is busy; retry")

@@ -24,8 +24,10 @@ from stock.config import Settings
 from stock.errors import (
     InsufficientStock,
     NotFound,
+    OrderClosed,
     ReservationExpired,
     StockError,
+    Unavailable,
 )
 from stock.scripts import (
     STATE_NAMES,
@@ -41,6 +43,7 @@ from stock.validate import Item
 log = logging.getLogger("stock.engine")
 T = TypeVar("T")
 
+TOMBSTONES = {"release": "released", "cancel": "cancelled"}  # TCC: the state each leaves
 STATUS_OF = {
     "reserve": "reserved",
     "deduct": "confirmed",
@@ -183,8 +186,13 @@ class StockEngine:
         return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
 
     async def get_order(self, order_id: str) -> dict[str, Any]:
-        """The order's kind, phase and each line's state, qty and expiry."""
-        kind, phase, items = await self._record(order_id)
+        """The order's kind, phase and each line's state, qty and expiry; a TCC
+        tombstone has phase ``released`` or ``cancelled`` and no lines."""
+        try:
+            kind, phase, items = await self._record(order_id)
+        except OrderClosed as closed:
+            return {"order_id": order_id, "kind": "reserve", "phase": closed.details["state"],
+                    "lines": []}  # fmt: skip
         pipe = self.redis.pipeline(transaction=False)
         for item in items:
             pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
@@ -242,6 +250,27 @@ class StockEngine:
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
         validate.order_id(order_id)
+        try:
+            return await self._transition_known(op, order_id, ttl_ms, reason)
+        except (NotFound, OrderClosed):
+            if op not in TOMBSTONES:
+                raise
+        # TCC: a release or cancel of an order never reserved (the cancel overtook
+        # its try) succeeds with no items and leaves a tombstone that refuses the try.
+        reply = await self.scripts(
+            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.retention_ms]
+        )
+        if reply[0] == "EXISTS":  # the try committed meanwhile: the normal way, once
+            return await self._transition_known(op, order_id, ttl_ms, reason)
+        if reply[0] == "BUSY":
+            raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
+        if reply[0] == "TOMBSTONE" and reply[1] != TOMBSTONES[op]:
+            raise OrderClosed(f"order {order_id!r} was {reply[1]}", state=str(reply[1]))
+        return OrderResult(order_id, STATUS_OF[op], reply[0] == "TOMBSTONE", 0, [])
+
+    async def _transition_known(
+        self, op: str, order_id: str, ttl_ms: int, reason: str
+    ) -> OrderResult:
         if self.cluster:
             return await self.orders.transition(op, order_id, ttl_ms, reason)
         kind, _phase, items = await self._record(order_id)
@@ -277,9 +306,13 @@ class StockEngine:
             raw = await self.scripts.pipeline.execute("GET", okey)
         else:
             raw = await self.redis.get(okey)
-        if raw is None or raw.split("|", 2)[1] != "done":  # (a tombstone: issue 13)
+        if raw is None:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         kind, phase, _owner, spec = raw.split("|", 3)
+        if phase in ("released", "cancelled"):  # a TCC tombstone
+            raise OrderClosed(f"order {order_id!r} was {phase}", state=phase)
+        if phase != "done":  # a 'pending' record of an earlier version
+            raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return kind, phase, parse_spec(spec) if spec else []
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:

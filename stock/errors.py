@@ -44,6 +44,11 @@ class InvalidTransition(StockError):
     code, status = "invalid_transition", 409
 
 
+class OrderClosed(InvalidTransition):
+    """A TCC tombstone: the order was released or cancelled before it was reserved
+    (``details["state"]``); no reserve, deduct, confirm or extend can follow."""
+
+
 class ReservationExpired(StockError):
     code, status = "reservation_expired", 409
 

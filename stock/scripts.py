@@ -23,6 +23,7 @@ from stock.errors import (
     InvalidTransition,
     LimitExceeded,
     NotFound,
+    OrderClosed,
     OrderConflict,
     ReservationExpired,
     StaleStock,
@@ -134,6 +135,10 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
         raise Unavailable(f"SKU {rest[0]!r} is being resynced; retry shortly", sku=rest[0])
     if code == "NOTFOUND":
         raise NotFound(f"order {order_id!r} has no line for {rest[0]!r}")
+    if code == "CLOSED":
+        raise OrderClosed(
+            f"order {order_id!r} was {rest[0]} before it was reserved", state=str(rest[0])
+        )
     if code == "LIMIT":
         over = [
             {"sku": str(rest[i]), "limit": int(rest[i + 1]), "held": int(rest[i + 2])}

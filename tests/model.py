@@ -42,12 +42,14 @@ TRANSITIONS: dict[str, dict[str, tuple[str, int, int, int] | None]] = {
         EXPIRED: (CONFIRMED, -1, 0, 1),  # late payment: only while available >= qty
         CONFIRMED: None,
     },
-    "release": {RESERVED: (RELEASED, 1, -1, 0), RELEASED: None},
+    # EXPIRED -> RELEASED closes an expired line (its stock is back already)
+    "release": {RESERVED: (RELEASED, 1, -1, 0), EXPIRED: (RELEASED, 0, 0, 0), RELEASED: None},
     "cancel": {CONFIRMED: (CANCELLED, 1, 0, -1), CANCELLED: None},
     "extend": {RESERVED: (RESERVED, 0, 0, 0)},  # never a replay: the expiry moves
 }
 
 ACQUIRED = {"reserve": RESERVED, "deduct": CONFIRMED}
+TOMBSTONES = {"release": RELEASED, "cancel": CANCELLED}  # TCC: release/cancel of no order
 
 
 @dataclass
@@ -102,6 +104,7 @@ class StockModel:
     def __init__(self) -> None:
         self.skus: dict[str, Counters] = {}
         self.orders: dict[str, Order] = {}
+        self.tombstones: dict[str, str] = {}  # order id -> released/cancelled
         # available + reserved + sold per SKU, moved only by set_stock/adjust
         self.totals: dict[str, int] = {}
 
@@ -149,6 +152,10 @@ class StockModel:
 
     def plan_acquire(self, kind: str, order_id: str, items: dict[str, int]) -> Outcome:
         target = ACQUIRED[kind]
+        if order_id in self.tombstones:  # a hanging try: refused, never a new hold
+            short = frozenset(s for s, q in items.items() if self.counters(s).available < q)
+            return Outcome(error=InvalidTransition, states=frozenset({self.tombstones[order_id]}),
+                           short=short, compensated=True)  # fmt: skip
         order = self.orders.get(order_id)
         if order is not None:
             if order.kind != kind or order.items != items:
@@ -179,7 +186,7 @@ class StockModel:
     def plan_transition(self, op: str, order_id: str) -> Outcome:
         order = self.orders.get(order_id)
         if order is None:
-            return Outcome(error=NotFound)
+            return self._plan_unknown(op, order_id)
         table = TRANSITIONS[op]
         wrong = frozenset(ln.state for ln in order.lines.values() if ln.state not in table)
         if wrong:
@@ -208,6 +215,22 @@ class StockModel:
 
         held = op in ("confirm", "release", "extend")
         return Outcome(events={ln.sku: 1 for ln in changing}, apply=apply, held=held)
+
+    def _plan_unknown(self, op: str, order_id: str) -> Outcome:
+        """An order id with no order: a release or cancel leaves a tombstone (TCC empty
+        rollback) and replays; anything else on a tombstone is an invalid transition."""
+        tomb = self.tombstones.get(order_id)
+        if tomb is not None:
+            if TOMBSTONES.get(op) == tomb:
+                return Outcome(replay=True)
+            return Outcome(error=InvalidTransition, states=frozenset({tomb}))
+        if op not in TOMBSTONES:
+            return Outcome(error=NotFound)
+
+        def apply(_result: Any) -> None:
+            self.tombstones[order_id] = TOMBSTONES[op]
+
+        return Outcome(apply=apply)
 
     def expire(self, order_id: str, sku: str) -> None:
         """The reaper expired this RESERVED line."""

@@ -352,3 +352,18 @@ async def test_readyz_reuses_one_postgres_connection(
         for _ in range(20):
             assert (await client.get("/readyz")).status == 200
         assert opened == before, f"{opened - before} PostgreSQL connections for 20 /readyz"
+
+
+async def test_release_of_an_unknown_order_is_an_empty_rollback(
+    api: TestClient[Any, Any],
+) -> None:
+    await put_stock(api, "A", 3)
+    released = await api.post("/v1/reservations/never-tried/release")
+    assert released.status == 200
+    assert await released.json() == {"order_id": "never-tried", "status": "released", "items": []}
+    late = await reserve(api, "never-tried", [{"sku": "A", "qty": 1}])
+    assert late.status == 409
+    body = await late.json()
+    assert (body["error"], body["state"]) == ("invalid_transition", "released")
+    view = await (await api.get("/v1/reservations/never-tried")).json()
+    assert (view["status"], view["items"]) == ("released", [])

@@ -218,19 +218,23 @@ async def test_invalid_transitions_name_state(
     assert await counters(engine, "A") == before
 
 
-async def test_release_after_expiry_is_invalid(engine: StockEngine) -> None:
+async def test_release_after_expiry_closes_the_line(engine: StockEngine) -> None:
+    """DESIGN §3: EXPIRED -> RELEASED, no counter change; a later confirm is refused."""
     await engine.set_stock("A", 10)
     await engine.reserve("o1", one("A", 2), ttl_s=1)
     await expire_now(engine, "o1")
+    assert (await engine.release("o1")).lines[0].state == "released"
     with pytest.raises(InvalidTransition) as refused:
-        await engine.release("o1")
-    assert refused.value.details["state"] == "expired"
+        await engine.confirm("o1")
+    assert refused.value.details["state"] == "released"
+    assert (await engine.get_stock("A")).available == 10
 
 
 async def test_unknown_order_is_not_found(engine: StockEngine) -> None:
-    for op in ("confirm", "release", "cancel"):
-        with pytest.raises(NotFound):
-            await getattr(engine, op)("ghost")
+    """Confirm and extend of an unknown order; release and cancel of one are a TCC
+    empty rollback (tests/test_tcc.py)."""
+    with pytest.raises(NotFound):
+        await engine.confirm("ghost")
     with pytest.raises(NotFound):
         await engine.extend("ghost", 10)
 
