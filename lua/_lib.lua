@@ -90,14 +90,20 @@ end
 -- field 'e': 'op|qty|available|reserved|sold|seq|at|exp|sku|order' (integers
 -- in decimal), so it ends with the line's member 'sku|order_id' ('sku|' for a
 -- SKU-wide event; an order id may itself contain '|'), plus a field 'reason'
--- only when there is one (set, adjust, resync). persist/events.py decodes it
--- (decode); keep the two in step.
-local function append_event(events_key, op, member, qty, exp, c, at, reason)
+-- only when there is one (set, adjust, resync, a transition's reason) and a
+-- field 'customer' only when the line has a buyer (per-customer limits).
+-- persist/events.py decodes it (decode); keep the two in step.
+local function append_event(events_key, op, member, qty, exp, c, at, reason, customer)
   c.seq = c.seq + 1
   local e = string.format('%s|%d|%d|%d|%d|%d|%d|%d|%s', op, qty, c.a, c.r, c.s, c.seq, at,
     exp, member)
-  if reason and reason ~= '' then
+  local has_reason, has_customer = reason and reason ~= '', customer and customer ~= ''
+  if has_reason and has_customer then
+    redis.call('XADD', events_key, '*', 'e', e, 'reason', reason, 'customer', customer)
+  elseif has_reason then
     redis.call('XADD', events_key, '*', 'e', e, 'reason', reason)
+  elseif has_customer then
+    redis.call('XADD', events_key, '*', 'e', e, 'customer', customer)
   else
     redis.call('XADD', events_key, '*', 'e', e)
   end
@@ -108,10 +114,10 @@ local function store_counters(sku_key, c)
 end
 
 -- Store the SKU's counters and append their delta event, in one step.
--- ev: {op, sku, order (none for a SKU-wide event), qty, exp, reason}.
+-- ev: {op, sku, order (none for a SKU-wide event), qty, exp, reason, customer}.
 local function commit(sku_key, events_key, ev, c, at)
   append_event(events_key, ev.op, ev.sku .. '|' .. (ev.order or ''), ev.qty, ev.exp or 0, c, at,
-    ev.reason)
+    ev.reason, ev.customer)
   store_counters(sku_key, c)
   return c.seq
 end
@@ -303,7 +309,7 @@ local function run_lines(call, op, decide)
       count_customer(it.k_sku, p.customer or '', (now_holds - was) * p.qty)
       commit(it.k_sku, it.k_events,
         {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp,
-         reason = call.reason}, c, now)
+         reason = call.reason, customer = p.customer}, c, now)
     end
     if p.exp > latest then latest = p.exp end
     out[#out + 1] = it.sku

@@ -53,7 +53,7 @@ for i = 3, #ARGV do
         redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp, 'PXAT', until_ms)
       end
       leaving[#leaving + 1] = member
-      append_event(KEYS[2], 'expire', member, q, exp, c, now, reason)
+      append_event(KEYS[2], 'expire', member, q, exp, c, now, reason, customer)
       if not c.dirty then
         c.dirty = true
         touched[#touched + 1] = k_sku

@@ -3,18 +3,20 @@
 An event is one entry of a bucket stream (``stock:{b<n>}:events``), written by
 ``lua/_lib.lua``'s ``append_event``: op, qty, the counters after the
 change, the SKU's ``seq``, server time ``at`` (ms), line expiry ``exp`` (ms, 0
-if none), sku, order and reason. The entry has one field ``e``, those values
-but the reason joined by ``|`` in ``FIELD_ORDER`` (so it ends with the line's
-expiry index member ``sku|order_id``; an order id may itself contain ``|``, a
-SKU never does), and a field ``reason`` only when there is one. ``decode`` is the
+if none), sku, order, reason and customer. The entry has one field ``e``, those
+values but the reason and the customer joined by ``|`` in ``FIELD_ORDER`` (so it
+ends with the line's expiry index member ``sku|order_id``; an order id may
+itself contain ``|``, a SKU never does), a field ``reason`` only when there is
+one and a field ``customer`` only when the line has a buyer. ``decode`` is the
 one place in Python that reads that format (``encode`` writes it, for tests and
 benchmarks). ``apply_batch`` writes a batch in one transaction: it
 COPYs the events into a session table (``writer_batch``), and from there
 
-- the ledger gets one row per event;
+- the ledger gets one row per event (``customer_id`` NULL when none);
 - ``stock_levels`` takes the counters of each SKU's latest event, and never
-  goes back to an older ``seq``;
-- ``reservation_lines`` takes each line's latest state (an ``abort`` leaves the
+  goes back to an older ``seq``; its ``limit_per_customer`` comes from the
+  SKU's latest ``limit`` event (qty = the limit, 0 for none), if the batch has one;
+- ``reservation_lines`` takes each line's latest state and its customer (an ``abort`` leaves the
   row with state ``aborted``: the line was deleted in Redis, the row keeps the
   audit trail; a later retry of the order overwrites it);
 - ``stream_offsets`` records the last entry applied per stream. Entries at or
@@ -46,14 +48,14 @@ LINE_STATES = {
 }
 ORDER_KINDS = {"reserve": "reserve", "deduct": "deduct"}
 
-# An event's values in the order of its "e" field, then its reason.
+# An event's values in the order of its "e" field, then its reason and customer.
 FIELD_ORDER = ("op", "qty", "available", "reserved", "sold", "seq", "at", "exp", "sku", "order",
-               "reason")  # fmt: skip
+               "reason", "customer")  # fmt: skip
 BATCH_COLUMNS = (
     "op", "qty", "available", "reserved", "sold", "seq", "at_ms", "expires_ms", "sku",
-    "order_id", "reason", "stream", "stream_id", "kind",
+    "order_id", "reason", "customer_id", "stream", "stream_id", "kind",
 )  # FIELD_ORDER, where the event came from, the line's order kind  # fmt: skip
-_PACKED = len(FIELD_ORDER) - 1  # values in the "e" field
+_PACKED = len(FIELD_ORDER) - 2  # values in the "e" field
 
 
 class StreamId(NamedTuple):
@@ -86,6 +88,7 @@ class Event(NamedTuple):
     at: int
     exp: int
     reason: str
+    customer: str = ""
 
 
 def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
@@ -93,26 +96,28 @@ def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
     returns them (a dict) or raw (the flat field/value list)."""
     if type(fields) is list and len(fields) == 2 and fields[0] == "e":
         values = str(fields[1]).split("|", _PACKED - 1)  # the common case: no reason
-        values.append("")
+        values += ("", "")
         return values
     named = (
         fields if isinstance(fields, Mapping) else dict(zip(fields[::2], fields[1::2], strict=True))
     )
     packed = named.get("e")
-    if packed is None:  # one field per value: written before this format
-        blank = {"order": "", "reason": ""}
-        return [named.get(n) or blank.get(n, "0") for n in FIELD_ORDER]
+    if packed is None:
+        raise ValueError(f"not a stock event (fields {sorted(named)})")
     values = packed.split("|", _PACKED - 1)
-    values.append(named.get("reason", ""))
+    values += (named.get("reason", ""), named.get("customer", ""))
     return values
 
 
 def encode(values: Mapping[str, Any]) -> dict[str, str]:
     """The stream fields of an event given by name, as ``append_event`` writes them
     (for tests and benchmarks; the scripts write the events)."""
-    packed = "|".join(str(values.get(n) or (0 if n != "order" else "")) for n in FIELD_ORDER[:-1])
-    reason = values.get("reason") or ""
-    return {"e": packed, "reason": reason} if reason else {"e": packed}
+    packed = "|".join(str(values.get(n) or (0 if n != "order" else "")) for n in FIELD_ORDER[:-2])
+    out = {"e": packed}
+    for name in ("reason", "customer"):
+        if values.get(name):
+            out[name] = str(values[name])
+    return out
 
 
 def named(fields: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
@@ -122,10 +127,10 @@ def named(fields: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
 
 def parse_event(stream: str, entry_id: str, fields: Mapping[str, str] | Sequence[str]) -> Event:
     """One stream entry as an Event."""
-    op, qty, available, reserved, sold, seq, at, exp, sku, order, reason = decode(fields)
+    op, qty, available, reserved, sold, seq, at, exp, sku, order, reason, customer = decode(fields)
     return Event(
         stream, StreamId.parse(entry_id), op, sku, order, int(qty), int(available),
-        int(reserved), int(sold), int(seq), int(at), int(exp or 0), reason,
+        int(reserved), int(sold), int(seq), int(at), int(exp or 0), reason, customer,
     )  # fmt: skip
 
 
@@ -139,8 +144,8 @@ ORDER BY stream FOR UPDATE
 _BATCH_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS writer_batch (
     op text, sku text, order_id text, qty bigint, available bigint, reserved bigint,
-    sold bigint, seq bigint, at_ms bigint, expires_ms bigint, reason text, stream text,
-    stream_id text, kind text
+    sold bigint, seq bigint, at_ms bigint, expires_ms bigint, reason text, customer_id text,
+    stream text, stream_id text, kind text
 ) ON COMMIT DELETE ROWS
 """
 _STATE_OF_OP = "CASE op " + " ".join(
@@ -149,40 +154,58 @@ _STATE_OF_OP = "CASE op " + " ".join(
 _LINE_OPS = ", ".join(f"'{op}'" for op in LINE_STATES)
 # A SKU (and so each of its lines) lives in one stream, in seq order: the entry
 # with the highest seq of a SKU or line in the batch is its latest.
+_LEDGER_COLUMNS = BATCH_COLUMNS[:-1]
 _FROM_BATCH = f"""
-INSERT INTO stock_ledger ({", ".join(BATCH_COLUMNS[:-1])})
-SELECT {", ".join(BATCH_COLUMNS[:-1])} FROM writer_batch;
+INSERT INTO stock_ledger ({", ".join(_LEDGER_COLUMNS)})
+SELECT {", ".join(_LEDGER_COLUMNS).replace("customer_id", "nullif(customer_id, '')")}
+FROM writer_batch;
 
-INSERT INTO stock_levels AS l (sku, available, reserved, sold, seq, updated_at)
-SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq, now()
-FROM writer_batch ORDER BY sku, seq DESC
+INSERT INTO stock_levels AS l
+    (sku, available, reserved, sold, seq, limit_per_customer, limit_seq, updated_at)
+SELECT c.sku, c.available, c.reserved, c.sold, c.seq, m.per_customer, m.seq, now()
+FROM (
+    SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq
+    FROM writer_batch ORDER BY sku, seq DESC
+) AS c LEFT JOIN (
+    SELECT DISTINCT ON (sku) sku, nullif(qty, 0) AS per_customer, seq
+    FROM writer_batch WHERE op = 'limit' ORDER BY sku, seq DESC
+) AS m USING (sku)
 ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
     reserved = excluded.reserved, sold = excluded.sold, seq = excluded.seq,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    limit_per_customer = CASE WHEN excluded.limit_seq IS NULL THEN l.limit_per_customer
+        ELSE excluded.limit_per_customer END,
+    limit_seq = coalesce(excluded.limit_seq, l.limit_seq)
 WHERE excluded.seq > l.seq;
 
-INSERT INTO reservation_lines AS r (order_id, sku, qty, state, kind, expires_at, seq, updated_at)
+INSERT INTO reservation_lines AS r
+    (order_id, sku, qty, state, kind, expires_at, seq, customer_id, updated_at)
 SELECT order_id, sku, qty, {_STATE_OF_OP} END, kind,
-    CASE WHEN expires_ms > 0 THEN to_timestamp(expires_ms::float8 / 1000) END, seq, now()
+    CASE WHEN expires_ms > 0 THEN to_timestamp(expires_ms::float8 / 1000) END, seq,
+    nullif(customer_id, ''), now()
 FROM (
-    SELECT DISTINCT ON (order_id, sku) order_id, sku, qty, op, expires_ms, seq, kind
+    SELECT DISTINCT ON (order_id, sku) order_id, sku, qty, op, expires_ms, seq, kind, customer_id
     FROM writer_batch WHERE op IN ({_LINE_OPS})
     ORDER BY order_id, sku, seq DESC
 ) AS latest
 ON CONFLICT (order_id, sku) DO UPDATE SET qty = excluded.qty, state = excluded.state,
     kind = CASE WHEN excluded.kind <> '' THEN excluded.kind ELSE r.kind END,
-    expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at
+    expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at,
+    customer_id = coalesce(excluded.customer_id, r.customer_id)
 WHERE excluded.seq > r.seq;
 """
 LINES_UPSERT = """
-INSERT INTO reservation_lines AS r (order_id, sku, qty, state, kind, expires_at, seq, updated_at)
+INSERT INTO reservation_lines AS r
+    (order_id, sku, qty, state, kind, expires_at, seq, customer_id, updated_at)
 SELECT u.o, u.sku, u.qty::bigint, u.state, u.kind,
-    CASE WHEN u.exp::bigint > 0 THEN to_timestamp(u.exp::float8 / 1000) END, u.seq::bigint, now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-    AS u(o, sku, qty, state, kind, exp, seq)
+    CASE WHEN u.exp::bigint > 0 THEN to_timestamp(u.exp::float8 / 1000) END, u.seq::bigint,
+    nullif(u.customer, ''), now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[]) AS u(o, sku, qty, state, kind, exp, seq, customer)
 ON CONFLICT (order_id, sku) DO UPDATE SET qty = excluded.qty, state = excluded.state,
     kind = CASE WHEN excluded.kind <> '' THEN excluded.kind ELSE r.kind END,
-    expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at
+    expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at,
+    customer_id = coalesce(excluded.customer_id, r.customer_id)
 WHERE excluded.seq > r.seq
 """
 _OFFSETS_SET = """
@@ -223,9 +246,8 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
     for chunk in chunks:
         tail = f"\t{chunk.stream}\t"
         for entry_id, values in chunk.entries:  # FIELD_ORDER
-            if values[10] or "\\" in values[9]:  # reason, order id: may need escapes
-                order, reason = values[9].translate(_ESCAPES), values[10].translate(_ESCAPES)
-                values = [*values[:9], order, reason]
+            if values[10] or values[11] or "\\" in values[9]:  # order, reason, customer
+                values = [*values[:9], *(v.translate(_ESCAPES) for v in values[9:])]
             op, kind = values[0], ""
             if op in LINE_STATES:
                 line = values[9] + "|" + values[8]

@@ -11,7 +11,8 @@ offers nothing, and a batch applied once offers once.
   where the SKU's previous event (in the batch, else ``stock_levels``) had more,
   or the other way round (a SKU never seen counts as 0).
 - ``stock.changed``: coalesced. Each batch offers the latest counters of each
-  SKU; the (subscription, SKU) row still ``pending`` takes them (with a new
+  SKU (``extend`` and ``limit`` events, which change none, offer nothing);
+  the (subscription, SKU) row still ``pending`` takes them (with a new
   event id) instead of a second row, and the dispatcher keeps one second
   between two of them (``webhook_throttle``).
 
@@ -74,7 +75,7 @@ SELECT s.id, 'stock.changed', {_VALUES.format(e="c", order="NULL")}
 FROM (
     SELECT DISTINCT ON (sku COLLATE "C") sku, available, reserved, sold, seq, at_ms
     FROM writer_batch
-    WHERE op <> 'extend'
+    WHERE op NOT IN ('extend', 'limit')  -- they change no counters
       AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE 'stock.changed' = any(events))
     ORDER BY sku COLLATE "C", seq DESC
 ) AS c

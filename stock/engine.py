@@ -37,6 +37,7 @@ from stock.scripts import (
     Scripts,
     parse_counters,
     parse_lines,
+    raise_for,
 )
 from stock.validate import Item
 
@@ -163,8 +164,16 @@ class StockEngine:
         validate.sku(sku)
         if per_customer is not None:
             validate.int_in(per_customer, "per_customer", 1, 1_000_000)
-        key = keys.sku_key(sku, self.settings.buckets)
-        reply = await self.scripts("limits", [key], ["" if per_customer is None else per_customer])
+        bucket = keys.bucket_of(sku, self.settings.buckets)
+        reply = await self.scripts(
+            "limits",
+            [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
+            [sku, "" if per_customer is None else per_customer],
+        )
+        if reply[0] == "NOTFOUND":
+            raise NotFound(f"unknown SKU {sku!r}", sku=sku)
+        if reply[0] != "OK":
+            raise_for(reply)
         return int(reply[1]) if reply[1] != "" else None
 
     async def get_limit(self, sku: str) -> int | None:

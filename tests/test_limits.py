@@ -10,7 +10,7 @@ import pytest
 from stock import keys
 from stock.config import Settings
 from stock.engine import StockEngine
-from stock.errors import InvalidRequest, LimitExceeded
+from stock.errors import InvalidRequest, LimitExceeded, NotFound
 from stock.reaper import Reaper
 
 
@@ -103,3 +103,13 @@ async def test_200_concurrent_orders_of_one_customer_hold_exactly_the_limit(
     stock = await engine.get_stock("A")
     assert (stock.available, stock.reserved, stock.sold) == (998, 2, 0)
     assert await held(engine, settings, "A", "scalper") == 2
+
+
+async def test_limit_of_an_unknown_sku_is_not_found_and_sets_nothing(
+    engine: StockEngine, settings: Settings
+) -> None:
+    with pytest.raises(NotFound):
+        await engine.set_limit("NOPE", 2)
+    assert await engine.redis.exists(keys.sku_key("NOPE", settings.buckets)) == 0
+    with pytest.raises(NotFound):
+        await engine.get_stock("NOPE")

@@ -121,33 +121,80 @@ async def test_graceful_stop_flushes_what_is_waiting(
     assert [(r["sku"], r["reserved"]) for r in levels] == [(s, 40) for s in sorted(skus)]
 
 
-async def test_event_text_with_separators_and_the_old_format(
+async def test_event_text_with_separators(
     redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
 ) -> None:
-    """Order ids may hold '|' and '\\', reasons anything: they reach the ledger as sent.
-    An entry in the one-field-per-value format (written before an upgrade) still lands."""
+    """Order ids and customer ids may hold '|' and '\\', reasons anything: they reach
+    the ledger and the lines as sent."""
     await engine.set_stock("A", 10, reason="count|2\ttab\\slash\nline")
-    await engine.reserve("o|1\\x", [{"sku": "A", "qty": 2}])
+    await engine.reserve("o|1\\x", [{"sku": "A", "qty": 2}], customer_id="c|1\\y")
     await engine.adjust("A", -1, reason="")
-    stream = keys.events_key(keys.bucket_of("A", psettings.buckets))
-    await redis.xadd(stream, {
-        "op": "adjust", "sku": "A", "order": "", "qty": -1, "available": 6, "reserved": 2,
-        "sold": 0, "seq": 4, "at": 1_700_000_000_000, "exp": 0, "reason": "old|format",
-    })  # fmt: skip
     await _drain_with(Writer(redis, psettings, psettings.database_url))
     rows = await pg.fetch(
-        "SELECT op, order_id, qty, available, reserved, sold, seq, reason, expires_at"
-        " FROM stock_ledger WHERE sku = 'A' ORDER BY seq"
+        "SELECT op, order_id, qty, available, reserved, sold, seq, reason, customer_id,"
+        " expires_at FROM stock_ledger WHERE sku = 'A' ORDER BY seq"
     )
     assert [tuple(r)[:-1] for r in rows] == [
-        ("set", "", 10, 10, 0, 0, 1, "count|2\ttab\\slash\nline"),
-        ("reserve", "o|1\\x", 2, 8, 2, 0, 2, ""),
-        ("adjust", "", -1, 7, 2, 0, 3, ""),
-        ("adjust", "", -1, 6, 2, 0, 4, "old|format"),
+        ("set", "", 10, 10, 0, 0, 1, "count|2\ttab\\slash\nline", None),
+        ("reserve", "o|1\\x", 2, 8, 2, 0, 2, "", "c|1\\y"),
+        ("adjust", "", -1, 7, 2, 0, 3, "", None),
     ]
     assert rows[1]["expires_at"] is not None and rows[0]["expires_at"] is None
-    line = await pg.fetchrow("SELECT state, kind FROM reservation_lines WHERE order_id = 'o|1\\x'")
-    assert tuple(line) == ("reserved", "reserve")
+    line = await pg.fetchrow(
+        "SELECT state, kind, customer_id FROM reservation_lines WHERE order_id = 'o|1\\x'"
+    )
+    assert tuple(line) == ("reserved", "reserve", "c|1\\y")
+
+
+async def test_customers_and_limits_reach_postgres(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """Every event of a customer's line carries the customer into the ledger and
+    reservation_lines; a limit change is an event that lands in stock_levels."""
+    for sku in ("L", "N"):
+        await engine.set_stock(sku, 10)
+    await engine.set_limit("L", 3)
+    assert await engine.set_limit("L", 3) == 3  # unchanged: no event
+    await engine.reserve("o1", [{"sku": "L", "qty": 2}, {"sku": "N", "qty": 1}], customer_id="c1")
+    await engine.confirm("o1")
+    await engine.reserve("o2", [{"sku": "L", "qty": 1}], customer_id="c2")
+    await engine.release("o2")
+    await engine.reserve("o3", [{"sku": "N", "qty": 1}])  # no customer
+    await _drain_with(Writer(redis, psettings, psettings.database_url))
+    ledger = await pg.fetch(
+        "SELECT op, order_id, qty, customer_id FROM stock_ledger WHERE sku = 'L' ORDER BY seq"
+    )
+    assert [tuple(r) for r in ledger] == [
+        ("set", "", 10, None), ("limit", "", 3, None), ("reserve", "o1", 2, "c1"),
+        ("confirm", "o1", 2, "c1"), ("reserve", "o2", 1, "c2"), ("release", "o2", 1, "c2"),
+    ]  # fmt: skip
+    lines = await pg.fetch(
+        "SELECT order_id, sku, state, customer_id FROM reservation_lines ORDER BY order_id, sku"
+    )
+    assert [tuple(r) for r in lines] == [
+        ("o1", "L", "confirmed", "c1"), ("o1", "N", "confirmed", "c1"),
+        ("o2", "L", "released", "c2"), ("o3", "N", "reserved", None),
+    ]  # fmt: skip
+    limits = "SELECT sku, limit_per_customer FROM stock_levels ORDER BY sku"
+    assert [tuple(r) for r in await pg.fetch(limits)] == [("L", 3), ("N", None)]
+    await engine.set_limit("L", None)
+    await engine.reserve("o4", [{"sku": "L", "qty": 1}])  # a batch without a limit event
+    await _drain_with(Writer(redis, psettings, psettings.database_url))
+    assert [tuple(r) for r in await pg.fetch(limits)] == [("L", None), ("N", None)]
+    await engine.set_limit("L", 5)
+    await _drain_with(Writer(redis, psettings, psettings.database_url))
+    await engine.adjust("L", 1)  # the limit stays when a later batch has none
+    await _drain_with(Writer(redis, psettings, psettings.database_url))
+    assert [tuple(r) for r in await pg.fetch(limits)] == [("L", 5), ("N", None)]
+    await wait_persisted(redis, psettings, pg, ["L", "N"], wait_s=5)
+    await pg.execute(
+        "INSERT INTO webhook_subscriptions (url, events, secret)"
+        " VALUES ('http://127.0.0.1:9/', '{stock.changed}', 's')"
+    )
+    await engine.set_limit("L", 6)  # changes no counters: no stock.changed
+    await _drain_with(Writer(redis, psettings, psettings.database_url))
+    assert await pg.fetchval("SELECT limit_per_customer FROM stock_levels WHERE sku = 'L'") == 6
+    assert await pg.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
 
 
 async def test_poison_events_are_quarantined_and_the_rest_flow_on(
