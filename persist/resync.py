@@ -11,17 +11,18 @@ SKUs go in chunks. For each chunk:
 2. **Unflushed events**: a SKU whose stream still holds events after the
    recorded offset is waited for (a running writer flushes them) for up to
    ``wait_s``, then refused, unless ``force``.
-3. **Read PostgreSQL**: ``stock_levels`` and the rows of ``reservation_lines``
-   that are RESERVED or ended within the retention window (so that a late retry
-   still replays instead of selling twice); Redis RESERVED lines that
-   PostgreSQL does not hold are rewritten to its state (or deleted if it has none).
+3. **Read PostgreSQL**: ``stock_levels`` (counters, per-customer limit), the
+   rows of ``reservation_lines`` that are RESERVED or ended within the retention
+   window (so that a late retry still replays instead of selling twice), and
+   each customer's units held or bought (``pg_buyers``); Redis RESERVED lines
+   that PostgreSQL does not hold are rewritten to its state (or deleted).
 4. **Write** the order records of the restored lines first (items from every
    line of the order, kind, phase ``done``; ``lua/resync_order.lua``, on the
-   server's clock), then per SKU with ``lua/resync.lua`` (counters, seq, lines
-   with their original expiry, the expiry index, and a ``resync`` event whose
-   higher seq makes PostgreSQL take the result over any older unflushed event;
-   refused unless the run's own fence still holds), then **unfence** (only this
-   run's fences).
+   server's clock), then per SKU with ``lua/resync.lua`` (counters, seq, limit,
+   ``c:<customer>`` counts, lines with their expiry and customer, the expiry
+   index, and a ``resync`` event, plus a ``limit`` event if the limit changed,
+   whose higher seq makes PostgreSQL take the result over any older unflushed
+   event; refused unless the run's own fence still holds), then **unfence**.
 
 A run that fails or dies at any point leaves each SKU either as it was or fully
 restored: ``resync.lua`` rewrites one SKU in one atomic step, and the order
@@ -42,6 +43,7 @@ from typing import Any, NamedTuple, TextIO
 
 import asyncpg
 
+from persist import snapshot
 from persist.events import LINE_STATES, LINES_UPSERT, Event
 from persist.fences import FenceError, Fences
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
@@ -69,6 +71,7 @@ class Line(NamedTuple):
     state: str  # a code of STATE_CODES
     qty: int
     expires_ms: int
+    customer: str = ""  # the buyer ('' for none)
 
 
 @dataclass
@@ -80,12 +83,14 @@ class SkuPlan:
     drop: list[Line]  # RESERVED in Redis only: rewritten to PostgreSQL's state
     redis_reserved: int
     unflushed: int = 0
+    buyers: snapshot.Buyers = field(default_factory=lambda: snapshot.Buyers(None, {}))
 
     def changed(self) -> bool:
         now = self.current.levels
         return (
             now is None
             or now.counters() != self.target.counters()
+            or self.current.limit != self.buyers.limit
             or self.current.fenced
             or bool(self.drop)
             or self.redis_reserved != self.active()
@@ -102,6 +107,8 @@ class SkuPlan:
         )
         if self.drop:
             text += f" (drop {len(self.drop)})"
+        if self.current.limit != self.buyers.limit:
+            text += f"; limit {self.current.limit} -> {self.buyers.limit}"
         if self.unflushed:
             text += f"; {self.unflushed} unflushed events"
         return text
@@ -187,10 +194,11 @@ class Resync:
         restore = await self._pg_lines(skus)
         in_redis = await self._redis_reserved(skus)
         drop = await self._stale(in_redis, restore)
+        buyers = await snapshot.pg_buyers(self.conn, skus)
         return [
             SkuPlan(
                 sku, target[sku], current[sku], restore.get(sku, []), drop.get(sku, []),
-                len(in_redis.get(sku, [])), pending.get(sku, 0),
+                len(in_redis.get(sku, [])), pending.get(sku, 0), buyers[sku],
             )
             for sku in skus
         ]  # fmt: skip
@@ -198,7 +206,7 @@ class Resync:
     async def _pg_lines(self, skus: list[str]) -> dict[str, list[Line]]:
         """RESERVED lines, and terminal ones still within retention (so late retries replay)."""
         rows = await self.conn.fetch(
-            "SELECT order_id, sku, qty, state, expires_at FROM reservation_lines"
+            "SELECT order_id, sku, qty, state, expires_at, customer_id FROM reservation_lines"
             " WHERE sku = any($1::text[]) AND (state = 'reserved' OR (state <> 'aborted'"
             " AND updated_at > now() - make_interval(secs => $2))) ORDER BY sku, order_id",
             skus,
@@ -206,8 +214,7 @@ class Resync:
         )
         out: dict[str, list[Line]] = defaultdict(list)
         for r in rows:
-            line = Line(r["order_id"], STATE_CODES[r["state"]], r["qty"], _ms(r["expires_at"]))
-            out[r["sku"]].append(line)
+            out[r["sku"]].append(_line(r))
         return out
 
     async def _redis_reserved(self, skus: list[str]) -> dict[str, list[str]]:
@@ -233,7 +240,8 @@ class Resync:
         if not stale:
             return {}
         rows = await self.conn.fetch(
-            "SELECT r.order_id, r.sku, r.qty, r.state, r.expires_at FROM reservation_lines r"
+            "SELECT r.order_id, r.sku, r.qty, r.state, r.expires_at, r.customer_id"
+            " FROM reservation_lines r"
             " JOIN unnest($1::text[], $2::text[]) AS u(sku, o) ON r.sku = u.sku"
             " AND r.order_id = u.o",
             [s for s, _ in stale],
@@ -243,12 +251,7 @@ class Resync:
         out: dict[str, list[Line]] = defaultdict(list)
         for sku, order_id in stale:
             r = known.get((sku, order_id))
-            line = (
-                Line(order_id, STATE_CODES[r["state"]], r["qty"], _ms(r["expires_at"]))
-                if r is not None
-                else Line(order_id, "-", 0, 0)
-            )
-            out[sku].append(line)
+            out[sku].append(_line(r) if r is not None else Line(order_id, "-", 0, 0))
         return out
 
     async def _write(self, plans: list[SkuPlan]) -> None:
@@ -291,6 +294,7 @@ class Resync:
             ["" for _ in rows],
             [str(line.expires_ms) for line, _, _ in rows],
             [str(seq) for _, _, seq in rows],
+            [line.customer for line, _, _ in rows],
         )
 
     async def _write_sku(self, plan: SkuPlan) -> Any:
@@ -300,9 +304,13 @@ class Resync:
         t = plan.target
         args: list[Any] = [plan.sku, t.available, t.reserved, t.sold, t.seq]
         args += [self.settings.retention_s * 1000, "resync", self.fences.token]
+        limit, held = plan.buyers
+        args += ["" if limit is None else limit, len(held)]
+        for customer, units in sorted(held.items()):
+            args += [customer, units]
         for line in plan.restore + plan.drop:
             keys_.append(keys.line_keys(plan.sku, line.order_id, self.settings.buckets).line)
-            args += [line.order_id, line.state, line.qty, line.expires_ms]
+            args += [line.order_id, line.state, line.qty, line.expires_ms, line.customer]
         return await self.scripts("resync", keys_, args)
 
     async def _write_orders(self, orders: list[str]) -> None:
@@ -337,6 +345,14 @@ class Resync:
 
 def _ok(reply: Any) -> bool:
     return not isinstance(reply, BaseException) and reply[0] == "OK"
+
+
+def _line(row: Any) -> Line:
+    """A Line from a reservation_lines row (order_id, state, qty, expires_at, customer_id)."""
+    state = STATE_CODES[row["state"]]
+    return Line(
+        row["order_id"], state, row["qty"], _ms(row["expires_at"]), row["customer_id"] or ""
+    )
 
 
 def _ms(at: Any) -> int:

@@ -34,6 +34,15 @@ class Levels(NamedTuple):
 class RedisSku(NamedTuple):
     levels: Levels | None  # None when the hash has no counters (lost, or only fenced)
     fenced: bool  # a resync's fence holds
+    limit: int | None = None  # the per-customer limit
+
+
+class Buyers(NamedTuple):
+    """A SKU's per-customer limit and its customers' units held or bought, as
+    PostgreSQL knows them (what the hash's ``limit`` and ``c:<customer>`` fields hold)."""
+
+    limit: int | None
+    held: dict[str, int]
 
 
 async def redis_levels(client: Any, settings: Settings, skus: list[str]) -> dict[str, RedisSku]:
@@ -41,15 +50,17 @@ async def redis_levels(client: Any, settings: Settings, skus: list[str]) -> dict
     pipe = client.pipeline(transaction=False)
     for sku in skus:
         pipe.hmget(keys.sku_key(sku, settings.buckets), "available", "reserved", "sold", "seq")
-        pipe.hget(keys.sku_key(sku, settings.buckets), "fenced")
+        pipe.hmget(keys.sku_key(sku, settings.buckets), "fenced", "limit")
     replies = await pipe.execute()
     seconds, micros = await client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     out = {}
     for i, sku in enumerate(skus):
-        values, fence = replies[2 * i], replies[2 * i + 1]
+        values, (fence, limit) = replies[2 * i], replies[2 * i + 1]
         levels = None if values[0] is None else Levels(*(int(v or 0) for v in values))
-        out[sku] = RedisSku(levels, fence_holds(fence, now_ms))
+        out[sku] = RedisSku(
+            levels, fence_holds(fence, now_ms), None if limit is None else int(limit)
+        )
     return out
 
 
@@ -77,6 +88,24 @@ async def pg_levels(conn: asyncpg.Connection, skus: list[str] | None) -> dict[st
         else conn.fetch(sql)
     )
     return {r["sku"]: Levels(r["available"], r["reserved"], r["sold"], r["seq"]) for r in rows}
+
+
+async def pg_buyers(conn: asyncpg.Connection, skus: list[str]) -> dict[str, Buyers]:
+    """Each SKU's limit (stock_levels) and the units each customer holds or bought
+    (the qty of their reserved and confirmed lines in reservation_lines)."""
+    limits = await conn.fetch(
+        "SELECT sku, limit_per_customer FROM stock_levels WHERE sku = any($1::text[])", skus
+    )
+    out = {r["sku"]: Buyers(r["limit_per_customer"], {}) for r in limits}
+    rows = await conn.fetch(
+        "SELECT sku, customer_id, sum(qty) AS held FROM reservation_lines"
+        " WHERE sku = any($1::text[]) AND customer_id IS NOT NULL"
+        " AND state IN ('reserved', 'confirmed') GROUP BY sku, customer_id",
+        skus,
+    )
+    for r in rows:
+        out.setdefault(r["sku"], Buyers(None, {})).held[r["customer_id"]] = int(r["held"])
+    return out
 
 
 async def unflushed(

@@ -18,7 +18,7 @@ from persist.resync import resync
 from stock import keys
 from stock.config import Settings
 from stock.engine import StockEngine
-from stock.errors import Unavailable
+from stock.errors import LimitExceeded, Unavailable
 from stock.reaper import Reaper
 from stock.scripts import Scripts
 from tests.conftest import flush
@@ -96,6 +96,60 @@ async def test_flushall_then_resync(
     assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
 
 
+async def test_resync_restores_limits_and_customer_counts(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """After Redis is lost and resynced a customer at the limit is still refused,
+    another is not, and a release gives the allowance back (DESIGN §9)."""
+    dsn = psettings.database_url
+    await engine.set_stock("A", 20)
+    await engine.set_limit("A", 2)
+    await engine.reserve("c1-held", [{"sku": "A", "qty": 1}], customer_id="c1")
+    await engine.deduct("c1-bought", [{"sku": "A", "qty": 1}], customer_id="c1")
+    await engine.reserve("c2-gone", [{"sku": "A", "qty": 2}], customer_id="c2")
+    await engine.release("c2-gone")
+    await engine.reserve("c3-held", [{"sku": "A", "qty": 1}], customer_id="c3|x")
+    await drain(redis, psettings, dsn)
+    await flush(redis)
+
+    assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    assert await engine.get_limit("A") == 2
+    with pytest.raises(LimitExceeded) as refused:
+        await engine.reserve("c1-more", [{"sku": "A", "qty": 1}], customer_id="c1")
+    assert refused.value.details["items"] == [{"sku": "A", "limit": 2, "held": 2}]
+    with pytest.raises(LimitExceeded):  # "|" in an id: the customer is still known
+        await engine.reserve("c3-more", [{"sku": "A", "qty": 2}], customer_id="c3|x")
+    await engine.reserve("c2-again", [{"sku": "A", "qty": 2}], customer_id="c2")
+    await engine.release("c1-held")  # its unit goes back to c1's allowance
+    await engine.reserve("c1-more", [{"sku": "A", "qty": 1}], customer_id="c1")
+    stock = await engine.get_stock("A")
+    assert (stock.available, stock.reserved, stock.sold) == (15, 4, 1)
+    line = await redis.get(keys.line_keys("A", "c3-held", psettings.buckets).line)
+    assert line.startswith("R|1|") and line.endswith("||c3|x")
+
+    # drift in Redis: a count PostgreSQL does not know, a limit set behind its back
+    await drain(redis, psettings, dsn)
+    sku_key = keys.sku_key("A", psettings.buckets)
+    await redis.hset(sku_key, mapping={"c:ghost": 7, "limit": 9, "c:c1": 1})
+    assert await resync(redis, psettings, dsn, ["A"], out=io.StringIO()) == 0
+    held = {k: v for k, v in (await redis.hgetall(sku_key)).items() if k.startswith("c:")}
+    assert held == {"c:c1": "2", "c:c2": "2", "c:c3|x": "1"}
+    assert await engine.get_limit("A") == 2
+    await drain(redis, psettings, dsn)
+    resynced = await pg.fetch(
+        "SELECT op, qty FROM stock_ledger WHERE sku = 'A' AND reason = 'resync' ORDER BY seq"
+    )  # the limit restored after FLUSHALL, then the one set behind PostgreSQL's back
+    assert [tuple(r) for r in resynced] == [
+        ("resync", 17),
+        ("limit", 2),
+        ("resync", 0),
+        ("limit", 2),
+    ]
+    limit = "SELECT limit_per_customer FROM stock_levels WHERE sku = 'A'"
+    assert await pg.fetchval(limit) == 2
+    assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
+
+
 async def test_fenced_sku_is_unavailable(
     redis: Any, engine: StockEngine, psettings: Settings
 ) -> None:
@@ -106,6 +160,8 @@ async def test_fenced_sku_is_unavailable(
         await engine.reserve("o1", [{"sku": "A", "qty": 1}])
     with pytest.raises(Unavailable):
         await engine.adjust("A", 1)
+    with pytest.raises(Unavailable):
+        await engine.set_limit("A", 1)
     other = Fences(Scripts(redis), replace(psettings, fence_ttl_s=0.3))
     with pytest.raises(FenceBusy):  # all or none: B is not taken either
         await other.take(["C", "B"])
