@@ -135,7 +135,7 @@ def spec() -> dict[str, Any]:
             },
             "/v1/stock/{sku}/limits": {
                 "get": _op("A SKU's per-customer limit", limits, [], admin=True, params=["sku"]),
-                "put": _op("Set or remove (null) a SKU's per-customer limit", limits, [413],
+                "put": _op("Set or remove (null) a SKU's per-customer limit", limits, [404, 413],
                            admin=True, params=["sku"],
                            body=_obj(["per_customer"], per_customer=LIMIT)),
             },
