@@ -108,7 +108,7 @@ class SkuPlan:
         if self.drop:
             text += f" (drop {len(self.drop)})"
         if self.current.limit != self.buyers.limit:
-            text += f"; limit {self.current.limit} -> {self.buyers.limit}"
+            text += f"; limit {self.current.limit or 'none'} -> {self.buyers.limit or 'none'}"
         if self.unflushed:
             text += f"; {self.unflushed} unflushed events"
         return text

@@ -112,6 +112,9 @@ async def test_resync_restores_limits_and_customer_counts(
     await drain(redis, psettings, dsn)
     await flush(redis)
 
+    out = io.StringIO()
+    assert await resync(redis, psettings, dsn, None, dry_run=True, out=out) == 0
+    assert "; limit none -> 2" in out.getvalue()
     assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
     assert await engine.get_limit("A") == 2
     with pytest.raises(LimitExceeded) as refused:
