@@ -11,7 +11,7 @@
 -- when the limit stays as it was.
 local c = read_sku(KEYS[1])
 if c.fenced then return {'UNAVAILABLE', ARGV[1]} end
-if not c.exists then return {'NOTFOUND', ARGV[1]} end
+if redis.call('HEXISTS', KEYS[1], 'available') == 0 then return {'NOTFOUND', ARGV[1]} end
 local limit = tonumber(ARGV[2])
 if limit ~= c.limit then
   if limit then
