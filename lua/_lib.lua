@@ -3,9 +3,12 @@
 --
 -- Line call layout (reserve, deduct, confirm, release, abort, cancel, extend):
 --   ARGV[1] mode        '1' when KEYS[1] is the order record (standalone:
---                       every key on one server); 'b' when KEYS[1] is the
---                       bucket's copy of the order (cluster: kind|items, see
---                       open_copy); '0' when no order key comes first
+--                       every key on one server); 'r' when KEYS[1] is the
+--                       order record and the lines come from it (standalone
+--                       confirm, release, extend, cancel: see open_record);
+--                       'b' when KEYS[1] is the bucket's copy of the order
+--                       (cluster: kind|items, see open_copy); '0' when no
+--                       order key comes first
 --   ARGV[2] order_id
 --   ARGV[3] ttl_ms      reservation lifetime (reserve, extend); else 0
 --   ARGV[4] retention_ms how long a terminal line is kept for replays
@@ -18,6 +21,11 @@
 --   ARGV[11..] sku, qty pairs, one per line of this call
 --   KEYS (after the optional order key), four per line, same order as ARGV:
 --     sku hash, line string, bucket expiry zset, bucket event stream
+-- Mode 'r' (standalone only): KEYS = {order record}; ARGV[6] and ARGV[7] are
+--   '' (the record's items and kind count), ARGV[11] the number of buckets,
+--   ARGV[12] the key prefix ('stock'); no pairs. The script reads the record and
+--   builds each line's four keys as stock/keys.py does (line_item): keys a
+--   script does not declare, which only a standalone server allows.
 --
 -- A line is a string 'state|qty|expires_ms', 'state|qty|expires_ms|tag' or
 -- 'state|qty|expires_ms|tag|customer' (tag may be empty; a customer id may
@@ -34,6 +42,7 @@
 --   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
 --   {'UNAVAILABLE', sku}  {'NOTFOUND', sku}
 --   {'LIMIT', sku, limit, held, ...}  {'CUSTOMER_REQUIRED', sku}
+--   mode 'r' also: {'NOORDER'} (no record)  {'CLOSED', state} (a TCC tombstone)
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -122,8 +131,44 @@ local function commit(sku_key, events_key, ev, c, at)
   return c.seq
 end
 
+-- A SKU's bucket, crc32(sku) % buckets, as keys.bucket_of computes it (zlib's
+-- CRC-32 of the SKU's bytes; tests/test_scripts.py compares the two). Half a
+-- byte at a time with a table of 16 constants: two lookups per byte.
+local CRC_NIBBLES = {
+  0x00000000, 0x1DB71064, 0x3B6E20C8, 0x26D930AC, 0x76DC4190, 0x6B6B51F4, 0x4DB26158, 0x5005713C,
+  0xEDB88320, 0xF00F9344, 0xD6D6A3E8, 0xCB61B38C, 0x9B64C2B0, 0x86D3D2D4, 0xA00AE278, 0xBDBDF21C,
+}
+
+local function bucket_of(sku, buckets)
+  local band, bxor, rshift = bit.band, bit.bxor, bit.rshift
+  local crc = -1  -- 0xFFFFFFFF
+  for i = 1, #sku do
+    crc = bxor(crc, string.byte(sku, i))
+    crc = bxor(rshift(crc, 4), CRC_NIBBLES[band(crc, 15) + 1])
+    crc = bxor(rshift(crc, 4), CRC_NIBBLES[band(crc, 15) + 1])
+  end
+  crc = bit.bnot(crc)  -- a signed 32-bit number: as unsigned
+  if crc < 0 then crc = crc + 4294967296 end
+  return crc % buckets
+end
+
+-- One line's item with its four keys, named as stock/keys.py line_keys names them:
+-- '<prefix>:{b<bucket>}:sku:<sku>', ':line:<sku>|<order_id>', ':due', ':events'.
+local function line_item(prefix, buckets, sku, qty, order_id)
+  local tag = prefix .. ':{b' .. string.format('%d', bucket_of(sku, buckets)) .. '}:'
+  return {sku = sku, qty = qty, k_sku = tag .. 'sku:' .. sku,
+          k_line = tag .. 'line:' .. sku .. '|' .. order_id, k_due = tag .. 'due',
+          k_events = tag .. 'events'}
+end
+
 local function parse_call()
   local mode = ARGV[1]
+  if mode == 'r' then  -- the lines come from the record (open_record)
+    return {order_key = KEYS[1], from_record = true, order_id = ARGV[2],
+            ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]), may_create = false,
+            tag = ARGV[8], reason = ARGV[9], customer = ARGV[10] or '',
+            buckets = tonumber(ARGV[11]), prefix = ARGV[12], items = {}}
+  end
   local call = {
     order_key = mode == '1' and KEYS[1] or nil, copy_key = mode == 'b' and KEYS[1] or nil,
     order_id = ARGV[2], ttl = tonumber(ARGV[3]), retention = tonumber(ARGV[4]),
@@ -156,6 +201,25 @@ end
 
 local function record_value(kind, phase, owner, spec)
   return kind .. '|' .. phase .. '|' .. owner .. '|' .. spec
+end
+
+-- Standalone confirm/release/extend/cancel (mode 'r'): the order's kind and
+-- items from its record, each line's keys built here (line_item), so that the
+-- transition is one script call. No record, or one of an earlier version still
+-- 'pending': NOORDER; a TCC tombstone: CLOSED with its state. Returns an error
+-- reply, or nil after filling call.kind, call.spec and call.items.
+local function open_record(call)
+  local rec = read_record(call.order_key)
+  if not rec or not rec.phase then return {'NOORDER'} end
+  if rec.phase == 'released' or rec.phase == 'cancelled' then return {'CLOSED', rec.phase} end
+  if rec.phase ~= 'done' then return {'NOORDER'} end
+  call.kind, call.spec = rec.kind, rec.spec
+  for part in string.gmatch(rec.spec, '[^,]+') do
+    local sku, qty = string.match(part, '^(.*):(%d+)$')  -- a SKU may hold ':'
+    call.items[#call.items + 1] = line_item(call.prefix, call.buckets, sku, tonumber(qty),
+      call.order_id)
+  end
+  return nil
 end
 
 -- Standalone reserve/deduct: the order record decides conflict and replay.
@@ -254,6 +318,10 @@ end
 -- the script's op); a replay with
 -- restamp only writes the plan's tag (set) into the line.
 local function run_lines(call, op, decide)
+  if call.from_record then
+    local refused = open_record(call)
+    if refused then return refused end
+  end
   local now = now_ms()
   local plans, short, over = {}, {}, {}
   for i, it in ipairs(call.items) do

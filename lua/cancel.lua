@@ -1,5 +1,6 @@
 -- cancel.lua: refund or return of a sale (CONFIRMED -> CANCELLED).
--- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored).
+-- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored); on
+-- standalone mode 'r' (the lines from the order record: NOORDER, CLOSED).
 -- Per line: sold -= qty, available += qty.
 -- Returns OK, REPLAY (all CANCELLED already), TRANSITION (not confirmed),
 -- NOTFOUND, UNAVAILABLE.

@@ -1,6 +1,7 @@
 -- confirm.lua: turn held stock into a sale (RESERVED -> CONFIRMED), or a late
 -- payment on an EXPIRED line (EXPIRED -> CONFIRMED while available >= qty).
--- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored: the
+-- KEYS/ARGV: the line call layout of _lib.lua; on standalone mode 'r' (the
+-- lines from the order record: NOORDER, CLOSED). qty in ARGV is ignored: the
 -- line's own qty counts). A RESERVED line past its expiry that the reaper has
 -- not reached yet still holds its stock, so it confirms normally.
 -- Per line: RESERVED: reserved -= qty, sold += qty;

@@ -1,5 +1,6 @@
 -- extend.lua: keep a reservation longer (RESERVED -> RESERVED, later expiry).
--- KEYS/ARGV: the line call layout of _lib.lua; ARGV[3] ttl_ms > 0 counts from
+-- KEYS/ARGV: the line call layout of _lib.lua (on standalone mode 'r': the
+-- lines from the order record: NOORDER, CLOSED); ARGV[3] ttl_ms > 0 counts from
 -- now (server time), and never shortens: a line that already expires later
 -- keeps its expiry (the event says so). A RESERVED line past its expiry that the reaper has
 -- not reached still holds its stock and may be extended.

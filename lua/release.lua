@@ -1,5 +1,6 @@
 -- release.lua: give held stock back (RESERVED -> RELEASED).
--- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored).
+-- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored); on
+-- standalone mode 'r' (the lines from the order record: NOORDER, CLOSED).
 -- Per line: reserved -= qty, available += qty; the line leaves the expiry index.
 -- EXPIRED -> RELEASED closes an expired line (the order was refunded or
 -- abandoned; its stock is back already): no counter changes, and a later

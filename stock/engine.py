@@ -282,12 +282,14 @@ class StockEngine:
     ) -> OrderResult:
         if self.cluster:
             return await self.orders.transition(op, order_id, ttl_ms, reason)
-        kind, _phase, items = await self._record(order_id)
-        spec = items_spec(items)
-        keys_, args = self._line_call(
-            order_id, items, ttl_ms, False, spec, kind, "1", reason=reason
-        )
-        return _result(order_id, op, parse_lines(await self.scripts(op, keys_, args), order_id))
+        # One round trip (DESIGN §4): the script reads the order record and builds
+        # its lines' keys itself (mode 'r' of lua/_lib.lua; standalone only).
+        args = [
+            "r", order_id, ttl_ms, self.retention_ms, "0", "", "", "", reason, "",
+            self.settings.buckets, keys.PREFIX,
+        ]  # fmt: skip
+        reply = await self.scripts(op, [keys.order_key(order_id)], args)
+        return _result(order_id, op, parse_lines(reply, order_id))
 
     async def _outside(self, waiting: Awaitable[T]) -> T:
         """Await ``waiting`` without holding an in-flight slot (the caller holds one on

@@ -135,6 +135,8 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
         raise Unavailable(f"SKU {rest[0]!r} is being resynced; retry shortly", sku=rest[0])
     if code == "NOTFOUND":
         raise NotFound(f"order {order_id!r} has no line for {rest[0]!r}")
+    if code == "NOORDER":
+        raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
     if code == "CLOSED":
         raise OrderClosed(
             f"order {order_id!r} was {rest[0]} before it was reserved", state=str(rest[0])

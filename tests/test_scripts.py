@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import string
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_sync
 
 from persist.events import named
 from stock import keys
@@ -13,6 +16,7 @@ from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
 from stock.errors import InsufficientStock, InvalidTransition, OrderConflict
+from stock.scripts import load_sources
 from tests.conftest import BUCKETS
 from tests.servers import ServerProcess
 
@@ -27,6 +31,49 @@ async def test_noscript_recovery_after_script_flush(engine: StockEngine) -> None
     assert (await engine.reserve("o2", [{"sku": "A", "qty": 1}])).status == "reserved"
     stock = await engine.get_stock("A")
     assert (stock.available, stock.reserved, stock.sold) == (3, 1, 1)
+
+
+# line_item of lua/_lib.lua for each SKU: its bucket (bucket_of) and its four keys
+LINE_ITEMS = """
+local out = {}
+for i = 3, #ARGV do
+  local it = line_item(ARGV[2], tonumber(ARGV[1]), ARGV[i], 1, 'o|1')
+  out[#out + 1] = {bucket_of(ARGV[i], tonumber(ARGV[1])), it.k_sku, it.k_line, it.k_due,
+    it.k_events}
+end
+return out
+"""
+
+
+def some_skus() -> list[str]:
+    """Valid SKUs of every length, and strings no SKU may be (non-ASCII, empty) that
+    the CRC must still agree on."""
+    rng = random.Random(12)
+    alphabet = string.ascii_letters + string.digits + "._:-"
+    valid = ["".join(rng.choices(alphabet, k=rng.randint(1, 64))) for _ in range(1500)]
+    odd = ["", "é", "ß-SKU", "日本語", "emoji-\U0001f600", "\x00\x7f", "a" * 1000]
+    odd += ["".join(chr(rng.randint(0x80, 0x2FFF)) for _ in range(rng.randint(1, 20)))
+            for _ in range(200)]  # fmt: skip
+    return valid + odd + [f"S{i:02d}" for i in range(100)]
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 3, 7, 16, 64, 1000, 16_384])
+def test_lua_buckets_and_keys_agree_with_keys_py(
+    standalone_server: ServerProcess, buckets: int
+) -> None:
+    """The standalone transitions build their lines' keys in Lua (mode 'r'): the
+    CRC-32 bucket and the four key names are those of stock/keys.py, for every SKU."""
+    skus = some_skus()
+    lib = load_sources()["confirm"].partition("-- confirm.lua")[0]
+    client = redis_sync.Redis(port=standalone_server.port, decode_responses=True)
+    try:
+        reply = client.eval(lib + LINE_ITEMS, 0, buckets, keys.PREFIX, *skus)
+    finally:
+        client.close()
+    expected = [
+        [keys.bucket_of(sku, buckets), *keys.line_keys(sku, "o|1", buckets)] for sku in skus
+    ]
+    assert reply == expected
 
 
 @pytest.mark.faults
