@@ -55,7 +55,7 @@ from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine, items_spec
 from stock.pipeline import MAX_BATCH
-from stock.scripts import load_sources
+from stock.scripts import WITH_RECORD, line_call, load_sources
 from stock.validate import Item
 
 HOT = "HOT-1"
@@ -186,24 +186,32 @@ ReserveCall = Callable[[str, str, int, int], tuple[list[str], list[str]]]
 
 def reserve_builder(engine: StockEngine, settings: Settings) -> ReserveCall:
     """``(order_id, sku, qty, ttl_ms) -> (KEYS, ARGV)`` of a single-item standalone reserve,
-    made by the engine's own ``_line_call`` so the raw calls follow any change of the
-    layout; ``loadtest.common.reserve_call`` (the layout as of this writing) if it is gone."""
-    line_call = getattr(engine, "_line_call", None)
+    made by the scripts' own ``line_call`` so the raw calls follow any change of the
+    layout; ``loadtest.common.reserve_call`` (the layout as of this writing) if it fails."""
 
     def ours(order_id: str, sku: str, qty: int, ttl_ms: int) -> tuple[list[str], list[str]]:
         retention = settings.retention_s * 1000
         return reserve_call(order_id, sku, qty, ttl_ms, retention, settings.buckets)
 
     def theirs(order_id: str, sku: str, qty: int, ttl_ms: int) -> tuple[list[str], list[str]]:
-        assert line_call is not None
         items = [Item(sku, qty)]
-        keys_, args = line_call(order_id, items, ttl_ms, True, items_spec(items), "reserve", True)
+        keys_, args = line_call(
+            buckets=settings.buckets,
+            retention_ms=engine.retention_ms,
+            mode=WITH_RECORD,
+            order_id=order_id,
+            items=items,
+            spec=items_spec(items),
+            ttl_ms=ttl_ms,
+            may_create=True,
+            order_kind="reserve",
+        )
         return [str(k) for k in keys_], [str(a) for a in args]
 
     try:
         theirs("o-1", HOT, 1, 1000)
-    except (TypeError, AssertionError) as exc:
-        _log(f"StockEngine._line_call unusable ({exc!r}): raw calls use loadtest.common's layout")
+    except (TypeError, ValueError) as exc:
+        _log(f"stock.scripts.line_call unusable ({exc!r}): raw calls use loadtest.common's layout")
         return ours
     return theirs
 

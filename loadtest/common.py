@@ -109,8 +109,8 @@ def start_postgres(workdir: Path) -> Any:
 def reserve_call(
     order_id: str, sku: str, qty: int, ttl_ms: int, retention_ms: int, buckets: int
 ) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of a single-item standalone reserve, as ``StockEngine._line_call``
-    builds them (with_order=1, may_create=1, kind reserve)."""
+    """KEYS and ARGV of a single-item standalone reserve, as ``stock.scripts.line_call``
+    builds them (mode WITH_RECORD, may_create, order_kind reserve)."""
     line = keys.line_keys(sku, order_id, buckets)
     keys_ = [keys.order_key(order_id), line.sku, line.line, line.due, line.events]
     args = ["1", order_id, str(ttl_ms), str(retention_ms), "1", f"{sku}:{qty}", "reserve"]

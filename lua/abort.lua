@@ -3,22 +3,27 @@
 -- multi-node confirm/release/extend (hold.lua).
 -- KEYS/ARGV: the line call layout of _lib.lua (qty in ARGV is ignored); mode
 -- 'b' for a reserve/deduct (KEYS[1] the bucket's copy of the order).
--- ARGV[7] kind 'reserve' or 'deduct': this attempt's token (ARGV[8]) leaves
--- each RESERVED line's tag set; a line no other attempt holds is deleted
--- (reserved -= qty, available += qty), so that a retry of the same order
--- starts afresh; the bucket's copy of the order goes with the group's last
--- line. A line held by another attempt too (which may have committed the
--- order), a CONFIRMED line (a settled deduct) and a line without this token
--- are left alone.
--- 'hold': lines tagged 'E'..token go back to EXPIRED (reserved -= qty,
--- available += qty; event op=expire); lines tagged 'H'..token..':'..expiry get
--- their previous expiry back (event op=extend).
+-- ARGV[7] says what is undone (the slot that other line calls use for the
+-- order's kind):
+-- the order's kind, 'reserve' or 'deduct' (call.kind): an attempt's lines.
+--   This attempt's token (ARGV[8]) leaves each RESERVED line's tag set; a line
+--   no other attempt holds is deleted (reserved -= qty, available += qty), so
+--   that a retry of the same order starts afresh; the bucket's copy of the
+--   order goes with the group's last line. A line held by another attempt too
+--   (which may have committed the order), a CONFIRMED line (a settled deduct)
+--   and a line without this token are left alone.
+-- 'hold' (undo_holds; mode '0'): a hold's changes (hold.lua; ARGV[8] the
+--   hold's token). Lines tagged 'E'..token go back to EXPIRED (reserved -= qty,
+--   available += qty; event op=expire); lines tagged 'H'..token..':'..expiry
+--   get their previous expiry back (event op=extend).
 -- Returns OK, REPLAY, TRANSITION (the line moved on), UNAVAILABLE.
 -- Events: op=abort, one per removed line.
 local call = parse_call()
+local undo_holds = call.kind == 'hold'  -- ARGV[7]: else the order's kind
+if undo_holds then call.kind = nil end
 
 local function decide(it, line)
-  if call.kind == 'hold' then
+  if undo_holds then
     if line and line.state == 'R' and line.tag == 'E' .. call.tag then
       return {state = 'E', qty = line.qty, exp = line.exp, dr = -line.qty, da = line.qty,
               op = 'expire'}

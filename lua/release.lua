@@ -7,7 +7,7 @@
 -- confirm is refused (TCC, DESIGN §3).
 -- Returns OK, REPLAY (all RELEASED already), TRANSITION (confirmed,
 -- cancelled), NOTFOUND, UNAVAILABLE.
--- A RESERVED line of a deduct (ARGV[7] kind; a cluster deduct holds its
+-- A RESERVED line of a deduct (ARGV[7] the order's kind; a cluster deduct holds its
 -- lines before it confirms them) answers TRANSITION confirmed.
 -- Events: op=release, one per changed line.
 local call = parse_call()

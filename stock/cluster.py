@@ -35,8 +35,13 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import LockNotOwnedError
 
 from stock import keys
-from stock.errors import OrderClosed, OrderConflict, StockError, Unavailable
-from stock.scripts import LinesReply
+from stock.errors import (
+    OrderClosed,
+    OrderConflict,
+    StockError,
+    Unavailable,
+)
+from stock.scripts import NO_ORDER_KEY, LinesReply, merge_failures, merge_replies
 from stock.validate import Item
 
 if TYPE_CHECKING:
@@ -63,7 +68,7 @@ class ClusterOrders:
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str = ""
     ) -> OrderResult:
         """Every bucket group, then the directory; a deduct then settles its holds."""
-        from stock.engine import _merge, _merge_failures, _result
+        from stock.engine import _result
 
         e, token = self.engine, secrets.token_hex(6)
         hold_ms = e.deduct_hold_ms if op == "deduct" else ttl_ms
@@ -71,8 +76,8 @@ class ClusterOrders:
         if op == "deduct" and len(groups) == 1:
             return await self._deduct_one(order_id, groups[0], spec, token, customer)
         outcomes = await asyncio.gather(
-            *(e._group_call("reserve", order_id, g, hold_ms, True, spec, op, token,
-                            customer=customer)
+            *(e._group_call("reserve", order_id=order_id, group=g, spec=spec, ttl_ms=hold_ms,
+                            may_create=True, order_kind=op, tag=token, customer=customer)
               for g in groups),
             return_exceptions=True,
         )  # fmt: skip
@@ -80,7 +85,7 @@ class ClusterOrders:
         if failures:  # a refused group changed nothing; any other may have applied
             await self._undo(order_id, [g for g, o in zip(groups, outcomes, strict=True)
                                         if not _refused(o)], spec, op, token)  # fmt: skip
-            raise _merge_failures(failures)
+            raise merge_failures(failures)
         replies: list[LinesReply] = [o for o in outcomes if isinstance(o, LinesReply)]
         # A deduct's directory must come with half its holds left for the settle: a
         # stalled attempt is LATE and undoes. (A reserve that commits after its lines
@@ -95,7 +100,7 @@ class ClusterOrders:
             raise _commit_error(order_id, reply)
         if op == "deduct":
             replies = await self._settle(order_id, groups, replies, spec)
-        return _result(order_id, op, _merge(replies))
+        return _result(order_id, op, merge_replies(replies))
 
     async def _deduct_one(
         self, order_id: str, group: list[Item], spec: str, token: str, customer: str
@@ -114,7 +119,14 @@ class ClusterOrders:
             raise _commit_error(order_id, opened)
         try:
             reply = await e._group_call(
-                "deduct", order_id, group, 0, True, spec, "deduct", token, customer=customer
+                "deduct",
+                order_id=order_id,
+                group=group,
+                spec=spec,
+                may_create=True,
+                order_kind="deduct",
+                tag=token,
+                customer=customer,
             )
         except StockError:
             try:
@@ -135,12 +147,12 @@ class ClusterOrders:
             if any(ln.state != "confirmed" for ln in r.lines)
         }  # fmt: skip
         done = {i: r for i, r in enumerate(held) if i not in todo}
-        await self._apply(order_id, "confirm", todo, done, 0, spec, "deduct")
+        await self._apply(order_id, "confirm", todo, done, spec=spec, order_kind="deduct")
         replay = all(r.replay for r in held) and all(r.replay for r in done.values())
         return [LinesReply(replay, done[i].expires_ms, done[i].lines) for i in range(len(groups))]
 
     async def _undo(
-        self, order_id: str, groups: list[list[Item]], spec: str, kind: str, token: str
+        self, order_id: str, groups: list[list[Item]], spec: str, order_kind: str, token: str
     ) -> None:
         """This attempt lets go of its lines in ``groups`` (``abort.lua``: its token
         leaves each line's tag set; a line nobody else holds is deleted). Every group
@@ -148,7 +160,12 @@ class ClusterOrders:
         leaves lines with an expiry: the reaper returns them."""
         e = self.engine
         undone = await asyncio.gather(
-            *(e._group_call("abort", order_id, g, 0, False, spec, kind, token) for g in groups),
+            *(
+                e._group_call(
+                    "abort", order_id=order_id, group=g, spec=spec, order_kind=order_kind, tag=token
+                )
+                for g in groups
+            ),
             return_exceptions=True,
         )
         for problem in undone:
@@ -160,18 +177,28 @@ class ClusterOrders:
     async def transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
-        from stock.engine import _merge, _result, items_spec
+        from stock.engine import _result, items_spec
 
         e = self.engine
-        kind, _phase, items = await e._record(order_id, e.retention_ms + ttl_ms)
+        order_kind, _phase, items = await e._record(order_id, e.retention_ms + ttl_ms)
         spec, groups = items_spec(items), e._groups(items)
         todo = dict(enumerate(groups))
         done: dict[int, LinesReply] = {}
         if len(groups) == 1:  # one script call: atomic on its node
-            await self._apply(order_id, op, todo, done, ttl_ms, spec, kind, reason, retries=0)
-            return _result(order_id, op, _merge(list(done.values())))
+            await self._apply(
+                order_id,
+                op,
+                todo,
+                done,
+                spec=spec,
+                order_kind=order_kind,
+                ttl_ms=ttl_ms,
+                reason=reason,
+                retries=0,
+            )
+            return _result(order_id, op, merge_replies(list(done.values())))
         async with self._turn(order_id):
-            return await self._locked(op, order_id, groups, ttl_ms, spec, kind, reason)
+            return await self._locked(op, order_id, groups, ttl_ms, spec, order_kind, reason)
 
     @contextlib.asynccontextmanager
     async def _turn(self, order_id: str) -> AsyncIterator[None]:
@@ -204,12 +231,12 @@ class ClusterOrders:
         groups: list[list[Item]],
         ttl_ms: int,
         spec: str,
-        kind: str,
+        order_kind: str,
         reason: str,
     ) -> OrderResult:
         """A multi-node transition under the order's lock: holds, the lock re-checked,
         then the operation on every group."""
-        from stock.engine import _merge, _result
+        from stock.engine import _result
 
         e, todo, done = self.engine, dict(enumerate(groups)), dict[int, LinesReply]()
         lock = e.redis.lock(keys.order_lock_key(order_id), timeout=LOCK_TIMEOUT_S)
@@ -217,7 +244,7 @@ class ClusterOrders:
         lost = False
         try:
             # (a deduct's lines cannot be released or extended: no holds for those)
-            if op == "confirm" or (op in ("release", "extend") and kind != "deduct"):
+            if op == "confirm" or (op in ("release", "extend") and order_kind != "deduct"):
                 token = await self._hold_all(order_id, groups, spec, op)
                 try:
                     await lock.reacquire()  # still ours, and for the whole second step
@@ -226,11 +253,20 @@ class ClusterOrders:
                     await self._unhold(order_id, groups, spec, token)
                     message = f"order {order_id!r} lost its lock; retry"
                     raise Unavailable(message, order_id=order_id) from exc
-            await self._apply(order_id, op, todo, done, ttl_ms, spec, kind, reason)
+            await self._apply(
+                order_id,
+                op,
+                todo,
+                done,
+                spec=spec,
+                order_kind=order_kind,
+                ttl_ms=ttl_ms,
+                reason=reason,
+            )
         finally:
             if not lost:  # LockNotOwnedError here: the lock ran out under us; say so
                 await lock.release()
-        return _result(order_id, op, _merge([done[i] for i in range(len(groups))]))
+        return _result(order_id, op, merge_replies([done[i] for i in range(len(groups))]))
 
     async def _lock(self, order_id: str, lock: Any) -> None:
         """Wait for the order's lock without holding an in-flight slot."""
@@ -246,11 +282,10 @@ class ClusterOrders:
         time enough that the reaper cannot expire some of them half-way (a confirm
         also re-acquires expired lines, ``hold.lua``), or nothing changes (every
         group's holds are undone) and the call is refused. Returns the holds' token."""
-        from stock.engine import _merge_failures
-
         e, token = self.engine, secrets.token_hex(6)
         held = await asyncio.gather(
-            *(e._group_call("hold", order_id, g, HOLD_MS, False, spec, op, token, mode="0")
+            *(e._group_call("hold", order_id=order_id, group=g, spec=spec, mode=NO_ORDER_KEY,
+                            ttl_ms=HOLD_MS, hold_for=op, tag=token)
               for g in groups),
             return_exceptions=True,
         )  # fmt: skip
@@ -258,13 +293,14 @@ class ClusterOrders:
         if failures:
             maybe = [g for g, h in zip(groups, held, strict=True) if not _refused(h)]
             await self._unhold(order_id, maybe, spec, token)
-            raise _merge_failures(failures)
+            raise merge_failures(failures)
         return token
 
     async def _unhold(self, order_id: str, groups: list[list[Item]], spec: str, token: str) -> None:
         e = self.engine
         undone = await asyncio.gather(
-            *(e._group_call("abort", order_id, g, 0, False, spec, "hold", token, mode="0")
+            *(e._group_call("abort", order_id=order_id, group=g, spec=spec, mode=NO_ORDER_KEY,
+                            undo_holds=True, tag=token)
               for g in groups),
             return_exceptions=True,
         )  # fmt: skip
@@ -278,9 +314,10 @@ class ClusterOrders:
         op: str,
         todo: dict[int, list[Item]],
         done: dict[int, LinesReply],
-        ttl_ms: int,
+        *,
         spec: str,
-        kind: str,
+        order_kind: str,
+        ttl_ms: int = 0,
         reason: str = "",
         retries: int = RETRIES,
     ) -> None:
@@ -288,14 +325,20 @@ class ClusterOrders:
         The order is decided (held, or committed): a group whose call failed without
         a refusal is called again (the calls are idempotent), so that no order is
         left half confirmed and half released by a lost call."""
-        from stock.engine import _merge_failures
-
         e = self.engine
         for attempt in range(retries + 1):
             pending = list(todo.items())
             outcomes = await asyncio.gather(
                 *(
-                    e._group_call(op, order_id, g, ttl_ms, False, spec, kind, reason=reason)
+                    e._group_call(
+                        op,
+                        order_id=order_id,
+                        group=g,
+                        spec=spec,
+                        ttl_ms=ttl_ms,
+                        order_kind=order_kind,
+                        reason=reason,
+                    )
                     for _, g in pending
                 ),
                 return_exceptions=True,
@@ -310,7 +353,7 @@ class ClusterOrders:
             refused = [f for f in failures if _refused(f)]
             if refused or not failures or attempt == retries:
                 if failures:
-                    raise _merge_failures(refused or failures)
+                    raise merge_failures(refused or failures)
                 return
             log.warning("order %r: %s of %d groups failed, again: %r",
                         order_id, op, len(failures), failures[0])  # fmt: skip

@@ -21,20 +21,18 @@ from typing import Any, TypeVar
 from stock import keys, validate
 from stock.cluster import ClusterOrders
 from stock.config import Settings
-from stock.errors import (
-    InsufficientStock,
-    NotFound,
-    OrderClosed,
-    ReservationExpired,
-    StockError,
-    Unavailable,
-)
+from stock.errors import NotFound, OrderClosed, Unavailable
 from stock.scripts import (
+    FROM_RECORD,
     STATE_NAMES,
+    WITH_COPY,
+    WITH_RECORD,
     Counters,
     LineResult,
     LinesReply,
+    Mode,
     Scripts,
+    line_call,
     parse_counters,
     parse_lines,
     raise_for,
@@ -240,8 +238,17 @@ class StockEngine:
         customer = "" if customer_id is None else validate.customer_id(customer_id)
         spec = items_spec(items)
         if not self.cluster:
-            keys_, args = self._line_call(
-                order_id, items, ttl_ms, True, spec, op, "1", customer=customer
+            keys_, args = line_call(
+                buckets=self.settings.buckets,
+                retention_ms=self.retention_ms,
+                mode=WITH_RECORD,
+                order_id=order_id,
+                items=items,
+                spec=spec,
+                ttl_ms=ttl_ms,
+                may_create=True,
+                order_kind=op,
+                customer=customer,
             )
             reply = parse_lines(await self.scripts(op, keys_, args), order_id)
             return _result(order_id, op, reply)
@@ -283,12 +290,16 @@ class StockEngine:
         if self.cluster:
             return await self.orders.transition(op, order_id, ttl_ms, reason)
         # One round trip (DESIGN §4): the script reads the order record and builds
-        # its lines' keys itself (mode 'r' of lua/_lib.lua; standalone only).
-        args = [
-            "r", order_id, ttl_ms, self.retention_ms, "0", "", "", "", reason, "",
-            self.settings.buckets, keys.PREFIX,
-        ]  # fmt: skip
-        reply = await self.scripts(op, [keys.order_key(order_id)], args)
+        # its lines' keys itself (standalone only).
+        keys_, args = line_call(
+            buckets=self.settings.buckets,
+            retention_ms=self.retention_ms,
+            mode=FROM_RECORD,
+            order_id=order_id,
+            ttl_ms=ttl_ms,
+            reason=reason,
+        )
+        reply = await self.scripts(op, keys_, args)
         return _result(order_id, op, parse_lines(reply, order_id))
 
     async def _outside(self, waiting: Awaitable[T]) -> T:
@@ -335,64 +346,40 @@ class StockEngine:
     async def _group_call(
         self,
         op: str,
+        *,
         order_id: str,
         group: list[Item],
-        ttl_ms: int,
-        may_create: bool,
         spec: str,
-        kind: str | None = None,
+        mode: Mode = WITH_COPY,
+        ttl_ms: int = 0,
+        may_create: bool = False,
+        order_kind: str = "",
+        hold_for: str = "",
+        undo_holds: bool = False,
         tag: str = "",
         reason: str = "",
         customer: str = "",
-        mode: str = "b",
     ) -> LinesReply:
-        """One bucket group's script call on a cluster; ``mode`` ``b`` carries the
-        bucket's copy of the order (``lua/_lib.lua``)."""
-        keys_, args = self._line_call(
-            order_id, group, ttl_ms, may_create, spec, kind or op, mode, tag, reason, customer
+        """Script ``op`` on one bucket group on a cluster (``line_call`` in
+        ``stock/scripts.py`` names the arguments); by default the call carries the
+        bucket's copy of the order."""
+        keys_, args = line_call(
+            buckets=self.settings.buckets,
+            retention_ms=self.retention_ms,
+            mode=mode,
+            order_id=order_id,
+            items=group,
+            spec=spec,
+            ttl_ms=ttl_ms,
+            may_create=may_create,
+            order_kind=order_kind,
+            hold_for=hold_for,
+            undo_holds=undo_holds,
+            tag=tag,
+            reason=reason,
+            customer=customer,
         )
         return parse_lines(await self.scripts(op, keys_, args), order_id)
-
-    def _line_call(
-        self,
-        order_id: str,
-        items: Sequence[Item],
-        ttl_ms: int,
-        may_create: bool,
-        spec: str,
-        kind: str,
-        with_order: str | bool,
-        tag: str = "",
-        reason: str = "",
-        customer: str = "",
-    ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV in the line call layout of ``lua/_lib.lua``. ``with_order`` is
-        the mode: ``1`` (or True) the order record first (standalone), ``b`` the
-        bucket's copy of the order first (a cluster group: all items in one bucket),
-        ``0`` (or False) no order key."""
-        mode = ("1" if with_order else "0") if isinstance(with_order, bool) else with_order
-        keys_: list[str] = []
-        if mode == "1":
-            keys_.append(keys.order_key(order_id))
-        elif mode == "b":
-            bucket = keys.bucket_of(items[0].sku, self.settings.buckets)
-            keys_.append(keys.order_copy_key(bucket, order_id))
-        args: list[Any] = [
-            mode,
-            order_id,
-            ttl_ms,
-            self.retention_ms,
-            "1" if may_create else "0",
-            spec,
-            kind,
-            tag,
-            reason,
-            customer,
-        ]
-        for item in items:
-            keys_.extend(keys.line_keys(item.sku, order_id, self.settings.buckets))
-            args.extend(item)
-        return keys_, args
 
     def _groups(self, items: Sequence[Item]) -> list[list[Item]]:
         by_bucket: dict[int, list[Item]] = defaultdict(list)
@@ -407,31 +394,3 @@ def _state_name(code: str) -> str:
 
 def _result(order_id: str, op: str, reply: LinesReply) -> OrderResult:
     return OrderResult(order_id, STATUS_OF[op], reply.replay, reply.expires_ms, reply.lines)
-
-
-def _merge(outcomes: Sequence[Any]) -> LinesReply:
-    """One reply for the bucket groups of one order: a replay only if every group was."""
-    replies = [o for o in outcomes if isinstance(o, LinesReply)]
-    return LinesReply(
-        replay=all(r.replay for r in replies),
-        expires_ms=max(r.expires_ms for r in replies),
-        lines=[line for r in replies for line in r.lines],
-    )
-
-
-def _merge_failures(failures: list[BaseException]) -> BaseException:
-    """One error for a failed multi-group call: all short items, else the first error."""
-    short = [f for f in failures if isinstance(f, InsufficientStock)]
-    if short:
-        items = [item for f in short for item in f.details["items"]]
-        names = ", ".join(i["sku"] for i in items)
-        return InsufficientStock(f"not enough stock for {names}", items=items)
-    late = [f for f in failures if isinstance(f, ReservationExpired)]
-    if len(late) > 1:  # a late confirm on several nodes: name every short SKU too
-        items = [item for f in late for item in f.details["items"]]
-        message = "; ".join(f.message for f in late)
-        return ReservationExpired(message, **{**late[0].details, "items": items})
-    for failure in failures:
-        if isinstance(failure, StockError):
-            return failure
-    return failures[0]

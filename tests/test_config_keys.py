@@ -1,6 +1,9 @@
-"""Pure-Python units: settings from the environment, the key layout, the spec codec."""
+"""Pure-Python units: settings from the environment, the key layout, the spec codec, the
+line call layout."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
@@ -9,6 +12,7 @@ from stock import keys
 from stock.config import Settings
 from stock.engine import items_spec, parse_spec
 from stock.errors import ConfigError
+from stock.scripts import NO_ORDER_KEY, WITH_COPY, line_call
 from stock.validate import Item
 
 
@@ -85,3 +89,44 @@ def test_every_setting_is_documented() -> None:
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert [v for v in Settings.variables() if f"`{v}`" not in readme] == []
+
+
+@pytest.mark.parametrize(
+    ("meaning", "slot"),
+    [
+        ({"order_kind": "deduct"}, "deduct"),
+        ({"hold_for": "confirm"}, "confirm"),
+        ({"undo_holds": True}, "hold"),
+    ],
+)
+def test_the_kind_slot_carries_the_meaning_named(meaning: dict[str, Any], slot: str) -> None:
+    """ARGV[7] of a line call (lua/_lib.lua) is the order's kind, the step a hold
+    prepares, or the undo of a hold's changes: each has its own name in Python."""
+    _keys, args = line_call(
+        buckets=16,
+        retention_ms=1,
+        mode=NO_ORDER_KEY,
+        order_id="o",
+        items=[Item("A", 1)],
+        spec="A:1",
+        **meaning,
+    )
+    assert args[6] == slot
+
+
+@pytest.mark.parametrize(
+    "meanings",
+    [{}, {"order_kind": "reserve", "hold_for": "confirm"}, {"order_kind": "x", "undo_holds": True}],
+)
+def test_a_line_call_names_one_meaning_of_its_kind_slot(meanings: dict[str, Any]) -> None:
+    """None or two of them: refused before anything is sent."""
+    with pytest.raises(ValueError, match="one of order_kind, hold_for, undo_holds"):
+        line_call(
+            buckets=16,
+            retention_ms=1,
+            mode=WITH_COPY,
+            order_id="o",
+            items=[Item("A", 1)],
+            spec="A:1",
+            **meanings,
+        )

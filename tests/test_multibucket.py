@@ -88,7 +88,14 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
     group's lines (RESERVED, beside the bucket's copy of the order) and no directory."""
     spec = items_spec(items)
     await engine._group_call(
-        "reserve", order_id, [items[0]], 1000, True, spec, "reserve", "crashed"
+        "reserve",
+        order_id=order_id,
+        group=[items[0]],
+        spec=spec,
+        ttl_ms=1000,
+        may_create=True,
+        order_kind="reserve",
+        tag="crashed",
     )
 
 

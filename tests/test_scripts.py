@@ -52,8 +52,10 @@ def some_skus() -> list[str]:
     alphabet = string.ascii_letters + string.digits + "._:-"
     valid = ["".join(rng.choices(alphabet, k=rng.randint(1, 64))) for _ in range(1500)]
     odd = ["", "é", "ß-SKU", "日本語", "emoji-\U0001f600", "\x00\x7f", "a" * 1000]
-    odd += ["".join(chr(rng.randint(0x80, 0x2FFF)) for _ in range(rng.randint(1, 20)))
-            for _ in range(200)]  # fmt: skip
+    odd += [
+        "".join(chr(rng.randint(0x80, 0x2FFF)) for _ in range(rng.randint(1, 20)))
+        for _ in range(200)
+    ]
     return valid + odd + [f"S{i:02d}" for i in range(100)]
 
 
