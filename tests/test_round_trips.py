@@ -1,11 +1,11 @@
-"""DESIGN §4 "Hot path cost" on standalone Redis, counted by the server itself
-(``INFO commandstats``): confirm, release, extend and cancel are one script call
-each, which reads the order record and finds the order's lines by itself."""
+"""DESIGN §4 "Hot path cost" on standalone Redis, counted by the server itself (its
+``MONITOR`` feed and ``INFO commandstats``): confirm, release, extend and cancel are
+one script call each, which reads the order record and finds the order's lines by
+itself."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +20,6 @@ from tests.conftest import BUCKETS
 from tests.servers import ServerProcess
 
 END = "counted"
-LIB = (Path(__file__).resolve().parent.parent / "lua" / "_lib.lua").read_text()
 
 
 class Counter:
