@@ -61,6 +61,7 @@ class ServerProcess:
         self.workdir = workdir
         self.port = port or free_port()
         self.args = list(args)
+        self.env: dict[str, str] | None = None  # the process's environment (None: ours)
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -73,7 +74,7 @@ class ServerProcess:
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--dir", str(self.workdir), "--logfile", "server.log", *self.args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(command, cwd=self.workdir)
+        self.proc = subprocess.Popen(command, cwd=self.workdir, env=self.env)
         deadline = time.monotonic() + 10
         while not ping(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -218,6 +219,67 @@ async def aof_on_disk(client: Any, timeout: float = 10) -> None:
         assert time.monotonic() < deadline, "BGREWRITEAOF did not finish"
         await asyncio.sleep(0.05)
     assert info["aof_last_bgrewrite_status"] == "ok", info
+
+
+FSYNC_SHIM = Path(__file__).with_name("fsync_log.c")
+
+
+def fsync_shim_env(workdir: Path) -> dict[str, str]:
+    """The environment of a server whose fsyncs are logged to ``fsync.log`` and slowed
+    by the milliseconds in ``fsync.delay`` (both in its own directory, which is its
+    working directory): tests/fsync_log.c, compiled into ``workdir``. Skips the test
+    where there is no C compiler."""
+    import pytest
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler for the fsync shim (tests/fsync_log.c)")
+    shim = workdir / "fsync_log.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(FSYNC_SHIM),
+                    "-ldl"], check=True, capture_output=True, timeout=60)  # fmt: skip
+    return {**os.environ, "LD_PRELOAD": str(shim), "FSYNC_LOG": "fsync.log",
+            "FSYNC_DELAY_FILE": "fsync.delay"}  # fmt: skip
+
+
+def fsynced_size(server: ServerProcess, path: Path) -> int:
+    """How much of ``path`` its last completed fsync had on disk (``fsync_shim_env``;
+    0 if none): what a host crash keeps of the file."""
+    inode, size = str(path.stat().st_ino), 0
+    log = server.workdir / "fsync.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        ino, _, at = line.partition(" ")
+        if ino == inode:
+            size = int(at)
+    return size
+
+
+EARLY_FSYNC = (
+    "this server answers WAITAOF before the fsync under appendfsync everysec"
+    " (redis/redis#13793, fixed in Redis 8.0, in no Valkey release so far): no writer can"
+    " keep PostgreSQL behind it in a host crash; set STOCK_TEST_REDIS_SERVER to a server"
+    " without the bug"
+)
+
+
+async def confirms_fsync_early(url: str, key: str = "fsync-probe") -> bool:
+    """Whether the server at ``url`` (AOF, ``appendfsync everysec``) answers ``WAITAOF
+    1 0`` for writes it has not fsynced: of two SET + WAITAOF pairs, the second needs a
+    new fsync, which ``everysec`` starts a second after the one before at the earliest;
+    the bug (redis/redis#13793, fixed in Redis 8.0, in no Valkey release so far)
+    answers in milliseconds. ``key``: one the server holds (a cluster node's slot)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    try:
+        for _ in range(2):
+            pipe = client.pipeline(transaction=False)
+            pipe.set(key, "1", px=5000)
+            pipe.execute_command("WAITAOF", 1, 0, 3000)
+            started = time.monotonic()
+            _, (local, _replicas) = await pipe.execute()
+        return bool(local) and time.monotonic() - started < 0.2
+    finally:
+        await client.aclose()
 
 
 def cleanup(path: Path) -> None:
