@@ -7,7 +7,9 @@ that also records the stream offsets, then XACKs and trims the streams up to
 the offsets (XTRIM MINID). A crash anywhere leaves entries pending (delivered,
 not acknowledged): a bucket is always read from its pending list (id ``0``)
 first and from ``>`` only once that is empty, and entries at or below the
-recorded offset are skipped and acknowledged.
+recorded offset are skipped and acknowledged. Each node's reads end with a wait
+for Redis's fsync (``persist.durable_read``): a Redis host crash cannot leave
+PostgreSQL with events Redis lost.
 
 **Two writers at once.** Buckets are partitioned with PostgreSQL session
 advisory locks ``pg_try_advisory_lock(WRITER_LOCK, bucket)``, taken on the same
@@ -39,10 +41,10 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
+from persist.durable_read import DurableReads, StreamRead, entries_of
 from persist.events import Chunk, StreamId, apply_batch, decode, prepare, read_offsets
 from persist.quarantine import POISON_ERRORS, screened
 from stock import keys
-from stock.client import connect
 from stock.config import Settings
 from stock.scripts import Scripts
 from stock.supervise import LoopCounters, run_loop
@@ -53,7 +55,6 @@ WRITER_LOCK = 0x5704  # first key of the writer's pg_try_advisory_lock(int, int)
 GROUP = "stock-writer"
 PROBE = 16  # entries asked of a bucket that was empty last time
 CONSUMER = "writer"
-WAITAOF_MS = 2000  # how long a read waits for Redis to fsync what it returned
 
 PG_ERRORS = (
     asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
@@ -115,14 +116,7 @@ class Writer:
         self.idle: set[int] = set()  # buckets whose last read was empty
         self._next_rebalance = 0.0
         self.scripts = Scripts(client)
-        # Its own client for the stream reads, with redis-py's reply parsing turned off
-        # for XREADGROUP/XRANGE: rows are built from the flat field lists directly.
-        # Bytes that are not UTF-8 decode to surrogates instead of failing every read:
-        # the event they belong to fails its COPY and is quarantined (persist.quarantine).
-        self.streams = connect(settings, encoding_errors="surrogateescape")
-        for command in ("XREADGROUP", "XRANGE"):
-            self.streams.set_response_callback(command, _raw)
-        self._wait: str | None = None  # WAITAOF, WAIT or "" (none): decided at the first read
+        self.durable = DurableReads(settings, GROUP, CONSUMER)  # its own client
 
     # -- PostgreSQL side ----------------------------------------------------
 
@@ -167,7 +161,7 @@ class Writer:
         with contextlib.suppress(RedisError):
             await self._acked()
         await self.close()
-        await self.streams.aclose()
+        await self.durable.client.aclose()
 
     async def close(self) -> None:
         """Close the PostgreSQL connection (which releases the bucket locks)."""
@@ -218,7 +212,7 @@ class Writer:
         except POISON_ERRORS as exc:  # a bad event: set it aside, apply the others
             log.warning("writer: batch refused (%r); screening it for bad events", exc)
             found: list[tuple[str, str, str]] = []
-            new_offsets = await apply_batch(conn, chunks, screened(self._raw_entry, found))
+            new_offsets = await apply_batch(conn, chunks, screened(self.durable.raw_entry, found))
             self.stats.quarantined += len(found)
         for b in self.owned:
             self.offsets[b] = new_offsets.get(keys.events_key(b), self.offsets[b])
@@ -228,85 +222,33 @@ class Writer:
         self.stats.batch_sizes.append(count)
         self.stats.oldest_unflushed_ms = None
 
-    async def _raw_entry(self, stream: str, entry_id: str) -> list[bytes]:
-        """One stream entry's fields and values as the bytes Redis holds."""
-        reply = await self.streams.xrange(stream, min=entry_id, max=entry_id, count=1)
-        fields = reply[0][1] if reply else []
-        return [str(f).encode("utf-8", "surrogateescape") for f in fields]
-
     async def _read(self) -> list[_Read]:
+        """One read of every owned bucket (``persist.durable_read``: what it returns
+        is fsynced by Redis); a bucket not read this round is read from its pending
+        list next round."""
         buckets = sorted(self.owned)
         counts = self._counts(buckets)
-        if self._wait is None:
-            self._wait = await self._durability()
-        pipe = self.streams.pipeline(transaction=False)
-        for b in buckets:
-            key, count = keys.events_key(b), counts[b]
-            pipe.xrange(key, min=f"({self.delivered[b]}", max="+", count=1)
-            pipe.xreadgroup(GROUP, CONSUMER, {key: "0" if b in self.pending else ">"}, count)
-        if self._wait == "WAITAOF":
-            # On the same connection, after the XREADGROUPs (writes): wait until Redis
-            # has them, and so every event they returned, fsynced in its AOF. Without
-            # this a Redis host crash could lose events PostgreSQL already has.
-            pipe.execute_command("WAITAOF", 1, 0, WAITAOF_MS)
-        elif self._wait == "WAIT":  # Redis < 7.2 with replicas: on another machine
-            pipe.execute_command("WAIT", 1, WAITAOF_MS)
-        replies = await pipe.execute(raise_on_error=False)
-        if self._wait:
-            synced: Any = replies.pop()  # WAIT: replicas; WAITAOF: [local, replicas]
-            if (
-                isinstance(synced, Exception)
-                or int(synced if self._wait == "WAIT" else synced[0]) < 1
-            ):
-                where = "fsynced by Redis" if self._wait == "WAITAOF" else "on a replica"
-                raise RedisError(f"events not yet {where} ({self._wait}: {synced!r})")
+        done = await self.durable.read([StreamRead(b, keys.events_key(b), str(self.delivered[b]),
+                                                   "0" if b in self.pending else ">", counts[b])
+                                        for b in buckets])  # fmt: skip
+        self.pending.update(done.skipped)
+        self.stats.redis_errors += bool(done.errors)
         reads, missing = [], []
-        for i, b in enumerate(buckets):
-            head, reply = replies[2 * i], replies[2 * i + 1]
+        for b in buckets:
+            if b not in done.replies:
+                continue
+            head, reply = done.replies[b]
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
                 missing.append(b)  # the stream was deleted (FLUSHALL): make the group again
                 continue
             for r in (head, reply):
                 if isinstance(r, Exception):
                     raise r
-            reads.append(self._sort(b, head, _entries(reply), counts[b]))
+            reads.append(self._sort(b, head, entries_of(reply), counts[b]))
         if missing:
             await self._ensure_groups(missing)
             self.pending.update(missing)
         return reads
-
-    async def _durability(self) -> str:
-        """What a read waits for before its events may reach PostgreSQL (standalone,
-        AOF on): WAITAOF on Redis 7.2+/Valkey. Redis 7.0 has no WAITAOF: WAIT for a
-        replica when it has one; with ``appendfsync always`` nothing (every reply
-        follows its fsync); else a warning, once. (A cluster pipeline splits by node
-        and cannot keep the wait on the connection that read; there, replicas are
-        the durability.)"""
-        if self.settings.redis_cluster:
-            return ""
-        try:
-            config = await self.streams.config_get("appendonly")
-            if config.get("appendonly") != "yes":
-                return ""
-        except RedisError:
-            return ""  # CONFIG refused (managed Redis)
-        try:
-            await self.streams.execute_command("WAITAOF", 0, 0, 1)
-            return "WAITAOF"
-        except ResponseError as exc:
-            if "unknown command" not in str(exc).lower():
-                return ""
-        policy = (await self.streams.config_get("appendfsync")).get("appendfsync")
-        if policy == "always":
-            return ""
-        if int((await self.streams.info("replication")).get("connected_slaves", 0)) > 0:
-            return "WAIT"
-        log.warning(
-            "writer: this Redis has no WAITAOF (7.2+) and appendfsync is %s: a host crash "
-            "can lose up to about a second of events that PostgreSQL already has; set "
-            "appendfsync always, add a replica, or use Redis 7.2+", policy,
-        )  # fmt: skip
-        return ""
 
     def _counts(self, buckets: list[int]) -> dict[int, int]:
         """Entries to ask each bucket for, at most the batch in all: a small probe
@@ -437,17 +379,10 @@ class Writer:
     async def _peek_lag(self) -> None:
         """While PostgreSQL is away: the oldest event after the known offsets, so
         that flush lag keeps growing during an outage."""
-        buckets = sorted(self.offsets)
-        try:
-            pipe = self.streams.pipeline(transaction=False)
-            for b in buckets:
-                pipe.xrange(keys.events_key(b), min=f"({self.offsets[b]}", max="+", count=1)
-            heads = await pipe.execute()
-        except RedisError:
-            return
-        oldest = [StreamId.parse(h[0][0]).ms for h in heads if h]
-        if oldest:
-            self.stats.oldest_unflushed_ms = min(oldest)
+        offsets = {keys.events_key(b): str(offset) for b, offset in self.offsets.items()}
+        with contextlib.suppress(RedisError):
+            oldest = await self.durable.oldest_after(offsets)
+            self.stats.oldest_unflushed_ms = oldest or self.stats.oldest_unflushed_ms
 
     async def _drop_connection(self) -> None:
         conn, self.conn = self.conn, None
@@ -462,16 +397,3 @@ def _decoded(fields: Any) -> list[str]:
         return decode(fields)
     except Exception:
         return []
-
-
-def _raw(response: Any, **options: Any) -> Any:
-    return response
-
-
-def _entries(reply: Any) -> list[Any]:
-    """The [id, [field, value, ...]] entries of a raw one-stream XREADGROUP reply."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):  # RESP3: {stream: entries}
-        return [entry for entries in reply.values() for entry in entries or []]
-    return list(reply[0][1])  # RESP2: [[stream, entries]]

@@ -1,10 +1,10 @@
 """What the writer waits for before PostgreSQL gets a batch, per server.
 
-Redis 7.2+ and Valkey: WAITAOF (the events are fsynced in the AOF). Redis 7.0 has
-no WAITAOF: with replicas the writer WAITs for one (the events are on another
-machine); with ``appendfsync always`` every reply already follows its fsync;
-otherwise it warns once that a host crash can lose about a second of events
-PostgreSQL already has (README, "Persistence").
+Redis 7.2+ and Valkey: WAITAOF (the events are fsynced in the AOF), also for pending
+entries another connection read. Redis 7.0 has no WAITAOF: with replicas the writer
+WAITs for one (the events are on another machine); with ``appendfsync always`` every
+reply already follows its fsync; otherwise it warns once that a host crash can lose
+about a second of events PostgreSQL already has (README, "Persistence").
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import asyncpg
 import pytest
 from redis.exceptions import RedisError
 
-from persist import writer as writer_module
-from persist.writer import Writer
+from persist import durable_read
+from persist.writer import CONSUMER, GROUP, Writer
+from stock import keys
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
-from tests.servers import ServerProcess
+from tests.servers import EARLY_FSYNC, ServerProcess, confirms_fsync_early, fsync_shim_env
 
 REDIS7 = os.environ.get("STOCK_TEST_REDIS7", "/usr/bin/redis-server")
 needs_redis7 = pytest.mark.skipif(
@@ -113,7 +114,7 @@ async def test_redis70_with_a_replica_waits_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """WAIT 1 on the reading connection: with the replica gone, nothing is applied."""
-    monkeypatch.setattr(writer_module, "WAITAOF_MS", 300)
+    monkeypatch.setattr(durable_read, "WAITAOF_MS", 300)
     primary = start(servers, tmp_path / "p", "--appendfsync", "everysec")
     replica = start(servers, tmp_path / "s", "--replicaof", "127.0.0.1", str(primary.port))
     client = connect(Settings(redis_url=primary.url))
@@ -139,3 +140,36 @@ async def test_redis70_with_a_replica_waits_for_it(
             assert await rows(conn) == 1  # not applied: it may not be on another machine
     finally:
         await client.aclose()
+
+
+async def test_pending_entries_read_elsewhere_wait_for_their_fsync(
+    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A writer that died before its WAITAOF left an event delivered (pending) and not
+    yet fsynced. Re-reading a pending list writes nothing, so a WAITAOF after it on
+    another connection would return at once: the next writer must still wait for the
+    fsync (Valkey; its disk stalled by tests/fsync_log.c)."""
+    monkeypatch.setattr(durable_read, "WAITAOF_MS", 300)
+    server = ServerProcess(tmp_path / "r", None, "--appendonly", "yes", "--appendfsync", "everysec")
+    server.env = fsync_shim_env(tmp_path)
+    servers.append(server.start())
+    if await confirms_fsync_early(server.url):
+        pytest.skip(EARLY_FSYNC)
+    async with writer_on(server, dsn) as (writer, engine):
+        (server.workdir / "fsync.delay").write_text("2000")  # each fsync takes 2 s more
+        await engine.set_stock("DUR", 5)
+        key = keys.events_key(keys.bucket_of("DUR", writer.settings.buckets))
+        await engine.redis.xgroup_create(key, GROUP, id="0")
+        assert await engine.redis.xreadgroup(GROUP, CONSUMER, {key: ">"}, 10)  # then died
+        with pytest.raises(RedisError, match="not yet fsynced"):
+            await writer.step()  # takes the buckets, re-reads their pending lists
+        assert await rows(conn) == 0  # not applied: Redis may still lose it
+        (server.workdir / "fsync.delay").write_text("0")
+        for _ in range(100):  # once the stalled fsync is over (about 2 s)
+            try:
+                await drain(writer)
+                break
+            except RedisError:
+                await asyncio.sleep(0.1)
+        assert await rows(conn) == 1

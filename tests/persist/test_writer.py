@@ -93,7 +93,7 @@ async def test_writer_that_lost_its_lock_cannot_make_the_next_skip(
     await _drain_with(new)
     assert new.stats.gaps > 0
     await new.aclose()
-    await old.streams.aclose()
+    await old.durable.client.aclose()
     await wait_persisted(redis, psettings, pg, skus, wait_s=5)
 
 
