@@ -18,7 +18,7 @@ is a write that follows the delivery, so the wait covers the pending entries too
 where the server has it (Redis 7.2+, Valkey) and can confirm an fsync. Redis 7.0 and
 7.1 have no WAITAOF, ``appendfsync no`` never confirms an fsync, and Valkey (every
 release so far) confirms one it has not done under ``everysec`` (redis/redis#13793,
-fixed in Redis 8.0; found by two timed write + WAITAOF pairs): there the read WAITs
+fixed in Redis 8.0; found by timed write + WAITAOF pairs): there the read WAITs
 for a replica when the node has one, and else a warning is logged once (WAITAOF is
 kept where it exists: it is right on a server with the fix). Under
 ``appendfsync always`` every reply follows its fsync. Without AOF there is nothing
@@ -64,7 +64,7 @@ log = logging.getLogger("persist.writer")
 
 WAITAOF_MS = 2000  # how long a read waits for Redis to fsync what it returned
 WAITAOF, WAIT, NO_WAIT = "WAITAOF", "WAIT", ""
-EARLY_S = 0.2  # a write + WAITAOF under everysec answered faster: no fsync waited for
+EARLY_S = 0.6  # two write + WAITAOF pairs under everysec answered faster: no fsyncs
 REFRESH_S = 1.0  # at most one slot map reload per this long after a node failed
 # Replies after which a bucket was not read (the command did not run there): read again.
 NOT_HERE = (AskError, TryAgainError, ClusterDownError)  # (MovedError is an AskError)
@@ -239,10 +239,11 @@ class DurableReads:
         return WAITAOF if has_waitaof else NO_WAIT
 
     async def _confirms_unsynced(self, node: Any, key: str) -> bool:
-        """Whether the node answers WAITAOF 1 0 before the fsync: of two writes each
-        followed by WAITAOF, the second needs an fsync that ``everysec`` starts at
-        the earliest a second after the one before, so a correct server takes most of
-        a second and one with the bug milliseconds. The writes make and drop a
+        """Whether the node answers WAITAOF 1 0 before the fsync: of three writes each
+        followed by WAITAOF, the second and the third each need a new fsync, which
+        ``everysec`` starts at the earliest a second after the one before, so a
+        correct server takes about two seconds for them and one with the bug a
+        tenth of a second each (its event loop's tick). The writes make and drop a
         consumer of the writer's group (no key is added)."""
         pair = [
             ("XGROUP", "CREATECONSUMER", key, self.group, "fsync-probe"),
@@ -251,10 +252,11 @@ class DurableReads:
         ]
         await self._round_trip(node, pair, waits=True)
         started = time.monotonic()
-        replies = await self._round_trip(node, pair, waits=True)
-        if any(isinstance(r, Exception) for r in replies):
-            return False  # (no group yet: no verdict)
-        return time.monotonic() - started < EARLY_S and int(replies[-1][0]) == 1
+        for _ in range(2):
+            replies = await self._round_trip(node, pair, waits=True)
+            if any(isinstance(r, Exception) for r in replies) or int(replies[-1][0]) != 1:
+                return False  # (no group yet, or a wait that timed out: no verdict)
+        return time.monotonic() - started < EARLY_S
 
     async def _moved(self, error: Exception) -> None:
         """Tell redis-py's slot map where a moved slot is now (as its own path does);

@@ -124,7 +124,7 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
         cluster.stop()
         pytest.skip(EARLY_FSYNC)
     settings = Settings(redis_url=cluster.url, redis_cluster=True, buckets=BUCKETS,
-                        database_url=dsn, writer_batch=500, writer_interval_ms=20)  # fmt: skip
+                        database_url=dsn, writer_batch=5000, writer_interval_ms=20)  # fmt: skip
     client = connect(settings)
     pg = await asyncpg.connect(dsn)
     writer_client = connect(settings)
@@ -211,7 +211,7 @@ async def test_writer_follows_a_slot_moved_mid_run(tmp_path: Path, dsn: str) -> 
     once (``wait_persisted`` counts the ledger)."""
     cluster = Cluster(tmp_path / "cluster", options=("--appendonly", "yes")).start()
     settings = Settings(redis_url=cluster.url, redis_cluster=True, buckets=BUCKETS,
-                        database_url=dsn, writer_batch=200, writer_interval_ms=20)  # fmt: skip
+                        database_url=dsn, writer_batch=5000, writer_interval_ms=20)  # fmt: skip
     client, writer_client = connect(settings), connect(settings)
     pg = await asyncpg.connect(dsn)
     stop = asyncio.Event()

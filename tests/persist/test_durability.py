@@ -173,3 +173,20 @@ async def test_pending_entries_read_elsewhere_wait_for_their_fsync(
             except RedisError:
                 await asyncio.sleep(0.1)
         assert await rows(conn) == 1
+
+
+async def test_a_server_that_answers_waitaof_before_the_fsync_is_named(
+    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The writer tells an operator when the server's WAITAOF cannot give the guarantee
+    (Valkey under everysec: the warning), and says nothing on one whose WAITAOF waits
+    for the fsync; it copies events either way."""
+    server = ServerProcess(tmp_path / "r", None, "--appendonly", "yes", "--appendfsync", "everysec")
+    servers.append(server.start())
+    early = await confirms_fsync_early(server.url)
+    with caplog.at_level(logging.WARNING, logger="persist.writer"):
+        await one_round(server, dsn)
+    assert await rows(conn) == 1
+    named = any("confirms fsyncs it has not done" in r.getMessage() for r in caplog.records)
+    assert named == early, caplog.text
