@@ -113,14 +113,19 @@ class Cluster:
         self, workdir: Path, masters: int = 3, replicas: int = 0, options: tuple[str, ...] = ()
     ) -> None:
         self.replicas = replicas
-        self.nodes = [
-            ServerProcess(
-                workdir / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                "--appendonly", "no", *options,
-            )
-            for i in range(masters * (1 + replicas))
-        ]  # fmt: skip
+        self.options = options
+        self.nodes = [self._node(workdir / f"node{i}") for i in range(masters * (1 + replicas))]
+
+    def _node(self, workdir: Path) -> ServerProcess:
+        return ServerProcess(
+            workdir, free_cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file",
+            "nodes.conf", "--cluster-node-timeout", "2000", "--appendonly", "no", *self.options,
+        )  # fmt: skip
+
+    def spare(self, workdir: Path) -> ServerProcess:
+        """A started node of the same settings that belongs to no cluster yet (for
+        ``valkey-cli --cluster add-node``)."""
+        return self._node(workdir).start()
 
     @property
     def url(self) -> str:
@@ -197,6 +202,39 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def node_id(port: int) -> str:
+    return cli(port, "cluster", "myid").strip()
+
+
+def cluster_cli(*args: str) -> str:
+    """``valkey-cli --cluster ...`` (add-node, reshard, del-node, ...), which must
+    succeed; returns its output."""
+    done = subprocess.run(
+        [CLI_BIN, "--cluster", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
+    return done.stdout
+
+
+def wait_agreed(ports: list[int], timeout: float = 20) -> None:
+    """Wait until each node of ``ports`` knows exactly those nodes and says
+    cluster_state:ok, and ``valkey-cli --cluster check`` passes: a node that just
+    joined or left takes a moment to be known by all, and a MIGRATE to a node that
+    does not know the cluster yet fails with CLUSTERDOWN."""
+    deadline = time.monotonic() + timeout
+    while True:
+        known = [len(cli(p, "cluster", "nodes").splitlines()) for p in ports]
+        ok = all("cluster_state:ok" in cli(p, "cluster", "info") for p in ports)
+        check = subprocess.run(
+            [CLI_BIN, "--cluster", "check", f"127.0.0.1:{ports[0]}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if ok and check.returncode == 0 and known == [len(ports)] * len(ports):
+            return
+        assert time.monotonic() < deadline, (known, ok, check.stdout[-2000:])
+        time.sleep(0.2)
 
 
 async def aof_on_disk(client: Any, timeout: float = 10) -> None:
