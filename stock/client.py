@@ -6,26 +6,57 @@ import socket
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import PRIMARY
 
 from stock.config import Settings
 
 
 class _Cluster(RedisCluster):
-    """redis-py's cluster client, initialized before its first command.
+    """redis-py's cluster client, initialized before its first command, and able to
+    follow a redirection to a master that joined after its last slot map load.
 
     redis-py 8.1 routes a command that arrives before the client knows the slot
     map to its default node, not to the key's slot: a burst of first calls then
-    draws MOVED replies, and every fifth MOVED makes the client close all its
-    connections, failing the calls in flight on them. Knowing the slot map
-    before the first command routes every call right.
+    draws MOVED replies. Knowing the slot map before the first command routes
+    every call right.
+
+    An ASK can name a master the client has never seen (one just added with
+    ``--cluster add-node``, slots on their way to it): redis-py's MOVED path adds
+    such a node (``NodesManager.move_slot``), its ASK path looks the address up
+    by name and fails on None (AttributeError deep in redis-py). ``get_node`` by
+    name adds it here, as a primary, the way ``move_slot`` does.
+
+    ``migration_wait_s``: how long a call answered TRYAGAIN is tried again
+    (``stock.cluster_pipeline``; ``Settings.redis_migration_wait_s``).
     """
+
+    migration_wait_s = 5.0
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self.get_default_node() is None:
             await self.initialize()
         return await super().execute_command(*args, **kwargs)
+
+    def get_node(
+        self, host: str | None = None, port: int | None = None, node_name: str | None = None
+    ) -> Any:
+        node = super().get_node(host, port, node_name)
+        if node is None and node_name and not (host and port):
+            return self.known_node(*node_name.rsplit(":", 1))
+        return node
+
+    def known_node(self, host: str, port: int | str) -> Any:
+        """The node at ``host:port``, added as a primary if the client does not know
+        it yet (the target of a redirection: a master that just joined)."""
+        manager = self.nodes_manager
+        node = manager.get_node(host, int(port))
+        if node is None:
+            node = ClusterNode(host, int(port), PRIMARY, **manager.connection_kwargs)
+            manager.set_nodes(manager.nodes_cache, {node.name: node})
+        return node
 
 
 def deadlines(settings: Settings) -> dict[str, Any]:
@@ -64,14 +95,24 @@ def connect(settings: Settings, **options: Any) -> Any:
     Every call has a deadline (``deadlines``); a standalone call is retried
     ``redis_retries`` times (redis-py's default, 10, made a call with a 2 s
     timeout last half a minute when Redis stops answering). The cluster client
-    keeps redis-py's own retries, which follow MOVED and failovers.
+    keeps redis-py's own retries, which follow MOVED and failovers; calls answered
+    TRYAGAIN during a reshard are retried for ``redis_migration_wait_s`` by
+    ``stock.cluster_pipeline``.
     """
     options.setdefault("decode_responses", True)
     for name, value in deadlines(settings).items():
         options.setdefault(name, value)
     size = settings.redis_max_connections
     if settings.redis_cluster:
-        return _Cluster.from_url(settings.redis_url, max_connections=4 * size, **options)
+        # reinitialize_steps=0: a MOVED moves its slot in the client's map (redis-py's
+        # default also reloads the whole map on every fifth MOVED, closing every
+        # connection of the client under the calls in flight on them; a reshard
+        # draws a MOVED per moved slot). A lost node still reloads it.
+        options.setdefault("reinitialize_steps", 0)
+        client = _Cluster.from_url(settings.redis_url, max_connections=4 * size, **options)
+        assert isinstance(client, _Cluster)
+        client.migration_wait_s = settings.redis_migration_wait_s
+        return client
     options.setdefault("retry", Retry(ExponentialWithJitterBackoff(0.01, 0.2),
                                       settings.redis_retries))  # fmt: skip
     wait = settings.redis_connect_timeout_s + settings.redis_timeout_s

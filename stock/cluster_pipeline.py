@@ -7,16 +7,29 @@ redis-py's own slot map (``get_node_from_key``) to an ``AutoPipeline`` of that
 node, which borrows one connection of the node and writes the calls of one tick
 (or of a full batch) in one write, exactly as on standalone.
 
-redis-py stays in charge of the topology. When a node answers MOVED, ASK,
-TRYAGAIN or CLUSTERDOWN (the call did not run) or the connection to it fails,
-the call goes again through redis-py's cluster client, which follows the
-redirection, refreshes its slot map (so later calls route right) and retries.
-A MOVED is first followed here, once (the call did not run): the slot map is
-told (``move_slot``, as redis-py's own path does) and the call joins the new
-node's batch; an ASK likewise, prefixed by ASKING. A call made with ``once`` is
-never sent twice: any failure but those redirections reaches the caller. A call that timed out
-(the node did not answer within ``socket_timeout``) is not resent either: the
-node is paused or overloaded, and resending would only wait again.
+The replies that say a call did not run are followed here, for every call
+(``ClusterBatch.call``): MOVED (the slot map is told, ``move_slot``, as
+redis-py's own path does, and the call joins the new node's batch), ASK (the
+call goes to the node named, prefixed by ASKING in the same batch and so on the
+same connection: redis-py sends its ASKING as a separate pooled command, which
+often lands on another connection), NOSCRIPT (the script is loaded on that node)
+and TRYAGAIN. A reshard answers TRYAGAIN to a call whose keys are split between
+the two nodes while their slot migrates, for as long as that slot's keys take to
+move: redis-py gives up after about 0.4 s, here the call is tried again with a
+growing pause for ``redis_migration_wait_s`` (5 s by default).
+
+A node that answers CLUSTERDOWN (a master taken out with ``del-node`` is reset
+and says so for the slots a stale map still gives it), or a slot the map does
+not cover, makes the slot map reload (``NodesManager.initialize``, which lets
+the calls in flight finish) and the call wait and go again, within the same
+budget. After that, or when the connection fails, the call goes again through
+redis-py's cluster client (which closes every connection of the client on
+CLUSTERDOWN, refreshes its slot map and retries). A call made with ``once`` is
+never sent twice where it may have run:
+it follows the redirections above (nothing ran), and any other failure reaches
+the caller. A call that timed out (the node did not answer within
+``socket_timeout``) is not resent either: the node is paused or overloaded, and
+resending would only wait again.
 """
 
 from __future__ import annotations
@@ -39,11 +52,16 @@ from redis.exceptions import (
 from stock.pipeline import MAX_BATCH, AutoPipeline
 
 # Failures after which redis-py's own path sends a repeatable call again: the call did
-# not run where it was sent (a redirection, a slot in migration or uncovered, the
+# not run where it was sent (redirections too many in a row, a slot uncovered, the
 # cluster down), or the connection failed (maybe sent, maybe not).
-_RESEND = (AskError, TryAgainError, ClusterDownError, SlotNotCoveredError, ConnectionError)
+_RESEND = (AskError, ClusterDownError, SlotNotCoveredError, ConnectionError)
 
 Fallback = Callable[[], Awaitable[Any]]
+
+MAX_REDIRECTS = 5  # MOVED/ASK followed in a row (between TRYAGAIN pauses) for one call
+MIGRATION_WAIT_S = 5.0  # TRYAGAIN waited out per call, when the client does not say
+TRYAGAIN_FIRST_S = 0.01  # the first pause after a TRYAGAIN, doubling ...
+TRYAGAIN_MAX_S = 0.2  # ... up to this
 
 
 def _parse_error(message: str) -> Exception:
@@ -91,6 +109,8 @@ class ClusterBatch:
         self._retired = [0, 0]  # batches and commands of pipelines replaced since
         self.fallbacks = 0  # calls sent again through redis-py's cluster client
         self.redirects = 0  # MOVED or ASK replies followed here
+        self.tryagains = 0  # TRYAGAIN replies waited out here
+        self.reloads = 0  # slot map reloads after CLUSTERDOWN or an uncovered slot
 
     @property
     def batches(self) -> int:
@@ -138,30 +158,81 @@ class ClusterBatch:
     async def call(
         self, key: str, command: Sequence[Any], fallback: Fallback | None, source: str = ""
     ) -> Any:
+        """Send ``command`` to the node of ``key``'s slot, following the replies that
+        say it did not run there: MOVED (the slot map is told) and ASK (ASKING first,
+        in the same batch), each at most ``MAX_REDIRECTS`` times in a row; TRYAGAIN
+        (a multi-key call in a slot whose keys are half migrated), and CLUSTERDOWN or
+        an uncovered slot (the slot map reloaded), tried again with a growing pause
+        for ``migration_wait_s``. These are followed for ``once`` calls too: nothing
+        ran. Any other failure in ``_RESEND`` goes to ``fallback`` (redis-py's path),
+        or to the caller when there is none."""
         client = self.client
         if client.get_default_node() is None:  # no slot map yet
             await client.initialize()
-        try:
-            return await self._send(self.pipe_for(client.get_node_from_key(key)), command, source)
-        except AskError as exc:  # MOVED or ASK: it did not run; follow it once, batched
+        node, asking, hops = client.get_node_from_key(key), False, 0
+        waited, pause = 0.0, TRYAGAIN_FIRST_S
+        while True:
             try:
-                return await self._redirect(exc, command, source)
-            except _RESEND:
-                if fallback is None:
+                return await self._send(self.pipe_for(node), command, source, asking)
+            except MovedError as exc:  # (a subclass of AskError)
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    return await self._fall_back(exc, fallback)
+                self.redirects += 1
+                await client.nodes_manager.move_slot(exc)
+                node, asking = client.get_node_from_key(key), False
+                continue
+            except AskError as exc:
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    return await self._fall_back(exc, fallback)
+                node, asking = self._node_at(exc.host, exc.port), True
+                if node is None:
+                    return await self._fall_back(exc, fallback)
+                self.redirects += 1
+                continue
+            except TryAgainError:
+                if waited >= getattr(client, "migration_wait_s", MIGRATION_WAIT_S):
                     raise
-        except _RESEND:
-            if fallback is None:
-                raise
+                self.tryagains += 1
+            except (ClusterDownError, SlotNotCoveredError) as exc:
+                # A stale slot map entry: a master taken out by ``del-node`` is reset
+                # and answers CLUSTERDOWN for the slots it gave away. Reload the map
+                # (gently: redis-py's own path first closes every connection of the
+                # client, under the calls in flight) and try again, within the budget.
+                if waited >= getattr(client, "migration_wait_s", MIGRATION_WAIT_S):
+                    return await self._fall_back(exc, fallback)
+                self.reloads += 1
+                try:
+                    await client.nodes_manager.initialize()
+                except Exception:  # no node has the whole map: redis-py's path decides
+                    return await self._fall_back(exc, fallback)
+            except _RESEND as exc:
+                return await self._fall_back(exc, fallback)
+            await asyncio.sleep(pause)  # (after a TRYAGAIN or a reload)
+            waited, pause = waited + pause, min(pause * 2, TRYAGAIN_MAX_S)
+            node, asking, hops = client.get_node_from_key(key), False, 0
+
+    async def _fall_back(self, exc: BaseException, fallback: Fallback | None) -> Any:
+        """redis-py's own path for a repeatable call; the error for a ``once`` call."""
+        if fallback is None:
+            raise exc
         self.fallbacks += 1
         try:
             return await fallback()
         except AttributeError:
             # redis-py 8.1 closes every connection of the client when it reloads the
-            # slot map (after MOVED replies), under calls in flight on them: those fail
-            # inside redis-py ('NoneType' ... 'writelines'). Only idempotent calls get
-            # a fallback, so the call is sent once more, on a fresh connection.
+            # slot map (a lost node, CLUSTERDOWN), under calls in flight on them: those
+            # fail inside redis-py ('NoneType' ... 'writelines'). Only idempotent calls
+            # get a fallback, so the call is sent once more, on a fresh connection.
             self.fallbacks += 1
             return await fallback()
+
+    def _node_at(self, host: str, port: int) -> Any:
+        """The node an ASK names, added to the client's nodes if new (a master that
+        just joined; ``stock.client``'s cluster client does that)."""
+        known = getattr(self.client, "known_node", None)
+        return known(host, port) if known else self.client.get_node(host=host, port=port)
 
     async def _send(
         self, pipe: NodePipeline, command: Sequence[Any], source: str, asking: bool = False
@@ -179,18 +250,6 @@ class ClusterBatch:
                     raise
                 await pipe.execute("SCRIPT", "LOAD", source)
         raise AssertionError("unreachable")
-
-    async def _redirect(self, exc: AskError, command: Sequence[Any], source: str) -> Any:
-        """Follow one MOVED (telling redis-py's slot map, as its own path does) or
-        one ASK, in the batch of the node it names."""
-        self.redirects += 1
-        moved = isinstance(exc, MovedError)
-        if moved:
-            await self.client.nodes_manager.move_slot(exc)
-        node = self.client.get_node(host=exc.host, port=exc.port)
-        if node is None:
-            raise exc
-        return await self._send(self.pipe_for(node), command, source, asking=not moved)
 
     async def aclose(self) -> None:
         pipes, self._pipes = list(self._pipes.values()), {}

@@ -90,6 +90,7 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "redis_keepalive_s": ("STOCK_REDIS_KEEPALIVE_S", _int_in(0, 7_200)),
     "redis_health_check_s": ("STOCK_REDIS_HEALTH_CHECK_S", _float_in(0.0, 3_600.0)),
     "redis_retries": ("STOCK_REDIS_RETRIES", _int_in(0, 10)),
+    "redis_migration_wait_s": ("STOCK_REDIS_MIGRATION_WAIT_S", _float_in(0.0, 60.0)),
     "request_timeout_s": ("STOCK_REQUEST_TIMEOUT_S", _float_in(0.1, 300.0)),
     "max_inflight": ("STOCK_MAX_INFLIGHT", _int_in(0, 1_000_000)),
     "soldout_cache_ms": ("STOCK_SOLDOUT_CACHE_MS", _int_in(0, 60_000)),
@@ -133,6 +134,9 @@ class Settings:
     redis_keepalive_s: int = 10  # TCP keepalive idle time (0: off)
     redis_health_check_s: float = 15.0  # PING a connection idle this long before use
     redis_retries: int = 1  # redis-py's retries of a standalone call after a timeout
+    # Cluster: how long a call answered TRYAGAIN (its slot is being resharded, its
+    # keys split between two nodes) is tried again before the request answers 503
+    redis_migration_wait_s: float = 5.0
     request_timeout_s: float = 8.0
     # API requests in flight per process before 503 overloaded (0 = no limit). One
     # process saturates its core at 10-20k req/s with 15-50 in flight: 256 shed no
