@@ -41,18 +41,11 @@ from typing import Any
 import redis as redis_sync
 import uvloop
 
-from loadtest.common import (
-    Valkey,
-    free_port,
-    machine,
-    reserve_call,
-    start_postgres,
-    stop_process,
-    wait_http,
-)
+from loadtest.common import BENCH_AOF, machine, stop_process, wait_http
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import Valkey, free_port, start_postgres, stock_env
 from stock.engine import StockEngine, items_spec
 from stock.pipeline import MAX_BATCH
 from stock.scripts import WITH_RECORD, line_call, load_sources
@@ -184,19 +177,15 @@ async def set_hot(settings: Settings, skus: list[str], available: int = BIG_STOC
 ReserveCall = Callable[[str, str, int, int], tuple[list[str], list[str]]]
 
 
-def reserve_builder(engine: StockEngine, settings: Settings) -> ReserveCall:
+def reserve_builder(engine: StockEngine) -> ReserveCall:
     """``(order_id, sku, qty, ttl_ms) -> (KEYS, ARGV)`` of a single-item standalone reserve,
-    made by the scripts' own ``line_call`` so the raw calls follow any change of the
-    layout; ``loadtest.common.reserve_call`` (the layout as of this writing) if it fails."""
+    made by the scripts' own ``line_call``, so the raw calls follow the layout (and
+    ``bench_raw`` checks that they reserved stock)."""
 
-    def ours(order_id: str, sku: str, qty: int, ttl_ms: int) -> tuple[list[str], list[str]]:
-        retention = settings.retention_s * 1000
-        return reserve_call(order_id, sku, qty, ttl_ms, retention, settings.buckets)
-
-    def theirs(order_id: str, sku: str, qty: int, ttl_ms: int) -> tuple[list[str], list[str]]:
+    def build(order_id: str, sku: str, qty: int, ttl_ms: int) -> tuple[list[str], list[str]]:
         items = [Item(sku, qty)]
         keys_, args = line_call(
-            buckets=settings.buckets,
+            buckets=engine.settings.buckets,
             retention_ms=engine.retention_ms,
             mode=WITH_RECORD,
             order_id=order_id,
@@ -208,18 +197,13 @@ def reserve_builder(engine: StockEngine, settings: Settings) -> ReserveCall:
         )
         return [str(k) for k in keys_], [str(a) for a in args]
 
-    try:
-        theirs("o-1", HOT, 1, 1000)
-    except (TypeError, ValueError) as exc:
-        _log(f"stock.scripts.line_call unusable ({exc!r}): raw calls use loadtest.common's layout")
-        return ours
-    return theirs
+    return build
 
 
 async def _raw_call(settings: Settings, ttl_ms: int) -> tuple[list[str], list[str]]:
     client = connect(settings)
     try:
-        build = reserve_builder(StockEngine(client, settings), settings)
+        build = reserve_builder(StockEngine(client, settings))
         return build("o__rand_int__", HOT, 1, ttl_ms)
     finally:
         await client.aclose()
@@ -343,8 +327,7 @@ def bench_http(
 ) -> dict[str, list[float]]:
     """``stock serve`` (one process, and ``--workers 2``) and the bare app side by side,
     runs alternating; req/s samples by server."""
-    env = dict(os.environ, STOCK_REDIS_URL=settings.redis_url, STOCK_BUCKETS=str(settings.buckets))
-    env.pop("STOCK_DATABASE_URL", None)
+    env = stock_env(settings)
     servers = {
         "api": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"],
         "bare": [sys.executable, "-m", "loadtest.bare_app"],
@@ -471,7 +454,7 @@ async def _reaper(settings: Settings, count: int, sku_count: int) -> tuple[float
     client = connect(settings)
     try:
         sha = await client.script_load(load_sources()["reserve"])
-        build = reserve_builder(StockEngine(client, settings), settings)
+        build = reserve_builder(StockEngine(client, settings))
         for start in range(0, count, 2000):
             pipe = client.pipeline(transaction=False)
             for i in range(start, min(count, start + 2000)):
@@ -624,7 +607,7 @@ def main() -> int:
         return 2
     c, secs, rep = args.concurrency, args.seconds, args.repeat
     workdir = Path(tempfile.mkdtemp(prefix="stock-bench-"))
-    valkey = Valkey(workdir / "valkey").start()
+    valkey = Valkey(workdir / "valkey", None, *BENCH_AOF).start()
     postgres: Any = None
     settings = Settings(redis_url=valkey.url, redis_max_connections=max(128, 2 * c))
     report = Report()

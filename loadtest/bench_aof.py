@@ -24,9 +24,10 @@ from pathlib import Path
 import uvloop
 
 from loadtest.bench import hammer
-from loadtest.common import Valkey, machine
+from loadtest.common import BENCH_AOF, machine
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import Valkey
 from stock.engine import StockEngine
 from stock.validate import Item
 
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[tuple[str, int], list[float]] = {(p, c): [] for p in POLICIES for c in levels}
     try:
         for policy in POLICIES:
-            # loadtest.common.Valkey starts with --appendfsync everysec; a later
-            # --appendfsync on the command line overrides it.
-            servers[policy] = Valkey(workdir / policy, "--appendfsync", policy).start()
+            # a later --appendfsync on the command line overrides BENCH_AOF's everysec
+            aof = (*BENCH_AOF, "--appendfsync", policy)
+            servers[policy] = Valkey(workdir / policy, None, *aof).start()
             got = uvloop.run(_fsync_policy(Settings(redis_url=servers[policy].url)))
             if got != policy:
                 raise SystemExit(f"bench-aof: server runs appendfsync {got}, not {policy}")

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.bench import Report, hammer, run_async, samples
-from loadtest.common import Valkey
+from loadtest.common import BENCH_AOF
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import Valkey
 from stock.engine import StockEngine
 from stock.validate import Item
 from tests.servers import Cluster
 
 SKUS = [f"C-{i:03d}" for i in range(64)]
 STOCK = 10**12
-AOF = ("--appendonly", "yes", "--appendfsync", "everysec", "--auto-aof-rewrite-percentage", "0")
 
 
 def _log(text: str) -> None:
@@ -87,8 +87,8 @@ def measure(
 ) -> tuple[float, float]:
     """Start both backends, run the four series alternating, add the rows; returns
     the (single-item, two-item) cluster/standalone ratios."""
-    standalone = Valkey(workdir / "standalone").start()  # AOF everysec too
-    cluster = Cluster(workdir / "cluster", options=AOF).start()
+    standalone = Valkey(workdir / "standalone", None, *BENCH_AOF).start()
+    cluster = Cluster(workdir / "cluster", options=BENCH_AOF).start()
     size = max(128, 2 * concurrency)
     backends = {
         "standalone": Settings(redis_url=standalone.url, redis_max_connections=size),

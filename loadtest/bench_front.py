@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any
 
 from loadtest.bench import (
@@ -32,21 +33,15 @@ from loadtest.bench import (
     samples,
     set_hot,
 )
-from loadtest.common import free_port, stop_process
+from loadtest.common import stop_process
 from loadtest.httpload import LoadResult, drive, reserve_body
 from stock.config import Settings
+from stock.embedded import free_port, stock_env
 
 SOLD = "SOLD-1"
 SOLDOUT_CACHE_MS = 1000
 OVERLOAD_LIMIT = 64  # STOCK_MAX_INFLIGHT of the overload rows
 CLIENT_TIMEOUT_S = 1.0
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, STOCK_REDIS_URL=settings.redis_url, STOCK_BUCKETS=str(settings.buckets))
-    env.pop("STOCK_DATABASE_URL", None)
-    env.update(extra)
-    return env
 
 
 def wrk_expect(
@@ -75,10 +70,11 @@ def bench_soldout(
 ) -> dict[str, list[float]]:
     """409/s on a sold-out SKU: fast path, bare, and no fast path; runs alternating."""
     serve = [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"]
+    bare = [sys.executable, "-m", "loadtest.bare_app", "--sold-out", SOLD]
     servers = {
-        "fast": (serve, _env(settings, STOCK_SOLDOUT_CACHE_MS=str(SOLDOUT_CACHE_MS))),
-        "bare": ([sys.executable, "-m", "loadtest.bare_app", "--sold-out", SOLD], _env(settings)),
-        "redis": (serve, _env(settings, STOCK_SOLDOUT_CACHE_MS="0")),
+        "fast": (serve, stock_env(replace(settings, soldout_cache_ms=SOLDOUT_CACHE_MS))),
+        "bare": (bare, stock_env(settings)),
+        "redis": (serve, stock_env(replace(settings, soldout_cache_ms=0))),
     }
     fresh(settings).close()
     run_async(set_hot(settings, [SOLD], 0))
@@ -107,8 +103,8 @@ def bench_overload(
     an unbounded one; runs alternating."""
     serve = [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"]
     servers = {
-        "bounded": _env(settings, STOCK_MAX_INFLIGHT=str(OVERLOAD_LIMIT)),
-        "unbounded": _env(settings, STOCK_MAX_INFLIGHT="0"),
+        "bounded": stock_env(replace(settings, max_inflight=OVERLOAD_LIMIT)),
+        "unbounded": stock_env(replace(settings, max_inflight=0)),
     }
     fresh(settings).close()
     run_async(set_hot(settings, [HOT]))
@@ -189,12 +185,13 @@ def run_alone(args: Any) -> int:
     from pathlib import Path
 
     from loadtest.bench import print_table, summary_line, tools_present
-    from loadtest.common import Valkey
+    from loadtest.common import BENCH_AOF
+    from stock.embedded import Valkey
 
     if not tools_present():
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="stock-bench-front-"))
-    valkey = Valkey(workdir / "valkey").start()
+    valkey = Valkey(workdir / "valkey", None, *BENCH_AOF).start()
     report = Report()
     try:
         settings = Settings(

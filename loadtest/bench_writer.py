@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -158,23 +157,21 @@ def main() -> None:
         settings = replace(settings, redis_url=args.redis_url, database_url=args.database_url)
         _runs(settings, args)
         return
-    from stock.dev import start_postgres, start_valkey
+    from loadtest.common import BENCH_AOF
+    from stock.embedded import Valkey, start_postgres
 
     workdir = Path(tempfile.mkdtemp(prefix="stock-bench-"))
-    workdir.chmod(0o755)
-    valkey: subprocess.Popen[bytes] | None = None
+    valkey = Valkey(workdir / "valkey", None, *BENCH_AOF)
     postgres: Any = None
     try:
-        valkey, redis_url = start_valkey(workdir)
+        valkey.start()
         postgres = start_postgres(workdir)
-        settings = replace(settings, redis_url=redis_url, database_url=postgres.get_uri())
+        settings = replace(settings, redis_url=valkey.url, database_url=postgres.get_uri())
         _runs(settings, args)
     finally:
         if postgres is not None:
             postgres.cleanup()
-        if valkey is not None:
-            valkey.terminate()
-            valkey.wait(10)
+        valkey.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

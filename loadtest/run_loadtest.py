@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.common import free_port, stop_process, wait_http
+from loadtest.common import stop_process, wait_http
+from stock.embedded import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from stock.client import connect
@@ -82,13 +81,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _writer(client: object, settings: Settings) -> None:
     from persist.writer import Writer
+    from stock.supervise import stop_on_signals, supervise
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    from stock.supervise import supervise
-
+    stop = stop_on_signals()
     writer = Writer(client, settings, settings.database_url)
     await supervise("writer", lambda: writer.run(stop), stop)
 
@@ -114,9 +109,6 @@ async def _reconcile_payments(args: argparse.Namespace, client: object, settings
 
 async def _webhooks(settings: Settings) -> None:
     from persist.dispatcher import Dispatcher
+    from stock.supervise import stop_on_signals
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await Dispatcher(settings, settings.database_url).run(stop)
+    await Dispatcher(settings, settings.database_url).run(stop_on_signals())

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import UTC
@@ -35,6 +34,7 @@ import orjson
 
 from persist.webhooks import data
 from stock.config import Settings
+from stock.supervise import Backoff
 
 log = logging.getLogger("persist.dispatcher")
 
@@ -271,22 +271,24 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until ``stop`` is set; back off with jitter while PostgreSQL is away."""
         failing = False
-        delay = self.poll_s
+        backoff = Backoff(self.poll_s)
         try:
             while not stop.is_set():
                 self._freed.clear()
+                delay = self.poll_s
                 try:
                     full = await self.poll()
                     if failing:
                         log.info("webhooks: PostgreSQL is back, dispatching")
-                    failing, delay = False, self.poll_s
+                        failing = False
+                        backoff.reset()
                     if full and self.stats.in_flight < self.settings.webhook_concurrency:
                         continue  # more may be due
                 except PG_ERRORS as exc:
                     if not failing:
                         log.warning("webhooks: PostgreSQL error, backing off: %s", exc)
                     failing = True
-                    delay = min(max(delay, 0.05) * 2, 5.0) * random.uniform(0.5, 1.5)
+                    delay = backoff.delay()
                 await _wait_any(stop, self._freed, delay)
         finally:
             await self.aclose()

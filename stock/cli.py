@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -17,7 +16,7 @@ from stock.client import connect
 from stock.config import Settings
 from stock.errors import ConfigError
 from stock.reaper import Reaper
-from stock.supervise import supervise
+from stock.supervise import stop_on_signals, supervise
 
 
 def persist_commands() -> tuple[str, ...]:
@@ -28,10 +27,7 @@ def persist_commands() -> tuple[str, ...]:
 
 async def _reaper(settings: Settings) -> None:
     client = connect(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     probe = None
     if settings.payment_status_url:
         from stock.engine import StockEngine

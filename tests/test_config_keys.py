@@ -31,6 +31,20 @@ def test_environment_is_read() -> None:
     assert s.reaper_period_s == 0.5
 
 
+def test_environment_of_settings_reads_back_as_the_same_settings() -> None:
+    """A child process started with ``Settings.environment`` runs with these settings,
+    whatever the parent's own STOCK_* variables say."""
+    s = Settings(
+        redis_url="redis://h:1/2", redis_cluster=True, database_url="postgresql://x/y",
+        admin_token="t", port=9001, reaper_period_s=0.1, buckets=16, fence_ttl_s=2.5,
+        payment_status_url="http://pay/{order_id}",
+    )  # fmt: skip
+    env = s.environment()
+    assert sorted(env) == sorted(Settings.variables())
+    assert Settings.from_env(env) == s
+    assert Settings.from_env(Settings().environment()) == Settings()
+
+
 def test_overrides_beat_environment() -> None:
     s = Settings.from_env({"STOCK_PORT": "9000"}, port=9100, host=None)
     assert (s.port, s.host) == (9100, "127.0.0.1")

@@ -22,7 +22,7 @@ from stock import keys
 from stock.api import ENGINE, create_app
 from stock.config import Settings
 from tests.conftest import flush
-from tests.test_payment_probe import PaymentService, payments  # noqa: F401
+from tests.payment_service import PaymentService
 
 TOKEN = "console-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -220,7 +220,7 @@ async def test_reconcile_outcome_reaches_health_and_metrics(
 async def test_health_shows_payment_probe_outcomes(
     settings: Settings,
     redis: Any,
-    payments: PaymentService,  # noqa: F811
+    payments: PaymentService,
 ) -> None:
     """A real payment service answers one order paid and fails the other (500)."""
     payments.answers.update({"o-paid": "paid", "o-down": "500"})

@@ -22,8 +22,8 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests import servers
-from tests.servers import free_port
 from tests.test_blackbox import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests.drills import (
     call,
     check_conservation,
@@ -27,7 +28,6 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.servers import free_port
 
 pytestmark = pytest.mark.faults
 

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import free_port
 from tests.conftest import BUCKETS
 from tests.drills import (
     call,
@@ -37,7 +38,7 @@ from tests.drills import (
     start_serve,
     stop_serve,
 )
-from tests.servers import Cluster, free_port
+from tests.servers import Cluster
 
 pytestmark = pytest.mark.faults
 

@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests.drills import (
     call,
     call_text,
@@ -30,8 +31,7 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.persist.conftest import Postgres
-from tests.servers import free_port
+from tests.postgres import Postgres
 
 pytestmark = pytest.mark.faults
 

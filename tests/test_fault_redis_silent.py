@@ -20,6 +20,7 @@ import pytest
 
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import free_port
 from tests.conftest import BUCKETS
 from tests.drills import (
     call,
@@ -35,7 +36,7 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.servers import Cluster, ServerProcess, free_port
+from tests.servers import Cluster, ServerProcess
 
 pytestmark = pytest.mark.faults
 

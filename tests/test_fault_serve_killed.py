@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests.drills import (
     call,
     check_conservation,
@@ -30,7 +31,6 @@ from tests.drills import (
     start_serve,
     stop_serve,
 )
-from tests.servers import free_port
 
 pytestmark = pytest.mark.faults
 

@@ -18,11 +18,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from stock.api import FRONT, SOLDOUT, create_app
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import free_port
 from stock.soldout import SoldOut
 from stock.validate import Item
 from tests import servers
 from tests.conftest import BUCKETS, flush
-from tests.servers import ServerProcess, free_port
+from tests.servers import ServerProcess
 
 TOKEN = "front-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -21,9 +21,10 @@ import psutil
 import pytest
 
 from persist.migrate import migrate
+from stock.embedded import free_port
 from tests import docker_env
 from tests.docker_env import docker
-from tests.servers import ServerProcess, cleanup, cli, free_port
+from tests.servers import ServerProcess, cleanup, cli
 
 pytestmark = pytest.mark.docker
 

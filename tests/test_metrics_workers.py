@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stock.config import Settings
+from stock.embedded import free_port
 from tests import servers
-from tests.servers import free_port
 from tests.test_blackbox import wait_ready
 
 TOKEN = "metrics-token"

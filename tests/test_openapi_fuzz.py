@@ -16,9 +16,10 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from stock.api import create_app
 from stock.config import Settings
+from stock.embedded import free_port
 from stock.openapi import spec
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess, free_port
+from tests.servers import ServerProcess
 
 TOKEN = "fuzz-token"
 # No webhook routes: a made-up subscription would make a dispatcher POST to made-up

@@ -6,56 +6,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from persist.events import decode
 from stock import keys
 from stock.config import Settings
+from stock.embedded import free_port
 from stock.engine import StockEngine
 from stock.payment_probe import PaymentProbe, status_url
 from stock.reaper import Reaper
-from tests.servers import free_port
-
-
-@dataclass
-class PaymentService:
-    """Answers ``GET /pay/{order_id}`` as ``answers`` says (default unpaid)."""
-
-    answers: dict[str, str] = field(default_factory=dict)
-    asked: Counter[str] = field(default_factory=Counter)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        order_id = request.match_info["order_id"]
-        self.asked[order_id] += 1
-        answer = self.answers.get(order_id, "unpaid")
-        if answer == "slow":
-            await asyncio.sleep(30)
-        if answer == "404":
-            return web.json_response({"error": "unknown"}, status=404)
-        if answer == "500":
-            return web.json_response({"error": "down"}, status=500)
-        return web.json_response({"status": answer})
-
-
-@pytest.fixture
-async def payments() -> AsyncIterator[PaymentService]:
-    service = PaymentService()
-    app = web.Application()
-    app.router.add_get("/pay/{order_id}", service.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    service.url = f"http://127.0.0.1:{port}/pay/{{order_id}}"
-    yield service
-    await runner.cleanup()
+from tests.payment_service import PaymentService
 
 
 @dataclass

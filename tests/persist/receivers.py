@@ -20,7 +20,7 @@ from aiohttp import web
 from persist.dispatcher import Dispatcher
 from persist.writer import Writer
 from stock.config import Settings
-from tests.servers import free_port
+from stock.embedded import free_port
 
 
 @dataclass

@@ -15,9 +15,11 @@ import pytest
 from persist.writer import GROUP, Writer
 from stock import keys
 from stock.config import Settings
+from stock.embedded import stock_env
 from stock.engine import StockEngine
-from tests.persist.conftest import WRITER_COMMAND, Postgres, writer_env
+from tests.persist.conftest import WRITER_COMMAND
 from tests.persist.helpers import mixed_load, sku_names, stock_up, wait_persisted
+from tests.postgres import Postgres
 
 pytestmark = pytest.mark.faults
 
@@ -48,7 +50,7 @@ async def _pending(redis: Any, settings: Settings) -> int:
 
 async def _spawn(settings: Settings) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *WRITER_COMMAND, env=writer_env(settings), stdout=subprocess.DEVNULL,
+        *WRITER_COMMAND, env=stock_env(settings), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
 

@@ -18,11 +18,11 @@ from persist.fences import Fences
 from persist.resync import Resync, resync
 from stock import keys
 from stock.config import Settings
+from stock.embedded import stock_env
 from stock.engine import StockEngine
 from stock.errors import NotFound, Unavailable
 from stock.reaper import Reaper
 from tests.conftest import flush
-from tests.persist.conftest import writer_env
 from tests.persist.helpers import drain
 
 
@@ -61,7 +61,7 @@ async def test_killed_resync_fence_runs_out(
     await engine.set_stock("A", 10)
     await drain(redis, psettings, dsn)
     await engine.reserve("late", one("A"))  # unflushed: the resync waits for it, fenced
-    env = writer_env(psettings) | {"STOCK_FENCE_TTL_S": "1"}
+    env = stock_env(psettings, STOCK_FENCE_TTL_S="1")
     command = [sys.executable, "-m", "stock.cli", "resync", "--wait", "60", "A"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:

@@ -17,12 +17,12 @@ from persist.reconcile import reconcile
 from persist.resync import resync
 from stock import keys
 from stock.config import Settings
+from stock.embedded import stock_env
 from stock.engine import StockEngine
 from stock.errors import LimitExceeded, Unavailable
 from stock.reaper import Reaper
 from stock.scripts import Scripts
 from tests.conftest import flush
-from tests.persist.conftest import writer_env
 from tests.persist.helpers import drain, wait_persisted
 
 SKUS = ["A", "B", "C", "D"]
@@ -222,7 +222,7 @@ async def test_reconcile_reports_drift_until_resync(
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*WRITER_PREFIX, *args], env=writer_env(settings), capture_output=True, text=True,
+        [*WRITER_PREFIX, *args], env=stock_env(settings), capture_output=True, text=True,
         timeout=60,
     )  # fmt: skip
 

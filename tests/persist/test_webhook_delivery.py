@@ -17,10 +17,11 @@ import pytest
 from persist import webhooks
 from persist.dispatcher import Dispatcher
 from stock.config import Settings
+from stock.embedded import stock_env
 from stock.engine import StockEngine
 from stock.errors import StockError
 from tests.conftest import BUCKETS
-from tests.persist.conftest import WRITER_COMMAND, writer_env
+from tests.persist.conftest import WRITER_COMMAND
 from tests.persist.receivers import Receiver, pipeline, receiving, until
 from tests.servers import ServerProcess
 
@@ -177,7 +178,7 @@ async def test_dispatcher_killed_mid_send_the_event_goes_again(
     the same event (same id) again: at least once."""
     receiver = Receiver(SECRET, delay_s=1.0)
     await subscribe(pg, receiver, "order.confirmed")
-    env = {**writer_env(hsettings), "STOCK_WEBHOOK_TIMEOUT_S": "2"}
+    env = stock_env(hsettings, STOCK_WEBHOOK_TIMEOUT_S="2")
     async with receiving(receiver), pipeline(redis, hsettings, dispatchers=0):
         child = subprocess.Popen([*WRITER_COMMAND[:-1], "webhooks"], env=env)
         try:
