@@ -16,9 +16,9 @@ from stock.config import Settings
 from stock.engine import StockEngine
 from tests.servers import Cluster, ServerProcess
 
-# PostgreSQL (an embedded server per session, a migrated database per test) and a
-# fake payment service
-pytest_plugins = ["tests.postgres", "tests.payment_service"]
+# PostgreSQL (an embedded server per session, a migrated database per test), a fake
+# payment service, and `stock serve` as a child process
+pytest_plugins = ["tests.postgres", "tests.payment_service", "tests.service"]
 
 BUCKETS = 16
 

@@ -8,6 +8,7 @@ server binary (say a ``redis-server`` 7.x on PATH) to run the suite against it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 from stock import embedded
 from stock.embedded import Valkey, free_port
+from stock.scripts import load_sources
 
 SERVER_BIN = os.environ.get("STOCK_TEST_REDIS_SERVER") or embedded.valkey_binary()
 CLI_BIN = str(Path(embedded.valkey_binary()).with_name("valkey-cli"))
@@ -271,6 +273,11 @@ async def confirms_fsync_early(url: str, key: str = "fsync-probe") -> bool:
         return sum(timed[1:]) < 0.6
     finally:
         await client.aclose()
+
+
+def script_sha(name: str) -> str:
+    """The SHA1 that EVALSHA and SCRIPT EXISTS know the project's script ``name`` by."""
+    return hashlib.sha1(load_sources()[name].encode()).hexdigest()
 
 
 def cleanup(path: Path) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,45 +21,7 @@ import pytest
 
 from stock.config import Settings
 from stock.embedded import free_port
-from tests import servers
-
-TOKEN = "blackbox-token"
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def stock_env(settings: Settings, port: int, dsn: str) -> dict[str, str]:
-    return servers.stock_env(settings, port, dsn, TOKEN)
-
-
-async def wait_ready(base: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the service exited during start-up"
-            try:
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("service never became ready")
-
-
-@pytest.fixture
-async def service(settings: Settings, dsn: str, redis: Any) -> AsyncIterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stock.cli", "serve"], env=stock_env(settings, port, dsn)
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_ready(base, proc)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-    assert code == 0, "stock serve did not exit cleanly on SIGTERM"
+from tests.service import ADMIN, serving, wait_ready
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
@@ -183,14 +145,7 @@ async def test_dev_serves_and_leaves_nothing_behind(
 
 async def test_workers_share_one_port(settings: Settings, dsn: str, redis: Any) -> None:
     """``--workers 2``: two processes serve one port; SIGTERM stops them all, exit 0."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stock.cli", "serve", "--workers", "2"],
-        env=stock_env(settings, port, dsn),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_ready(base, proc)
+    async with serving(settings, dsn, "--workers", "2") as (base, proc):
         children = [  # multiprocessing also starts a resource tracker: not a worker
             c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())
         ]
@@ -205,8 +160,4 @@ async def test_workers_share_one_port(settings: Settings, dsn: str, redis: Any) 
             _, stock = await call(http, "GET", f"{base}/v1/stock/W")
         assert Counter(s for s, _ in answers) == {201: 50, 409: 10}
         assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-    assert code == 0
     assert not any(child.is_running() for child in children)

@@ -25,7 +25,7 @@ from stock.cluster_pipeline import ClusterBatch, NodePipeline
 from stock.config import Settings
 from stock.engine import StockEngine
 from tests.conftest import BUCKETS, flush
-from tests.servers import Cluster, cli
+from tests.servers import Cluster, cli, script_sha
 
 SKUS = [f"S{i:02d}" for i in range(32)]
 
@@ -96,7 +96,7 @@ async def test_concurrent_calls_travel_in_batches_per_node(
     assert writes * 4 <= calls, f"{calls} calls in {writes} writes: not batched"
     assert evalsha_calls(cluster) - server_before <= calls  # nothing sent twice
     assert batch.fallbacks == 0
-    assert len({p.node.name for p in batch._pipes.values() if p.commands}) == 3
+    assert all(batch.pipe_for(node).commands for node in engine.redis.get_primaries())
     stocks = [await engine.get_stock(sku) for sku in SKUS]
     assert sum(s.reserved for s in stocks) == 600
     assert sum(s.available for s in stocks) == 1000 * len(SKUS) - 600
@@ -111,7 +111,7 @@ async def test_noscript_after_script_flush_on_one_node(
     for sku in SKUS:
         await engine.set_stock(sku, 10)
     victim = node_of(cluster, keys.sku_key(SKUS[0], BUCKETS))
-    sha = engine.scripts._scripts["reserve"].sha
+    sha = script_sha("reserve")
     cli(victim, "script", "flush")
     assert cli(victim, "script", "exists", sha).split() == ["0"]
     results = await asyncio.gather(
@@ -224,7 +224,7 @@ async def test_a_slot_migrated_mid_run(own_cluster: Cluster) -> None:
         assert (stock.reserved, stock.available) == (done, 100_000 - done)
         batch = batch_of(engine)
         print(f"during the move: {batch.redirects} redirects, {batch.fallbacks} resent")
-        target_pipe = next(p for p in batch._pipes.values() if p.node.port == target)
+        target_pipe = batch.pipe_for(client.get_node(host="127.0.0.1", port=target))
         before = target_pipe.commands
         await asyncio.gather(*(engine.reserve(f"after-{i}", one(sku)) for i in range(50)))
         assert target_pipe.commands - before >= 50  # routed by the updated slot map

@@ -9,12 +9,7 @@ README.md shows (docs/console.png).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -22,9 +17,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from stock.config import Settings
-from stock.embedded import free_port
-from tests import servers
-from tests.test_blackbox import wait_ready
+from tests.service import ADMIN, TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "console.png"
@@ -33,23 +26,6 @@ FLAGS = [  # the machine's network is closed: no background calls out (python.md
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-TOKEN = "console-browser-token"
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def service(settings: Settings, dsn: str, redis: Any) -> AsyncIterator[str]:
-    port = free_port()
-    env = servers.stock_env(settings, port, dsn, TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "stock.cli", "serve"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_ready(base, proc)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-    assert code == 0, "stock serve did not exit cleanly on SIGTERM"
 
 
 async def seed(base: str) -> None:

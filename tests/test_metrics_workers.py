@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stock.config import Settings
 from stock.embedded import free_port
 from tests import servers
-from tests.test_blackbox import wait_ready
+from tests.service import wait_ready
 
 TOKEN = "metrics-token"
 REQUESTS = 60

@@ -18,14 +18,14 @@ from stock.engine import StockEngine
 from stock.errors import InsufficientStock, InvalidTransition, OrderConflict
 from stock.scripts import load_sources
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, script_sha
 
 
 async def test_noscript_recovery_after_script_flush(engine: StockEngine) -> None:
     await engine.set_stock("A", 5)
     await engine.reserve("o1", [{"sku": "A", "qty": 1}])
     await engine.redis.script_flush()  # a cluster client sends it to every node
-    sha = engine.scripts._scripts["confirm"].sha
+    sha = script_sha("confirm")
     assert await engine.redis.script_exists(sha) == [False]
     assert (await engine.confirm("o1")).status == "confirmed"
     assert (await engine.reserve("o2", [{"sku": "A", "qty": 1}])).status == "reserved"
