@@ -1,7 +1,7 @@
 -- _lib.lua: helpers shared by the line scripts. scripts.py prepends this file
 -- to every script before it is loaded, so each script stays one EVALSHA.
 --
--- Line call layout (reserve, deduct, confirm, release, abort, cancel, extend):
+-- Line call layout (reserve, deduct, hold, confirm, release, abort, cancel, extend):
 --   ARGV[1] mode        '1' when KEYS[1] is the order record (standalone:
 --                       every key on one server); 'r' when KEYS[1] is the
 --                       order record and the lines come from it (standalone
@@ -75,7 +75,7 @@ local function read_sku(key, customer)
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          exists = v[1] ~= false, limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
+          limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
 end
 
 -- A customer's units of a SKU held or bought: moved by delta, the field

@@ -138,9 +138,8 @@ class Settings:
     # keys split between two nodes) is tried again before the request answers 503
     redis_migration_wait_s: float = 5.0
     request_timeout_s: float = 8.0
-    # API requests in flight per process before 503 overloaded (0 = no limit). One
-    # process saturates its core at 10-20k req/s with 15-50 in flight: 256 shed no
-    # ordinary burst and cap the queue at ~13-25 ms; more add only latency (DESIGN §10)
+    # API requests in flight per process before 503 overloaded (0 = no limit); why
+    # 256: README, STOCK_MAX_INFLIGHT (DESIGN §10)
     max_inflight: int = 256
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
 

@@ -10,8 +10,11 @@ key                                             type    holds
 ==============================================  ======  ==========================
 ``stock:{b<n>}:sku:<sku>``                      hash    available, reserved, sold,
                                                         seq (per-SKU event number),
-                                                        fenced (token@until_ms)
-``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms``
+                                                        fenced (token@until_ms),
+                                                        limit, c:<customer> (units
+                                                        held or bought)
+``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms|``
+                                                        ``tag|customer``
 ``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored
                                                         by expiry (ms, server time)
 ``stock:{b<n>}:events``                         stream  one delta event per change

@@ -12,8 +12,8 @@ are independent.
 
 Writing a full batch at once, rather than at the end of the tick, lets Redis
 work on it while this process is still waking the callers of the replies
-before it: client and server overlap instead of taking turns. With one batch
-per tick they took turns, and the library ran at about 0.55 of Redis's own rate.
+before it: client and server overlap instead of taking turns (README, "What the
+profiles and CPU counters say", has the figures).
 
 redis-py opens and authenticates the connection (and gives it back to the pool
 when it breaks, or takes it when the client closes); this module only writes
@@ -36,7 +36,7 @@ import hiredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 # Small batches keep Redis busy while this process handles the replies of the last
-# one: 8 served HTTP best here (8: 10-14k req/s, 32: 7-7.7k, 128: 6.5-7k; wrk -c50).
+# one: 8 served HTTP best (README, "What the profiles and CPU counters say").
 MAX_BATCH = 8
 DEFAULT_TIMEOUT_S = 10.0  # when the client has no socket_timeout
 READ_SIZE = 1 << 16

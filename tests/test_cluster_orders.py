@@ -321,10 +321,9 @@ async def test_lost_reply_on_one_group_undoes_or_completes(
 async def test_deduct_stalled_past_its_hold_is_undone_not_half_sold(
     engine: StockEngine, spread: list[str]
 ) -> None:
-    """Attempt A stalls in its last group longer than its hold (and lease); a copy B of
+    """Attempt A stalls in its last group longer than its hold; a copy B of
     the request is refused meanwhile and undoes; A resumes: all or nothing is sold."""
-    engine.deduct_hold_ms = 600  # type: ignore[attr-defined]
-    engine.lease_s = 0.3  # (the lease of the earlier design)
+    engine.deduct_hold_ms = 600
 
     async def stall(name: str, keys_: list[str], args: list[Any]) -> None:
         if name in ("reserve", "deduct") and touches(spread[2], keys_):
@@ -334,8 +333,7 @@ async def test_deduct_stalled_past_its_hold_is_undone_not_half_sold(
     attempt_a = asyncio.create_task(engine.deduct("st", order_items(spread)))
     await asyncio.sleep(0.8)
     copy = StockEngine(engine.redis, engine.settings)
-    copy.deduct_hold_ms = 600  # type: ignore[attr-defined]
-    copy.lease_s = 0.3
+    copy.deduct_hold_ms = 600
     await copy.set_stock(spread[2], 0)
     with pytest.raises(InsufficientStock):
         await copy.deduct("st", order_items(spread))
