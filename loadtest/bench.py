@@ -218,10 +218,28 @@ def redis_benchmark(
     port: int, concurrency: int, requests: int, command: list[str], pipeline: int = 1
 ) -> float:
     out = subprocess.run(
-        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(concurrency),
-         "-n", str(requests), "-r", "2000000000", "-P", str(pipeline), "--csv", *command],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout  # fmt: skip
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-c",
+            str(concurrency),
+            "-n",
+            str(requests),
+            "-r",
+            "2000000000",
+            "-P",
+            str(pipeline),
+            "--csv",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
     lines = [line for line in out.splitlines() if line.strip()]
     return float(lines[-1].split(",")[1].strip('"'))
 
@@ -295,10 +313,24 @@ def bench_library(settings: Settings, concurrency: int, seconds: float) -> float
 def wrk(port: int, threads: int, connections: int, seconds: float, prefix: str) -> float:
     env = dict(os.environ, BENCH_SKU=HOT, BENCH_PREFIX=prefix)
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:.0f}s",
-         "-s", str(HERE / "wrk_reserve.lua"), f"http://127.0.0.1:{port}/v1/reservations"],
-        capture_output=True, text=True, check=True, env=env, timeout=120,
-    ).stdout  # fmt: skip
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds:.0f}s",
+            "-s",
+            str(HERE / "wrk_reserve.lua"),
+            f"http://127.0.0.1:{port}/v1/reservations",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
+    ).stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     statuses = re.search(r"statuses: created=(\d+) other=(\d+)", out)
     if not rate or not statuses:
@@ -311,9 +343,13 @@ def wrk(port: int, threads: int, connections: int, seconds: float, prefix: str) 
 
 def _serve(command: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        command,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     except Exception:
@@ -331,9 +367,17 @@ def bench_http(
     servers = {
         "api": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"],
         "bare": [sys.executable, "-m", "loadtest.bare_app"],
-        "api2": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper",
-                 "--workers", "2"],
-    }  # fmt: skip
+        "api2": [
+            sys.executable,
+            "-m",
+            "stock.cli",
+            "serve",
+            "--no-writer",
+            "--no-reaper",
+            "--workers",
+            "2",
+        ],
+    }
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     samples: dict[str, list[float]] = {name: [] for name in servers}
     try:
@@ -591,8 +635,11 @@ def main() -> int:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--reservations", type=int, default=100_000, help="memory and reaper")
     parser.add_argument("--reaper-skus", type=int, default=256)
-    parser.add_argument("--only", choices=["cluster", "front"],
-                        help="run rows alone (7: cluster; 8-9: sold out, overload)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=["cluster", "front"],
+        help="run rows alone (7: cluster; 8-9: sold out, overload)",
+    )
     args = parser.parse_args()
     if args.only == "front":
         from loadtest.bench_front import run_alone
@@ -623,14 +670,24 @@ def main() -> int:
         piped = [bench_raw(settings, valkey.port, c, requests, PIPELINE) for _ in range(rep)]
         better = max(raw, max(piped))  # library/raw: against the better raw row
         s["library/raw"] = lib / better
-        report.add("1. raw: reserve.lua by EVALSHA (redis-benchmark)", raw, "ops/s",
-                   f"hot SKU, new order per call, -c {c}; {samples(raws)}")  # fmt: skip
-        note = (f"{c} coroutines, uvloop; {samples(libs)}; library/raw = {lib / better:.2f} "
-                "(against the better of rows 1 and 1b)")  # fmt: skip
+        report.add(
+            "1. raw: reserve.lua by EVALSHA (redis-benchmark)",
+            raw,
+            "ops/s",
+            f"hot SKU, new order per call, -c {c}; {samples(raws)}",
+        )
+        note = (
+            f"{c} coroutines, uvloop; {samples(libs)}; library/raw = {lib / better:.2f} "
+            "(against the better of rows 1 and 1b)"
+        )
         report.add("2. library: StockEngine.reserve", lib, "ops/s", note)
-        report.add(f"1b. raw, pipelined (redis-benchmark -P {PIPELINE})", max(piped), "ops/s",
-                   f"context for 2., which pipelines too; {samples(piped)}; "
-                   f"library/this = {lib / max(piped):.2f}")  # fmt: skip
+        report.add(
+            f"1b. raw, pipelined (redis-benchmark -P {PIPELINE})",
+            max(piped),
+            "ops/s",
+            f"context for 2., which pipelines too; {samples(piped)}; "
+            f"library/this = {lib / max(piped):.2f}",
+        )
         _log("3/6 HTTP: stock serve vs bare aiohttp, wrk, alternating")
         http = bench_http(settings, args.wrk_threads, c, secs, rep)
         apis, bares, api2s = http["api"], http["bare"], http["api2"]
@@ -649,26 +706,41 @@ def main() -> int:
         pgs, pg_settings = run_async(_pg(postgres.get_uri(), c, secs, rep))
         pg = max(pgs)
         s["library/pg"] = lib / pg
-        report.add("4. PostgreSQL: UPDATE ... available - 1 (asyncpg)", pg, "ops/s",
-                   f"one row, pool of {c}, {pg_settings}; {samples(pgs)}; "
-                   f"library/pg = {lib / pg:.1f}")  # fmt: skip
+        report.add(
+            "4. PostgreSQL: UPDATE ... available - 1 (asyncpg)",
+            pg,
+            "ops/s",
+            f"one row, pool of {c}, {pg_settings}; {samples(pgs)}; library/pg = {lib / pg:.1f}",
+        )
         _log("5/6 memory per reservation")
         fresh(settings).close()
         n = args.reservations
         without, with_stream, (order_b, line_b) = run_async(_memory(settings, c, n))
         s["bytes/reservation"] = without
-        report.add("5a. Redis bytes per active reservation", without, "bytes",
-                   f"{n} on one SKU, event stream deleted before reading; MEMORY USAGE: "
-                   f"order record {order_b}, line {line_b}, rest due zset + keyspace")  # fmt: skip
-        report.add("5b. same, event stream kept (writer not run)", with_stream, "bytes",
-                   "untrimmed stream: one entry per reservation")  # fmt: skip
+        report.add(
+            "5a. Redis bytes per active reservation",
+            without,
+            "bytes",
+            f"{n} on one SKU, event stream deleted before reading; MEMORY USAGE: "
+            f"order record {order_b}, line {line_b}, rest due zset + keyspace",
+        )
+        report.add(
+            "5b. same, event stream kept (writer not run)",
+            with_stream,
+            "bytes",
+            "untrimmed stream: one entry per reservation",
+        )
         _log("6/6 reaper and writer")
         fresh(settings).close()
         reaper_rate, expired = run_async(_reaper(settings, n, args.reaper_skus))
         s["reaper/s"] = reaper_rate
-        report.add("6a. reaper: expiries/s (Reaper.reap_once loop)", reaper_rate, "lines/s",
-                   f"{expired} due lines over {args.reaper_skus} SKUs, "
-                   f"{settings.buckets} buckets, batch {settings.reaper_batch}")  # fmt: skip
+        report.add(
+            "6a. reaper: expiries/s (Reaper.reap_once loop)",
+            reaper_rate,
+            "lines/s",
+            f"{expired} due lines over {args.reaper_skus} SKUs, "
+            f"{settings.buckets} buckets, batch {settings.reaper_batch}",
+        )
         pg_uri = postgres.get_uri
         writer_rate, events, _ = run_async(
             _writer(settings, pg_uri(), "bench_writer", pg_uri("bench_writer"), 120)
@@ -678,20 +750,32 @@ def main() -> int:
         s["writer/s"] = writer_rate
         fresh(settings).close()
         hot_rate, hot_expired = run_async(_reaper(settings, n, 1))
-        report.add("6c. reaper, flash sale: one hot SKU (one bucket)", hot_rate, "lines/s",
-                   f"{hot_expired} due lines on one SKU; reaper/s: min of 6a, 6c")  # fmt: skip
+        report.add(
+            "6c. reaper, flash sale: one hot SKU (one bucket)",
+            hot_rate,
+            "lines/s",
+            f"{hot_expired} due lines on one SKU; reaper/s: min of 6a, 6c",
+        )
         s["reaper/s"] = min(reaper_rate, hot_rate)
         hot_w, hot_events, hot_backlog = run_async(
             _writer(settings, pg_uri(), "bench_writer_hot", pg_uri("bench_writer_hot"), 15)
         )
         done = "all" if hot_events == hot_backlog else f"stopped after 15 s, {hot_events} of"
-        report.add("6d. writer, flash sale: backlog of 6c (one stream)", hot_w, "events/s",
-                   f"{done} {hot_backlog} events in one bucket stream")  # fmt: skip
+        report.add(
+            "6d. writer, flash sale: backlog of 6c (one stream)",
+            hot_w,
+            "events/s",
+            f"{done} {hot_backlog} events in one bucket stream",
+        )
         external = bench_writer_external(settings, postgres.get_uri("bench_writer"), n)
         if external is not None:
             s["writer/s"] = external[0]
-            report.add("6e. writer: events/s, synthetic backlog", external[0], "events/s",
-                       external[1] + "; the summary's writer/s")  # fmt: skip
+            report.add(
+                "6e. writer: events/s, synthetic backlog",
+                external[0],
+                "events/s",
+                external[1] + "; the summary's writer/s",
+            )
         _log("7 the library on a 3-master cluster against standalone, alternating")
         from loadtest import bench_cluster
 

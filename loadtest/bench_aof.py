@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per policy")
     parser.add_argument("--concurrency", type=int, default=50, help="coroutines")
     parser.add_argument(
-        "--serial", action=argparse.BooleanOptionalAction, default=True,
+        "--serial",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also measure one coroutine (the latency of one fsync per call)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-aof-"))
     servers: dict[str, Valkey] = {}
@@ -109,14 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     for c in levels:
         for policy in POLICIES:
             runs = " / ".join(f"{r:,.0f}" for r in rates[policy, c])
-            print(f"c={c:<3} appendfsync {policy:<8}: {best[policy, c]:>9,.0f} reserves/s"
-                  f"  (runs {runs})")  # fmt: skip
+            print(
+                f"c={c:<3} appendfsync {policy:<8}: {best[policy, c]:>9,.0f} reserves/s"
+                f"  (runs {runs})"
+            )
         ratio = best["always", c] / best["everysec", c]
         print(f"c={c:<3} always/everysec = {ratio:.2f}")
     c = args.concurrency
-    print(f"bench-aof: c={c} everysec={best['everysec', c]:.0f}/s"
-          f" always={best['always', c]:.0f}/s"
-          f" always/everysec={best['always', c] / best['everysec', c]:.2f}")  # fmt: skip
+    print(
+        f"bench-aof: c={c} everysec={best['everysec', c]:.0f}/s"
+        f" always={best['always', c]:.0f}/s"
+        f" always/everysec={best['always', c] / best['everysec', c]:.2f}"
+    )
     return 0
 
 

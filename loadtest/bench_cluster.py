@@ -103,8 +103,10 @@ def measure(
                     rate, cpu = run_async(_orders(settings, items, concurrency, seconds))
                     rates.setdefault((name, items), []).append(rate)
                     cpus.setdefault((name, items), []).append(cpu)
-                    _log(f"cluster row: {name}, {items}-item orders: {rate:.0f}/s, "
-                         f"client CPU {cpu:.0f} us/order")  # fmt: skip
+                    _log(
+                        f"cluster row: {name}, {items}-item orders: {rate:.0f}/s, "
+                        f"client CPU {cpu:.0f} us/order"
+                    )
     finally:
         cluster.stop()
         standalone.stop()
@@ -113,16 +115,22 @@ def measure(
     for items, label in ((1, "single-item"), (2, "two-item")):
         ratio = best["cluster", items] / best["standalone", items]
         ratios.append(ratio)
-        report.add(f"7{'ac'[items - 1]}. library, standalone: {label} reserve",
-                   best["standalone", items], "orders/s",
-                   f"{len(SKUS)} SKUs, {concurrency} coroutines; "
-                   f"{samples(rates['standalone', items])}; "
-                   f"client CPU {min(cpus['standalone', items]):.0f} us/order")  # fmt: skip
-        report.add(f"7{'bd'[items - 1]}. library, 3-master cluster: {label} reserve",
-                   best["cluster", items], "orders/s",
-                   f"same load; {samples(rates['cluster', items])}; "
-                   f"client CPU {min(cpus['cluster', items]):.0f} us/order; "
-                   f"cluster/standalone = {ratio:.2f}")  # fmt: skip
+        report.add(
+            f"7{'ac'[items - 1]}. library, standalone: {label} reserve",
+            best["standalone", items],
+            "orders/s",
+            f"{len(SKUS)} SKUs, {concurrency} coroutines; "
+            f"{samples(rates['standalone', items])}; "
+            f"client CPU {min(cpus['standalone', items]):.0f} us/order",
+        )
+        report.add(
+            f"7{'bd'[items - 1]}. library, 3-master cluster: {label} reserve",
+            best["cluster", items],
+            "orders/s",
+            f"same load; {samples(rates['cluster', items])}; "
+            f"client CPU {min(cpus['cluster', items]):.0f} us/order; "
+            f"cluster/standalone = {ratio:.2f}",
+        )
     return ratios[0], ratios[1]
 
 

@@ -50,10 +50,24 @@ def wrk_expect(
     """wrk's req/s; aborts unless (nearly) every answer had status ``expect``."""
     env = dict(os.environ, BENCH_SKU=sku, BENCH_PREFIX=prefix, BENCH_EXPECT=str(expect))
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:.0f}s",
-         "-s", str(HERE / "wrk_reserve.lua"), f"http://127.0.0.1:{port}/v1/reservations"],
-        capture_output=True, text=True, check=True, env=env, timeout=120,
-    ).stdout  # fmt: skip
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds:.0f}s",
+            "-s",
+            str(HERE / "wrk_reserve.lua"),
+            f"http://127.0.0.1:{port}/v1/reservations",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
+    ).stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     expected = re.search(r"expected: status=\d+ count=(\d+)", out)
@@ -149,13 +163,25 @@ def add_front_rows(report: Report, settings: Settings, args: Any) -> None:
     sold = bench_soldout(settings, args.wrk_threads, c, secs, rep)
     fast, bare, off = max(sold["fast"]), max(sold["bare"]), max(sold["redis"])
     report.summary["soldout/bare"] = fast / bare
-    report.add("8a. sold out: POST /v1/reservations 409 (fast path)", fast, "req/s",
-               f"STOCK_SOLDOUT_CACHE_MS={SOLDOUT_CACHE_MS}, wrk -c{c}; {samples(sold['fast'])}; "
-               f"soldout/bare = {fast / bare:.2f}")  # fmt: skip
-    report.add("8b. sold out: bare aiohttp 409", bare, "req/s",
-               f"same body in and out; {samples(sold['bare'])}")  # fmt: skip
-    report.add("8c. sold out, fast path off (409 from Redis)", off, "req/s",
-               f"context; {samples(sold['redis'])}; this/bare = {off / bare:.2f}")  # fmt: skip
+    report.add(
+        "8a. sold out: POST /v1/reservations 409 (fast path)",
+        fast,
+        "req/s",
+        f"STOCK_SOLDOUT_CACHE_MS={SOLDOUT_CACHE_MS}, wrk -c{c}; {samples(sold['fast'])}; "
+        f"soldout/bare = {fast / bare:.2f}",
+    )
+    report.add(
+        "8b. sold out: bare aiohttp 409",
+        bare,
+        "req/s",
+        f"same body in and out; {samples(sold['bare'])}",
+    )
+    report.add(
+        "8c. sold out, fast path off (409 from Redis)",
+        off,
+        "req/s",
+        f"context; {samples(sold['redis'])}; this/bare = {off / bare:.2f}",
+    )
     _log("9 overload: capacity vs 4x connections, latency of the 201s (loadtest/httpload.py)")
     runs = bench_overload(settings, c, secs, rep)
     p99 = {row: _median([r.percentile(201, 0.99) for r in rs]) for row, rs in runs.items()}
@@ -170,9 +196,11 @@ def add_front_rows(report: Report, settings: Settings, args: Any) -> None:
         ("unbounded", "9c. 4x, no bound (STOCK_MAX_INFLIGHT=0)", 4 * c),
     ):
         limit = "0" if row == "unbounded" else str(OVERLOAD_LIMIT)
-        note = (f"{conns} connections, STOCK_MAX_INFLIGHT={limit}: p50 {p50[row] * 1e3:.1f} ms, "
-                f"201 {ok[row]:,.0f}/s, 503 {shed[row]:,.0f}/s, answers older than "
-                f"{CLIENT_TIMEOUT_S:.0f} s: {late[row]}; median of {rep}")  # fmt: skip
+        note = (
+            f"{conns} connections, STOCK_MAX_INFLIGHT={limit}: p50 {p50[row] * 1e3:.1f} ms, "
+            f"201 {ok[row]:,.0f}/s, 503 {shed[row]:,.0f}/s, answers older than "
+            f"{CLIENT_TIMEOUT_S:.0f} s: {late[row]}; median of {rep}"
+        )
         if row != "capacity":
             note += f"; p99/capacity p99 = {p99[row] / p99['capacity']:.2f}"
         report.add(f"{label}: p99 of 201 answers", p99[row] * 1e3, "ms", note)

@@ -63,10 +63,20 @@ def synthetic_events(count: int, skus: int, seed: int = 7) -> list[tuple[str, di
             c[1] += qty
             open_orders.append((order, sku, qty))
         c[3] += 1
-        fields = encode({
-            "op": op, "sku": sku, "order": order, "qty": qty, "available": c[0],
-            "reserved": c[1], "sold": c[2], "seq": c[3], "at": now, "exp": now + 900_000,
-        })  # fmt: skip
+        fields = encode(
+            {
+                "op": op,
+                "sku": sku,
+                "order": order,
+                "qty": qty,
+                "available": c[0],
+                "reserved": c[1],
+                "sold": c[2],
+                "seq": c[3],
+                "at": now,
+                "exp": now + 900_000,
+            }
+        )
         out.append((sku, fields))
     return out
 

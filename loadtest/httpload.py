@@ -124,9 +124,15 @@ class _Connection(asyncio.Protocol):
 
 
 async def drive(
-    port: int, connections: int, seconds: float, body: Body, *,
-    warmup: float = 1.0, path: str = "/v1/reservations", host: str = "127.0.0.1",
-) -> LoadResult:  # fmt: skip
+    port: int,
+    connections: int,
+    seconds: float,
+    body: Body,
+    *,
+    warmup: float = 1.0,
+    path: str = "/v1/reservations",
+    host: str = "127.0.0.1",
+) -> LoadResult:
     """Run the load for ``warmup`` + ``seconds``; the answers of the last ``seconds`` count."""
     loop = asyncio.get_running_loop()
     load = _Load(host, path, body)

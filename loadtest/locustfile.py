@@ -89,17 +89,26 @@ class Shopper(FastHttpUser):
         return f"{self.prefix}-{next(self.counter)}"
 
     def call(
-        self, method: str, path: str, name: str, body: Any = None,
-        expect: dict[int, set[str]] | None = None, headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any]:  # fmt: skip
+        self,
+        method: str,
+        path: str,
+        name: str,
+        body: Any = None,
+        expect: dict[int, set[str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         """One request; ``expect`` maps each acceptable status to its acceptable error
         codes (empty set: any body). Anything else is a locust failure."""
         expect = expect or {200: set()}
         data = json.dumps(body) if body is not None else None
         with self.client.request(
-            method, path, name=name, data=data, headers={**JSON, **(headers or {})},
+            method,
+            path,
+            name=name,
+            data=data,
+            headers={**JSON, **(headers or {})},
             catch_response=True,
-        ) as response:  # fmt: skip
+        ) as response:
             status = response.status_code
             payload: Any = None
             try:
@@ -119,18 +128,23 @@ class Shopper(FastHttpUser):
     ) -> tuple[int, Any]:
         body = {"order_id": order_id, "items": items, "ttl_s": ttl_s}
         return self.call(
-            "POST", "/v1/reservations", name, body,
+            "POST",
+            "/v1/reservations",
+            name,
+            body,
             {201: set(), 409: {"insufficient_stock"}},
-        )  # fmt: skip
+        )
 
     def confirm(self, order_id: str, items: list[dict[str, Any]], late: bool = False) -> int:
         expect: dict[int, set[str]] = {200: set()}
         if late:
             expect[409] = {"reservation_expired"}
         status, payload = self.call(
-            "POST", f"/v1/reservations/{order_id}/confirm",
-            "/v1/reservations/[id]/confirm" + (" (late)" if late else ""), expect=expect,
-        )  # fmt: skip
+            "POST",
+            f"/v1/reservations/{order_id}/confirm",
+            "/v1/reservations/[id]/confirm" + (" (late)" if late else ""),
+            expect=expect,
+        )
         if status == 200 and payload and payload.get("status") == "confirmed":
             for item in items:
                 journal("confirmed", order=order_id, sku=item["sku"], qty=item["qty"])
@@ -167,9 +181,12 @@ class FlashSaleBuyer(Shopper):
         order = self.new_order()
         items = [{"sku": random.choice(FLASH), "qty": 1}]
         status, payload = self.call(
-            "POST", "/v1/deductions", "/v1/deductions (flash)",
-            {"order_id": order, "items": items}, {201: set(), 409: {"insufficient_stock"}},
-        )  # fmt: skip
+            "POST",
+            "/v1/deductions",
+            "/v1/deductions (flash)",
+            {"order_id": order, "items": items},
+            {201: set(), 409: {"insufficient_stock"}},
+        )
         if status == 201 and payload.get("status") == "confirmed":
             journal("confirmed", order=order, sku=items[0]["sku"], qty=1)
 
@@ -192,9 +209,11 @@ class CheckoutShopper(Shopper):
         gevent.sleep(random.uniform(0.05, 0.5))  # paying
         if outcome == "paying":  # still paying when the test ends: held, with a later expiry
             self.call(
-                "POST", f"/v1/reservations/{order}/extend", "/v1/reservations/[id]/extend",
+                "POST",
+                f"/v1/reservations/{order}/extend",
+                "/v1/reservations/[id]/extend",
                 {"ttl_s": 900},
-            )  # fmt: skip
+            )
         elif outcome == "release":
             self.release(order)
         elif self.confirm(order, items) == 200 and random.random() < 0.1:
@@ -259,9 +278,13 @@ class RetryingClient(HttpUser):
     def send(self, path: str, name: str, body: Any, timeout: float) -> tuple[int, Any]:
         """POST; a client-side timeout (status 0) counts as an expected outcome here."""
         with self.client.post(
-            path, name=name, data=json.dumps(body) if body is not None else None,
-            headers=JSON, timeout=timeout, catch_response=True,
-        ) as response:  # fmt: skip
+            path,
+            name=name,
+            data=json.dumps(body) if body is not None else None,
+            headers=JSON,
+            timeout=timeout,
+            catch_response=True,
+        ) as response:
             status = response.status_code
             payload = None
             if status:
@@ -321,9 +344,12 @@ class Restocker(Shopper):
         reason = f"{self.new_order()}-restock"
         journal("adjust", sku=sku, delta=delta, reason=reason, outcome="sent")
         status, _ = self.call(
-            "POST", f"/v1/stock/{sku}/adjust", "/v1/stock/[sku]/adjust",
-            {"delta": delta, "reason": reason}, headers=ADMIN,
-        )  # fmt: skip
+            "POST",
+            f"/v1/stock/{sku}/adjust",
+            "/v1/stock/[sku]/adjust",
+            {"delta": delta, "reason": reason},
+            headers=ADMIN,
+        )
         if status == 200:
             journal("adjust", sku=sku, delta=delta, reason=reason, outcome="ok")
 
@@ -343,10 +369,12 @@ class LimitedBuyer(Shopper):
         customer = f"{sku}-c{random.randrange(CUSTOMERS)}"
         items = [{"sku": sku, "qty": random.randint(1, 2)}]
         status, payload = self.call(
-            "POST", "/v1/deductions", "/v1/deductions (limited)",
+            "POST",
+            "/v1/deductions",
+            "/v1/deductions (limited)",
             {"order_id": order, "items": items, "customer_id": customer},
             {201: set(), 409: {"limit_exceeded", "insufficient_stock"}},
-        )  # fmt: skip
+        )
         if status == 201 and payload.get("status") == "confirmed":
             journal("confirmed", order=order, sku=sku, qty=items[0]["qty"], customer=customer)
 

@@ -89,10 +89,13 @@ def start_dev(workdir: Path) -> Service:
         env.pop(name, None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stock.cli", "dev", "--port", str(port),
-             "--admin-token", token],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "stock.cli", "dev", "--port", str(port), "--admin-token", token],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     service = Service(f"http://127.0.0.1:{port}", token, "", "", proc, log)
     deadline = time.monotonic() + 120
     while True:
@@ -137,9 +140,13 @@ def catalog(run: str) -> tuple[dict[str, int], list[str], list[str], list[str]]:
 
 
 def run_locust(
-    service: Service, args: argparse.Namespace, flash: list[str], regular: list[str],
-    limited: list[str], workdir: Path,
-) -> tuple[Path, Path]:  # fmt: skip
+    service: Service,
+    args: argparse.Namespace,
+    flash: list[str],
+    regular: list[str],
+    limited: list[str],
+    workdir: Path,
+) -> tuple[Path, Path]:
     journal = workdir / "journal.jsonl"
     stats = workdir / "locust"
     env = dict(os.environ)
@@ -149,11 +156,28 @@ def run_locust(
         STOCK_ADMIN_TOKEN=service.token,
     )
     command = [
-        sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
-        "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
-        "--run-time", f"{args.run_time}s", "--host", service.url, "--csv", str(stats),
-        "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(HERE / "locustfile.py"),
+        "--headless",
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        f"{args.run_time}s",
+        "--host",
+        service.url,
+        "--csv",
+        str(stats),
+        "--only-summary",
+        "--stop-timeout",
+        "10",
+        "--loglevel",
+        "WARNING",
+    ]
     print(f"loadtest: locust, {args.users} users for {args.run_time} s against {service.url}")
     subprocess.run(command, cwd=ROOT, env=env, check=False, timeout=args.run_time + 120)
     return journal, Path(f"{stats}_stats.csv")
@@ -201,9 +225,12 @@ def restocks(
 
 
 async def pg_checks(
-    dsn: str, skus: list[str], redis_side: dict[str, dict[str, int]], verdict: Verdict,
+    dsn: str,
+    skus: list[str],
+    redis_side: dict[str, dict[str, int]],
+    verdict: Verdict,
     wait_s: float,
-) -> set[str]:  # fmt: skip
+) -> set[str]:
     """PostgreSQL against Redis, once the writer has drained; returns the ledger's
     adjust reasons of this run."""
     import asyncpg
@@ -219,11 +246,12 @@ async def pg_checks(
             )
             pg = {r["sku"]: r for r in rows}
             differ = [
-                s for s in skus
+                s
+                for s in skus
                 if s not in pg
                 or (pg[s]["available"], pg[s]["reserved"], pg[s]["sold"])
                 != (redis_side[s]["available"], redis_side[s]["reserved"], redis_side[s]["sold"])
-            ]  # fmt: skip
+            ]
             if not differ or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.25)
@@ -249,11 +277,13 @@ async def pg_checks(
             rows_total += r["n"]
             level = pg.get(r["sku"])
             verdict.check(
-                r["n"] == r["d"] == r["hi"] and r["lo"] == 1
-                and level is not None and level["seq"] == r["hi"],
+                r["n"] == r["d"] == r["hi"]
+                and r["lo"] == 1
+                and level is not None
+                and level["seq"] == r["hi"],
                 f"{r['sku']}: ledger has {r['n']} rows, seq {r['lo']}..{r['hi']} "
                 f"({r['d']} distinct), stock_levels seq {level['seq'] if level else None}",
-            )  # fmt: skip
+            )
         verdict.notes.append(f"ledger: {rows_total} rows, one per event, seq without gaps")
         lines = await conn.fetch(
             "SELECT sku, state, sum(qty) AS q, count(*) AS n FROM reservation_lines"
@@ -294,9 +324,13 @@ async def pg_checks(
 
 
 def check(
-    service: Service, loaded: dict[str, int], flash: list[str], journal: list[dict[str, Any]],
-    verdict: Verdict, drain_s: float,
-) -> dict[str, dict[str, int]]:  # fmt: skip
+    service: Service,
+    loaded: dict[str, int],
+    flash: list[str],
+    journal: list[dict[str, Any]],
+    verdict: Verdict,
+    drain_s: float,
+) -> dict[str, dict[str, int]]:
     skus = sorted(loaded)
     levels = {}
     for sku in skus:
@@ -363,33 +397,53 @@ def reconcile_lost_callbacks(
     env = dict(os.environ, STOCK_REDIS_URL=service.redis_url, STOCK_DATABASE_URL=service.dsn)
     command = [sys.executable, "-m", "stock.cli", "reconcile-payments", str(export), "--json"]
     runs = [
-        subprocess.run([*command, "--repair"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+        subprocess.run(
+            [*command, "--repair"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     first, second = ([json.loads(line) for line in r.stdout.splitlines()] for r in runs)
     actions: dict[str, int] = defaultdict(int)
     for finding in first:
         actions[f"{finding['outcome']}/{finding['action']}"] += 1
     verdict.check(
-        set(actions) <= {"ok/none", "paid_not_sold/confirmed", "paid_still_reserved/confirmed",
-                         "paid_not_sold/refund_needed"},
+        set(actions)
+        <= {
+            "ok/none",
+            "paid_not_sold/confirmed",
+            "paid_still_reserved/confirmed",
+            "paid_not_sold/refund_needed",
+        },
         f"reconcile-payments: unexpected findings {dict(actions)} ({runs[0].stderr[-300:]})",
-    )  # fmt: skip
+    )
     again = {f["action"] for f in second}
     verdict.check(again <= {"none", "refund_needed"}, f"reconcile-payments repaired again: {again}")
     verdict.notes.append(f"lost callbacks: {len(lost)} paid orders reconciled: {dict(actions)}")
     return [
-        {"kind": "confirmed", "order": f["order_id"], "sku": lost[f["order_id"]]["sku"],
-         "qty": lost[f["order_id"]]["qty"]}
-        for f in first if f["action"] == "confirmed"
-    ]  # fmt: skip
+        {
+            "kind": "confirmed",
+            "order": f["order_id"],
+            "sku": lost[f["order_id"]]["sku"],
+            "qty": lost[f["order_id"]]["qty"],
+        }
+        for f in first
+        if f["action"] == "confirmed"
+    ]
 
 
 def report(
-    levels: dict[str, dict[str, int]], loaded: dict[str, int], journal: list[dict[str, Any]],
-    totals: tuple[int, int, list[str]], verdict: Verdict,
-) -> None:  # fmt: skip
+    levels: dict[str, dict[str, int]],
+    loaded: dict[str, int],
+    journal: list[dict[str, Any]],
+    totals: tuple[int, int, list[str]],
+    verdict: Verdict,
+) -> None:
     print()
     print(f"{'sku':<22} {'loaded':>7} {'restock':>7} {'avail':>7} {'resvd':>7} {'sold':>7}")
     added, _ = restocks(journal, None)
@@ -424,9 +478,10 @@ def main() -> int:
     parser.add_argument("--run-time", type=int, default=60, help="seconds")
     parser.add_argument("--drain-s", type=float, default=30, help="wait for the writer")
     parser.add_argument(
-        "--allow-failures", action="store_true",
+        "--allow-failures",
+        action="store_true",
         help="do not FAIL on unexpected HTTP answers (only on broken stock invariants)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="stock-loadtest-"))
     url = os.environ.get("STOCK_URL")
@@ -445,8 +500,13 @@ def main() -> int:
         run = secrets.token_hex(3).upper()
         loaded, flash, regular, limited = catalog(run)
         for sku, units in loaded.items():
-            api(service, "PUT", f"/v1/stock/{sku}", {"available": units, "reason": "loadtest"},
-                admin=True)  # fmt: skip
+            api(
+                service,
+                "PUT",
+                f"/v1/stock/{sku}",
+                {"available": units, "reason": "loadtest"},
+                admin=True,
+            )
         for sku in limited:
             api(service, "PUT", f"/v1/stock/{sku}/limits", {"per_customer": LIMIT}, admin=True)
         print(f"loadtest: loaded {sum(loaded.values())} units over {len(loaded)} SKUs (LT{run}-*)")

@@ -23,9 +23,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--force", action="store_true", help="resync SKUs that have unflushed events too"
     )
     resync.add_argument(
-        "--wait", type=float, default=5.0, metavar="S",
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="S",
         help="how long to wait for the writer to flush a SKU's events before refusing it",
-    )  # fmt: skip
+    )
     commands.add_parser("webhooks", help="send the webhook outbox's deliveries until SIGTERM")
     reconcile = commands.add_parser("reconcile", help="compare Redis with PostgreSQL")
     reconcile.add_argument("skus", nargs="*", metavar="SKU", help="default: every SKU")
@@ -69,9 +72,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             from persist.resync import resync
 
             return await resync(
-                client, settings, settings.database_url, skus, dry_run=args.dry_run,
-                force=args.force, wait_s=args.wait,
-            )  # fmt: skip
+                client,
+                settings,
+                settings.database_url,
+                skus,
+                dry_run=args.dry_run,
+                force=args.force,
+                wait_s=args.wait,
+            )
         from persist.reconcile import reconcile
 
         return await reconcile(client, settings, settings.database_url, skus)
@@ -99,9 +107,14 @@ async def _reconcile_payments(args: argparse.Namespace, client: object, settings
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
         return await reconcile_payments(
-            StockEngine(client, settings), settings.database_url, Path(args.file),
-            repair=args.repair, since=since, until=until, as_json=args.json,
-        )  # fmt: skip
+            StockEngine(client, settings),
+            settings.database_url,
+            Path(args.file),
+            repair=args.repair,
+            since=since,
+            until=until,
+            as_json=args.json,
+        )
     except (InvalidRequest, OSError) as exc:
         print(f"stock reconcile-payments: {exc}", file=sys.stderr)
         return 2

@@ -247,10 +247,15 @@ class Dispatcher:
         assert self.pool is not None
         ok = status is not None and 200 <= status < 300
         args = (
-            row["id"], row["attempts"], ok, status, error,
-            self.settings.webhook_retry_base_s, float(self.settings.webhook_retry_s),
+            row["id"],
+            row["attempts"],
+            ok,
+            status,
+            error,
+            self.settings.webhook_retry_base_s,
+            float(self.settings.webhook_retry_s),
             MAX_BACKOFF_S,
-        )  # fmt: skip
+        )
         for _ in range(3):  # a stock.changed put back may meet a newer one being offered
             try:
                 state = await self.pool.fetchval(_OUTCOME, *args)
@@ -263,8 +268,12 @@ class Dispatcher:
             self.stats.delivered += 1
         elif state == "failed":
             self.stats.failed += 1
-            log.warning("webhooks: delivery %s to %s failed for good: %s",
-                        row["event_id"], row["url"], error or status)  # fmt: skip
+            log.warning(
+                "webhooks: delivery %s to %s failed for good: %s",
+                row["event_id"],
+                row["url"],
+                error or status,
+            )
         elif state is not None:
             self.stats.retried += 1
 

@@ -105,8 +105,9 @@ def judge(status: str, held: str) -> tuple[str, str]:
             return "paid_not_sold", "confirm"
         return "paid_not_sold", "refund_needed"
     if held in ("sold", "partly_sold"):
-        return ("refunded_still_sold", "cancel") if status == "refunded" else (
-            "sold_not_paid", "none")  # fmt: skip
+        return (
+            ("refunded_still_sold", "cancel") if status == "refunded" else ("sold_not_paid", "none")
+        )
     return "ok", "none"
 
 
@@ -201,8 +202,11 @@ async def reconcile_payments(
             findings.extend(await reconciler.check(chunk))
             if time.monotonic() - last >= PROGRESS_S:
                 last = time.monotonic()
-                print(f"reconcile-payments: {len(findings)}/{len(rows)} orders checked"
-                      f" ({last - started:.0f} s)", file=progress)  # fmt: skip
+                print(
+                    f"reconcile-payments: {len(findings)}/{len(rows)} orders checked"
+                    f" ({last - started:.0f} s)",
+                    file=progress,
+                )
         if since is not None or until is not None:
             seen = {order_id for _, order_id, _ in rows}
             findings.extend(await reconciler.absent_sales(seen, since, until))
@@ -215,9 +219,12 @@ async def reconcile_payments(
 def _print(findings: list[Finding], as_json: bool, out: TextIO) -> None:
     if as_json:
         for f in findings:
-            out.write(orjson.dumps(
-                {"order_id": f.order_id, "outcome": f.outcome, "action": f.action}
-            ).decode() + "\n")  # fmt: skip
+            out.write(
+                orjson.dumps(
+                    {"order_id": f.order_id, "outcome": f.outcome, "action": f.action}
+                ).decode()
+                + "\n"
+            )
         return
     counts: dict[str, int] = {}
     width = max((len(f.order_id) for f in findings), default=8)

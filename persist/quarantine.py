@@ -31,7 +31,7 @@ POISON_ERRORS = (
     ValueError,
     TypeError,
     IndexError,
-)  # fmt: skip  (UnicodeError is a ValueError)
+)  # UnicodeError is a ValueError
 
 Raw = Callable[[str, str], Awaitable[list[bytes]]]  # (stream, entry id) -> fields, values
 Entry = tuple[str, tuple[str, list[str]]]  # (stream, (entry id, values))

@@ -26,9 +26,13 @@ from typing import Any
 import asyncpg
 
 EVENT_TYPES = (
-    "stock.changed", "stock.sold_out", "stock.back_in_stock", "reservation.expired",
-    "order.confirmed", "order.cancelled",
-)  # fmt: skip
+    "stock.changed",
+    "stock.sold_out",
+    "stock.back_in_stock",
+    "reservation.expired",
+    "order.confirmed",
+    "order.cancelled",
+)
 STATES = ("pending", "sending", "delivered", "failed", "superseded")
 
 _ORDER_TYPES = "'{order.confirmed,order.cancelled,reservation.expired}'::text[]"
@@ -101,8 +105,10 @@ async def subscribe(conn: Any, url: str, events: list[str], secret: str) -> dict
     row = await conn.fetchrow(
         "INSERT INTO webhook_subscriptions (url, events, secret) VALUES ($1, $2, $3)"
         " RETURNING id, url, events",
-        url, events, secret,
-    )  # fmt: skip
+        url,
+        events,
+        secret,
+    )
     return _subscription(row)
 
 
@@ -143,15 +149,21 @@ async def deliveries(
         "SELECT event_id, type, sku, order_id, available, reserved, sold, seq, state, attempts,"
         " created_at, next_at, delivered_at, last_status, last_error FROM webhook_deliveries"
         f" WHERE subscription_id = $1{where} ORDER BY id DESC LIMIT $2",
-        subscription_id, limit,
-    )  # fmt: skip
+        subscription_id,
+        limit,
+    )
     return [dict(r) for r in rows]
 
 
 def data(row: Any) -> dict[str, Any]:
     """The ``data`` of a delivery's body, from its row."""
-    body = {"sku": row["sku"], "available": row["available"], "reserved": row["reserved"],
-            "sold": row["sold"], "seq": row["seq"]}  # fmt: skip
+    body = {
+        "sku": row["sku"],
+        "available": row["available"],
+        "reserved": row["reserved"],
+        "sold": row["sold"],
+        "seq": row["seq"],
+    }
     if row["order_id"] is not None:
         body["order_id"] = row["order_id"]
     return body

@@ -80,9 +80,16 @@ def _http_flags(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("redis_url", "redis_cluster", "database_url", "host", "port",
-                     "admin_token", "reservation_ttl_s")
-    }  # fmt: skip
+        for name in (
+            "redis_url",
+            "redis_cluster",
+            "database_url",
+            "host",
+            "port",
+            "admin_token",
+            "reservation_ttl_s",
+        )
+    }
     return Settings.from_env(**overrides)
 
 

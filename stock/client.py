@@ -113,8 +113,9 @@ def connect(settings: Settings, **options: Any) -> Any:
         assert isinstance(client, _Cluster)
         client.migration_wait_s = settings.redis_migration_wait_s
         return client
-    options.setdefault("retry", Retry(ExponentialWithJitterBackoff(0.01, 0.2),
-                                      settings.redis_retries))  # fmt: skip
+    options.setdefault(
+        "retry", Retry(ExponentialWithJitterBackoff(0.01, 0.2), settings.redis_retries)
+    )
     wait = settings.redis_connect_timeout_s + settings.redis_timeout_s
     pool = BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=size, timeout=wait, **options

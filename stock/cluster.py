@@ -76,15 +76,31 @@ class ClusterOrders:
         if op == "deduct" and len(groups) == 1:
             return await self._deduct_one(order_id, groups[0], spec, token, customer)
         outcomes = await asyncio.gather(
-            *(e._group_call("reserve", order_id=order_id, group=g, spec=spec, ttl_ms=hold_ms,
-                            may_create=True, order_kind=op, tag=token, customer=customer)
-              for g in groups),
+            *(
+                e._group_call(
+                    "reserve",
+                    order_id=order_id,
+                    group=g,
+                    spec=spec,
+                    ttl_ms=hold_ms,
+                    may_create=True,
+                    order_kind=op,
+                    tag=token,
+                    customer=customer,
+                )
+                for g in groups
+            ),
             return_exceptions=True,
-        )  # fmt: skip
+        )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:  # a refused group changed nothing; any other may have applied
-            await self._undo(order_id, [g for g, o in zip(groups, outcomes, strict=True)
-                                        if not _refused(o)], spec, op, token)  # fmt: skip
+            await self._undo(
+                order_id,
+                [g for g, o in zip(groups, outcomes, strict=True) if not _refused(o)],
+                spec,
+                op,
+                token,
+            )
             raise merge_failures(failures)
         replies: list[LinesReply] = [o for o in outcomes if isinstance(o, LinesReply)]
         # A deduct's directory must come with half its holds left for the settle: a
@@ -143,9 +159,10 @@ class ClusterOrders:
         The order is decided: a group whose call failed is called again; the answer is
         a replay only if every line was CONFIRMED already."""
         todo = {
-            i: g for i, (g, r) in enumerate(zip(groups, held, strict=True))
+            i: g
+            for i, (g, r) in enumerate(zip(groups, held, strict=True))
             if any(ln.state != "confirmed" for ln in r.lines)
-        }  # fmt: skip
+        }
         done = {i: r for i, r in enumerate(held) if i not in todo}
         await self._apply(order_id, "confirm", todo, done, spec=spec, order_kind="deduct")
         replay = all(r.replay for r in held) and all(r.replay for r in done.values())
@@ -284,11 +301,21 @@ class ClusterOrders:
         group's holds are undone) and the call is refused. Returns the holds' token."""
         e, token = self.engine, secrets.token_hex(6)
         held = await asyncio.gather(
-            *(e._group_call("hold", order_id=order_id, group=g, spec=spec, mode=NO_ORDER_KEY,
-                            ttl_ms=HOLD_MS, hold_for=op, tag=token)
-              for g in groups),
+            *(
+                e._group_call(
+                    "hold",
+                    order_id=order_id,
+                    group=g,
+                    spec=spec,
+                    mode=NO_ORDER_KEY,
+                    ttl_ms=HOLD_MS,
+                    hold_for=op,
+                    tag=token,
+                )
+                for g in groups
+            ),
             return_exceptions=True,
-        )  # fmt: skip
+        )
         failures = [h for h in held if isinstance(h, BaseException)]
         if failures:
             maybe = [g for g, h in zip(groups, held, strict=True) if not _refused(h)]
@@ -299,11 +326,20 @@ class ClusterOrders:
     async def _unhold(self, order_id: str, groups: list[list[Item]], spec: str, token: str) -> None:
         e = self.engine
         undone = await asyncio.gather(
-            *(e._group_call("abort", order_id=order_id, group=g, spec=spec, mode=NO_ORDER_KEY,
-                            undo_holds=True, tag=token)
-              for g in groups),
+            *(
+                e._group_call(
+                    "abort",
+                    order_id=order_id,
+                    group=g,
+                    spec=spec,
+                    mode=NO_ORDER_KEY,
+                    undo_holds=True,
+                    tag=token,
+                )
+                for g in groups
+            ),
             return_exceptions=True,
-        )  # fmt: skip
+        )
         for problem in undone:
             if isinstance(problem, BaseException):
                 log.error("order %r: undoing a hold failed, it expires: %r", order_id, problem)
@@ -355,8 +391,13 @@ class ClusterOrders:
                 if failures:
                     raise merge_failures(refused or failures)
                 return
-            log.warning("order %r: %s of %d groups failed, again: %r",
-                        order_id, op, len(failures), failures[0])  # fmt: skip
+            log.warning(
+                "order %r: %s of %d groups failed, again: %r",
+                order_id,
+                op,
+                len(failures),
+                failures[0],
+            )
             await e._pause(0.05 * (attempt + 1))
 
 

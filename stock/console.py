@@ -120,10 +120,25 @@ async def ledger(request: web.Request) -> web.Response:
         log.warning("ledger of %s: PostgreSQL error: %s", sku, exc)
         raise Unavailable("ledger store unavailable, retry shortly") from None
     items = [
-        {**{k: row[k] for k in ("id", "order_id", "op", "qty", "available", "reserved",
-                                "sold", "seq", "reason")}, "at": iso_ms(row["at_ms"])}
+        {
+            **{
+                k: row[k]
+                for k in (
+                    "id",
+                    "order_id",
+                    "op",
+                    "qty",
+                    "available",
+                    "reserved",
+                    "sold",
+                    "seq",
+                    "reason",
+                )
+            },
+            "at": iso_ms(row["at_ms"]),
+        }
         for row in rows
-    ]  # fmt: skip
+    ]
     return json_response({"sku": sku, "rows": items, "window": LEDGER_WINDOW})
 
 

@@ -71,8 +71,10 @@ def quiet_dependencies() -> None:
 
 
 def run_dev(settings: Settings) -> int:
-    print("stock dev: starting valkey-server and PostgreSQL (initdb takes a few seconds)...",
-          flush=True)  # fmt: skip
+    print(
+        "stock dev: starting valkey-server and PostgreSQL (initdb takes a few seconds)...",
+        flush=True,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="stock-dev-"))
     valkey = Valkey(workdir / "valkey", None, *AOF_EVERYSEC)
     postgres: Any = None
@@ -80,10 +82,12 @@ def run_dev(settings: Settings) -> int:
         valkey.start()
         postgres = start_postgres(workdir)
         settings = replace(
-            settings, redis_url=valkey.url, redis_cluster=False,
+            settings,
+            redis_url=valkey.url,
+            redis_cluster=False,
             database_url=postgres.get_uri(),
             admin_token=settings.admin_token or secrets.token_urlsafe(16),
-        )  # fmt: skip
+        )
         asyncio.run(_prepare(settings))
         print(_banner(settings), flush=True)
         serve_one(settings, run_reaper=True, run_writer=True, reuse_port=False)

@@ -68,9 +68,19 @@ class Valkey:
     def start(self) -> Valkey:
         """Start the server and wait until it answers PING (10 s at most)."""
         command = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--dir", str(self.workdir), "--logfile", "server.log", *self.args,
-        ]  # fmt: skip
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            "server.log",
+            *self.args,
+        ]
         self.proc = subprocess.Popen(command, cwd=self.workdir, env=self.env)
         deadline = time.monotonic() + 10
         while not ping(self.port):

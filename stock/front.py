@@ -48,11 +48,13 @@ def error_response(code: str, status: int, message: str, **details: Any) -> web.
     return json_response({"error": code, "message": message, **details}, status)
 
 
-_OVERLOADED = orjson.dumps({
-    "error": "overloaded",
-    "message": f"too many requests in flight; retry after {RETRY_AFTER_S} s",
-    "retry_after_s": RETRY_AFTER_S,
-})  # fmt: skip
+_OVERLOADED = orjson.dumps(
+    {
+        "error": "overloaded",
+        "message": f"too many requests in flight; retry after {RETRY_AFTER_S} s",
+        "retry_after_s": RETRY_AFTER_S,
+    }
+)
 
 
 def overloaded() -> web.Response:
@@ -142,8 +144,12 @@ class Front:
                 response = error_for(request, exc, front.metrics, front.max_body)
             finally:
                 front.inflight -= 1
-            done(route, request.method if method == "*" else method, response.status,
-                 perf() - started)  # fmt: skip
+            done(
+                route,
+                request.method if method == "*" else method,
+                response.status,
+                perf() - started,
+            )
             return response
 
         endpoint.stock_front = True  # type: ignore[attr-defined]

@@ -27,17 +27,24 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "stock_http_requests", "HTTP requests by route and outcome",
-            ["route", "method", "status"], registry=r,
-        )  # fmt: skip
+            "stock_http_requests",
+            "HTTP requests by route and outcome",
+            ["route", "method", "status"],
+            registry=r,
+        )
         self.latency = Histogram(
-            "stock_http_request_seconds", "HTTP request latency by route",
-            ["route", "method"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "stock_http_request_seconds",
+            "HTTP request latency by route",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.outcomes = Counter(
-            "stock_order_outcomes", "Order operations by operation and outcome (ok, replay, or "
-            "the error code)", ["op", "outcome"], registry=r,
-        )  # fmt: skip
+            "stock_order_outcomes",
+            "Order operations by operation and outcome (ok, replay, or the error code)",
+            ["op", "outcome"],
+            registry=r,
+        )
         self.redis_errors = Counter("stock_redis_errors", "Redis calls that failed", registry=r)
         self.soldout_fast = Counter(
             "stock_soldout_fast_answers",
@@ -72,9 +79,11 @@ class Metrics:
             registry=r,
         )
         self.flush_lag = Gauge(
-            "stock_writer_flush_lag_seconds", "Age of the oldest event not yet in PostgreSQL",
-            multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
+            "stock_writer_flush_lag_seconds",
+            "Age of the oldest event not yet in PostgreSQL",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.writer_batch = Gauge(
             "stock_writer_last_batch",
             "Events in the writer's last batch",
@@ -88,40 +97,55 @@ class Metrics:
             registry=r,
         )
         self.writer_buckets = Gauge(
-            "stock_writer_buckets_held", "Buckets this process's writer holds (its advisory "
-            "locks); all writers together should hold stock_buckets", multiprocess_mode="livesum",
+            "stock_writer_buckets_held",
+            "Buckets this process's writer holds (its advisory "
+            "locks); all writers together should hold stock_buckets",
+            multiprocess_mode="livesum",
             registry=r,
-        )  # fmt: skip
+        )
         self.buckets = Gauge(
-            "stock_buckets", "STOCK_BUCKETS, exported by processes that run a writer",
-            multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
+            "stock_buckets",
+            "STOCK_BUCKETS, exported by processes that run a writer",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.reconcile_drifting = Gauge(
-            "stock_reconcile_drifting_skus", "SKUs the last `stock reconcile` found drifting",
-            multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
+            "stock_reconcile_drifting_skus",
+            "SKUs the last `stock reconcile` found drifting",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.reconcile_at = Gauge(
-            "stock_reconcile_last_run_timestamp_seconds", "When the last `stock reconcile` ran",
-            multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
+            "stock_reconcile_last_run_timestamp_seconds",
+            "When the last `stock reconcile` ran",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.worker_up = Gauge(
-            "stock_worker_up", "1 per live service process (a pid label per worker)",
-            multiprocess_mode="liveall", registry=r,
-        )  # fmt: skip
+            "stock_worker_up",
+            "1 per live service process (a pid label per worker)",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         self.worker_up.set(1)
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.loop_errors = Counter(
-            "stock_loop_errors", "Failed passes of a background loop (it backs off and goes "
-            "on)", ["loop"], registry=r,
-        )  # fmt: skip
+            "stock_loop_errors",
+            "Failed passes of a background loop (it backs off and goes on)",
+            ["loop"],
+            registry=r,
+        )
         self.loop_restarts = Counter(
-            "stock_loop_restarts", "Background loops that ended and were started again",
-            ["loop"], registry=r,
-        )  # fmt: skip
+            "stock_loop_restarts",
+            "Background loops that ended and were started again",
+            ["loop"],
+            registry=r,
+        )
         self.quarantined = Counter(
-            "stock_writer_quarantined", "Events the writer could not apply, set aside in "
-            "the event_quarantine table", registry=r,
-        )  # fmt: skip
+            "stock_writer_quarantined",
+            "Events the writer could not apply, set aside in the event_quarantine table",
+            registry=r,
+        )
         self._collectors: list[Callable[[], None]] = []
         self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._outcome_children: dict[tuple[str, str], Any] = {}

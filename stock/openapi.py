@@ -13,13 +13,19 @@ COUNT = {"type": "integer", "minimum": 0}
 AMOUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}
 DELTA = {"type": "integer", "minimum": -(10**12), "maximum": 10**12, "not": {"enum": [0]}}
 ITEM = {
-    "type": "object", "required": ["sku", "qty"], "additionalProperties": False,
+    "type": "object",
+    "required": ["sku", "qty"],
+    "additionalProperties": False,
     "properties": {"sku": SKU, "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY}},
-}  # fmt: skip
+}
 ITEMS = {
-    "type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "uniqueItems": True, "items": ITEM,
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_ITEMS,
+    "uniqueItems": True,
+    "items": ITEM,
     "description": "no SKU twice",
-}  # fmt: skip
+}
 TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
 CUSTOMER = {**ORDER_ID, "description": "the buyer; required for a SKU with a per-customer limit"}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 1_000_000, "nullable": True}
@@ -50,22 +56,36 @@ COUNTERS = _obj(
 )
 LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"})
 ORDER = _obj(
-    ["order_id", "status", "items"], order_id=ORDER_ID, status={"type": "string"},
-    expires_at={**EXPIRES, "nullable": True}, items={"type": "array", "items": LINE},
-)  # fmt: skip
+    ["order_id", "status", "items"],
+    order_id=ORDER_ID,
+    status={"type": "string"},
+    expires_at={**EXPIRES, "nullable": True},
+    items={"type": "array", "items": LINE},
+)
 ORDER_VIEW = _obj(
-    ["order_id", "kind", "status", "items"], order_id=ORDER_ID,
-    kind={"type": "string", "enum": ["reserve", "deduct"]}, status={"type": "string"},
-    items={"type": "array", "items": _obj(
-        ["sku", "qty", "state"], sku=SKU, qty={"type": "integer"}, state={"type": "string"},
-        expires_at={**EXPIRES, "nullable": True},
-    )},
-)  # fmt: skip
+    ["order_id", "kind", "status", "items"],
+    order_id=ORDER_ID,
+    kind={"type": "string", "enum": ["reserve", "deduct"]},
+    status={"type": "string"},
+    items={
+        "type": "array",
+        "items": _obj(
+            ["sku", "qty", "state"],
+            sku=SKU,
+            qty={"type": "integer"},
+            state={"type": "string"},
+            expires_at={**EXPIRES, "nullable": True},
+        ),
+    },
+)
 ERROR = {
-    "type": "object", "required": ["error", "message"],
-    "properties": {"error": {"type": "string", "enum": sorted(ERRORS)},
-                   "message": {"type": "string"}},
-}  # fmt: skip
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "enum": sorted(ERRORS)},
+        "message": {"type": "string"},
+    },
+}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -190,49 +210,101 @@ def spec() -> dict[str, Any]:
 
 LEDGER_ROW = _obj(
     ["id", "order_id", "op", "qty", "available", "reserved", "sold", "seq", "reason", "at"],
-    id={"type": "integer"}, order_id={"type": "string"}, op={"type": "string"},
-    qty={"type": "integer"}, available={"type": "integer"}, reserved={"type": "integer"},
-    sold={"type": "integer"}, seq={"type": "integer"}, reason={"type": "string"},
+    id={"type": "integer"},
+    order_id={"type": "string"},
+    op={"type": "string"},
+    qty={"type": "integer"},
+    available={"type": "integer"},
+    reserved={"type": "integer"},
+    sold={"type": "integer"},
+    seq={"type": "integer"},
+    reason={"type": "string"},
     at={**EXPIRES, "nullable": True},
-)  # fmt: skip
+)
 LAG = {"type": "number", "minimum": 0, "nullable": True}
 HEALTH = _obj(
-    ["redis", "postgres", "expiry_lag_s", "flush_lag_s", "writer", "reconcile",
-     "payment_probe", "buckets"],
-    redis={"type": "string"}, postgres={"type": "string"}, expiry_lag_s=LAG, flush_lag_s=LAG,
-    writer={**_obj(["buckets", "held", "writers"], buckets=COUNT, held=COUNT, writers=COUNT),
-            "nullable": True},
-    reconcile={"type": "object", "nullable": True, "description": "the last `stock reconcile`:"
-               " at, at_ms, checked, drifting, drifts (the first 50 lines), whole"},
-    payment_probe={"type": "object", "nullable": True,
-                   "additionalProperties": {"type": "number"}, "description": "outcome -> count"},
+    [
+        "redis",
+        "postgres",
+        "expiry_lag_s",
+        "flush_lag_s",
+        "writer",
+        "reconcile",
+        "payment_probe",
+        "buckets",
+    ],
+    redis={"type": "string"},
+    postgres={"type": "string"},
+    expiry_lag_s=LAG,
+    flush_lag_s=LAG,
+    writer={
+        **_obj(["buckets", "held", "writers"], buckets=COUNT, held=COUNT, writers=COUNT),
+        "nullable": True,
+    },
+    reconcile={
+        "type": "object",
+        "nullable": True,
+        "description": "the last `stock reconcile`:"
+        " at, at_ms, checked, drifting, drifts (the first 50 lines), whole",
+    },
+    payment_probe={
+        "type": "object",
+        "nullable": True,
+        "additionalProperties": {"type": "number"},
+        "description": "outcome -> count",
+    },
     buckets={"type": "integer"},
-)  # fmt: skip
+)
 
 
 def _ledger_op() -> dict[str, Any]:
-    body = _obj(["sku", "rows", "window"], sku=SKU, window={"type": "integer"},
-                rows={"type": "array", "items": LEDGER_ROW})  # fmt: skip
-    op = _op("A SKU's newest ledger rows (PostgreSQL; 404 without it)",
-             {"200": _json(body, "newest first")}, [404], admin=True, params=["sku"])  # fmt: skip
+    body = _obj(
+        ["sku", "rows", "window"],
+        sku=SKU,
+        window={"type": "integer"},
+        rows={"type": "array", "items": LEDGER_ROW},
+    )
+    op = _op(
+        "A SKU's newest ledger rows (PostgreSQL; 404 without it)",
+        {"200": _json(body, "newest first")},
+        [404],
+        admin=True,
+        params=["sku"],
+    )
     op["parameters"].append(
-        {"name": "limit", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}}
-    )  # fmt: skip
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+        }
+    )
     return op
 
 
 def _health_op() -> dict[str, Any]:
-    return _op("The pipeline's health: lags, writer buckets, last reconcile, payment probe",
-               {"200": _json(HEALTH, "health (a failing part is named in its field)")}, [],
-               admin=True)  # fmt: skip
+    return _op(
+        "The pipeline's health: lags, writer buckets, last reconcile, payment probe",
+        {"200": _json(HEALTH, "health (a failing part is named in its field)")},
+        [],
+        admin=True,
+    )
 
 
 def _admin_order_op(op: str) -> dict[str, Any]:
     done = {"200": _json({"$ref": "#/components/schemas/Order"}, "done (or a replay)")}
     text = r"[^\x00-\x1f\x7f]*"  # no control characters, and one that is not a space
-    reason = {"type": "string", "minLength": 1, "maxLength": 200,
-              "pattern": rf"^{text}[^\x00-\x20\x7f]{text}$"}  # fmt: skip
-    return _op(f"{op.capitalize()} an order with the operator's reason in the ledger (console)",
-               done, [404, 409, 413], admin=True, params=["order_id"],
-               body=_obj(["reason"], reason=reason))  # fmt: skip
+    reason = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 200,
+        "pattern": rf"^{text}[^\x00-\x20\x7f]{text}$",
+    }
+    return _op(
+        f"{op.capitalize()} an order with the operator's reason in the ledger (console)",
+        done,
+        [404, 409, 413],
+        admin=True,
+        params=["order_id"],
+        body=_obj(["reason"], reason=reason),
+    )

@@ -122,10 +122,15 @@ def _error(exc: BaseException) -> str:
 async def health(client: Any, settings: Settings, pool: Any, registry: Any) -> dict[str, Any]:
     """The pipeline's health as one JSON object; a failing part is reported, not raised."""
     body: dict[str, Any] = {
-        "redis": "ok", "postgres": "not configured", "expiry_lag_s": None,
-        "flush_lag_s": None, "writer": None, "reconcile": None,
-        "payment_probe": payment_probe(registry), "buckets": settings.buckets,
-    }  # fmt: skip
+        "redis": "ok",
+        "postgres": "not configured",
+        "expiry_lag_s": None,
+        "flush_lag_s": None,
+        "writer": None,
+        "reconcile": None,
+        "payment_probe": payment_probe(registry),
+        "buckets": settings.buckets,
+    }
     now_ms = 0
     try:
         now_ms = await server_ms(client)

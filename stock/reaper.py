@@ -124,9 +124,13 @@ class Reaper:
         redis-py's cluster client failing mid-failover, a bug) is logged and counted,
         and the reaper backs off and goes on (``stock.supervise.run_loop``)."""
         await run_loop(
-            "reaper", self._pass, stop, idle_s=self.settings.reaper_period_s,
-            recover=self._failed, counters=counters,
-        )  # fmt: skip
+            "reaper",
+            self._pass,
+            stop,
+            idle_s=self.settings.reaper_period_s,
+            recover=self._failed,
+            counters=counters,
+        )
 
     async def _pass(self) -> bool:
         """One pass; True when more lines are due (go again at once)."""

@@ -31,9 +31,14 @@ def serve_one(settings: Settings, run_reaper: bool, run_writer: bool, reuse_port
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings, run_reaper=run_reaper, run_writer=run_writer)
     web.run_app(
-        app, host=settings.host, port=settings.port, reuse_port=reuse_port,
-        shutdown_timeout=10, access_log=None, print=None,
-    )  # fmt: skip
+        app,
+        host=settings.host,
+        port=settings.port,
+        reuse_port=reuse_port,
+        shutdown_timeout=10,
+        access_log=None,
+        print=None,
+    )
 
 
 def _metrics_dir() -> str | None:

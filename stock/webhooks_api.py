@@ -131,9 +131,13 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 def _delivery(row: dict[str, Any]) -> dict[str, Any]:
     out = {
-        "id": str(row["event_id"]), "type": row["type"], "sku": row["sku"],
-        "state": row["state"], "attempts": row["attempts"], "data": webhooks.data(row),
-    }  # fmt: skip
+        "id": str(row["event_id"]),
+        "type": row["type"],
+        "sku": row["sku"],
+        "state": row["state"],
+        "attempts": row["attempts"],
+        "data": webhooks.data(row),
+    }
     for name in ("created_at", "next_at", "delivered_at"):
         out[name] = row[name].isoformat() if row[name] is not None else None
     out.update(last_status=row["last_status"], last_error=row["last_error"])
@@ -151,12 +155,15 @@ def setup_webhooks(app: web.Application, run_dispatcher: bool) -> None:
     r.add_get("/v1/webhooks/{id}/deliveries", list_deliveries)
     registry = app[METRICS].registry  # exported (as 0) by every process, for the alert
     counters = {
-        "delivered": Counter("stock_webhook_deliveries", "Webhook deliveries answered 2xx",
-                             registry=registry),
-        "failed": Counter("stock_webhook_deliveries_failed",
-                          "Webhook deliveries given up after STOCK_WEBHOOK_RETRY_S",
-                          registry=registry),
-    }  # fmt: skip
+        "delivered": Counter(
+            "stock_webhook_deliveries", "Webhook deliveries answered 2xx", registry=registry
+        ),
+        "failed": Counter(
+            "stock_webhook_deliveries_failed",
+            "Webhook deliveries given up after STOCK_WEBHOOK_RETRY_S",
+            registry=registry,
+        ),
+    }
     dispatch = run_dispatcher and bool(settings.database_url)
     app.cleanup_ctx.append(_lifetime(dispatch, counters))
 

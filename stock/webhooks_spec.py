@@ -8,26 +8,44 @@ from persist.webhooks import EVENT_TYPES, STATES
 from stock.openapi import SKU, _json, _obj
 
 EVENTS = {
-    "type": "array", "minItems": 1, "uniqueItems": True,
+    "type": "array",
+    "minItems": 1,
+    "uniqueItems": True,
     "items": {"type": "string", "enum": list(EVENT_TYPES)},
-}  # fmt: skip
-URL = {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": "^https?://",
-       "description": "http or https"}  # fmt: skip
+}
+URL = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 2048,
+    "pattern": "^https?://",
+    "description": "http or https",
+}
 ID = {"type": "string", "format": "uuid"}
-WEBHOOK = _obj(["id", "url", "events"], id=ID, url=URL, events=EVENTS,
-               created_at={"type": "string", "format": "date-time"})  # fmt: skip
+WEBHOOK = _obj(
+    ["id", "url", "events"],
+    id=ID,
+    url=URL,
+    events=EVENTS,
+    created_at={"type": "string", "format": "date-time"},
+)
 STAMP = {"type": "string", "format": "date-time", "nullable": True}
 DELIVERY = {
     "type": "object",
     "required": ["id", "type", "sku", "state", "attempts", "data"],
     "properties": {
-        "id": ID, "type": {"type": "string", "enum": list(EVENT_TYPES)}, "sku": SKU,
-        "state": {"type": "string", "enum": list(STATES)}, "attempts": {"type": "integer"},
-        "data": {"type": "object"}, "created_at": STAMP, "next_at": STAMP,
-        "delivered_at": STAMP, "last_status": {"type": "integer", "nullable": True},
+        "id": ID,
+        "type": {"type": "string", "enum": list(EVENT_TYPES)},
+        "sku": SKU,
+        "state": {"type": "string", "enum": list(STATES)},
+        "attempts": {"type": "integer"},
+        "data": {"type": "object"},
+        "created_at": STAMP,
+        "next_at": STAMP,
+        "delivered_at": STAMP,
+        "last_status": {"type": "integer", "nullable": True},
         "last_error": {"type": "string", "nullable": True},
     },
-}  # fmt: skip
+}
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -42,10 +60,18 @@ def _op(summary: str, ok: dict[str, Any], codes: list[int], **extra: Any) -> dic
 
 def paths() -> dict[str, Any]:
     path_id = [{"name": "id", "in": "path", "required": True, "schema": ID}]
-    body = _obj(["url", "events", "secret"], url=URL, events=EVENTS,
-                secret={"type": "string", "minLength": 1, "maxLength": 256})  # fmt: skip
-    status = {"name": "status", "in": "query", "required": False,
-              "schema": {"type": "string", "enum": list(STATES)}}  # fmt: skip
+    body = _obj(
+        ["url", "events", "secret"],
+        url=URL,
+        events=EVENTS,
+        secret={"type": "string", "minLength": 1, "maxLength": 256},
+    )
+    status = {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": list(STATES)},
+    }
     listed = _obj(["webhooks"], webhooks={"type": "array", "items": WEBHOOK})
     delivered = _obj(["deliveries"], deliveries={"type": "array", "items": DELIVERY})
     return {

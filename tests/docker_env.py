@@ -137,14 +137,21 @@ def ensure_debian() -> float:
         root = Path(tempfile.mkdtemp(prefix="rootfs-", dir=CACHE))
         subprocess.run(
             ["debootstrap", "--variant=minbase", "bookworm", str(root), debian_mirror()],
-            check=True, capture_output=True, timeout=900,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
         subprocess.run(["tar", "-C", str(root), "-cf", f"{tarball}.part", "."], check=True)
         os.replace(f"{tarball}.part", tarball)
         shutil.rmtree(root, ignore_errors=True)
     with tarball.open("rb") as data:
-        subprocess.run(["docker", "import", "-", DEBIAN], stdin=data, check=True,
-                       capture_output=True, timeout=300)  # fmt: skip
+        subprocess.run(
+            ["docker", "import", "-", DEBIAN],
+            stdin=data,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     return time.monotonic() - started
 
 

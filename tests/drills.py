@@ -91,8 +91,10 @@ async def stream_matches_counters(redis: Any, settings: Settings, skus: list[str
         assert [int(e["seq"]) for e in mine] == list(range(1, seq + 1)), sku
         last = mine[-1]
         assert (int(last["available"]), int(last["reserved"]), int(last["sold"])) == (
-            available, reserved, sold,
-        ), sku  # fmt: skip
+            available,
+            reserved,
+            sold,
+        ), sku
         checks += 2
     return checks
 
@@ -111,9 +113,11 @@ async def start_serve(
     answers."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stock.cli", "serve"], env=env,
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "stock.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{env['STOCK_PORT']}"
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
@@ -156,8 +160,7 @@ async def call(
 
 
 def reserve_body(order_id: str, items: list[tuple[str, int]], ttl_s: int) -> dict[str, Any]:
-    return {"order_id": order_id, "items": [{"sku": s, "qty": q} for s, q in items],
-            "ttl_s": ttl_s}  # fmt: skip
+    return {"order_id": order_id, "items": [{"sku": s, "qty": q} for s, q in items], "ttl_s": ttl_s}
 
 
 async def put_stock(http: aiohttp.ClientSession, base: str, loaded: dict[str, int]) -> None:

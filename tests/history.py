@@ -139,9 +139,12 @@ class Recorder:
         note = ""
         try:
             async with self.http.request(
-                method, base + path, json=body, headers=ADMIN if admin else None,
+                method,
+                base + path,
+                json=body,
+                headers=ADMIN if admin else None,
                 timeout=self.timeout,
-            ) as response:  # fmt: skip
+            ) as response:
                 result = normalize(kind, response.status, await response.json())
                 note = "" if result else f"{response.status}"
         except aiohttp.ClientConnectorError:
@@ -195,9 +198,12 @@ async def _session(rec: Recorder, sku: str, order: str) -> None:
 
 
 async def _loop(
-    rec: Recorder, w: Workload, until: float, pause: tuple[float, float],
+    rec: Recorder,
+    w: Workload,
+    until: float,
+    pause: tuple[float, float],
     body: Callable[[str], Awaitable[None]],
-) -> None:  # fmt: skip
+) -> None:
     """Run ``body(sku)`` until ``until`` on SKUs whose history is not full yet."""
     while time.monotonic() < until:
         counts = {sku: 0 for sku in w.skus}

@@ -154,8 +154,12 @@ class StockModel:
         target = ACQUIRED[kind]
         if order_id in self.tombstones:  # a hanging try: refused, never a new hold
             short = frozenset(s for s, q in items.items() if self.counters(s).available < q)
-            return Outcome(error=InvalidTransition, states=frozenset({self.tombstones[order_id]}),
-                           short=short, compensated=True)  # fmt: skip
+            return Outcome(
+                error=InvalidTransition,
+                states=frozenset({self.tombstones[order_id]}),
+                short=short,
+                compensated=True,
+            )
         order = self.orders.get(order_id)
         if order is not None:
             if order.kind != kind or order.items != items:

@@ -70,9 +70,18 @@ class Cluster:
 
     def _node(self, workdir: Path) -> ServerProcess:
         return ServerProcess(
-            workdir, free_cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file",
-            "nodes.conf", "--cluster-node-timeout", "2000", "--appendonly", "no", *self.options,
-        )  # fmt: skip
+            workdir,
+            free_cluster_port(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--appendonly",
+            "no",
+            *self.options,
+        )
 
     def spare(self, workdir: Path) -> ServerProcess:
         """A started node of the same settings that belongs to no cluster yet (for
@@ -88,10 +97,20 @@ class Cluster:
             node.start()
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [CLI_BIN, "--cluster", "create", *addresses, "--cluster-replicas",
-             str(self.replicas), "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
+            [
+                CLI_BIN,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         deadline = time.monotonic() + 30
         while not all("cluster_state:ok" in cli(n.port, "cluster", "info") for n in self.nodes):
             if time.monotonic() > deadline:
@@ -181,8 +200,10 @@ def wait_agreed(ports: list[int], timeout: float = 20) -> None:
         ok = all("cluster_state:ok" in cli(p, "cluster", "info") for p in ports)
         check = subprocess.run(
             [CLI_BIN, "--cluster", "check", f"127.0.0.1:{ports[0]}"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if ok and check.returncode == 0 and known == [len(ports)] * len(ports):
             return
         assert time.monotonic() < deadline, (known, ok, check.stdout[-2000:])
@@ -225,10 +246,18 @@ def fsync_shim_env(workdir: Path) -> dict[str, str]:
     if compiler is None:
         pytest.skip("no C compiler for the fsync shim (tests/fsync_log.c)")
     shim = workdir / "fsync_log.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(FSYNC_SHIM),
-                    "-ldl"], check=True, capture_output=True, timeout=60)  # fmt: skip
-    return {**os.environ, "LD_PRELOAD": str(shim), "FSYNC_LOG": "fsync.log",
-            "FSYNC_DELAY_FILE": "fsync.delay"}  # fmt: skip
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(FSYNC_SHIM), "-ldl"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return {
+        **os.environ,
+        "LD_PRELOAD": str(shim),
+        "FSYNC_LOG": "fsync.log",
+        "FSYNC_DELAY_FILE": "fsync.delay",
+    }
 
 
 def fsynced_size(server: ServerProcess, path: Path) -> int:
@@ -288,7 +317,11 @@ def stock_env(settings: Any, port: int, dsn: str, token: str, **extra: str) -> d
     """The environment of a ``stock serve`` child on ``port``, with the suite's quick
     reaper and writer."""
     quick = replace(
-        settings, port=port, database_url=dsn, admin_token=token, reaper_period_s=0.1,
+        settings,
+        port=port,
+        database_url=dsn,
+        admin_token=token,
+        reaper_period_s=0.1,
         writer_interval_ms=20,
-    )  # fmt: skip
+    )
     return embedded.stock_env(quick, **extra)

@@ -59,9 +59,10 @@ async def test_adjust(api: TestClient[Any, Any]) -> None:
     stale = await api.post(url, json={"delta": 1, "expected_available": 7}, headers=ADMIN)
     assert stale.status == 409
     assert await stale.json() == {
-        "error": "stale_stock", "message": "available differs from expected_available",
+        "error": "stale_stock",
+        "message": "available differs from expected_available",
         "available": 8,
-    }  # fmt: skip
+    }
     short = await api.post(url, json={"delta": -9}, headers=ADMIN)
     assert (short.status, (await short.json())["error"]) == (409, "insufficient_stock")
     assert (await api.post(url, json={"delta": 1})).status == 401
@@ -147,13 +148,15 @@ BAD_RESERVATIONS = [
     (b'{"order_id": "o", "items": [{"sku": "A"}]}', "items[0].qty"),
     (b'{"order_id": "o", "items": [{"sku": "a b", "qty": 1}]}', "items[0].sku"),
     (b'{"order_id": "o", "items": [{"sku": 5, "qty": 1}]}', "items[0].sku"),
-    (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}, {"sku": "A", "qty": 1}]}',
-     "items[1].sku"),
+    (
+        b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}, {"sku": "A", "qty": 1}]}',
+        "items[1].sku",
+    ),
     (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "ttl_s": 0}', "ttl_s"),
     (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "ttl_s": 86401}', "ttl_s"),
     (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "ttl_s": "9"}', "ttl_s"),
     (b'{"order_id": "o", "items": [{"sku": "A", "qty": 1}], "extra": 1}', "extra"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("raw", "field"), BAD_RESERVATIONS)

@@ -33,8 +33,9 @@ async def test_flash_sale_over_http(service: str, dsn: str) -> None:
     base = service
     connector = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=connector) as http:
-        status, _ = await call(http, "PUT", f"{base}/v1/stock/HOT", json={"available": 100},
-                               headers=ADMIN)  # fmt: skip
+        status, _ = await call(
+            http, "PUT", f"{base}/v1/stock/HOT", json={"available": 100}, headers=ADMIN
+        )
         assert status == 200
 
         async def buy(i: int) -> tuple[int, Any]:
@@ -110,8 +111,11 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCK_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "stock.cli", "dev", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     yield proc, port
     if proc.poll() is None:
         proc.kill()
@@ -136,9 +140,10 @@ async def test_dev_serves_and_leaves_nothing_behind(
     workdir = re.search(r"host=(/\S+?)/pgdata", output)
     assert workdir, output
     leftovers = [
-        p.pid for p in psutil.process_iter(["cmdline"])
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
         if workdir.group(1) in " ".join(p.info["cmdline"] or [])
-    ]  # fmt: skip
+    ]
     assert leftovers == []
     assert not Path(workdir.group(1)).exists()
 
@@ -153,10 +158,16 @@ async def test_workers_share_one_port(settings: Settings, dsn: str, redis: Any) 
         async with aiohttp.ClientSession() as http:
             await call(http, "PUT", f"{base}/v1/stock/W", json={"available": 50}, headers=ADMIN)
             answers = await asyncio.gather(
-                *(call(http, "POST", f"{base}/v1/reservations",
-                       json={"order_id": f"w-{i}", "items": [{"sku": "W", "qty": 1}]})
-                  for i in range(60))
-            )  # fmt: skip
+                *(
+                    call(
+                        http,
+                        "POST",
+                        f"{base}/v1/reservations",
+                        json={"order_id": f"w-{i}", "items": [{"sku": "W", "qty": 1}]},
+                    )
+                    for i in range(60)
+                )
+            )
             _, stock = await call(http, "GET", f"{base}/v1/stock/W")
         assert Counter(s for s, _ in answers) == {201: 50, 409: 10}
         assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0}

@@ -233,16 +233,25 @@ async def kill_between_groups(cluster: Cluster, engine: StockEngine, skus: list[
     stopped = node_of(cluster, engine, keys.sku_key(skus[2], BUCKETS))
     entry = node_of(cluster, engine, keys.sku_key(skus[0], BUCKETS))
     order_id = next(
-        f"kill-{n}" for n in range(1000)
+        f"kill-{n}"
+        for n in range(1000)
         if node_of(cluster, engine, keys.order_key(f"kill-{n}")) is not stopped
-    )  # fmt: skip
+    )
     import json
 
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, entry.url, str(BUCKETS), order_id,
-         json.dumps(order_items(skus))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            entry.url,
+            str(BUCKETS),
+            order_id,
+            json.dumps(order_items(skus)),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert child.stdout is not None and child.stdin is not None
         assert child.stdout.readline().strip() == b"ready"
@@ -416,9 +425,10 @@ async def expire_line(engine: StockEngine, sku: str, order_id: str) -> None:
     """What the reaper does to one due line (expire.lua on that member only)."""
     lk = keys.line_keys(sku, order_id, BUCKETS)
     await engine.scripts(
-        "expire", [lk.due, lk.events, lk.sku, lk.line],
+        "expire",
+        [lk.due, lk.events, lk.sku, lk.line],
         [engine.retention_ms, "", keys.line_member(sku, order_id)],
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.faults

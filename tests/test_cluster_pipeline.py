@@ -201,8 +201,11 @@ async def test_a_slot_migrated_mid_run(own_cluster: Cluster) -> None:
         slot = key_slot(keys.sku_key(sku, BUCKETS).encode())
         await engine.set_stock(sku, 100_000)
         await engine.set_stock("OTHER", 10)  # scripts and connections in place
-        target = next(p for p in own_cluster.topology(own_cluster.nodes[0])
-                      if p != node_of(own_cluster, keys.sku_key(sku, BUCKETS)))  # fmt: skip
+        target = next(
+            p
+            for p in own_cluster.topology(own_cluster.nodes[0])
+            if p != node_of(own_cluster, keys.sku_key(sku, BUCKETS))
+        )
         stop = False
         done = 0
 
@@ -291,9 +294,11 @@ async def test_a_paused_node_fails_calls_within_the_socket_timeout(own_cluster: 
         try:
             started = time.monotonic()
             results = await asyncio.gather(
-                engine.get_stock(SKUS[0]), engine.adjust(SKUS[0], 1), engine.get_stock(elsewhere),
+                engine.get_stock(SKUS[0]),
+                engine.adjust(SKUS[0], 1),
+                engine.get_stock(elsewhere),
                 return_exceptions=True,
-            )  # fmt: skip
+            )
             elapsed = time.monotonic() - started
         finally:
             os.kill(victim.proc.pid, signal.SIGCONT)

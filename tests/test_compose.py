@@ -42,10 +42,13 @@ class Compose:
 
     def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["docker-compose", "-p", self.project, *args], cwd=self.directory,
-            capture_output=True, text=True, timeout=timeout,
+            ["docker-compose", "-p", self.project, *args],
+            cwd=self.directory,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             env={**docker_env.ENV, "STOCK_ADMIN_TOKEN": TOKEN},
-        )  # fmt: skip
+        )
 
     def port(self, service: str, index: int) -> int:
         done = self("port", f"--index={index}", service, "8080")
@@ -89,8 +92,9 @@ async def test_compose_stack_reserves_through_both_replicas(compose: Compose) ->
         await wait_for(f"{base}/readyz", timeout=90)
     one, two = bases
     async with aiohttp.ClientSession() as http:
-        status, _ = await call(http, "PUT", f"{one}/v1/stock/COMPOSE", json={"available": 5},
-                               headers=ADMIN)  # fmt: skip
+        status, _ = await call(
+            http, "PUT", f"{one}/v1/stock/COMPOSE", json={"available": 5}, headers=ADMIN
+        )
         assert status == 200
         order = {"order_id": "compose-1", "items": [{"sku": "COMPOSE", "qty": 2}]}
         assert (await call(http, "POST", f"{two}/v1/reservations", json=order))[0] == 201

@@ -24,9 +24,14 @@ def test_defaults_match_design() -> None:
 
 def test_environment_is_read() -> None:
     s = Settings.from_env(
-        {"STOCK_REDIS_URL": "redis://h:1/2", "STOCK_REDIS_CLUSTER": "1", "STOCK_PORT": "9000",
-         "STOCK_BUCKETS": "128", "STOCK_REAPER_PERIOD_S": "0.5"}
-    )  # fmt: skip
+        {
+            "STOCK_REDIS_URL": "redis://h:1/2",
+            "STOCK_REDIS_CLUSTER": "1",
+            "STOCK_PORT": "9000",
+            "STOCK_BUCKETS": "128",
+            "STOCK_REAPER_PERIOD_S": "0.5",
+        }
+    )
     assert (s.redis_url, s.redis_cluster, s.port, s.buckets) == ("redis://h:1/2", True, 9000, 128)
     assert s.reaper_period_s == 0.5
 
@@ -35,10 +40,16 @@ def test_environment_of_settings_reads_back_as_the_same_settings() -> None:
     """A child process started with ``Settings.environment`` runs with these settings,
     whatever the parent's own STOCK_* variables say."""
     s = Settings(
-        redis_url="redis://h:1/2", redis_cluster=True, database_url="postgresql://x/y",
-        admin_token="t", port=9001, reaper_period_s=0.1, buckets=16, fence_ttl_s=2.5,
+        redis_url="redis://h:1/2",
+        redis_cluster=True,
+        database_url="postgresql://x/y",
+        admin_token="t",
+        port=9001,
+        reaper_period_s=0.1,
+        buckets=16,
+        fence_ttl_s=2.5,
         payment_status_url="http://pay/{order_id}",
-    )  # fmt: skip
+    )
     env = s.environment()
     assert sorted(env) == sorted(Settings.variables())
     assert Settings.from_env(env) == s

@@ -27,10 +27,24 @@ from tests.payment_service import PaymentService
 TOKEN = "console-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 DATA_TEST = {  # DESIGN §11, exactly
-    "token", "login", "sku-input", "sku-lookup", "sku-available", "sku-reserved", "sku-sold",
-    "adjust-delta", "adjust-reason", "adjust-submit", "order-input", "order-lookup",
-    "order-status", "order-confirm", "order-release", "health", "error",
-}  # fmt: skip
+    "token",
+    "login",
+    "sku-input",
+    "sku-lookup",
+    "sku-available",
+    "sku-reserved",
+    "sku-sold",
+    "adjust-delta",
+    "adjust-reason",
+    "adjust-submit",
+    "order-input",
+    "order-lookup",
+    "order-status",
+    "order-confirm",
+    "order-release",
+    "health",
+    "error",
+}
 
 
 @pytest.fixture
@@ -46,9 +60,12 @@ async def bare(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
 async def full(settings: Settings, dsn: str) -> AsyncIterator[TestClient[Any, Any]]:
     """The API with its reaper and writer on a fresh PostgreSQL database."""
     config = replace(
-        settings, admin_token=TOKEN, database_url=dsn, writer_interval_ms=20,
+        settings,
+        admin_token=TOKEN,
+        database_url=dsn,
+        writer_interval_ms=20,
         reaper_period_s=0.05,
-    )  # fmt: skip
+    )
     app = create_app(config)
     async with TestClient(TestServer(app)) as client:
         await flush(app[ENGINE].redis)
@@ -225,9 +242,12 @@ async def test_health_shows_payment_probe_outcomes(
     """A real payment service answers one order paid and fails the other (500)."""
     payments.answers.update({"o-paid": "paid", "o-down": "500"})
     config = replace(
-        settings, admin_token=TOKEN, reaper_period_s=0.05,
-        payment_status_url=payments.url, payment_probe_timeout_ms=300,
-    )  # fmt: skip
+        settings,
+        admin_token=TOKEN,
+        reaper_period_s=0.05,
+        payment_status_url=payments.url,
+        payment_probe_timeout_ms=300,
+    )
     app = create_app(config, run_writer=False)
     async with TestClient(TestServer(app)) as api:
         await api.put("/v1/stock/A", json={"available": 5}, headers=ADMIN)
@@ -250,8 +270,15 @@ async def test_admin_order_actions_need_a_reason(bare: TestClient[Any, Any]) -> 
     assert (await bare.post("/v1/reservations", json=body)).status == 201
     url = "/v1/admin/orders/o1/release"
     assert (await bare.post(url, json={"reason": "x"})).status == 401
-    for bad in ({}, {"reason": ""}, {"reason": "   "}, {"reason": "a\nb"}, {"reason": 5},
-                {"reason": "r" * 201}, {"reason": "ok", "extra": 1}):  # fmt: skip
+    for bad in (
+        {},
+        {"reason": ""},
+        {"reason": "   "},
+        {"reason": "a\nb"},
+        {"reason": 5},
+        {"reason": "r" * 201},
+        {"reason": "ok", "extra": 1},
+    ):
         answer = await bare.post(url, json=bad, headers=ADMIN)
         assert answer.status == 400, bad
     released = await bare.post(url, json={"reason": "customer asked"}, headers=ADMIN)
@@ -271,8 +298,11 @@ async def test_admin_order_reasons_reach_the_ledger(full: TestClient[Any, Any]) 
     for order_id in ("o1", "o2"):
         body = {"order_id": order_id, "items": [{"sku": "A", "qty": 1}], "ttl_s": 60}
         assert (await full.post("/v1/reservations", json=body)).status == 201
-    steps = [("o1", "confirm", "paid by bank transfer"), ("o1", "cancel", "fraud check failed"),
-             ("o2", "release", "customer called")]  # fmt: skip
+    steps = [
+        ("o1", "confirm", "paid by bank transfer"),
+        ("o1", "cancel", "fraud check failed"),
+        ("o2", "release", "customer called"),
+    ]
     for order_id, op, reason in steps:
         answer = await full.post(
             f"/v1/admin/orders/{order_id}/{op}", json={"reason": reason}, headers=ADMIN

@@ -23,9 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "console.png"
 CHROMIUM = os.environ.get("STOCK_TEST_CHROMIUM", "/usr/bin/chromium")
 FLAGS = [  # the machine's network is closed: no background calls out (python.md)
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 async def seed(base: str) -> None:

@@ -310,8 +310,11 @@ async def test_set_keeps_reserved_and_sold(engine: StockEngine) -> None:
     await engine.reserve("o1", one("A", 2))
     await engine.deduct("d1", one("A", 3))
     assert (await engine.set_stock("A", 100)).as_dict() == {
-        "sku": "A", "available": 100, "reserved": 2, "sold": 3,
-    }  # fmt: skip
+        "sku": "A",
+        "available": 100,
+        "reserved": 2,
+        "sold": 3,
+    }
 
 
 @pytest.mark.parametrize(
@@ -358,5 +361,6 @@ async def test_order_record_found_by_id_alone(engine: StockEngine) -> None:
     order = await engine.get_order("o1")
     assert order["kind"] == "reserve"
     assert {(line.sku, line.qty, line.state) for line in order["lines"]} == {
-        ("A", 2, "reserved"), ("B", 1, "reserved"),
-    }  # fmt: skip
+        ("A", 2, "reserved"),
+        ("B", 1, "reserved"),
+    }

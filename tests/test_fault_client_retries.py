@@ -103,9 +103,12 @@ async def test_client_timeouts_and_retries_count_each_order_once(
             checks = 0
             for order_id, state in states.items():
                 want = (
-                    None if final[order_id] == 409
-                    else "confirmed" if order_id in confirmed else "reserved"
-                )  # fmt: skip
+                    None
+                    if final[order_id] == 409
+                    else "confirmed"
+                    if order_id in confirmed
+                    else "reserved"
+                )
                 assert (state and state["status"]) == want, (order_id, final[order_id], state)
                 checks += 1
             reserved, sold = holdings(states)

@@ -68,9 +68,11 @@ async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
     # Without full coverage, the masters left keep serving their slots while one is lost
     # (the default, yes, stops the whole cluster until the failover).
     cluster = Cluster(
-        tmp_path / "cluster", masters=3, replicas=1,
+        tmp_path / "cluster",
+        masters=3,
+        replicas=1,
         options=("--cluster-require-full-coverage", "no"),
-    ).start()  # fmt: skip
+    ).start()
     proc: subprocess.Popen[bytes] | None = None
     try:
         masters = cluster.topology(cluster.nodes[0])
@@ -110,8 +112,9 @@ async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
                         status, reply = await call(
                             http, "POST", f"{base}/v1/reservations", json=body
                         )
-                        answers.append(Answer(sku, order_id, started, status,
-                                              reply.get("error", "")))  # fmt: skip
+                        answers.append(
+                            Answer(sku, order_id, started, status, reply.get("error", ""))
+                        )
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         answers.append(Answer(sku, order_id, started, 0, repr(exc)))
                     if answers[-1].status != 201:

@@ -63,9 +63,15 @@ class Tally:
 
 async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> None:
     server = ServerProcess(
-        tmp_path / "aof", None, "--appendonly", "yes", "--appendfsync", "everysec",
-        "--auto-aof-rewrite-percentage", "0",
-    ).start()  # fmt: skip
+        tmp_path / "aof",
+        None,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--auto-aof-rewrite-percentage",
+        "0",
+    ).start()
     settings = Settings(redis_url=server.url, buckets=BUCKETS)
     rng = random.Random(71)
     skus = [f"AOF-{i}" for i in range(4)]
@@ -137,9 +143,10 @@ async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> N
         lost = [o for o in acked if not kept[o]]
         lost_in_host_crash = [
             o for o in lost if kills[-2] < tally.outcomes[o].acked_at <= kills[-1]
-        ]  # fmt: skip
-        lost_before_snapshot = [o for o in lost_in_host_crash
-                                if tally.outcomes[o].acked_at < durable_at]  # fmt: skip
+        ]
+        lost_before_snapshot = [
+            o for o in lost_in_host_crash if tally.outcomes[o].acked_at < durable_at
+        ]
         counters = await levels(client, settings, skus)
         checks = check_conservation(counters, loaded)
         checks += await stream_matches_counters(client, settings, skus)

@@ -106,10 +106,12 @@ async def test_serve_sigkilled_during_http_load(
                 states = await order_states(http, base, bodies)
                 reserved, sold = holdings(states)
                 abandoned_held = sum(
-                    1 for o, s in states.items()
-                    if s and bodies[o]["ttl_s"] == 2
+                    1
+                    for o, s in states.items()
+                    if s
+                    and bodies[o]["ttl_s"] == 2
                     and any(i["state"] == "reserved" for i in s["items"])
-                )  # fmt: skip
+                )
                 if not abandoned_held or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
@@ -128,9 +130,8 @@ async def test_serve_sigkilled_during_http_load(
         stop_serve(proc)
     checks += await pg_checks(redis, settings, dsn, skus)
     expired = sum(
-        1 for o, s in states.items()
-        if s and o not in final and s["items"][0]["state"] == "expired"
-    )  # fmt: skip
+        1 for o, s in states.items() if s and o not in final and s["items"][0]["state"] == "expired"
+    )
     print(
         f"\n  stock serve SIGKILLed: {len(bodies)} orders, 1 SIGKILL with {answered[0]} in"
         f" flight; first answers {dict(answered)}; retries of the even orders"

@@ -45,8 +45,9 @@ async def clean(base: Settings) -> AsyncIterator[Any]:
 
 
 async def app_client(settings: Settings, run_reaper: bool = False) -> Client:
-    client: Client = TestClient(TestServer(create_app(settings, run_reaper=run_reaper,
-                                                      run_writer=False)))  # fmt: skip
+    client: Client = TestClient(
+        TestServer(create_app(settings, run_reaper=run_reaper, run_writer=False))
+    )
     await client.start_server()
     return client
 
@@ -56,8 +57,9 @@ def order(order_id: str, sku: str = "HOT", **extra: Any) -> dict[str, Any]:
 
 
 async def put(api: Any, base_url: str, sku: str, available: int) -> None:
-    async with api.put(f"{base_url}/v1/stock/{sku}", json={"available": available},
-                       headers=ADMIN) as response:  # fmt: skip
+    async with api.put(
+        f"{base_url}/v1/stock/{sku}", json={"available": available}, headers=ADMIN
+    ) as response:
         assert response.status == 200, await response.text()
 
 
@@ -75,8 +77,10 @@ async def test_past_the_limit_requests_get_503_at_once(base: Settings, clean: An
     try:
         await put(api, "", "HOT", 100)
         await clean.execute_command("CLIENT", "PAUSE", "10000", "WRITE")  # scripts wait
-        held = [asyncio.create_task(api.post("/v1/reservations", json=order(f"held-{i}")))
-                for i in range(4)]  # fmt: skip
+        held = [
+            asyncio.create_task(api.post("/v1/reservations", json=order(f"held-{i}")))
+            for i in range(4)
+        ]
         deadline = time.monotonic() + 5
         while api.app[FRONT].inflight < 4:
             assert time.monotonic() < deadline, "the held requests never got in flight"
@@ -96,8 +100,10 @@ async def test_past_the_limit_requests_get_503_at_once(base: Settings, clean: An
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await api.get(path)).status == 200, path
         text = await (await api.get("/metrics")).text()
-        assert 'stock_http_requests_total{method="POST",route="/v1/reservations",' \
-               'status="503"} 10.0' in text  # fmt: skip
+        assert (
+            'stock_http_requests_total{method="POST",route="/v1/reservations",'
+            'status="503"} 10.0' in text
+        )
         assert all(not task.done() for task in held)
         await clean.execute_command("CLIENT", "UNPAUSE")
         assert [(await task).status for task in held] == [201] * 4
@@ -194,7 +200,9 @@ async def test_staleness_bound_across_processes(
                     assert reply.status in (201, 200)
                 async with http.post(f"{url}/v1/reservations", json=order(f"no-{url}")) as r:
                     assert (r.status, (await r.json())["items"]) == (
-                        409, [{"sku": "HOT", "available": 0}])  # fmt: skip
+                        409,
+                        [{"sku": "HOT", "available": 0}],
+                    )
             hits_there = await fast_answers(http, there)
             async with http.post(f"{there}/v1/reservations", json=order("memo")) as reply:
                 assert reply.status == 409
@@ -217,8 +225,9 @@ async def test_staleness_bound_across_processes(
                 async with http.post(f"{url}/v1/reservations", json=order(f"n2-{url}")) as r:
                     assert r.status == 409
             back_at = time.monotonic()
-            async with http.post(f"{there}/v1/stock/HOT/adjust", json={"delta": 1},
-                                 headers=ADMIN) as reply:  # fmt: skip
+            async with http.post(
+                f"{there}/v1/stock/HOT/adjust", json={"delta": 1}, headers=ADMIN
+            ) as reply:
                 assert reply.status == 200
             async with http.post(f"{there}/v1/reservations", json=order("there-2")) as reply:
                 assert reply.status == 201, "the adjusting process still answered sold-out"
@@ -264,9 +273,10 @@ async def test_fast_path_keeps_validation_and_deducts(base: Settings, clean: Any
         reply = await api.post("/v1/deductions", json=order("d1"))
         assert (reply.status, memory.hits) == (409, 1)
         assert await reply.json() == {
-            "error": "insufficient_stock", "message": "not enough stock for HOT",
+            "error": "insufficient_stock",
+            "message": "not enough stock for HOT",
             "items": [{"sku": "HOT", "available": 0}],
-        }  # fmt: skip
+        }
         await put(api, "", "HOT", 2)
         assert (await api.post("/v1/deductions", json=order("d2"))).status == 201
     finally:

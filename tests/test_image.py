@@ -70,17 +70,31 @@ class TcpPostgres:
             entry = pwd.getpwnam(self.user)
             os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         self.port = free_port()
-        initdb(["--auth=trust", "-U", "postgres", "--encoding=utf8"],
-               pgdata=self.pgdata, user=self.user)  # fmt: skip
-        pg_ctl(["-w", "-o", f"-h 127.0.0.1 -p {self.port} -k {self.pgdata}",
-                "-l", str(self.pgdata / "log"), "start"],
-               pgdata=self.pgdata, user=self.user, timeout=60)  # fmt: skip
+        initdb(
+            ["--auth=trust", "-U", "postgres", "--encoding=utf8"],
+            pgdata=self.pgdata,
+            user=self.user,
+        )
+        pg_ctl(
+            [
+                "-w",
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k {self.pgdata}",
+                "-l",
+                str(self.pgdata / "log"),
+                "start",
+            ],
+            pgdata=self.pgdata,
+            user=self.user,
+            timeout=60,
+        )
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
         try:
-            self.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.pgdata, user=self.user,
-                        timeout=30)  # fmt: skip
+            self.pg_ctl(
+                ["-w", "-m", "immediate", "stop"], pgdata=self.pgdata, user=self.user, timeout=30
+            )
         finally:
             cleanup(self.base)
 
@@ -101,10 +115,12 @@ def backends(image: str) -> Iterator[tuple[ServerProcess, TcpPostgres]]:
 
 def run_args(valkey: ServerProcess, postgres: TcpPostgres, port: int) -> list[str]:
     env = {
-        "STOCK_REDIS_URL": valkey.url, "STOCK_DATABASE_URL": postgres.url,
-        "STOCK_PORT": str(port), "STOCK_ADMIN_TOKEN": TOKEN,
+        "STOCK_REDIS_URL": valkey.url,
+        "STOCK_DATABASE_URL": postgres.url,
+        "STOCK_PORT": str(port),
+        "STOCK_ADMIN_TOKEN": TOKEN,
         "STOCK_WRITER_INTERVAL_MS": "20",
-    }  # fmt: skip
+    }
     return ["--network", "host", *(f"-e{k}={v}" for k, v in env.items())]
 
 
@@ -114,8 +130,9 @@ def test_migrate_runs_from_the_image(image: str, backends: Any) -> None:
     fresh.url = postgres.url.rsplit("/", 1)[0] + "/fresh"
     asyncio.run(admin(postgres.url, "CREATE DATABASE fresh"))
     for _ in range(2):  # idempotent: the second run applies nothing and exits 0
-        done = docker("run", "--rm", *run_args(valkey, fresh, free_port()), image, "migrate",
-                      check=False)  # fmt: skip
+        done = docker(
+            "run", "--rm", *run_args(valkey, fresh, free_port()), image, "migrate", check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     tables = asyncio.run(
         admin(fresh.url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -177,8 +194,9 @@ async def test_image_serves_as_non_root_and_stops_gracefully(
         assert (await call(http, "GET", f"{base}/healthz"))[0] == 200
         status, ready = await call(http, "GET", f"{base}/readyz")
         assert status == 200, ready
-        assert (await call(http, "PUT", f"{base}/v1/stock/IMG", json={"available": 50},
-                           headers=ADMIN))[0] == 200  # fmt: skip
+        assert (
+            await call(http, "PUT", f"{base}/v1/stock/IMG", json={"available": 50}, headers=ADMIN)
+        )[0] == 200
         order = {"order_id": "img-1", "items": [{"sku": "IMG", "qty": 2}], "ttl_s": 600}
         assert (await call(http, "POST", f"{base}/v1/reservations", json=order))[0] == 201
         status, body = await call(http, "POST", f"{base}/v1/reservations/img-1/confirm")
@@ -220,10 +238,14 @@ async def stop_with_requests_in_flight(name: str, base: str, valkey: ServerProce
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
         orders = [
-            call(http, "POST", f"{base}/v1/reservations",
-                 json={"order_id": f"stop-{i}", "items": [{"sku": "IMG", "qty": 1}]})
+            call(
+                http,
+                "POST",
+                f"{base}/v1/reservations",
+                json={"order_id": f"stop-{i}", "items": [{"sku": "IMG", "qty": 1}]},
+            )
             for i in range(20)
-        ]  # fmt: skip
+        ]
         answers = asyncio.gather(*orders, return_exceptions=True)
         await asyncio.sleep(0.4)  # the requests reach the idle service well within this
         stopping = asyncio.create_task(asyncio.to_thread(docker, "stop", "-t", STOP_T, name))

@@ -69,9 +69,10 @@ async def test_one_scrape_covers_every_worker(settings: Settings, dsn: str, redi
             found = await scrape(base)
             pids = {s.labels.get("pid") for s in found["stock_worker_up"] if s.value == 1}
             healthz = [
-                s.value for s in found["stock_http_requests_total"]
+                s.value
+                for s in found["stock_http_requests_total"]
                 if s.labels["route"] == "/healthz" and s.labels["status"] == "200"
-            ]  # fmt: skip
+            ]
             assert (len(pids), healthz) == (2, [REQUESTS]), "a scrape saw one worker only"
             assert [s.value for s in found["stock_buckets"]] == [settings.buckets]
             assert [s.value for s in found["stock_oversell_skus"]] == [0]

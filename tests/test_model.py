@@ -152,10 +152,13 @@ class StockMachine(RuleBasedStateMachine):
             # a cluster checks the order's directory after its bucket groups: a reused
             # order id whose request is also short answers insufficient_stock
             # (lua/README.md, "Orders on a Redis Cluster")
-            self.h.cluster and isinstance(error, InsufficientStock)
-            and (outcome.error is OrderConflict
-                 or (outcome.error is InvalidTransition and outcome.short))
-        ):  # fmt: skip
+            self.h.cluster
+            and isinstance(error, InsufficientStock)
+            and (
+                outcome.error is OrderConflict
+                or (outcome.error is InvalidTransition and outcome.short)
+            )
+        ):
             assert isinstance(error, outcome.error), (
                 f"expected {outcome.error.__name__}, got {error!r}"
             )

@@ -85,9 +85,13 @@ async def exported(settings: Settings) -> AsyncIterator[set[str]]:
 @pytest.mark.parametrize("settings", ["standalone"], indirect=True)
 async def test_rules_and_dashboard_name_real_metrics(exported: set[str]) -> None:
     named = named_metrics()
-    assert {"stock_writer_flush_lag_seconds", "stock_expiry_lag_seconds",
-            "stock_reconcile_drifting_skus", "stock_oversell_skus",
-            "stock_writer_buckets_held"} <= named  # fmt: skip
+    assert {
+        "stock_writer_flush_lag_seconds",
+        "stock_expiry_lag_seconds",
+        "stock_reconcile_drifting_skus",
+        "stock_oversell_skus",
+        "stock_writer_buckets_held",
+    } <= named
     assert named - exported == PENDING_METRICS, "a rule or panel names an unknown metric"
     assert not PENDING_METRICS & exported, "now exported: take it off PENDING_METRICS"
 
@@ -120,8 +124,9 @@ def test_dashboard_and_compose_wiring() -> None:
         assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
         assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"])
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    mounts = [v.split(":")[0] for name in ("prometheus", "grafana")
-              for v in services[name]["volumes"]]  # fmt: skip
+    mounts = [
+        v.split(":")[0] for name in ("prometheus", "grafana") for v in services[name]["volumes"]
+    ]
     for mount in mounts:
         assert (ROOT / mount).exists(), mount
     assert any(m.endswith("alerts.yml") for m in mounts)

@@ -48,9 +48,12 @@ async def stop_reapers(running: Reapers, probes: list[PaymentProbe]) -> None:
 
 def probe_settings(settings: Settings, url: str, grace_s: int = 600) -> Settings:
     return replace(
-        settings, reaper_period_s=0.05, payment_status_url=url, payment_grace_s=grace_s,
+        settings,
+        reaper_period_s=0.05,
+        payment_status_url=url,
+        payment_grace_s=grace_s,
         payment_probe_timeout_ms=300,
-    )  # fmt: skip
+    )
 
 
 async def events_of(redis: Any, settings: Settings, sku: str) -> list[tuple[str, str, str]]:

@@ -148,10 +148,15 @@ async def test_stream_has_one_event_per_change(engine: StockEngine) -> None:
         ("B", "confirm", "o1", 1, (3, 0, 1)),
     ]
     seen = [
-        (e["sku"], e["op"], e["order"], int(e["qty"]),
-         (int(e["available"]), int(e["reserved"]), int(e["sold"])))
+        (
+            e["sku"],
+            e["op"],
+            e["order"],
+            int(e["qty"]),
+            (int(e["available"]), int(e["reserved"]), int(e["sold"])),
+        )
         for e in events
-    ]  # fmt: skip
+    ]
     assert seen == expected
     a_events = 8 if engine.cluster else 6
     assert [int(e["seq"]) for e in events] == [*range(1, a_events + 1), 1, 2, 3]

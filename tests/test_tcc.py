@@ -79,8 +79,10 @@ async def test_try_and_cancel_race_leaves_no_hold_behind_a_cancel(
         await engine.set_stock(sku, 1000)
     rng = random.Random(7)
     orders = [f"o-{i}" for i in range(150)]
-    items = {o: one(skus[i % 3]) + (one(skus[(i + 1) % 3]) if i % 4 == 0 else []) for i, o in
-             enumerate(orders)}  # fmt: skip
+    items = {
+        o: one(skus[i % 3]) + (one(skus[(i + 1) % 3]) if i % 4 == 0 else [])
+        for i, o in enumerate(orders)
+    }
 
     async def attempt(call: Any) -> str:
         try:
@@ -95,8 +97,9 @@ async def test_try_and_cancel_race_leaves_no_hold_behind_a_cancel(
         calls += pair
     answers = await asyncio.gather(*(attempt(call) for _, call in calls))
     by_order: dict[str, dict[str, str]] = {}
-    for (op, _), answer, order_id in zip(calls, answers, [o for o in orders for _ in (0, 1)],
-                                         strict=True):  # fmt: skip
+    for (op, _), answer, order_id in zip(
+        calls, answers, [o for o in orders for _ in (0, 1)], strict=True
+    ):
         by_order.setdefault(order_id, {})[op] = answer
     held = 0
     for order_id, ops in by_order.items():

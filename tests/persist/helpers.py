@@ -100,8 +100,11 @@ async def persisted_problems(
         if row is None or (row["available"], row["reserved"], row["sold"], row["seq"]) != want:
             problems.append(f"{sku}: redis {want} postgres {row and dict(row)}")
         elif led is None or (led["n"], led["d"], led["lo"], led["hi"]) != (
-            want.seq, want.seq, 1, want.seq,
-        ):  # fmt: skip
+            want.seq,
+            want.seq,
+            1,
+            want.seq,
+        ):
             problems.append(f"{sku}: ledger {led and dict(led)} for seq {want.seq}")
     return problems
 

@@ -62,9 +62,14 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
         self.got.append(
-            Got(time.monotonic(), request.headers.get("X-Stock-Event-Id", ""),
-                request.headers.get("X-Stock-Signature", ""), raw, orjson.loads(raw))
-        )  # fmt: skip
+            Got(
+                time.monotonic(),
+                request.headers.get("X-Stock-Event-Id", ""),
+                request.headers.get("X-Stock-Signature", ""),
+                raw,
+                orjson.loads(raw),
+            )
+        )
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         return web.Response(status=self.status)

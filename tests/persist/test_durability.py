@@ -86,9 +86,12 @@ async def rows(conn: asyncpg.Connection) -> int:
 
 @needs_redis7
 async def test_redis70_everysec_without_replicas_warns(
-    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     server = start(servers, tmp_path / "r", "--appendfsync", "everysec")
     with caplog.at_level(logging.WARNING, logger="persist.writer"):
         await one_round(server, dsn)
@@ -98,9 +101,12 @@ async def test_redis70_everysec_without_replicas_warns(
 
 @needs_redis7
 async def test_redis70_appendfsync_always_needs_no_wait(
-    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     server = start(servers, tmp_path / "r", "--appendfsync", "always")
     with caplog.at_level(logging.WARNING, logger="persist.writer"):
         await one_round(server, dsn)
@@ -110,9 +116,12 @@ async def test_redis70_appendfsync_always_needs_no_wait(
 
 @needs_redis7
 async def test_redis70_with_a_replica_waits_for_it(
-    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     """WAIT 1 on the reading connection: with the replica gone, nothing is applied."""
     monkeypatch.setattr(durable_read, "WAITAOF_MS", 300)
     primary = start(servers, tmp_path / "p", "--appendfsync", "everysec")

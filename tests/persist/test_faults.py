@@ -50,9 +50,11 @@ async def _pending(redis: Any, settings: Settings) -> int:
 
 async def _spawn(settings: Settings) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *WRITER_COMMAND, env=stock_env(settings), stdout=subprocess.DEVNULL,
+        *WRITER_COMMAND,
+        env=stock_env(settings),
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
 
 
 async def test_writer_sigkilled_during_load(

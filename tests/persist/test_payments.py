@@ -122,9 +122,13 @@ async def test_each_outcome_repaired_once(
         "SELECT order_id, op FROM stock_ledger WHERE reason = $1 ORDER BY order_id, op", REASON
     )
     assert sorted((r["order_id"], r["op"]) for r in rows) == sorted(
-        [("paid-held", "confirm"), ("paid-held", "confirm"), ("paid-expired", "confirm"),
-         ("refunded-sold", "cancel")]
-    )  # fmt: skip
+        [
+            ("paid-held", "confirm"),
+            ("paid-held", "confirm"),
+            ("paid-expired", "confirm"),
+            ("refunded-sold", "cancel"),
+        ]
+    )
 
 
 async def test_paid_not_sold_when_stock_is_gone(

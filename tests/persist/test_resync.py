@@ -48,8 +48,9 @@ async def _snapshot(redis: Any, settings: Settings) -> dict[str, Any]:
     """Counters, RESERVED lines with expiry and order records: what resync must restore."""
     state: dict[str, Any] = {}
     for sku in SKUS:
-        values = await redis.hmget(keys.sku_key(sku, settings.buckets), "available", "reserved",
-                                   "sold")  # fmt: skip
+        values = await redis.hmget(
+            keys.sku_key(sku, settings.buckets), "available", "reserved", "sold"
+        )
         state[sku] = values
     for order_id, sku in [("held-1", "A"), ("held-2", "A"), ("held-2", "C"), ("short", "B")]:
         line = keys.line_keys(sku, order_id, settings.buckets)
@@ -222,9 +223,12 @@ async def test_reconcile_reports_drift_until_resync(
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*WRITER_PREFIX, *args], env=stock_env(settings), capture_output=True, text=True,
+        [*WRITER_PREFIX, *args],
+        env=stock_env(settings),
+        capture_output=True,
+        text=True,
         timeout=60,
-    )  # fmt: skip
+    )
 
 
 WRITER_PREFIX = [sys.executable, "-m", "stock.cli"]

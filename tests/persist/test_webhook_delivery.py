@@ -73,8 +73,9 @@ async def test_receiver_down_for_10_s_then_back_gets_everything(
             took = await until(lambda: order_ids(receiver) == sorted(orders), 30, "all 40")
             await until(
                 lambda: any(g.body["data"]["seq"] == 41 for g in receiver.of_type("stock.changed")),
-                10, "the latest counters",
-            )  # fmt: skip
+                10,
+                "the latest counters",
+            )
     # backoff from 0.1 s doubling: after 10 s down the next try is at most ~13 s in
     assert took < 15, took
     assert all(receiver.verified(g) for g in receiver.got)
@@ -136,8 +137,9 @@ async def test_stock_changed_coalesced_under_a_flash_sale(
                 for g in receiver.of_type("stock.changed")
                 if g.body["data"]["sku"] == "HOT"
             ),
-            10, "the final counters",
-        )  # fmt: skip
+            10,
+            "the final counters",
+        )
     hot = [g for g in receiver.got if g.body["data"]["sku"] == "HOT"]
     gaps = [b.at - a.at for a, b in itertools.pairwise(hot)]
     assert sold > 1000, sold

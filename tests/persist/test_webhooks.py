@@ -164,8 +164,9 @@ async def test_each_event_type_arrives_signed(
         await until(lambda: len(receiver.of_type("stock.back_in_stock")) == 2, 10, "back")
         await until(
             lambda: any(g.body["data"]["seq"] == 7 for g in receiver.of_type("stock.changed")),
-            10, "the latest stock.changed",
-        )  # fmt: skip
+            10,
+            "the latest stock.changed",
+        )
     stop.set()
     await reaper
     assert {g.body["type"] for g in receiver.got} == set(webhooks.EVENT_TYPES)
@@ -300,9 +301,12 @@ def readme_receiver() -> dict[str, Any]:
 
 
 async def test_readme_receiver_verifies_real_deliveries(
-    redis: Any, engine: StockEngine, hsettings: Settings, pg: asyncpg.Connection,
+    redis: Any,
+    engine: StockEngine,
+    hsettings: Settings,
+    pg: asyncpg.Connection,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     scope = readme_receiver()
     app = web.Application()
     app.add_routes([web.post("/hook", scope["hook"])])
@@ -315,8 +319,11 @@ async def test_readme_receiver_verifies_real_deliveries(
         async with pipeline(redis, hsettings) as (dispatcher,):
             await engine.set_stock("A", 5)
             await engine.deduct("o1", [{"sku": "A", "qty": 1}])
-            await until(lambda: dispatcher.stats.delivered == 1 and dispatcher.stats.retried >= 1,
-                        10, "one accepted, one refused")  # fmt: skip
+            await until(
+                lambda: dispatcher.stats.delivered == 1 and dispatcher.stats.retried >= 1,
+                10,
+                "one accepted, one refused",
+            )
     finally:
         await server.close()
     states = {

@@ -165,16 +165,22 @@ async def test_customers_and_limits_reach_postgres(
         "SELECT op, order_id, qty, customer_id FROM stock_ledger WHERE sku = 'L' ORDER BY seq"
     )
     assert [tuple(r) for r in ledger] == [
-        ("set", "", 10, None), ("limit", "", 3, None), ("reserve", "o1", 2, "c1"),
-        ("confirm", "o1", 2, "c1"), ("reserve", "o2", 1, "c2"), ("release", "o2", 1, "c2"),
-    ]  # fmt: skip
+        ("set", "", 10, None),
+        ("limit", "", 3, None),
+        ("reserve", "o1", 2, "c1"),
+        ("confirm", "o1", 2, "c1"),
+        ("reserve", "o2", 1, "c2"),
+        ("release", "o2", 1, "c2"),
+    ]
     lines = await pg.fetch(
         "SELECT order_id, sku, state, customer_id FROM reservation_lines ORDER BY order_id, sku"
     )
     assert [tuple(r) for r in lines] == [
-        ("o1", "L", "confirmed", "c1"), ("o1", "N", "confirmed", "c1"),
-        ("o2", "L", "released", "c2"), ("o3", "N", "reserved", None),
-    ]  # fmt: skip
+        ("o1", "L", "confirmed", "c1"),
+        ("o1", "N", "confirmed", "c1"),
+        ("o2", "L", "released", "c2"),
+        ("o3", "N", "reserved", None),
+    ]
     limits = "SELECT sku, limit_per_customer FROM stock_levels ORDER BY sku"
     assert [tuple(r) for r in await pg.fetch(limits)] == [("L", 3), ("N", None)]
     await engine.set_limit("L", None)
