@@ -40,7 +40,6 @@ log = logging.getLogger("stock.payments")
 CONCURRENCY = 256  # probes in flight per process (a hanging one holds a slot until its timeout)
 FIRST_RETRY_MS = 1_000  # defer.lua: half the time overdue, within these bounds
 MAX_RETRY_MS = 30_000
-OUTCOMES = ("paid", "pending", "unpaid", "error", "grace_exhausted")
 
 # (bucket, members, reason) -> lines expired; the reaper's expire.lua call
 ExpireLines = Callable[[int, list[str], str], Awaitable[int]]

@@ -4,8 +4,6 @@ started once per session; each test gets fresh clients and an empty keyspace."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,14 +63,3 @@ async def redis(settings: Settings) -> AsyncIterator[Any]:
 @pytest.fixture
 async def engine(redis: Any, settings: Settings) -> StockEngine:
     return StockEngine(redis, settings)
-
-
-@pytest.fixture
-def short_ttl_settings(settings: Settings) -> Settings:
-    return replace(settings, reaper_period_s=0.05)
-
-
-def tmp_dir(tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -99,11 +99,6 @@ def has_image(name: str) -> bool:
     return docker("image", "inspect", name, check=False).returncode == 0
 
 
-def is_standin(name: str) -> bool:
-    label = docker("image", "inspect", "-f", '{{index .Config.Labels "stock.standin"}}', name)
-    return label.stdout.strip() == "1"
-
-
 def debian_mirror() -> str:
     """The Debian mirror apt uses for bookworm (sources.list or deb822 .sources)."""
     files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
