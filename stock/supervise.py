@@ -1,12 +1,14 @@
 """Background loops that cannot die: one pass loop and one supervisor for all of them.
 
-The reaper and the writer (and the loops to come: webhook dispatch, payment
-probes) each run ``run_loop``: it calls the loop's pass again and again, and
+The reaper (whose passes also run the payment probes) and the writer each run
+``run_loop``: it calls the loop's pass again and again, and
 every exception a pass raises (a RedisError, a closed connection, redis-py's
 cluster client's AttributeError or RuntimeError during a failover, a bug) is
 logged, counted, handed to the loop's ``recover`` and followed by a backoff,
 never by the end of the loop. ``supervise`` runs the loop as a task and starts
-it again, counted, if it ends anyway before it was told to stop.
+it again, counted, if it ends anyway before it was told to stop. The webhook
+dispatcher, whose wait also ends when a delivery slot frees, has its own loop
+with the same ``Backoff``.
 """
 
 from __future__ import annotations
