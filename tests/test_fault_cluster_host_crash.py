@@ -112,9 +112,15 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
     env = fsync_shim_env(tmp_path)
     cluster = Cluster(
         tmp_path / "cluster",
-        options=("--appendonly", "yes", "--appendfsync", "everysec",
-                 "--auto-aof-rewrite-percentage", "0"),
-    )  # fmt: skip
+        options=(
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--auto-aof-rewrite-percentage",
+            "0",
+        ),
+    )
     for node in cluster.nodes:
         node.env = env
         (node.workdir / "fsync.delay").write_text(str(FSYNC_DELAY_MS))
@@ -123,8 +129,14 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
     if await confirms_fsync_early(victim.url, f"{keys.bucket_tag(0)}:fsync-probe"):
         cluster.stop()
         pytest.skip(EARLY_FSYNC)
-    settings = Settings(redis_url=cluster.url, redis_cluster=True, buckets=BUCKETS,
-                        database_url=dsn, writer_batch=5000, writer_interval_ms=20)  # fmt: skip
+    settings = Settings(
+        redis_url=cluster.url,
+        redis_cluster=True,
+        buckets=BUCKETS,
+        database_url=dsn,
+        writer_batch=5000,
+        writer_interval_ms=20,
+    )
     client = connect(settings)
     pg = await asyncpg.connect(dsn)
     writer_client = connect(settings)
@@ -136,9 +148,10 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
         )
         skus = sku_names(48)
         on_victim = [
-            sku for sku in skus
+            sku
+            for sku in skus
             if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), victim) == victim.port
-        ]  # fmt: skip
+        ]
         assert on_victim, "no SKU on the victim"
         engine = StockEngine(client, settings)
         await stock_up(engine, skus, 100_000)
@@ -210,8 +223,14 @@ async def test_writer_follows_a_slot_moved_mid_run(tmp_path: Path, dsn: str) -> 
     bucket from its new master, and PostgreSQL ends equal to Redis, every event
     once (``wait_persisted`` counts the ledger)."""
     cluster = Cluster(tmp_path / "cluster", options=("--appendonly", "yes")).start()
-    settings = Settings(redis_url=cluster.url, redis_cluster=True, buckets=BUCKETS,
-                        database_url=dsn, writer_batch=5000, writer_interval_ms=20)  # fmt: skip
+    settings = Settings(
+        redis_url=cluster.url,
+        redis_cluster=True,
+        buckets=BUCKETS,
+        database_url=dsn,
+        writer_batch=5000,
+        writer_interval_ms=20,
+    )
     client, writer_client = connect(settings), connect(settings)
     pg = await asyncpg.connect(dsn)
     stop = asyncio.Event()

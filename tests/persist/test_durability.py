@@ -152,9 +152,12 @@ async def test_redis70_with_a_replica_waits_for_it(
 
 
 async def test_pending_entries_read_elsewhere_wait_for_their_fsync(
-    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     """A writer that died before its WAITAOF left an event delivered (pending) and not
     yet fsynced. Re-reading a pending list writes nothing, so a WAITAOF after it on
     another connection would return at once: the next writer must still wait for the
@@ -185,9 +188,12 @@ async def test_pending_entries_read_elsewhere_wait_for_their_fsync(
 
 
 async def test_a_server_that_answers_waitaof_before_the_fsync_is_named(
-    servers: list[ServerProcess], tmp_path: Path, dsn: str, conn: asyncpg.Connection,
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     """The writer tells an operator when the server's WAITAOF cannot give the guarantee
     (Valkey under everysec: the warning), and says nothing on one whose WAITAOF waits
     for the fsync; it copies events either way."""
