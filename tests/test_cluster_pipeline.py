@@ -172,8 +172,9 @@ def migrate_slot(
         conns[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
         conns[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
         if first:
-            conns[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
-                                          "KEYS", *first)  # fmt: skip
+            conns[source].execute_command(
+                "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *first
+            )
             if split is not None:
                 split.set()
             time.sleep(pause_s)
@@ -255,16 +256,18 @@ async def test_a_slot_split_longer_than_redis_py_waits(own_cluster: Cluster) -> 
         slot = key_slot(key.encode())
         await engine.set_stock(sku, 100)
         await engine.reserve("split-0", one(sku))  # its line, the stream, the expiry index
-        target = next(p for p in own_cluster.topology(own_cluster.nodes[0])
-                      if p != node_of(own_cluster, key))  # fmt: skip
+        target = next(
+            p for p in own_cluster.topology(own_cluster.nodes[0]) if p != node_of(own_cluster, key)
+        )
         split = threading.Event()
         moving = asyncio.create_task(
             asyncio.to_thread(migrate_slot, own_cluster, slot, target, (key,), split, 1.5)
         )
         assert await asyncio.to_thread(split.wait, 10)
         started = time.monotonic()
-        await asyncio.gather(engine.reserve("split-1", one(sku)),
-                             engine.adjust(sku, 5, reason="during the split"))  # fmt: skip
+        await asyncio.gather(
+            engine.reserve("split-1", one(sku)), engine.adjust(sku, 5, reason="during the split")
+        )
         took = time.monotonic() - started
         await moving
         stock = await engine.get_stock(sku)

@@ -35,6 +35,7 @@ from redis.crc import key_slot
 from stock import keys
 from stock.client import connect
 from stock.config import Settings
+from stock.embedded import free_port
 from tests.conftest import BUCKETS
 from tests.drills import (
     ADMIN,
@@ -52,8 +53,8 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.persist.conftest import Postgres
-from tests.servers import Cluster, ServerProcess, cli, cluster_cli, free_port, node_id, wait_agreed
+from tests.postgres import Postgres
+from tests.servers import Cluster, ServerProcess, cli, cluster_cli, node_id, wait_agreed
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -131,8 +132,9 @@ async def client(
         order_id = f"rs{n}-{count}"
         skus = rng.sample(SKUS, 1 if rng.random() < 0.6 else rng.randint(2, 3))
         short = rng.random() < 0.15
-        body = reserve_body(order_id, [(s, rng.randint(1, 3)) for s in skus],
-                            SHORT_TTL_S if short else 600)  # fmt: skip
+        body = reserve_body(
+            order_id, [(s, rng.randint(1, 3)) for s in skus], SHORT_TTL_S if short else 600
+        )
         status = await definite(http, load, "reserve", f"{base}/v1/reservations", body)
         if status in (200, 201):
             load.expect[order_id] = "expired" if short else "reserved"
@@ -181,9 +183,17 @@ async def reshard(at: str, sources: str, target: str, slots: int) -> None:
     """``valkey-cli --cluster reshard``: ``slots`` slots from ``sources`` (node ids,
     comma separated), the lowest of each source's in equal shares, to ``target``."""
     await asyncio.to_thread(
-        cluster_cli, "reshard", at, "--cluster-from", sources, "--cluster-to", target,
-        "--cluster-slots", str(slots), "--cluster-yes",
-    )  # fmt: skip
+        cluster_cli,
+        "reshard",
+        at,
+        "--cluster-from",
+        sources,
+        "--cluster-to",
+        target,
+        "--cluster-slots",
+        str(slots),
+        "--cluster-yes",
+    )
 
 
 def bucket_slots() -> dict[int, int]:
@@ -250,8 +260,10 @@ async def test_live_resharding_under_http_load(
     phases: list[str] = []
 
     def mark(phase: str) -> None:
-        phases.append(f"{phase} {time.monotonic() - started:.1f} s ({load.requests} requests,"
-                      f" {load.resent} resent)")  # fmt: skip
+        phases.append(
+            f"{phase} {time.monotonic() - started:.1f} s ({load.requests} requests,"
+            f" {load.resent} resent)"
+        )
         print(f"  {phases[-1]}", flush=True)
 
     try:
@@ -312,10 +324,15 @@ async def test_live_resharding_under_http_load(
             failed = [line for line in log if " ERROR " in line]
             assert failed == [], failed[:10]
             assert set(load.answers) <= {
-                ("reserve", 200), ("reserve", 201), ("reserve", 409),
-                ("confirm", 200), ("release", 200), ("adjust", 200), ("adjust", 503),
+                ("reserve", 200),
+                ("reserve", 201),
+                ("reserve", 409),
+                ("confirm", 200),
+                ("release", 200),
+                ("adjust", 200),
+                ("adjust", 503),
                 ("adjust", 0),
-            }, load.answers  # fmt: skip
+            }, load.answers
 
             # The short reservations expire (the reaper follows the moved buckets).
             late = [o for o, want in load.expect.items() if want == "expired"]
@@ -331,8 +348,11 @@ async def test_live_resharding_under_http_load(
                 if (states[o] or {}).get("status") != want
             }
             assert wrong == {}, list(wrong.items())[:10]
-            expired_moved = [o for o, want in load.expect.items() if want == "expired"
-                             and set(load.items[o]) & set(moved_skus)]  # fmt: skip
+            expired_moved = [
+                o
+                for o, want in load.expect.items()
+                if want == "expired" and set(load.items[o]) & set(moved_skus)
+            ]
             assert expired_moved, "no short reservation in a moved bucket"
 
             mark("expired")
