@@ -123,7 +123,7 @@ async def test_redis70_with_a_replica_waits_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """WAIT 1 on the reading connection: with the replica gone, nothing is applied."""
-    monkeypatch.setattr(durable_read, "WAITAOF_MS", 300)
+    monkeypatch.setattr(durable_read, "WAITAOF_MS", 2000)  # a loaded replica may take a while
     primary = start(servers, tmp_path / "p", "--appendfsync", "everysec")
     replica = start(servers, tmp_path / "s", "--replicaof", "127.0.0.1", str(primary.port))
     client = connect(Settings(redis_url=primary.url))
