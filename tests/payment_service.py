@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ class PaymentService:
 
     answers: dict[str, str] = field(default_factory=dict)
     asked: Counter[str] = field(default_factory=Counter)
+    asked_at: dict[str, list[float]] = field(default_factory=dict)  # time.monotonic()
     url: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         order_id = request.match_info["order_id"]
         self.asked[order_id] += 1
+        self.asked_at.setdefault(order_id, []).append(time.monotonic())
         answer = self.answers.get(order_id, "unpaid")
         if answer == "slow":
             await asyncio.sleep(30)
