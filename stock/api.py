@@ -4,8 +4,9 @@
 ...}`` with the status of their code, requests past ``STOCK_MAX_INFLIGHT`` get
 503 ``overloaded``, and each request is counted; handlers only parse, validate
 and call the engine (and, with ``STOCK_SOLDOUT_CACHE_MS``, ``stock/soldout.py``
-answers sold-out SKUs from memory). The Redis client, the reaper and the writer live in
-``cleanup_ctx`` so they open and close with the app.
+answers sold-out SKUs from memory). A failure the Redis client layer could not
+mend arrives typed (``stock.client``); the Redis client, the engine, the reaper and
+the writer open and close with the app (``stock.background``, from ``cleanup_ctx``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Set
 from datetime import UTC, datetime
@@ -23,27 +23,19 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from stock import validate
-from stock.client import connect
+from stock import background, validate
 from stock.config import Settings
 from stock.engine import OrderResult, StockEngine
 from stock.errors import InsufficientStock, InvalidRequest, StockError
 from stock.front import Front, Handler
 from stock.front import error_response as error_response  # re-exported (console)
 from stock.front import json_response as json_response
-from stock.front import raised_in_redis_client as _raised_in_redis_client
 from stock.metrics import Metrics
 from stock.openapi import spec as openapi_spec
-from stock.payment_probe import PaymentProbe
-from stock.reaper import Reaper, expiry_lag_s
 from stock.soldout import SoldOut
-from stock.supervise import supervise
 from stock.validate import Item
 
-log = logging.getLogger("stock.api")
-
 MAX_BODY = 64 * 1024
-LOOP_STOP_S = 15  # how long the reaper and the writer get to stop (the writer flushes)
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", StockEngine)
 METRICS = web.AppKey("metrics", Metrics)
@@ -162,27 +154,16 @@ def _reason(body: dict[str, Any]) -> str:
     return validate.reason(body.get("reason", ""))
 
 
-async def _order_op(
+async def order_op(
     request: web.Request, op: str, call: Callable[[], Awaitable[OrderResult]], created: int = 200
 ) -> web.Response:
-    """Run one order operation. Order operations are idempotent by ``order_id``, so one
-    that failed inside the Redis client itself (a connection another call closed, see
-    ``_raised_in_redis_client``) is run once more at once: it replays or completes."""
+    """Run one order operation and count its outcome (the engine runs one that failed
+    inside the Redis client once more: ``stock.client.RetryOnce``)."""
     app = request.app
     metrics, soldout = app[METRICS], app[SOLDOUT]
     sent = time.monotonic() if soldout is not None else 0.0
     try:
-        try:
-            result = await call()
-        except (StockError, RedisError, OSError):
-            raise
-        except Exception as exc:
-            if not _raised_in_redis_client(exc):
-                raise
-            metrics.redis_errors.inc()
-            log.warning("%s %s: Redis client failure, trying once more: %r", op,
-                        request.path, exc)  # fmt: skip
-            result = await call()
+        result = await call()
     except StockError as exc:
         metrics.outcome(op, exc.code)
         if soldout is not None and isinstance(exc, InsufficientStock):
@@ -205,7 +186,7 @@ async def create_reservation(request: web.Request) -> web.Response:
         items, refusal = _sold_out(request, "reserve", order_id, items, customer)
         if refusal is not None:
             return refusal
-    return await _order_op(
+    return await order_op(
         request, "reserve", lambda: engine.reserve(order_id, items, ttl, customer), 201
     )
 
@@ -219,7 +200,7 @@ async def create_deduction(request: web.Request) -> web.Response:
         items, refusal = _sold_out(request, "deduct", order_id, items, customer)
         if refusal is not None:
             return refusal
-    return await _order_op(request, "deduct", lambda: engine.deduct(order_id, items, customer), 201)
+    return await order_op(request, "deduct", lambda: engine.deduct(order_id, items, customer), 201)
 
 
 @admin
@@ -268,12 +249,12 @@ def _path_order(request: web.Request) -> str:
 
 async def confirm(request: web.Request) -> web.Response:
     order_id, engine = _path_order(request), request.app[ENGINE]
-    return await _order_op(request, "confirm", lambda: engine.confirm(order_id))
+    return await order_op(request, "confirm", lambda: engine.confirm(order_id))
 
 
 async def release(request: web.Request) -> web.Response:
     order_id, engine = _path_order(request), request.app[ENGINE]
-    return await _order_op(request, "release", lambda: engine.release(order_id))
+    return await order_op(request, "release", lambda: engine.release(order_id))
 
 
 async def extend(request: web.Request) -> web.Response:
@@ -281,13 +262,13 @@ async def extend(request: web.Request) -> web.Response:
     body = await json_body(request, {"ttl_s"})
     ttl = validate.ttl_s(require(body, "ttl_s"))
     engine = request.app[ENGINE]
-    return await _order_op(request, "extend", lambda: engine.extend(order_id, ttl))
+    return await order_op(request, "extend", lambda: engine.extend(order_id, ttl))
 
 
 @admin
 async def cancel(request: web.Request) -> web.Response:
     order_id, engine = _path_order(request), request.app[ENGINE]
-    return await _order_op(request, "cancel", lambda: engine.cancel(order_id))
+    return await order_op(request, "cancel", lambda: engine.cancel(order_id))
 
 
 async def get_reservation(request: web.Request) -> web.Response:
@@ -321,48 +302,20 @@ async def readyz(request: web.Request) -> web.Response:
     except (RedisError, OSError, TimeoutError) as exc:
         checks["redis"] = f"error: {exc or type(exc).__name__}"
     if "writer" in request.app[BACKGROUND]:
-        checks["postgres"] = await _postgres_check(request.app[BACKGROUND]["readiness_pool"])
+        pool = request.app[BACKGROUND]["readiness_pool"]
+        checks["postgres"] = await background.postgres_check(pool)
     ready = all(v == "ok" for v in checks.values())
     return json_response(
         {"status": "ready" if ready else "unready", **checks}, 200 if ready else 503
     )
 
 
-async def _postgres_check(pool: Any) -> str:
-    """SELECT 1 on the process's readiness pool (one connection, kept open: opened
-    again only after it broke, never once per request)."""
-    import asyncpg
-
-    try:
-        async with asyncio.timeout(2):
-            await pool.fetchval("SELECT 1")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        return f"error: {exc or type(exc).__name__}"
-    return "ok"
-
-
 async def metrics(request: web.Request) -> web.Response:
     reaper = request.app[BACKGROUND].get("reaper")
     if reaper is not None:
-        await _measure_expiry_lag(request.app, reaper)
+        await background.measure_expiry_lag(reaper, request.app[SETTINGS], request.app[METRICS])
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
-
-
-async def _measure_expiry_lag(app: web.Application, reaper: Reaper) -> None:
-    """The expiry lag as Redis has it now (not the reaper's last figure, which stops
-    with the reaper); when Redis does not answer the gauge keeps its last value and
-    ``stock_redis_errors`` counts the miss."""
-    settings = app[SETTINGS]
-    try:
-        lag = await asyncio.wait_for(
-            expiry_lag_s(reaper.redis, settings.buckets), timeout=settings.redis_timeout_s
-        )
-    except Exception as exc:  # (a scrape answers whatever Redis's client raised)
-        app[METRICS].redis_errors.inc()
-        log.warning("metrics: expiry lag not measured: %r", exc)
-        return
-    app[METRICS].expiry_lag.set(lag)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -395,7 +348,7 @@ def _routes(app: web.Application) -> None:
 def create_app(
     settings: Settings, *, run_reaper: bool = True, run_writer: bool = True
 ) -> web.Application:
-    """The API app; its Redis client, reaper and writer open and close with it."""
+    """The API app; its Redis client, engine, reaper and writer open and close with it."""
     app = web.Application(client_max_size=MAX_BODY)  # no middleware: see stock/front.py
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -412,98 +365,13 @@ def create_app(
     setup_webhooks(app, run_dispatcher=run_writer)  # routes, and the dispatcher with PostgreSQL
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        client = connect(settings)
-        app[ENGINE] = StockEngine(client, settings)
-        # On a cluster the reaper and the writer get their own client: when a node is
-        # lost, redis-py's cluster pipelines (the reaper's and writer's rounds over every
-        # bucket) close *every* connection of their client before retrying, which would
-        # fail the API's calls in flight on the healthy nodes.
-        background = connect(settings) if settings.redis_cluster else client
-        stop = asyncio.Event()
-        tasks = []
-        if run_reaper:
-            scripts = app[ENGINE].scripts if background is client else None
-            probe = None
-            if settings.payment_status_url:
-                probe = PaymentProbe(app[ENGINE], settings, app[METRICS].registry)
-                app[BACKGROUND]["payment_probe"] = probe
-            reaper = Reaper(background, settings, scripts, probe)
-            if soldout is not None:
-                reaper.on_return = soldout.back  # its expiries give stock back
-            app[BACKGROUND]["reaper"] = reaper
-            _watch_reaper(app[METRICS], reaper)
-            run_reaper_loop = functools.partial(reaper.run, stop, app[METRICS])
-            tasks.append(
-                asyncio.create_task(
-                    supervise("reaper", run_reaper_loop, stop, counters=app[METRICS]),
-                    name="reaper",
-                )
-            )
-        if run_writer and settings.database_url:
-            tasks.append(await _start_writer(app, background, stop))
-        yield
-        stop.set()
-        if tasks:  # a loop stuck in a pass (a call that never returns) is cancelled
-            _done, stuck = await asyncio.wait(tasks, timeout=LOOP_STOP_S)
-            for task in stuck:
-                log.warning("%s did not stop within %d s; cancelling it", task.get_name(),
-                            LOOP_STOP_S)  # fmt: skip
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if "payment_probe" in app[BACKGROUND]:
-            await app[BACKGROUND]["payment_probe"].aclose()
-        if "readiness_pool" in app[BACKGROUND]:
-            await app[BACKGROUND]["readiness_pool"].close()
-        if background is not client:
-            await background.aclose()
-        await client.aclose()
+        async with background.running(
+            settings, app[METRICS], soldout, run_reaper=run_reaper, run_writer=run_writer
+        ) as parts:
+            app[ENGINE] = parts.engine
+            app[BACKGROUND].update(parts.named())
+            yield
 
     app.cleanup_ctx.append(resources)
     app[FRONT].wrap_routes(app)  # last: every route added above
     return app
-
-
-def _watch_reaper(metrics: Metrics, reaper: Reaper) -> None:
-    def refresh() -> None:
-        metrics.expired.set(reaper.stats.expired_total)
-        metrics.reaper_batch.set(reaper.stats.last_batch)
-
-    metrics.on_scrape(refresh)
-
-
-async def _start_writer(
-    app: web.Application, client: Any, stop: asyncio.Event
-) -> asyncio.Task[Any]:
-    import asyncpg
-
-    from persist.writer import Writer
-
-    writer = Writer(client, app[SETTINGS], app[SETTINGS].database_url)
-    app[BACKGROUND]["writer"] = writer
-    # /readyz checks PostgreSQL over this one connection (opened at its first use; the
-    # writer's own is busy with its transactions). Closed in the app's cleanup.
-    app[BACKGROUND]["readiness_pool"] = await asyncpg.create_pool(
-        app[SETTINGS].database_url, min_size=0, max_size=1,
-        max_inactive_connection_lifetime=0, timeout=2,
-    )  # fmt: skip
-    metrics = app[METRICS]
-
-    counted = quarantined = 0
-
-    def refresh() -> None:
-        nonlocal counted, quarantined
-        metrics.quarantined.inc(max(0, writer.stats.quarantined - quarantined))
-        quarantined = max(quarantined, writer.stats.quarantined)
-        metrics.flush_lag.set(writer.stats.flush_lag_s)
-        metrics.writer_batch.set(writer.stats.last_batch)
-        metrics.writer_events.set(writer.stats.events_total)
-        metrics.writer_buckets.set(writer.stats.owned_buckets)
-        metrics.buckets.set(app[SETTINGS].buckets)
-        metrics.pg_errors.inc(max(0, writer.stats.pg_errors - counted))  # the writer's
-        counted = max(counted, writer.stats.pg_errors)
-
-    metrics.on_scrape(refresh)
-    run_writer_loop = functools.partial(writer.run, stop, metrics)
-    return asyncio.create_task(
-        supervise("writer", run_writer_loop, stop, counters=metrics), name="writer"
-    )

@@ -1,17 +1,27 @@
-"""Open the Redis client the settings ask for: standalone or cluster."""
+"""The client layer: the Redis client the settings ask for (standalone or cluster),
+and the one retry of a call that failed inside redis-py itself (``RetryOnce``)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+import redis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import PRIMARY
+from redis.exceptions import ConnectionError, RedisError
 
 from stock.config import Settings
+from stock.errors import StockError
+
+log = logging.getLogger("stock.client")
+T = TypeVar("T")
 
 
 class _Cluster(RedisCluster):
@@ -121,3 +131,61 @@ def connect(settings: Settings, **options: Any) -> Any:
         settings.redis_url, max_connections=size, timeout=wait, **options
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+class ClientFailure(ConnectionError):
+    """A call failed inside redis-py itself, not with a RedisError, and again when
+    it was run once more: its outcome is unknown, as with a lost reply (the API
+    answers 503 ``unavailable``; the same request can be sent again)."""
+
+
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
+
+
+def raised_in_redis_client(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of redis-py's own code. During a cluster failover its
+    cluster client closes every node's connections (``aclose`` on CLUSTERDOWN, and
+    when it reloads the slot map after MOVED replies), and calls in flight on those
+    connections then fail with AttributeError or RuntimeError (closed transport)
+    instead of a RedisError."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class RetryOnce:
+    """The retry of idempotent calls (the order operations, by ``order_id``; the
+    cluster batch's repeatable fallbacks): one that failed inside redis-py is run
+    once more at once, on a fresh connection; it replays or completes. A second
+    such failure becomes ``ClientFailure``. RedisErrors are redis-py's own retries'
+    business (``connect``), and any other failure is a bug: neither is retried."""
+
+    def __init__(self, on_retry: Callable[[], object] | None = None) -> None:
+        self.retries = 0  # calls run once more
+        self.on_retry = on_retry  # the API's wiring counts them in stock_redis_errors
+
+    async def __call__(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        try:
+            return await call()
+        except Exception as exc:
+            if not _client_failure(exc):
+                raise
+            self.retries += 1
+            if self.on_retry is not None:
+                self.on_retry()
+            log.warning("%s: Redis client failure, trying once more: %r", what, exc)
+        try:
+            return await call()
+        except Exception as exc:
+            if not _client_failure(exc):
+                raise
+            raise ClientFailure(f"{what}: Redis client failure: {exc!r}") from exc
+
+
+def _client_failure(exc: Exception) -> bool:
+    if isinstance(exc, StockError | RedisError | OSError):
+        return False
+    return raised_in_redis_client(exc)

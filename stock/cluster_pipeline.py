@@ -49,6 +49,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from stock.client import RetryOnce
 from stock.pipeline import MAX_BATCH, AutoPipeline
 
 # Failures after which redis-py's own path sends a repeatable call again: the call did
@@ -111,6 +112,7 @@ class ClusterBatch:
         self.redirects = 0  # MOVED or ASK replies followed here
         self.tryagains = 0  # TRYAGAIN replies waited out here
         self.reloads = 0  # slot map reloads after CLUSTERDOWN or an uncovered slot
+        self.retry = RetryOnce()  # a fallback that failed inside redis-py
 
     @property
     def batches(self) -> int:
@@ -218,15 +220,11 @@ class ClusterBatch:
         if fallback is None:
             raise exc
         self.fallbacks += 1
-        try:
-            return await fallback()
-        except AttributeError:
-            # redis-py 8.1 closes every connection of the client when it reloads the
-            # slot map (a lost node, CLUSTERDOWN), under calls in flight on them: those
-            # fail inside redis-py ('NoneType' ... 'writelines'). Only idempotent calls
-            # get a fallback, so the call is sent once more, on a fresh connection.
-            self.fallbacks += 1
-            return await fallback()
+        # redis-py 8.1 closes every connection of the client when it reloads the slot
+        # map (a lost node, CLUSTERDOWN), under calls in flight on them: those fail
+        # inside redis-py ('NoneType' ... 'writelines'). Only idempotent calls get a
+        # fallback, so such a call is sent once more, on a fresh connection.
+        return await self.retry(fallback, "cluster fallback")
 
     def _node_at(self, host: str, port: int) -> Any:
         """The node an ASK names, added to the client's nodes if new (a master that

@@ -168,7 +168,7 @@ def _order_action(op: str) -> Any:
         order_id = validate.order_id(request.match_info["order_id"])
         reason = _reason(await json_body(request, {"reason"}))
         call = getattr(request.app[ENGINE], op)
-        return await api._order_op(request, op, lambda: call(order_id, reason=reason))
+        return await api.order_op(request, op, lambda: call(order_id, reason=reason))
 
     return handler
 

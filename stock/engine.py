@@ -12,6 +12,7 @@ directory on the order's own node (``stock/cluster.py``, design in
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from stock import keys, validate
+from stock.client import RetryOnce
 from stock.cluster import ClusterOrders
 from stock.config import Settings
 from stock.errors import NotFound, OrderClosed, Unavailable
@@ -100,6 +102,7 @@ class StockEngine:
         # share an auto-pipeline and a blocking pool, which queue by themselves.)
         self._inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
         self.orders = ClusterOrders(self)
+        self.retry = RetryOnce()  # order operations are idempotent by order_id
 
     # -- stock levels -------------------------------------------------------
 
@@ -220,10 +223,11 @@ class StockEngine:
         ttl_ms: int,
         customer_id: str | None = None,
     ) -> OrderResult:
+        call = functools.partial(self._acquire_now, op, order_id, raw_items, ttl_ms, customer_id)
         if self._inflight is None:
-            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
+            return await self.retry(call, op)
         async with self._inflight:
-            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
+            return await self.retry(call, op)
 
     async def _acquire_now(
         self,
@@ -257,10 +261,11 @@ class StockEngine:
     async def _transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
+        call = functools.partial(self._transition_now, op, order_id, ttl_ms, reason)
         if self._inflight is None:
-            return await self._transition_now(op, order_id, ttl_ms, reason)
+            return await self.retry(call, op)
         async with self._inflight:
-            return await self._transition_now(op, order_id, ttl_ms, reason)
+            return await self.retry(call, op)
 
     async def _transition_now(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""

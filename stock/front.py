@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-import redis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from stock.client import raised_in_redis_client
 from stock.errors import StockError
 from stock.metrics import Metrics
 
@@ -63,23 +62,6 @@ def overloaded() -> web.Response:
     return response
 
 
-_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
-
-
-def raised_in_redis_client(exc: BaseException) -> bool:
-    """Whether ``exc`` came out of redis-py's own code. During a cluster failover its
-    cluster client closes every node's connections (``aclose`` on CLUSTERDOWN and on
-    every few MOVED), and calls in flight on those connections then fail with
-    AttributeError or RuntimeError (closed transport) instead of a RedisError. The
-    call's outcome is unknown, as with any lost reply: 503, retry the same request."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def error_for(
     request: web.Request, exc: Exception, metrics: Metrics, max_body: int
 ) -> web.Response:
@@ -103,7 +85,7 @@ def error_for(
         return error_response("unavailable", 503, "stock store unavailable, retry shortly")
     if isinstance(exc, web.HTTPException):
         return error_response("invalid_request", exc.status, exc.reason)
-    if raised_in_redis_client(exc):
+    if raised_in_redis_client(exc):  # (an operation the client layer does not retry)
         metrics.redis_errors.inc()
         log.warning("Redis client failure on %s %s: %r", request.method, request.path, exc)
         return error_response("unavailable", 503, "stock store unavailable, retry shortly")
