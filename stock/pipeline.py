@@ -21,6 +21,14 @@ packed commands to its stream and reads replies from it. On a cluster, one
 such pipeline per node borrows a connection of that node
 (``stock.cluster_pipeline``), since redis-py 8.1 refuses EVALSHA in its cluster
 pipeline (redis/redis-py#2914).
+
+The streams are redis-py's private ``Connection._reader`` and ``_writer``
+(``streams``, the one place that reads them). Its public seams,
+``send_packed_command`` and ``read_response``, are a coroutine per write (which
+waits for the socket to drain) and a parse and a timeout context per reply:
+the costs this module exists to remove. So ``pyproject.toml`` names the redis-py
+versions checked (8.1), and ``tests/test_pipeline.py`` pins what this module and
+``stock.cluster_pipeline`` rely on, failing loudly on another version.
 """
 
 from __future__ import annotations
@@ -50,14 +58,19 @@ def _reply_error(message: str) -> ResponseError:
     return ResponseError(message)
 
 
+def streams(conn: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The asyncio streams of an open redis-py connection (private in redis-py 8.1,
+    pinned by tests/test_pipeline.py)."""
+    return conn._reader, conn._writer
+
+
 class _Link:
     """One borrowed connection: the callers waiting on it, in order, and when each
     write went out (for the deadline)."""
 
     def __init__(self, conn: Any, reply_error: Callable[[str], Exception]) -> None:
         self.conn = conn
-        self.writer = conn._writer  # redis-py's asyncio streams of the open connection
-        self.reader = conn._reader
+        self.reader, self.writer = streams(conn)
         self.parser = hiredis.Reader(encoding="utf-8", replyError=reply_error)
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.writes: deque[tuple[float, int]] = deque()  # (loop time, calls written by then)

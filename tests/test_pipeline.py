@@ -4,17 +4,27 @@ own reply or error, and a broken or closed connection fails only its own callers
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
+import tomllib
 from collections.abc import AsyncIterator
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
-from redis.exceptions import ResponseError, TimeoutError
+from packaging.requirements import Requirement
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
+from redis.exceptions import AskError, MovedError, ResponseError, TimeoutError
 
 from stock.client import connect
+from stock.cluster_pipeline import _parse_error
 from stock.config import Settings
-from stock.pipeline import AutoPipeline
+from stock.pipeline import AutoPipeline, streams
 from tests.servers import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -133,3 +143,64 @@ async def test_no_server_fails_every_caller() -> None:
         assert all(isinstance(r, Exception) for r in results)
     finally:
         await redis.aclose()
+
+
+# -- what the pipelines rely on in redis-py (no public seam: stock/pipeline.py) --------
+
+
+def test_redis_py_is_a_version_the_pipelines_were_checked_with() -> None:
+    """pyproject.toml bounds redis-py above: a version the tests below have not
+    passed on is not installed by accident."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (redis_py,) = [r for r in map(Requirement, dependencies) if r.name == "redis"]
+    assert any(spec.operator in ("<", "<=", "==", "~=") for spec in redis_py.specifier), redis_py
+    assert redis_py.specifier.contains(version("redis")), (version("redis"), str(redis_py))
+
+
+async def test_an_open_connection_lends_its_streams(client: Any) -> None:
+    """The pool lends an open, authenticated connection whose asyncio streams carry
+    raw RESP both ways, nothing of it held back by redis-py's own parser; closed, it
+    has none; given back, the pool opens the next one again."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        assert conn.is_connected
+        reader, writer = streams(conn)
+        assert isinstance(reader, asyncio.StreamReader)
+        assert isinstance(writer, asyncio.StreamWriter)
+        writer.write(hiredis.pack_command(("PING",)) + hiredis.pack_command(("ECHO", "é")))
+        data = b""
+        while data.count(b"\r\n") < 3:
+            data += await asyncio.wait_for(reader.read(1 << 16), 5)
+        assert data == b"+PONG\r\n$2\r\n\xc3\xa9\r\n"
+        await conn.disconnect()
+        assert streams(conn) == (None, None)
+    finally:
+        await pool.release(conn)
+    again = await pool.get_connection()
+    try:
+        assert again.is_connected and isinstance(streams(again)[1], asyncio.StreamWriter)
+    finally:
+        await pool.release(again)
+
+
+def test_the_cluster_client_parts_the_batch_uses() -> None:
+    """stock/cluster_pipeline.py borrows a node's connections, routes by the client's
+    slot map, tells it of a MOVED, and parses error replies as redis-py does."""
+    used = {
+        ClusterNode: ("acquire_connection", "release", "disconnect_if_needed"),
+        RedisCluster: ("get_node_from_key", "get_node", "get_default_node", "initialize"),
+        NodesManager: ("move_slot",),
+    }
+    for owner, names in used.items():
+        for name in names:
+            assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
+    for awaited in (ClusterNode.disconnect_if_needed, RedisCluster.initialize,
+                    NodesManager.move_slot):  # fmt: skip
+        assert inspect.iscoroutinefunction(awaited), awaited
+    assert not inspect.iscoroutinefunction(ClusterNode.acquire_connection)
+    moved = _parse_error("MOVED 3999 127.0.0.1:6381")
+    assert isinstance(moved, MovedError) and isinstance(moved, AskError)
+    assert (moved.slot_id, moved.host, moved.port) == (3999, "127.0.0.1", 6381)
+    ask = _parse_error("ASK 12 127.0.0.1:6382")
+    assert isinstance(ask, AskError) and not isinstance(ask, MovedError)
