@@ -3,11 +3,12 @@ and the one retry of a call that failed inside redis-py itself (``RetryOnce``)."
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import redis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -22,6 +23,7 @@ from stock.errors import StockError
 
 log = logging.getLogger("stock.client")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class _Cluster(RedisCluster):
@@ -189,3 +191,23 @@ def _client_failure(exc: Exception) -> bool:
     if isinstance(exc, StockError | RedisError | OSError):
         return False
     return raised_in_redis_client(exc)
+
+
+class _Retrying(Protocol):
+    retry: RetryOnce
+
+
+S = TypeVar("S", bound=_Retrying)
+
+
+def retried_once(
+    operation: Callable[Concatenate[S, str, P], Awaitable[T]],
+) -> Callable[Concatenate[S, str, P], Awaitable[T]]:
+    """An idempotent operation method ``(self, op, ...)`` run through ``self.retry``
+    (the engine's order operations: idempotent by ``order_id``)."""
+
+    @functools.wraps(operation)
+    async def run(self: S, op: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.retry(lambda: operation(self, op, *args, **kwargs), op)
+
+    return run

@@ -12,7 +12,6 @@ directory on the order's own node (``stock/cluster.py``, design in
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from stock import keys, validate
-from stock.client import RetryOnce
+from stock.client import RetryOnce, retried_once
 from stock.cluster import ClusterOrders
 from stock.config import Settings
 from stock.errors import NotFound, OrderClosed, Unavailable
@@ -215,6 +214,7 @@ class StockEngine:
 
     # -- internals ----------------------------------------------------------
 
+    @retried_once
     async def _acquire(
         self,
         op: str,
@@ -223,11 +223,10 @@ class StockEngine:
         ttl_ms: int,
         customer_id: str | None = None,
     ) -> OrderResult:
-        call = functools.partial(self._acquire_now, op, order_id, raw_items, ttl_ms, customer_id)
         if self._inflight is None:
-            return await self.retry(call, op)
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
         async with self._inflight:
-            return await self.retry(call, op)
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
 
     async def _acquire_now(
         self,
@@ -258,14 +257,14 @@ class StockEngine:
             return _result(order_id, op, reply)
         return await self.orders.acquire(op, order_id, items, spec, ttl_ms, customer)
 
+    @retried_once
     async def _transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
-        call = functools.partial(self._transition_now, op, order_id, ttl_ms, reason)
         if self._inflight is None:
-            return await self.retry(call, op)
+            return await self._transition_now(op, order_id, ttl_ms, reason)
         async with self._inflight:
-            return await self.retry(call, op)
+            return await self._transition_now(op, order_id, ttl_ms, reason)
 
     async def _transition_now(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
