@@ -16,6 +16,7 @@ import hiredis
 import pytest
 from packaging.requirements import Requirement
 from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
+from redis.cluster import PRIMARY
 from redis.exceptions import AskError, MovedError, ResponseError, TimeoutError
 
 from stock.client import connect
@@ -190,15 +191,22 @@ def test_the_cluster_client_parts_the_batch_uses() -> None:
     used = {
         ClusterNode: ("acquire_connection", "release", "disconnect_if_needed"),
         RedisCluster: ("get_node_from_key", "get_node", "get_default_node", "initialize"),
-        NodesManager: ("move_slot",),
+        NodesManager: ("move_slot", "initialize", "get_node", "set_nodes"),
     }
     for owner, names in used.items():
         for name in names:
             assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
     for awaited in (ClusterNode.disconnect_if_needed, RedisCluster.initialize,
-                    NodesManager.move_slot):  # fmt: skip
+                    NodesManager.move_slot, NodesManager.initialize):  # fmt: skip
         assert inspect.iscoroutinefunction(awaited), awaited
-    assert not inspect.iscoroutinefunction(ClusterNode.acquire_connection)
+    for plain in (ClusterNode.acquire_connection, NodesManager.get_node, NodesManager.set_nodes):
+        assert not inspect.iscoroutinefunction(plain), plain
+    # stock.client adds a master it has not seen (the target of an ASK) as move_slot does
+    manager = NodesManager([ClusterNode("127.0.0.1", 7000)], False, {"decode_responses": True})
+    assert manager.get_node("127.0.0.1", 7001) is None
+    node = ClusterNode("127.0.0.1", 7001, PRIMARY, **manager.connection_kwargs)
+    manager.set_nodes(manager.nodes_cache, {node.name: node})
+    assert manager.get_node("127.0.0.1", 7001) is node and node.server_type == PRIMARY
     moved = _parse_error("MOVED 3999 127.0.0.1:6381")
     assert isinstance(moved, MovedError) and isinstance(moved, AskError)
     assert (moved.slot_id, moved.host, moved.port) == (3999, "127.0.0.1", 6381)
