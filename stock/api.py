@@ -208,8 +208,9 @@ async def put_limits(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
     body = await json_body(request, {"per_customer"})
     if "per_customer" not in body:
-        raise InvalidRequest("per_customer is required (null removes the limit)",
-                             field="per_customer")  # fmt: skip
+        raise InvalidRequest(
+            "per_customer is required (null removes the limit)", field="per_customer"
+        )
     limit = await request.app[ENGINE].set_limit(sku, body["per_customer"])
     return json_response({"sku": sku, "per_customer": limit})
 
@@ -279,10 +280,14 @@ async def get_reservation(request: web.Request) -> web.Response:
     else:
         status = states.pop() if len(states) == 1 else "mixed"
     items = [
-        {"sku": line.sku, "qty": line.qty, "state": line.state,
-         "expires_at": iso_ms(line.expires_ms)}
+        {
+            "sku": line.sku,
+            "qty": line.qty,
+            "state": line.state,
+            "expires_at": iso_ms(line.expires_ms),
+        }
         for line in order["lines"]
-    ]  # fmt: skip
+    ]
     return json_response(
         {"order_id": order["order_id"], "kind": order["kind"], "status": status, "items": items}
     )

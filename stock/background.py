@@ -93,8 +93,7 @@ async def _stop(parts: Background) -> None:
     if parts.tasks:
         _done, stuck = await asyncio.wait(parts.tasks, timeout=LOOP_STOP_S)
         for task in stuck:
-            log.warning("%s did not stop within %d s; cancelling it", task.get_name(),
-                        LOOP_STOP_S)  # fmt: skip
+            log.warning("%s did not stop within %d s; cancelling it", task.get_name(), LOOP_STOP_S)
             task.cancel()
         await asyncio.gather(*parts.tasks, return_exceptions=True)
     if parts.payment_probe is not None:
@@ -143,9 +142,12 @@ async def _start_writer(
     # /readyz checks PostgreSQL over this one connection (opened at its first use; the
     # writer's own is busy with its transactions).
     parts.readiness_pool = await asyncpg.create_pool(
-        settings.database_url, min_size=0, max_size=1,
-        max_inactive_connection_lifetime=0, timeout=2,
-    )  # fmt: skip
+        settings.database_url,
+        min_size=0,
+        max_size=1,
+        max_inactive_connection_lifetime=0,
+        timeout=2,
+    )
     counted = quarantined = 0
 
     def refresh() -> None:

@@ -196,8 +196,12 @@ def test_the_cluster_client_parts_the_batch_uses() -> None:
     for owner, names in used.items():
         for name in names:
             assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
-    for awaited in (ClusterNode.disconnect_if_needed, RedisCluster.initialize,
-                    NodesManager.move_slot, NodesManager.initialize):  # fmt: skip
+    for awaited in (
+        ClusterNode.disconnect_if_needed,
+        RedisCluster.initialize,
+        NodesManager.move_slot,
+        NodesManager.initialize,
+    ):
         assert inspect.iscoroutinefunction(awaited), awaited
     for plain in (ClusterNode.acquire_connection, NodesManager.get_node, NodesManager.set_nodes):
         assert not inspect.iscoroutinefunction(plain), plain
