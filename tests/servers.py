@@ -280,6 +280,30 @@ EARLY_FSYNC = (
 )
 
 
+NO_WAITAOF = (
+    "this server has no WAITAOF (Redis 7.0; it came in 7.2): the writer falls back to WAIT"
+    " on a replica or warns (README, durability), so a host crash of a master without a"
+    " replica can leave PostgreSQL ahead of it"
+)
+
+
+async def has_waitaof(url: str) -> bool:
+    """Whether the server at ``url`` knows WAITAOF (Redis 7.2+, Valkey)."""
+    from redis.asyncio import Redis
+    from redis.exceptions import ResponseError
+
+    client = Redis.from_url(url)
+    try:
+        await client.execute_command("WAITAOF", 0, 0, 1)
+        return True
+    except ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return False
+        raise
+    finally:
+        await client.aclose()
+
+
 async def confirms_fsync_early(url: str, key: str = "fsync-probe") -> bool:
     """Whether the server at ``url`` (AOF, ``appendfsync everysec``) answers ``WAITAOF
     1 0`` for writes it has not fsynced: of three SET + WAITAOF pairs, the second and

@@ -37,10 +37,12 @@ from tests.conftest import BUCKETS
 from tests.persist.helpers import sku_names, stock_up, wait_persisted
 from tests.servers import (
     EARLY_FSYNC,
+    NO_WAITAOF,
     Cluster,
     confirms_fsync_early,
     fsync_shim_env,
     fsynced_size,
+    has_waitaof,
 )
 from tests.test_cluster_pipeline import migrate_slot
 from tests.test_fault_redis_killed import newest_incr_aof
@@ -126,6 +128,9 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
         (node.workdir / "fsync.delay").write_text(str(FSYNC_DELAY_MS))
     cluster.start()
     victim = cluster.node(cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0]))
+    if not await has_waitaof(victim.url):
+        cluster.stop()
+        pytest.skip(NO_WAITAOF)
     if await confirms_fsync_early(victim.url, f"{keys.bucket_tag(0)}:fsync-probe"):
         cluster.stop()
         pytest.skip(EARLY_FSYNC)
