@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest.bench import hammer
+from loadtest.bench_support import hammer
 from loadtest.common import BENCH_AOF, machine
 from stock.client import connect
 from stock.config import Settings

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench import Report, hammer, run_async, samples
+from loadtest.bench_report import Report, log, samples
+from loadtest.bench_support import hammer, run_async
 from loadtest.common import BENCH_AOF
 from stock.client import connect
 from stock.config import Settings
@@ -34,10 +35,6 @@ from tests.servers import Cluster
 
 SKUS = [f"C-{i:03d}" for i in range(64)]
 STOCK = 10**12
-
-
-def _log(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 async def _flush(client: Any, cluster: bool) -> None:
@@ -103,7 +100,7 @@ def measure(
                     rate, cpu = run_async(_orders(settings, items, concurrency, seconds))
                     rates.setdefault((name, items), []).append(rate)
                     cpus.setdefault((name, items), []).append(cpu)
-                    _log(
+                    log(
                         f"cluster row: {name}, {items}-item orders: {rate:.0f}/s, "
                         f"client CPU {cpu:.0f} us/order"
                     )

@@ -22,17 +22,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from loadtest.bench import (
-    HERE,
-    HOT,
-    Report,
-    _log,
-    _serve,
-    fresh,
-    run_async,
-    samples,
-    set_hot,
-)
+from loadtest.bench_report import Report, log, samples
+from loadtest.bench_support import HERE, HOT, fresh, run_async, serve_http, set_hot
 from loadtest.common import stop_process
 from loadtest.httpload import LoadResult, drive, reserve_body
 from stock.config import Settings
@@ -75,7 +66,7 @@ def wrk_expect(
         raise SystemExit(f"wrk: unexpected output\n{out}")
     if int(expected.group(1)) < int(total.group(1)) * 0.999:
         raise SystemExit(f"wrk: answers other than {expect} on port {port}\n{out}")
-    _log(f"wrk {prefix}: {rate.group(1)} req/s, {expected.group(0)}")
+    log(f"wrk {prefix}: {rate.group(1)} req/s, {expected.group(0)}")
     return float(rate.group(1))
 
 
@@ -97,7 +88,7 @@ def bench_soldout(
     try:
         for name, (command, env) in servers.items():
             port = free_port()
-            procs[name] = (_serve([*command, "--port", str(port)], port, env), port)
+            procs[name] = (serve_http([*command, "--port", str(port)], port, env), port)
         for i in range(repeat):
             for name, (_proc, port) in procs.items():
                 if i == 0:
@@ -128,14 +119,14 @@ def bench_overload(
     try:
         for name, env in servers.items():
             port = free_port()
-            procs[name] = (_serve([*serve, "--port", str(port)], port, env), port)
+            procs[name] = (serve_http([*serve, "--port", str(port)], port, env), port)
         for i in range(repeat):
             for row, server, factor in plan:
                 port = procs[server][1]
                 body = reserve_body(HOT, f"{row}{i}-")
                 result = run_async(drive(port, connections * factor, seconds, body, warmup=0.5))
                 runs[row].append(result)
-                _log(f"overload {row} ({connections * factor} connections): {_brief(result)}")
+                log(f"overload {row} ({connections * factor} connections): {_brief(result)}")
     finally:
         for proc, _port in procs.values():
             stop_process(proc)
@@ -159,7 +150,7 @@ def _median(values: list[float]) -> float:
 def add_front_rows(report: Report, settings: Settings, args: Any) -> None:
     """Rows 8 and 9 and the summary's soldout/bare and overload_p99/capacity_p99."""
     c, secs, rep = args.concurrency, args.seconds, args.repeat
-    _log("8 sold-out fast path: stock serve vs bare aiohttp, 409s, wrk, alternating")
+    log("8 sold-out fast path: stock serve vs bare aiohttp, 409s, wrk, alternating")
     sold = bench_soldout(settings, args.wrk_threads, c, secs, rep)
     fast, bare, off = max(sold["fast"]), max(sold["bare"]), max(sold["redis"])
     report.summary["soldout/bare"] = fast / bare
@@ -182,7 +173,7 @@ def add_front_rows(report: Report, settings: Settings, args: Any) -> None:
         "req/s",
         f"context; {samples(sold['redis'])}; this/bare = {off / bare:.2f}",
     )
-    _log("9 overload: capacity vs 4x connections, latency of the 201s (loadtest/httpload.py)")
+    log("9 overload: capacity vs 4x connections, latency of the 201s (loadtest/httpload.py)")
     runs = bench_overload(settings, c, secs, rep)
     p99 = {row: _median([r.percentile(201, 0.99) for r in rs]) for row, rs in runs.items()}
     p50 = {row: _median([r.percentile(201, 0.5) for r in rs]) for row, rs in runs.items()}
@@ -212,7 +203,8 @@ def run_alone(args: Any) -> int:
     import tempfile
     from pathlib import Path
 
-    from loadtest.bench import print_table, summary_line, tools_present
+    from loadtest.bench_report import print_table, summary_line
+    from loadtest.bench_support import tools_present
     from loadtest.common import BENCH_AOF
     from stock.embedded import Valkey
 

@@ -1,0 +1,99 @@
+"""The bench's table and summary line: its rows, the goals, and how they are printed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+from loadtest.common import machine
+
+GOALS = {  # issue 16
+    "library/raw": (0.9, ">="),
+    "http/bare": (0.6, ">="),
+    "library/pg": (30.0, ">="),
+    "bytes/reservation": (250, "<="),
+    "reaper/s": (50_000, ">="),
+    "writer/s": (50_000, ">="),
+    "cluster/standalone": (0.8, ">="),
+    "soldout/bare": (0.8, ">="),
+    "overload_p99/capacity_p99": (3.0, "<="),
+}
+# the summary line's keys, in order, and how each is printed
+SUMMARY = {
+    "library/raw": "{:.2f}", "http/bare": "{:.2f}", "library/pg": "{:.1f}",
+    "bytes/reservation": "{:.0f}", "reaper/s": "{:.0f}", "writer/s": "{:.0f}",
+    "cluster/standalone": "{:.2f}", "soldout/bare": "{:.2f}",
+    "overload_p99/capacity_p99": "{:.2f}",
+}  # fmt: skip
+
+
+def summary_line(summary: dict[str, float]) -> str:
+    """``bench: key=value ...``; a key whose row did not run shows ``n/a``."""
+    parts = [f"{k}={f.format(summary[k]) if k in summary else 'n/a'}" for k, f in SUMMARY.items()]
+    return "bench: " + " ".join(parts)
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    what: str
+    value: float
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """The table's rows and the summary line's figures."""
+
+    rows: list[Row] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+    load_at_start: str = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+    def add(self, what: str, value: float, unit: str, note: str = "") -> None:
+        self.rows.append(Row(what, value, unit, note))
+        print(f"  {what}: {_fmt(value)} {unit}  {note}".rstrip(), flush=True)
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def samples(values: list[float]) -> str:
+    """The runs behind a best-of figure."""
+    return "runs " + " / ".join(f"{v:,.0f}" for v in values)
+
+
+def log(text: str) -> None:
+    """A progress line on stderr (the table and the summary go to stdout)."""
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def print_table(report: Report, args: argparse.Namespace) -> None:
+    box = machine()
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print()
+    print(
+        f"machine: {box['cores']} cores, {box['memory']} memory, {box['cpu']}; "
+        f"load average at the start {report.load_at_start}, at the end {load}; "
+        f"concurrency C={args.concurrency}; throughput: best of {args.repeat} runs of "
+        f"{args.seconds:.0f} s, the two sides of each ratio alternating"
+    )
+    width = max(len(r.what) for r in report.rows)
+    print(f"| {'measurement':<{width}} | {'result':>10} | {'unit':<8} | note |")
+    print(f"|{'-' * (width + 2)}|{'-' * 12}:|{'-' * 10}|------|")
+    for r in report.rows:
+        print(f"| {r.what:<{width}} | {_fmt(r.value):>10} | {r.unit:<8} | {r.note} |")
+    print()
+    for name, (goal, sense) in GOALS.items():
+        if name not in report.summary:
+            print(f"goal {name} {sense} {goal}: not measured in this run")
+            continue
+        value = report.summary[name]
+        met = value >= goal if sense == ">=" else value <= goal
+        print(f"goal {name} {sense} {goal}: {'met' if met else 'NOT met'} ({_fmt(value)})")
