@@ -21,8 +21,10 @@ release so far) confirms one it has not done under ``everysec`` (redis/redis#137
 fixed in Redis 8.0; found by timed write + WAITAOF pairs): there the read WAITs
 for a replica when the node has one, and else a warning is logged once (WAITAOF is
 kept where it exists: it is right on a server with the fix). Under
-``appendfsync always`` every reply follows its fsync. Without AOF there is nothing
-to wait for.
+``appendfsync always`` every reply follows its fsync. Where the node has a replica
+the reads also ``WAIT 1`` for it (``WAITAOF+WAIT``): a failover promotes the
+replica, and what it lacks is lost however well the master fsynced. Without AOF
+there is nothing to wait for.
 
 **Moved slots, failed nodes.** A bucket whose read answered MOVED, ASK, TRYAGAIN or
 CLUSTERDOWN was not read there (the command did not run): redis-py's slot map is
@@ -63,7 +65,7 @@ from stock.config import Settings
 log = logging.getLogger("persist.writer")
 
 WAITAOF_MS = 2000  # how long a read waits for Redis to fsync what it returned
-WAITAOF, WAIT, NO_WAIT = "WAITAOF", "WAIT", ""
+WAITAOF, WAIT, NO_WAIT = "WAITAOF", "WAIT", ""  # or both: "WAITAOF+WAIT"
 EARLY_S = 0.6  # two write + WAITAOF pairs under everysec answered faster: no fsyncs
 REFRESH_S = 1.0  # at most one slot map reload per this long after a node failed
 # Replies after which a bucket was not read (the command did not run there): read again.
@@ -175,13 +177,14 @@ class DurableReads:
             commands.append(("XRANGE", r.key, f"({r.after}", "+", "COUNT", 1))
             commands.append(("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", r.count,
                              "STREAMS", r.key, r.start))  # fmt: skip
-        if wait == WAITAOF:
+        waits = wait.split("+") if wait else []
+        if WAITAOF in waits:
             commands.append(("WAITAOF", 1, 0, WAITAOF_MS))
-        elif wait == WAIT:
+        if WAIT in waits:
             commands.append(("WAIT", 1, WAITAOF_MS))
         replies = await self._round_trip(node, commands, waits=bool(wait))
-        if wait:
-            _check_synced(wait, replies.pop())
+        for each in reversed(waits):
+            _check_synced(each, replies.pop())
         at = 0
         for r in reads:
             own = 3 if r.start == "0" and wait else 2
@@ -217,14 +220,15 @@ class DurableReads:
             if "unknown command" not in str(exc).lower():
                 return NO_WAIT
             has_waitaof = False
-        if policy == "always":
-            return WAITAOF if has_waitaof else NO_WAIT
+        local = WAITAOF if has_waitaof else NO_WAIT
         early = has_waitaof and policy == "everysec" and await self._confirms_unsynced(node, key)
-        if has_waitaof and not early:
-            return WAITAOF
         replicas = re.search(r"connected_slaves:(\d+)", str(await send("INFO", "replication")))
         if replicas and int(replicas.group(1)) > 0:
-            return WAIT  # on another machine
+            # A failover promotes the replica: what it lacks is lost however well the
+            # master fsynced, so the reads wait for it too (on another machine).
+            return f"{local}+{WAIT}" if local else WAIT
+        if policy == "always" or (has_waitaof and not early):
+            return local
         reason = (
             "confirms fsyncs it has not done (WAITAOF under appendfsync everysec: "
             "redis/redis#13793, not fixed in Valkey)" if early
