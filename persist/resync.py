@@ -44,31 +44,29 @@ from typing import Any, NamedTuple, TextIO
 import asyncpg
 
 from persist import snapshot
-from persist.events import LINE_STATES, LINES_UPSERT, Event
+from persist.events import LINES_UPSERT, Event
 from persist.fences import FenceError, Fences
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock import keys
 from stock.config import Settings
-from stock.engine import items_spec, order_record
+from stock.formats import (
+    ABORTED,
+    RESERVED,
+    STATE_AFTER,
+    STATE_CODES,
+    STATE_NAMES,
+    items_spec,
+    order_record,
+)
 from stock.scripts import Scripts
 from stock.validate import Item
 
 CHUNK = 200
-STATE_CODES = {
-    "reserved": "R",
-    "confirmed": "C",
-    "released": "X",
-    "expired": "E",
-    "cancelled": "N",
-    "aborted": "-",
-}
-
-STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
 
 
 class Line(NamedTuple):
     order_id: str
-    state: str  # a code of STATE_CODES
+    state: str  # a code of formats.STATE_NAMES
     qty: int
     expires_ms: int
     customer: str = ""  # the buyer ('' for none)
@@ -97,7 +95,7 @@ class SkuPlan:
         )
 
     def active(self) -> int:
-        return sum(line.state == "R" for line in self.restore)
+        return sum(line.state == RESERVED for line in self.restore)
 
     def diff(self) -> str:
         now = self.current.levels.text() if self.current.levels else "missing"
@@ -251,7 +249,7 @@ class Resync:
         out: dict[str, list[Line]] = defaultdict(list)
         for sku, order_id in stale:
             r = known.get((sku, order_id))
-            out[sku].append(_line(r) if r is not None else Line(order_id, "-", 0, 0))
+            out[sku].append(_line(r) if r is not None else Line(order_id, ABORTED, 0, 0))
         return out
 
     async def _write(self, plans: list[SkuPlan]) -> None:
@@ -279,7 +277,7 @@ class Resync:
         overwrite them (the writer never goes back to a lower seq)."""
         rows = []
         for plan, seq in zip(plans, seqs, strict=True):
-            touched = {e.order for e in self.events.get(plan.sku, []) if e.op in LINE_STATES}
+            touched = {e.order for e in self.events.get(plan.sku, []) if e.op in STATE_AFTER}
             for line in plan.restore + plan.drop:
                 if line.order_id in touched:
                     rows.append((line, plan.sku, seq))

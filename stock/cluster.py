@@ -41,6 +41,7 @@ from stock.errors import (
     StockError,
     Unavailable,
 )
+from stock.formats import items_spec
 from stock.scripts import NO_ORDER_KEY, LinesReply, merge_failures, merge_replies
 from stock.validate import Item
 
@@ -194,7 +195,7 @@ class ClusterOrders:
     async def transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
-        from stock.engine import _result, items_spec
+        from stock.engine import _result
 
         e = self.engine
         order_kind, _phase, items = await e._record(order_id, e.retention_ms + ttl_ms)

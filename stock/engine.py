@@ -14,18 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from stock import keys, validate
+from stock import formats, keys, validate
 from stock.client import RetryOnce, retried_once
 from stock.cluster import ClusterOrders
 from stock.config import Settings
 from stock.errors import NotFound, OrderClosed, Unavailable
+from stock.formats import STATE_AFTER, items_spec
 from stock.scripts import (
     FROM_RECORD,
-    STATE_NAMES,
     WITH_COPY,
     WITH_RECORD,
     Counters,
@@ -43,15 +43,7 @@ from stock.validate import Item
 log = logging.getLogger("stock.engine")
 T = TypeVar("T")
 
-TOMBSTONES = {"release": "released", "cancel": "cancelled"}  # TCC: the state each leaves
-STATUS_OF = {
-    "reserve": "reserved",
-    "deduct": "confirmed",
-    "confirm": "confirmed",
-    "release": "released",
-    "cancel": "cancelled",
-    "extend": "reserved",
-}
+TOMBSTONES = {op: STATE_AFTER[op] for op in ("release", "cancel")}  # TCC: the state each leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,27 +55,6 @@ class OrderResult:
     replay: bool
     expires_ms: int
     lines: list[LineResult] = field(default_factory=list)
-
-
-def items_spec(items: Iterable[Item]) -> str:
-    """The canonical text of an order's items, compared to detect order_conflict."""
-    ordered = sorted(items)
-    if len(ordered) == 1:  # most orders: skip the generator
-        return f"{ordered[0].sku}:{ordered[0].qty}"
-    return ",".join(f"{i.sku}:{i.qty}" for i in ordered)
-
-
-def order_record(kind: str, spec: str, phase: str = "done", owner: str = "") -> str:
-    """The order record's value (``read_record`` in ``lua/_lib.lua`` reads it)."""
-    return f"{kind}|{phase}|{owner}|{spec}"
-
-
-def parse_spec(spec: str) -> list[Item]:
-    out = []
-    for part in spec.split(","):
-        sku, _, qty = part.rpartition(":")
-        out.append(Item(sku, int(qty)))
-    return out
 
 
 class StockEngine:
@@ -208,8 +179,9 @@ class StockEngine:
         values = await pipe.execute()
         lines = []
         for item, raw in zip(items, values, strict=True):
-            state, _qty, exp, *_tag = (raw or "gone|0|0").split("|")
-            lines.append(LineResult(item.sku, _state_name(state), item.qty, int(exp)))
+            line = formats.parse_line(raw) if raw else None
+            state = formats.state_name(line.state) if line else formats.UNKNOWN
+            lines.append(LineResult(item.sku, state, item.qty, line.expires_ms if line else 0))
         return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
 
     # -- internals ----------------------------------------------------------
@@ -286,7 +258,7 @@ class StockEngine:
             raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
         if reply[0] == "TOMBSTONE" and reply[1] != TOMBSTONES[op]:
             raise OrderClosed(f"order {order_id!r} was {reply[1]}", state=str(reply[1]))
-        return OrderResult(order_id, STATUS_OF[op], reply[0] == "TOMBSTONE", 0, [])
+        return OrderResult(order_id, STATE_AFTER[op], reply[0] == "TOMBSTONE", 0, [])
 
     async def _transition_known(
         self, op: str, order_id: str, ttl_ms: int, reason: str
@@ -334,12 +306,12 @@ class StockEngine:
             raw = await self.redis.get(okey)
         if raw is None:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
-        kind, phase, _owner, spec = raw.split("|", 3)
-        if phase in ("released", "cancelled"):  # a TCC tombstone
-            raise OrderClosed(f"order {order_id!r} was {phase}", state=phase)
-        if phase != "done":  # a 'pending' record of an earlier version
+        record = formats.parse_record(raw)
+        if record.phase in formats.TOMBSTONES:
+            raise OrderClosed(f"order {order_id!r} was {record.phase}", state=record.phase)
+        if record.phase != formats.DONE:  # a 'pending' record of an earlier version
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
-        return kind, phase, parse_spec(spec) if spec else []
+        return record.kind, record.phase, formats.parse_spec(record.spec)
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
@@ -392,9 +364,5 @@ class StockEngine:
         return list(by_bucket.values())
 
 
-def _state_name(code: str) -> str:
-    return STATE_NAMES.get(code, code)
-
-
 def _result(order_id: str, op: str, reply: LinesReply) -> OrderResult:
-    return OrderResult(order_id, STATUS_OF[op], reply.replay, reply.expires_ms, reply.lines)
+    return OrderResult(order_id, STATE_AFTER[op], reply.replay, reply.expires_ms, reply.lines)

@@ -31,6 +31,7 @@ from stock.errors import (
     StockError,
     Unavailable,
 )
+from stock.formats import state_name
 from stock.pipeline import AutoPipeline, evalsha
 from stock.validate import Item
 
@@ -54,16 +55,6 @@ FROM_RECORD: Final = "r"  # the order record, the lines read from it (standalone
 WITH_COPY: Final = "b"  # the bucket's copy of the order (a cluster group)
 NO_ORDER_KEY: Final = "0"  # none (a cluster hold and its undo)
 
-STATE_NAMES = {
-    "R": "reserved",
-    "C": "confirmed",
-    "X": "released",
-    "E": "expired",
-    "N": "cancelled",
-    "-": "aborted",
-    "gone": "unknown",
-}
-
 
 def _lua_dir() -> Path:
     packaged = resources.files("stock") / "lua"
@@ -72,12 +63,16 @@ def _lua_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "lua"
 
 
+def with_lib(source: str) -> str:
+    """A script's full source: ``lua/_lib.lua``, then ``source``."""
+    return (_lua_dir() / "_lib.lua").read_text() + "\n" + source
+
+
 def load_sources() -> dict[str, str]:
     """Script name -> full source (``_lib.lua`` + the operation's file)."""
     lua = _lua_dir()
-    lib = (lua / "_lib.lua").read_text()
     return {
-        op: lib + "\n" + (lua / f"{op}.lua").read_text() for op in LINE_OPS + OTHER_OPS + RESYNC_OPS
+        op: with_lib((lua / f"{op}.lua").read_text()) for op in LINE_OPS + OTHER_OPS + RESYNC_OPS
     }
 
 
@@ -87,7 +82,7 @@ _SOURCES = load_sources()
 @dataclass(frozen=True, slots=True)
 class LineResult:
     sku: str
-    state: str  # a name of STATE_NAMES
+    state: str  # a name of formats.STATE_NAMES
     qty: int
     expires_ms: int
 
@@ -129,7 +124,7 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
     if code == "CONFLICT":
         raise OrderConflict(f"order {order_id!r} already exists with other items")
     if code == "TRANSITION":
-        state = STATE_NAMES.get(str(rest[1]), str(rest[1]))
+        state = state_name(str(rest[1]))
         raise InvalidTransition(
             f"order {order_id!r} line {rest[0]!r} is {state}", state=state, sku=rest[0]
         )
@@ -172,7 +167,7 @@ def parse_lines(reply: Sequence[Any], order_id: str) -> LinesReply:
         raise_for(reply, order_id)
     rest = reply[2:]
     lines = [
-        LineResult(str(rest[i]), STATE_NAMES[str(rest[i + 1])], int(rest[i + 2]), int(rest[i + 3]))
+        LineResult(str(rest[i]), state_name(str(rest[i + 1])), int(rest[i + 2]), int(rest[i + 3]))
         for i in range(0, len(rest), 4)
     ]
     return LinesReply(replay=reply[0] == "REPLAY", expires_ms=int(reply[1]), lines=lines)

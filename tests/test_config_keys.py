@@ -10,8 +10,8 @@ from redis.crc import key_slot
 
 from stock import keys
 from stock.config import Settings
-from stock.engine import items_spec, parse_spec
 from stock.errors import ConfigError
+from stock.formats import items_spec, parse_spec
 from stock.scripts import NO_ORDER_KEY, WITH_COPY, line_call
 from stock.validate import Item
 
@@ -107,6 +107,7 @@ def test_items_spec_is_canonical() -> None:
     assert a == items_spec([Item("A", 2), Item("B", 1)]) == "A:2,B:1"
     assert parse_spec(a) == [Item("A", 2), Item("B", 1)]
     assert parse_spec("a:b:c:3") == [Item("a:b:c", 3)]
+    assert parse_spec("") == []  # a TCC tombstone's
 
 
 def test_every_setting_is_documented() -> None:

@@ -20,6 +20,7 @@ from stock.config import Settings
 from stock.embedded import stock_env
 from stock.engine import StockEngine
 from stock.errors import LimitExceeded, Unavailable
+from stock.formats import parse_line
 from stock.reaper import Reaper
 from stock.scripts import Scripts
 from tests.conftest import flush
@@ -54,9 +55,9 @@ async def _snapshot(redis: Any, settings: Settings) -> dict[str, Any]:
         state[sku] = values
     for order_id, sku in [("held-1", "A"), ("held-2", "A"), ("held-2", "C"), ("short", "B")]:
         line = keys.line_keys(sku, order_id, settings.buckets)
-        value = await redis.get(line.line)  # state|qty|expires_ms[|attempt tag]
+        value = await redis.get(line.line)
         state[f"{order_id}|{sku}"] = (
-            value and "|".join(value.split("|")[:3]),
+            value and parse_line(value)[:3],  # state, qty, expiry: not the attempts' tag
             await redis.zscore(line.due, keys.line_member(sku, order_id)),
         )
         state[order_id] = await redis.get(keys.order_key(order_id))
