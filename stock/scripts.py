@@ -281,8 +281,6 @@ def parse_commit(reply: Sequence[Any], order_id: str) -> bool:
     code = str(reply[0])
     if code in ("NEW", "DONE"):
         return code == "NEW"
-    if code == "CONFLICT":
-        raise OrderConflict(f"order {order_id!r} already exists with other items")
     if code == "TOMBSTONE":
         raise OrderClosed(
             f"order {order_id!r} was {reply[1]} before it was reserved", state=str(reply[1])
@@ -291,7 +289,7 @@ def parse_commit(reply: Sequence[Any], order_id: str) -> bool:
         raise Unavailable(f"order {order_id!r} took too long and was undone; retry")
     if code == "BUSY":
         raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
-    raise_for(reply, order_id, "order.lua")
+    raise_for(reply, order_id, "order.lua")  # CONFLICT, or a code it does not know
 
 
 @dataclass(frozen=True, slots=True)
