@@ -1,9 +1,10 @@
 """The value formats and the state tables: the one place in Python that knows them.
 
 ``lua/_lib.lua`` mirrors this module (``read_line``, ``line_value``,
-``read_record``, ``record_value``, ``read_copy``, ``copy_value``); keep the two in
-step. ``tests/test_formats.py`` proves they agree by a round trip through a real
-script. The event format lives in ``persist/events.py`` (``decode``).
+``read_record``, ``record_value``, ``read_copy``, ``copy_value``, ``read_spec``);
+keep the two in step. ``tests/test_formats.py`` proves they agree by a round trip
+through a real script. The event format lives in ``persist/events.py``
+(``decode``).
 
 - **line** (``stock:{b<n>}:line:<sku>|<order_id>``): ``state|qty|expires_ms``,
   ``state|qty|expires_ms|tag`` or ``state|qty|expires_ms|tag|customer``; the tag

@@ -13,6 +13,7 @@ from stock.client import connect
 from stock.config import Settings
 from stock.formats import Line
 from stock.scripts import with_lib
+from stock.validate import Item
 from tests.servers import ServerProcess
 
 # A probe: _lib.lua's readers answer the fields of KEYS[1]'s value; its writers set it.
@@ -34,6 +35,13 @@ elseif what == 'read_copy' then
   return {kind, spec}
 elseif what == 'write_copy' then
   redis.call('SET', key, copy_value(ARGV[2], ARGV[3]))
+elseif what == 'read_spec' then
+  local out = {}
+  for _, item in ipairs(read_spec(redis.call('GET', key))) do
+    out[#out + 1] = item.sku
+    out[#out + 1] = item.qty
+  end
+  return out
 end
 return {}
 """)
@@ -116,6 +124,19 @@ async def test_a_bucket_copy_both_ways(probe: Any, redis_get: Any, kind: str, sp
     raw = await redis_get.get("formats:probe")
     assert raw == formats.copy_value(kind, spec)
     assert formats.parse_copy(raw) == (kind, spec)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[Item("A", 1)], [Item("b:c:d", 12), Item("Z", 3)], [Item(f"S{i}", i + 1) for i in range(9)]],
+    ids=str,
+)
+async def test_an_items_spec_python_builds_lua_reads(
+    probe: Any, redis_get: Any, items: list[Item]
+) -> None:
+    await redis_get.set("formats:probe", formats.items_spec(items))
+    flat = await probe("read_spec")
+    assert [Item(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)] == sorted(items)
 
 
 def test_the_state_tables_are_one() -> None:
