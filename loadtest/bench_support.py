@@ -18,7 +18,8 @@ import uvloop
 from loadtest.common import stop_process, wait_http
 from stock.client import connect
 from stock.config import Settings
-from stock.engine import StockEngine, items_spec
+from stock.engine import StockEngine
+from stock.formats import items_spec
 from stock.scripts import WITH_RECORD, line_call
 from stock.validate import Item
 

@@ -1,5 +1,11 @@
--- _lib.lua: helpers shared by the line scripts. scripts.py prepends this file
+-- _lib.lua: helpers shared by the scripts. scripts.py prepends this file
 -- to every script before it is loaded, so each script stays one EVALSHA.
+--
+-- The value formats (the line, the order record, the bucket's copy of an
+-- order, the items spec) and the state codes mirror stock/formats.py, the one
+-- place in Python that knows them: keep the two in step (read_line/line_value,
+-- read_record/record_value, read_copy/copy_value, read_spec;
+-- tests/test_formats.py runs a round trip through a real script).
 --
 -- Line call layout (reserve, deduct, hold, confirm, release, abort, cancel, extend):
 --   ARGV[1] mode        '1' when KEYS[1] is the order record (standalone:
@@ -34,18 +40,21 @@
 --
 -- A line is a string 'state|qty|expires_ms', 'state|qty|expires_ms|tag' or
 -- 'state|qty|expires_ms|tag|customer' (tag may be empty; a customer id may
--- hold '|', so it comes last); states: R reserved, C confirmed, X released,
--- E expired, N cancelled. A customer's units of a SKU held or bought (R, C)
--- are counted in the SKU hash's field 'c:<customer>', checked against its
--- field 'limit' when a line is created (per-customer purchase limits).
+-- hold '|', so it comes last); states (formats.STATE_NAMES): R reserved,
+-- C confirmed, X released, E expired, N cancelled; '-' (aborted) is never
+-- stored: it names a deleted line in replies and resync.lua. A customer's
+-- units of a SKU held or bought (R, C) are counted in the SKU hash's field
+-- 'c:<customer>', checked against its field 'limit' when a line is created
+-- (per-customer purchase limits).
 -- Terminal lines expire after retention. On a cluster, where one order is
 -- several calls, the tag is the set of attempts that created or replayed the
 -- line (has_tag, add_tag), so that a failed attempt never undoes a line
 -- another attempt also holds (abort.lua).
--- Replies: {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, ...}
+-- Replies (stock/scripts.py turns each into a result or a typed error):
+--   {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, ...}
 --   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
 --   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
---   {'UNAVAILABLE', sku}  {'NOTFOUND', sku}
+--   {'UNAVAILABLE', sku}  {'NOTFOUND', sku}  {'CLOSED', state}
 --   {'LIMIT', sku, limit, held, ...}  {'CUSTOMER_REQUIRED', sku}
 --   mode 'r' also: {'NOORDER'} (no record)  {'CLOSED', state} (a TCC tombstone)
 
@@ -91,6 +100,7 @@ local function holds(state)
   return state == 'R' or state == 'C'
 end
 
+-- The line at key as {state, qty, exp, tag, customer} (formats.parse_line), or nil.
 local function read_line(key)
   local v = redis.call('GET', key)
   if not v then return nil end
@@ -193,10 +203,11 @@ local function parse_call()
 end
 
 -- The order record is one string 'kind|phase|owner|items_spec' (a string
--- costs less memory than a hash): kind 'reserve'/'deduct', phase 'done'; on a
--- cluster (the directory, order.lua) also 'abort' (an attempt's undo claim,
--- owner its token) or a TCC tombstone ('released'/'cancelled', no items);
--- records of earlier versions may say 'pending' (owner 'token@lease_ms').
+-- costs less memory than a hash; formats.order_record, formats.parse_record):
+-- kind 'reserve'/'deduct', phase 'done' or a TCC tombstone ('released'/
+-- 'cancelled', no items); owner '' or, on a cluster's directory (order.lua),
+-- the owner set of a single-group deduct ('token,token'); records of earlier
+-- versions may say 'pending' (owner 'token@lease_ms').
 local function read_record(key)
   local v = redis.call('GET', key)
   if not v then return nil end
@@ -206,6 +217,25 @@ end
 
 local function record_value(kind, phase, owner, spec)
   return kind .. '|' .. phase .. '|' .. owner .. '|' .. spec
+end
+
+-- A bucket's copy of a cluster order: 'kind|items_spec' (formats.copy_value).
+local function copy_value(kind, spec)
+  return kind .. '|' .. spec
+end
+
+local function read_copy(v)
+  return string.match(v, '^(%a+)|(.*)$')
+end
+
+-- The items of an items spec 'sku:qty,...' as {sku, qty} (formats.parse_spec).
+local function read_spec(spec)
+  local items = {}
+  for part in string.gmatch(spec, '[^,]+') do
+    local sku, qty = string.match(part, '^(.*):(%d+)$')  -- a SKU may hold ':'
+    items[#items + 1] = {sku = sku, qty = tonumber(qty)}
+  end
+  return items
 end
 
 -- Standalone confirm/release/extend/cancel (mode 'r'): the order's kind and
@@ -219,9 +249,8 @@ local function open_record(call)
   if rec.phase == 'released' or rec.phase == 'cancelled' then return {'CLOSED', rec.phase} end
   if rec.phase ~= 'done' then return {'NOORDER'} end
   call.kind, call.spec = rec.kind, rec.spec
-  for part in string.gmatch(rec.spec, '[^,]+') do
-    local sku, qty = string.match(part, '^(.*):(%d+)$')  -- a SKU may hold ':'
-    call.items[#call.items + 1] = line_item(call.prefix, call.buckets, sku, tonumber(qty),
+  for _, item in ipairs(read_spec(rec.spec)) do
+    call.items[#call.items + 1] = line_item(call.prefix, call.buckets, item.sku, item.qty,
       call.order_id)
   end
   return nil
@@ -256,7 +285,7 @@ local function open_copy(call)
     call.copy = 'none'
     return nil
   end
-  local kind, spec = string.match(v, '^(%a+)|(.*)$')
+  local kind, spec = read_copy(v)
   if kind ~= call.kind or spec ~= call.spec then return {'CONFLICT', kind} end
   call.copy = 'same'
   return nil
@@ -296,6 +325,8 @@ local function drop_tag(tags, tag)
   return table.concat(kept, ',')
 end
 
+-- The string of line p {state, qty, exp, customer} with tag (formats.line_value);
+-- qty and exp may be numbers or their decimal text.
 local function line_value(p, tag)
   local v = p.state .. '|' .. p.qty .. '|' .. p.exp
   if p.customer and p.customer ~= '' then return v .. '|' .. (tag or '') .. '|' .. p.customer end
@@ -396,7 +427,7 @@ local function run_lines(call, op, decide)
     local lifetime = call.retention + (call.ttl or 0)
     if call.copy == 'none' then
       if not call.saw_line then
-        redis.call('SET', call.copy_key, call.kind .. '|' .. call.spec, 'PX', lifetime)
+        redis.call('SET', call.copy_key, copy_value(call.kind, call.spec), 'PX', lifetime)
       end
     else
       keep_copy(call.copy_key, lifetime)

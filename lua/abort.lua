@@ -53,7 +53,7 @@ if call.copy_key and out[1] ~= 'TRANSITION' and out[1] ~= 'UNAVAILABLE' then
   for _, it in ipairs(call.items) do
     if redis.call('EXISTS', it.k_line) == 1 then return out end
   end
-  if redis.call('GET', call.copy_key) == call.kind .. '|' .. call.spec then
+  if redis.call('GET', call.copy_key) == copy_value(call.kind, call.spec) then
     redis.call('DEL', call.copy_key)
   end
 end

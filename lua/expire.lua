@@ -27,33 +27,24 @@ local leaving, stale = {}, {}  -- members to take out of the index, in one ZREM 
 for i = 3, #ARGV do
   local member = ARGV[i]
   local k_sku, k_line = KEYS[1 + 2 * (i - 2)], KEYS[2 + 2 * (i - 2)]
-  -- the line 'state|qty|expires_ms[|tag[|customer]]' (read_line, without its
-  -- table: the quantity and expiry stay text for the new value and the event)
-  local v = redis.call('GET', k_line)
-  local state, qty, exp, customer
-  if v then
-    state, qty, exp = string.match(v, '^(%u)|(%d+)|(%d+)')
-    customer = string.match(v, '^%u|%d+|%d+|[^|]*|(.+)$')
-  end
-  if state ~= 'R' then
+  local line = read_line(k_line)
+  if not line or line.state ~= 'R' then
     stale[#stale + 1] = member
-  elseif tonumber(exp) <= now then
+  elseif line.exp <= now then
     local c = counters[k_sku]
     if not c then
       c = read_sku(k_sku)
       counters[k_sku] = c
     end
     if not c.fenced then
-      local q = tonumber(qty)
+      local q = line.qty
       c.r, c.a = c.r - q, c.a + q
-      if customer then  -- kept, so that a late confirm counts it again
-        redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp .. '||' .. customer, 'PXAT', until_ms)
-        count_customer(k_sku, customer, -q)
-      else
-        redis.call('SET', k_line, 'E|' .. qty .. '|' .. exp, 'PXAT', until_ms)
-      end
+      -- the tag goes; the customer is kept, so that a late confirm counts it again
+      redis.call('SET', k_line, line_value({state = 'E', qty = q, exp = line.exp,
+        customer = line.customer}), 'PXAT', until_ms)
+      count_customer(k_sku, line.customer, -q)
       leaving[#leaving + 1] = member
-      append_event(KEYS[2], 'expire', member, q, exp, c, now, reason, customer)
+      append_event(KEYS[2], 'expire', member, q, line.exp, c, now, reason, line.customer)
       if not c.dirty then
         c.dirty = true
         touched[#touched + 1] = k_sku

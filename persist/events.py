@@ -35,18 +35,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from persist import webhooks
-
-LINE_STATES = {
-    "reserve": "reserved",
-    "deduct": "confirmed",
-    "confirm": "confirmed",
-    "release": "released",
-    "abort": "aborted",
-    "cancel": "cancelled",
-    "extend": "reserved",
-    "expire": "expired",
-}
-ORDER_KINDS = {"reserve": "reserve", "deduct": "deduct"}
+from stock.formats import ORDER_KINDS, STATE_AFTER
 
 # An event's values in the order of its "e" field, then its reason and customer.
 FIELD_ORDER = ("op", "qty", "available", "reserved", "sold", "seq", "at", "exp", "sku", "order",
@@ -149,9 +138,9 @@ CREATE TEMP TABLE IF NOT EXISTS writer_batch (
 ) ON COMMIT DELETE ROWS
 """
 _STATE_OF_OP = "CASE op " + " ".join(
-    f"WHEN '{op}' THEN '{state}'" for op, state in LINE_STATES.items()
+    f"WHEN '{op}' THEN '{state}'" for op, state in STATE_AFTER.items()
 )
-_LINE_OPS = ", ".join(f"'{op}'" for op in LINE_STATES)
+_LINE_OPS = ", ".join(f"'{op}'" for op in STATE_AFTER)
 # A SKU (and so each of its lines) lives in one stream, in seq order: the entry
 # with the highest seq of a SKU or line in the batch is its latest.
 _LEDGER_COLUMNS = BATCH_COLUMNS[:-1]
@@ -249,7 +238,7 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
             if values[10] or values[11] or "\\" in values[9]:  # order, reason, customer
                 values = [*values[:9], *(v.translate(_ESCAPES) for v in values[9:])]
             op, kind = values[0], ""
-            if op in LINE_STATES:
+            if op in STATE_AFTER:  # a line's event
                 line = values[9] + "|" + values[8]
                 if op in ORDER_KINDS:
                     kinds[line] = kind = op

@@ -23,25 +23,10 @@ from redis.exceptions import RedisError
 
 from stock import keys
 from stock.config import Settings
-from stock.scripts import Scripts
+from stock.errors import FenceLost, UnknownReply
+from stock.scripts import Scripts, parse_fence
 
 log = logging.getLogger("persist.fences")
-
-
-class FenceError(Exception):
-    """A fence this run needs is not its own: it changed nothing on that SKU."""
-
-    def __init__(self, message: str, sku: str) -> None:
-        super().__init__(message)
-        self.sku = sku
-
-
-class FenceBusy(FenceError):
-    """Another resync holds a live fence on ``sku``."""
-
-
-class FenceLost(FenceError):
-    """This run's fence on ``sku`` ended (or was taken over) before its write."""
 
 
 class Fences:
@@ -55,8 +40,9 @@ class Fences:
         self.held: list[str] = []
         self.lost: FenceLost | None = None  # set by the renewer
 
-    async def _call(self, mode: str, skus: Iterable[str]) -> list[Any]:
-        """One fence.lua call per bucket (its keys share a slot), concurrently."""
+    async def _call(self, mode: str, skus: Iterable[str]) -> None:
+        """One fence.lua call per bucket (its keys share a slot), concurrently; then the
+        first failure is raised (FenceBusy, FenceLost: ``stock.errors``)."""
         groups: dict[int, list[str]] = defaultdict(list)
         for sku in skus:
             groups[keys.bucket_of(sku, self.settings.buckets)].append(sku)
@@ -72,28 +58,22 @@ class Fences:
         for reply in replies:  # every call has finished: now raise the first failure
             if isinstance(reply, BaseException):
                 raise reply
-        return [reply for reply in replies if reply[0] != "OK"]
+        for reply in replies:
+            parse_fence(reply)
 
     async def take(self, skus: list[str]) -> None:
         """Fence ``skus``, all or none: FenceBusy when another run holds one of them."""
         try:
-            refused = await self._call("take", skus)
+            await self._call("take", skus)
         except BaseException:
             await self._lift_quietly(skus)
             raise
-        if refused:
-            await self._lift_quietly(skus)
-            _code, sku, fence = refused[0]
-            raise FenceBusy(f"SKU {sku!r} is fenced by another resync ({fence})", sku)
         self.held = list(skus)
 
     async def renew(self) -> None:
         """Push every held fence's end out again; FenceLost if one is no longer ours."""
         if self.held:
-            lost = await self._call("renew", self.held)
-            if lost:
-                sku = lost[0][1]
-                raise FenceLost(f"the fence on SKU {sku!r} ended before the resync's write", sku)
+            await self._call("renew", self.held)
 
     async def lift(self, skus: list[str] | None = None) -> None:
         """Remove this run's fences (never another run's)."""
@@ -118,7 +98,7 @@ class Fences:
                 self.lost = exc
                 log.error("resync: %s", exc)
                 return
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, UnknownReply) as exc:
                 log.warning("resync: fence renewal failed, trying again: %s", exc)
 
     @contextlib.asynccontextmanager

@@ -39,7 +39,7 @@ import asyncpg
 import orjson
 
 from stock.engine import StockEngine
-from stock.errors import InvalidRequest, NotFound, StockError
+from stock.errors import InvalidRequest, NotFound, StockError, StoreUnavailable
 
 REASON = "reconcile-payments"
 STATUSES = ("paid", "refunded", "failed")
@@ -152,6 +152,8 @@ class PaymentReconciler:
                     return Finding(order_id, outcome, "confirmed")
                 await self.engine.cancel(order_id, reason=REASON)
                 return Finding(order_id, outcome, "cancelled")
+            except StoreUnavailable:  # Redis away: no finding; the run fails, run it again
+                raise
             except StockError as exc:
                 action = "refund_needed" if repair == "confirm" else f"failed:{exc.code}"
                 return Finding(order_id, outcome, action)

@@ -44,31 +44,30 @@ from typing import Any, NamedTuple, TextIO
 import asyncpg
 
 from persist import snapshot
-from persist.events import LINE_STATES, LINES_UPSERT, Event
-from persist.fences import FenceError, Fences
+from persist.events import LINES_UPSERT, Event
+from persist.fences import Fences
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock import keys
 from stock.config import Settings
-from stock.engine import items_spec, order_record
-from stock.scripts import Scripts
+from stock.errors import FenceError
+from stock.formats import (
+    ABORTED,
+    RESERVED,
+    STATE_AFTER,
+    STATE_CODES,
+    STATE_NAMES,
+    items_spec,
+    order_record,
+)
+from stock.scripts import Scripts, expect_ok, parse_resync
 from stock.validate import Item
 
 CHUNK = 200
-STATE_CODES = {
-    "reserved": "R",
-    "confirmed": "C",
-    "released": "X",
-    "expired": "E",
-    "cancelled": "N",
-    "aborted": "-",
-}
-
-STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
 
 
 class Line(NamedTuple):
     order_id: str
-    state: str  # a code of STATE_CODES
+    state: str  # a code of formats.STATE_NAMES
     qty: int
     expires_ms: int
     customer: str = ""  # the buyer ('' for none)
@@ -97,7 +96,7 @@ class SkuPlan:
         )
 
     def active(self) -> int:
-        return sum(line.state == "R" for line in self.restore)
+        return sum(line.state == RESERVED for line in self.restore)
 
     def diff(self) -> str:
         now = self.current.levels.text() if self.current.levels else "missing"
@@ -251,7 +250,7 @@ class Resync:
         out: dict[str, list[Line]] = defaultdict(list)
         for sku, order_id in stale:
             r = known.get((sku, order_id))
-            out[sku].append(_line(r) if r is not None else Line(order_id, "-", 0, 0))
+            out[sku].append(_line(r) if r is not None else Line(order_id, ABORTED, 0, 0))
         return out
 
     async def _write(self, plans: list[SkuPlan]) -> None:
@@ -262,16 +261,12 @@ class Resync:
         if orders:
             await self._write_orders(orders)
         writes = (self._write_sku(p) for p in plans)
-        replies: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
-        done = [(p, r) for p, r in zip(plans, replies, strict=True) if _ok(r)]
-        await self._supersede([p for p, _ in done], [int(r[1]) for _, r in done])
-        for plan, reply in zip(plans, replies, strict=True):
-            if isinstance(reply, BaseException):
-                raise reply
-            if reply[0] == "NOTFENCED":
-                raise FenceError(f"the fence on SKU {plan.sku!r} ended before its write", plan.sku)
-            if reply[0] != "OK":
-                raise RuntimeError(f"resync of {plan.sku!r} refused: {reply}")
+        seqs: list[int | BaseException] = await asyncio.gather(*writes, return_exceptions=True)
+        done = [(p, s) for p, s in zip(plans, seqs, strict=True) if isinstance(s, int)]
+        await self._supersede([p for p, _ in done], [s for _, s in done])
+        for seq in seqs:  # FenceLost: the fence ended before the write (stock.errors)
+            if isinstance(seq, BaseException):
+                raise seq
 
     async def _supersede(self, plans: list[SkuPlan], seqs: list[int]) -> None:
         """With ``force``: lines rewritten here that unflushed events also touch get
@@ -279,7 +274,7 @@ class Resync:
         overwrite them (the writer never goes back to a lower seq)."""
         rows = []
         for plan, seq in zip(plans, seqs, strict=True):
-            touched = {e.order for e in self.events.get(plan.sku, []) if e.op in LINE_STATES}
+            touched = {e.order for e in self.events.get(plan.sku, []) if e.op in STATE_AFTER}
             for line in plan.restore + plan.drop:
                 if line.order_id in touched:
                     rows.append((line, plan.sku, seq))
@@ -297,7 +292,8 @@ class Resync:
             [line.customer for line, _, _ in rows],
         )
 
-    async def _write_sku(self, plan: SkuPlan) -> Any:
+    async def _write_sku(self, plan: SkuPlan) -> int:
+        """``resync.lua`` for one SKU: its new seq."""
         bucket = keys.bucket_of(plan.sku, self.settings.buckets)
         keys_ = [keys.sku_key(plan.sku, self.settings.buckets)]
         keys_ += [keys.due_key(bucket), keys.events_key(bucket)]
@@ -311,7 +307,7 @@ class Resync:
         for line in plan.restore + plan.drop:
             keys_.append(keys.line_keys(plan.sku, line.order_id, self.settings.buckets).line)
             args += [line.order_id, line.state, line.qty, line.expires_ms, line.customer]
-        return await self.scripts("resync", keys_, args)
+        return parse_resync(await self.scripts("resync", keys_, args))
 
     async def _write_orders(self, orders: list[str]) -> None:
         rows = await self.conn.fetch(
@@ -327,7 +323,7 @@ class Resync:
             kinds[r["order_id"]] = kinds.get(r["order_id"]) or r["kind"]
             expiry[r["order_id"]] = max(expiry[r["order_id"]], _ms(r["expires_at"]))
         retention = self.settings.retention_s * 1000
-        await asyncio.gather(
+        replies = await asyncio.gather(
             *(
                 self.scripts(
                     "resync_order",
@@ -341,10 +337,8 @@ class Resync:
                 for order_id in orders
             )
         )
-
-
-def _ok(reply: Any) -> bool:
-    return not isinstance(reply, BaseException) and reply[0] == "OK"
+        for reply in replies:
+            expect_ok(reply, "resync_order.lua")
 
 
 def _line(row: Any) -> Line:

@@ -35,13 +35,9 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import LockNotOwnedError
 
 from stock import keys
-from stock.errors import (
-    OrderClosed,
-    OrderConflict,
-    StockError,
-    Unavailable,
-)
-from stock.scripts import NO_ORDER_KEY, LinesReply, merge_failures, merge_replies
+from stock.errors import StockError, Unavailable
+from stock.formats import items_spec
+from stock.scripts import NO_ORDER_KEY, LinesReply, merge_failures, merge_replies, parse_commit
 from stock.validate import Item
 
 if TYPE_CHECKING:
@@ -111,9 +107,11 @@ class ClusterOrders:
         lifetime = e.retention_ms + hold_ms
         okey = keys.order_key(order_id)
         reply = await e.scripts("order", [okey], ["commit", op, spec, lifetime, deadline])
-        if reply[0] not in ("NEW", "DONE"):
+        try:
+            parse_commit(reply, order_id)
+        except StockError:
             await self._undo(order_id, groups, spec, op, token)
-            raise _commit_error(order_id, reply)
+            raise
         if op == "deduct":
             replies = await self._settle(order_id, groups, replies, spec)
         return _result(order_id, op, merge_replies(replies))
@@ -131,8 +129,7 @@ class ClusterOrders:
         e, okey = self.engine, keys.order_key(order_id)
         lifetime = e.retention_ms
         opened = await e.scripts("order", [okey], ["open", "deduct", spec, lifetime, token])
-        if opened[0] not in ("NEW", "DONE"):
-            raise _commit_error(order_id, opened)
+        parse_commit(opened, order_id)  # a refusal: nothing was opened
         try:
             reply = await e._group_call(
                 "deduct",
@@ -194,7 +191,7 @@ class ClusterOrders:
     async def transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
-        from stock.engine import _result, items_spec
+        from stock.engine import _result
 
         e = self.engine
         order_kind, _phase, items = await e._record(order_id, e.retention_ms + ttl_ms)
@@ -410,16 +407,3 @@ class _Turn:
 def _refused(outcome: Any) -> bool:
     """A script's refusal: the call ran and changed nothing."""
     return isinstance(outcome, StockError)
-
-
-def _commit_error(order_id: str, reply: list[Any]) -> StockError:
-    code = reply[0]
-    if code == "CONFLICT":
-        return OrderConflict(f"order {order_id!r} already exists with other items")
-    if code == "TOMBSTONE":
-        return OrderClosed(
-            f"order {order_id!r} was {reply[1]} before it was reserved", state=reply[1]
-        )
-    if code == "LATE":
-        return Unavailable(f"order {order_id!r} took too long and was undone; retry")
-    return Unavailable(f"order {order_id!r} is busy; retry")

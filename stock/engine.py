@@ -14,18 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from stock import keys, validate
+from stock import formats, keys, validate
 from stock.client import RetryOnce, retried_once
 from stock.cluster import ClusterOrders
 from stock.config import Settings
-from stock.errors import NotFound, OrderClosed, Unavailable
+from stock.errors import NotFound, OrderClosed, store_boundary
+from stock.formats import STATE_AFTER, items_spec
 from stock.scripts import (
     FROM_RECORD,
-    STATE_NAMES,
     WITH_COPY,
     WITH_RECORD,
     Counters,
@@ -35,23 +35,16 @@ from stock.scripts import (
     Scripts,
     line_call,
     parse_counters,
+    parse_limit,
     parse_lines,
-    raise_for,
+    parse_tomb,
 )
 from stock.validate import Item
 
 log = logging.getLogger("stock.engine")
 T = TypeVar("T")
 
-TOMBSTONES = {"release": "released", "cancel": "cancelled"}  # TCC: the state each leaves
-STATUS_OF = {
-    "reserve": "reserved",
-    "deduct": "confirmed",
-    "confirm": "confirmed",
-    "release": "released",
-    "cancel": "cancelled",
-    "extend": "reserved",
-}
+TOMBSTONES = {op: STATE_AFTER[op] for op in ("release", "cancel")}  # TCC: the state each leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,29 +58,11 @@ class OrderResult:
     lines: list[LineResult] = field(default_factory=list)
 
 
-def items_spec(items: Iterable[Item]) -> str:
-    """The canonical text of an order's items, compared to detect order_conflict."""
-    ordered = sorted(items)
-    if len(ordered) == 1:  # most orders: skip the generator
-        return f"{ordered[0].sku}:{ordered[0].qty}"
-    return ",".join(f"{i.sku}:{i.qty}" for i in ordered)
-
-
-def order_record(kind: str, spec: str, phase: str = "done", owner: str = "") -> str:
-    """The order record's value (``read_record`` in ``lua/_lib.lua`` reads it)."""
-    return f"{kind}|{phase}|{owner}|{spec}"
-
-
-def parse_spec(spec: str) -> list[Item]:
-    out = []
-    for part in spec.split(","):
-        sku, _, qty = part.rpartition(":")
-        out.append(Item(sku, int(qty)))
-    return out
-
-
 class StockEngine:
-    """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock."""
+    """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock.
+
+    A RedisError that escapes a public operation is raised as StoreUnavailable
+    (``store_boundary``), the RedisError its ``__cause__``."""
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.redis = client
@@ -105,6 +80,7 @@ class StockEngine:
 
     # -- stock levels -------------------------------------------------------
 
+    @store_boundary
     async def set_stock(self, sku: str, available: int, reason: str = "") -> Counters:
         validate.sku(sku)
         validate.int_in(available, "available", 0, 10**12)
@@ -116,6 +92,7 @@ class StockEngine:
         )
         return parse_counters(reply, sku)
 
+    @store_boundary
     async def adjust(
         self, sku: str, delta: int, expected_available: int | None = None, reason: str = ""
     ) -> Counters:
@@ -133,6 +110,7 @@ class StockEngine:
         )
         return parse_counters(reply, sku)
 
+    @store_boundary
     async def get_stock(self, sku: str) -> Counters:
         validate.sku(sku)
         values = await self._hmget(
@@ -144,6 +122,7 @@ class StockEngine:
 
     # -- orders -------------------------------------------------------------
 
+    @store_boundary
     async def reserve(
         self,
         order_id: str,
@@ -154,11 +133,13 @@ class StockEngine:
         ttl = self.settings.reservation_ttl_s if ttl_s is None else validate.ttl_s(ttl_s)
         return await self._acquire("reserve", order_id, items, ttl * 1000, customer_id)
 
+    @store_boundary
     async def deduct(
         self, order_id: str, items: Sequence[Any], customer_id: str | None = None
     ) -> OrderResult:
         return await self._acquire("deduct", order_id, items, 0, customer_id)
 
+    @store_boundary
     async def set_limit(self, sku: str, per_customer: int | None) -> int | None:
         """A SKU's per-customer purchase limit; ``None`` removes it (DESIGN §9)."""
         validate.sku(sku)
@@ -170,30 +151,32 @@ class StockEngine:
             [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
             [sku, "" if per_customer is None else per_customer],
         )
-        if reply[0] == "NOTFOUND":
-            raise NotFound(f"unknown SKU {sku!r}", sku=sku)
-        if reply[0] != "OK":
-            raise_for(reply)
-        return int(reply[1]) if reply[1] != "" else None
+        return parse_limit(reply, sku)
 
+    @store_boundary
     async def get_limit(self, sku: str) -> int | None:
         validate.sku(sku)
         (limit,) = await self._hmget(keys.sku_key(sku, self.settings.buckets), "limit")
         return None if limit is None else int(limit)
 
+    @store_boundary
     async def confirm(self, order_id: str, reason: str = "") -> OrderResult:
         """``reason`` goes to the ledger (``payment-probe``, ``reconcile-payments``)."""
         return await self._transition("confirm", order_id, 0, reason)
 
+    @store_boundary
     async def release(self, order_id: str, reason: str = "") -> OrderResult:
         return await self._transition("release", order_id, 0, reason)
 
+    @store_boundary
     async def cancel(self, order_id: str, reason: str = "") -> OrderResult:
         return await self._transition("cancel", order_id, 0, reason)
 
+    @store_boundary
     async def extend(self, order_id: str, ttl_s: int) -> OrderResult:
         return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
 
+    @store_boundary
     async def get_order(self, order_id: str) -> dict[str, Any]:
         """The order's kind, phase and each line's state, qty and expiry; a TCC
         tombstone has phase ``released`` or ``cancelled`` and no lines."""
@@ -208,8 +191,9 @@ class StockEngine:
         values = await pipe.execute()
         lines = []
         for item, raw in zip(items, values, strict=True):
-            state, _qty, exp, *_tag = (raw or "gone|0|0").split("|")
-            lines.append(LineResult(item.sku, _state_name(state), item.qty, int(exp)))
+            line = formats.parse_line(raw) if raw else None
+            state = formats.state_name(line.state) if line else formats.UNKNOWN
+            lines.append(LineResult(item.sku, state, item.qty, line.expires_ms if line else 0))
         return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
 
     # -- internals ----------------------------------------------------------
@@ -280,13 +264,12 @@ class StockEngine:
         reply = await self.scripts(
             "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.retention_ms]
         )
-        if reply[0] == "EXISTS":  # the try committed meanwhile: the normal way, once
+        tomb = parse_tomb(reply, order_id, TOMBSTONES[op])
+        if tomb.exists:  # the try committed meanwhile: the normal way, once
             return await self._transition_known(op, order_id, ttl_ms, reason)
-        if reply[0] == "BUSY":
-            raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
-        if reply[0] == "TOMBSTONE" and reply[1] != TOMBSTONES[op]:
-            raise OrderClosed(f"order {order_id!r} was {reply[1]}", state=str(reply[1]))
-        return OrderResult(order_id, STATUS_OF[op], reply[0] == "TOMBSTONE", 0, [])
+        if tomb.state != TOMBSTONES[op]:
+            raise OrderClosed(f"order {order_id!r} was {tomb.state}", state=tomb.state)
+        return OrderResult(order_id, STATE_AFTER[op], not tomb.new, 0, [])
 
     async def _transition_known(
         self, op: str, order_id: str, ttl_ms: int, reason: str
@@ -334,12 +317,12 @@ class StockEngine:
             raw = await self.redis.get(okey)
         if raw is None:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
-        kind, phase, _owner, spec = raw.split("|", 3)
-        if phase in ("released", "cancelled"):  # a TCC tombstone
-            raise OrderClosed(f"order {order_id!r} was {phase}", state=phase)
-        if phase != "done":  # a 'pending' record of an earlier version
+        record = formats.parse_record(raw)
+        if record.phase in formats.TOMBSTONES:
+            raise OrderClosed(f"order {order_id!r} was {record.phase}", state=record.phase)
+        if record.phase != formats.DONE:  # a 'pending' record of an earlier version
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
-        return kind, phase, parse_spec(spec) if spec else []
+        return record.kind, record.phase, formats.parse_spec(record.spec)
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
@@ -392,9 +375,5 @@ class StockEngine:
         return list(by_bucket.values())
 
 
-def _state_name(code: str) -> str:
-    return STATE_NAMES.get(code, code)
-
-
 def _result(order_id: str, op: str, reply: LinesReply) -> OrderResult:
-    return OrderResult(order_id, STATUS_OF[op], reply.replay, reply.expires_ms, reply.lines)
+    return OrderResult(order_id, STATE_AFTER[op], reply.replay, reply.expires_ms, reply.lines)

@@ -1,8 +1,20 @@
-"""The errors of the stock service: one base class, one subclass per API error code."""
+"""The errors of the stock service: one base class, ``StockError``, one subclass per
+API error code (and a few more specific ones of those), and ``ConfigError``.
+
+A script's reply code becomes one of these in ``stock/scripts.py``; a RedisError
+that escapes the engine becomes ``StoreUnavailable`` with the RedisError as its
+``__cause__`` (``raise ... from exc``)."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from redis.exceptions import RedisError
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class StockError(Exception):
@@ -70,5 +82,52 @@ class Unavailable(StockError):
     code, status = "unavailable", 503
 
 
-class ConfigError(ValueError):
+class StoreUnavailable(Unavailable):
+    """Redis failed or did not answer (the RedisError is ``__cause__``): the outcome
+    of the call is unknown, as with any lost reply; the same request may be retried."""
+
+    MESSAGE = "stock store unavailable, retry shortly"
+
+    def __init__(self, message: str = MESSAGE, **details: Any) -> None:
+        super().__init__(message, **details)
+
+
+def store_boundary(call: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``call`` with a RedisError that escapes it raised as StoreUnavailable (the
+    engine's public operations: the boundary of the Redis client)."""
+
+    @functools.wraps(call)
+    async def bounded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await call(*args, **kwargs)
+        except RedisError as exc:
+            raise StoreUnavailable() from exc
+
+    return bounded
+
+
+class UnknownReply(Unavailable):
+    """A script answered with a code this version does not know (a script of another
+    version, or a bug): nothing is assumed about its outcome."""
+
+
+class FenceError(Unavailable):
+    """A resync's fence on ``sku`` is not its own: that run changed nothing on the SKU."""
+
+    def __init__(self, message: str, sku: str) -> None:
+        super().__init__(message, sku=sku)
+        self.sku = sku
+
+
+class FenceBusy(FenceError):
+    """Another resync holds a live fence on ``sku``."""
+
+
+class FenceLost(FenceError):
+    """This run's fence on ``sku`` ended (or was taken over) before its write."""
+
+
+class ConfigError(StockError, ValueError):
     """A setting has a bad value; the message names the environment variable."""
+
+    code = "invalid_config"

@@ -29,7 +29,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from stock.client import raised_in_redis_client
-from stock.errors import StockError
+from stock.errors import StockError, StoreUnavailable
 from stock.metrics import Metrics
 
 log = logging.getLogger("stock.api")
@@ -66,6 +66,10 @@ def error_for(
     request: web.Request, exc: Exception, metrics: Metrics, max_body: int
 ) -> web.Response:
     """The answer to a handler's exception."""
+    if isinstance(exc, StoreUnavailable | RedisError | OSError):  # the engine's, or raw
+        metrics.redis_errors.inc()
+        log.warning("Redis error on %s %s: %s", request.method, request.path, exc.__cause__ or exc)
+        return error_response("unavailable", 503, StoreUnavailable.MESSAGE)
     if isinstance(exc, StockError):
         return json_response(exc.to_dict(), exc.status)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
@@ -79,16 +83,12 @@ def error_for(
         )
         response.headers["Allow"] = ", ".join(allowed)
         return response
-    if isinstance(exc, RedisError | OSError):
-        metrics.redis_errors.inc()
-        log.warning("Redis error on %s %s: %s", request.method, request.path, exc)
-        return error_response("unavailable", 503, "stock store unavailable, retry shortly")
     if isinstance(exc, web.HTTPException):
         return error_response("invalid_request", exc.status, exc.reason)
     if raised_in_redis_client(exc):  # (an operation the client layer does not retry)
         metrics.redis_errors.inc()
         log.warning("Redis client failure on %s %s: %r", request.method, request.path, exc)
-        return error_response("unavailable", 503, "stock store unavailable, retry shortly")
+        return error_response("unavailable", 503, StoreUnavailable.MESSAGE)
     log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response("internal", 500, "internal error")
 

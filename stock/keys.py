@@ -30,9 +30,9 @@ key                                             type    holds
 ==============================================  ======  ==========================
 
 A line's tag (a cluster's attempt tokens) and customer may be empty, and empty
-ones at the end are left out. A SKU never contains ``|`` (DESIGN §6), so
-``<sku>|<order_id>`` splits at the first ``|``. ``lua/README.md`` documents the
-same layout for script readers.
+ones at the end are left out (``stock/formats.py`` builds and reads the values).
+A SKU never contains ``|`` (DESIGN §6), so ``<sku>|<order_id>`` splits at the
+first ``|``. ``lua/README.md`` documents the same layout for script readers.
 One script-side copy: ``line_item`` and ``bucket_of`` in ``lua/_lib.lua`` build a
 line's keys for the standalone transitions (one round trip); keep them in step
 with ``bucket_of`` and ``line_keys`` here (``tests/test_scripts.py`` compares them).

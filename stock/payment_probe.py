@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from stock import keys
 from stock.config import Settings
-from stock.errors import StockError
+from stock.errors import StockError, StoreUnavailable
 
 log = logging.getLogger("stock.payments")
 
@@ -124,6 +124,8 @@ class PaymentProbe:
                 await self.engine.confirm(order_id, reason="payment-probe")
             elif outcome == "unpaid":
                 await self._expire_order(order_id, expire)
+        except StoreUnavailable:  # Redis away: the line stays claimed and comes due again
+            log.exception("payment probe of %r: acting on %s failed", order_id, outcome)
         except StockError as exc:  # released or confirmed meanwhile: nothing to decide
             log.info("payment probe of %r: %s answered %s", order_id, outcome, exc.code)
         except Exception:  # the line stays claimed and comes due again: log, go on

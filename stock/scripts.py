@@ -1,4 +1,8 @@
-"""The Lua scripts: the only module that knows their file names and return codes.
+"""The Lua scripts: the only module that knows their file names and reply codes.
+
+Every reply code becomes a typed result or a ``stock.errors`` error here
+(``parse_*``, ``raise_for``); a code this version does not know is ``UnknownReply``
+(503), never a bare string for the caller to compare.
 
 Each ``lua/<op>.lua`` is read once with ``importlib.resources`` (the wheel ships
 them as ``stock/lua``; a source checkout reads the top-level ``lua/``), prefixed
@@ -12,13 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NoReturn
 
 from redis.asyncio import RedisCluster
 
 from stock import keys
 from stock.cluster_pipeline import ClusterBatch
 from stock.errors import (
+    FenceBusy,
+    FenceLost,
     InsufficientStock,
     InvalidRequest,
     InvalidTransition,
@@ -30,7 +36,9 @@ from stock.errors import (
     StaleStock,
     StockError,
     Unavailable,
+    UnknownReply,
 )
+from stock.formats import state_name
 from stock.pipeline import AutoPipeline, evalsha
 from stock.validate import Item
 
@@ -54,16 +62,6 @@ FROM_RECORD: Final = "r"  # the order record, the lines read from it (standalone
 WITH_COPY: Final = "b"  # the bucket's copy of the order (a cluster group)
 NO_ORDER_KEY: Final = "0"  # none (a cluster hold and its undo)
 
-STATE_NAMES = {
-    "R": "reserved",
-    "C": "confirmed",
-    "X": "released",
-    "E": "expired",
-    "N": "cancelled",
-    "-": "aborted",
-    "gone": "unknown",
-}
-
 
 def _lua_dir() -> Path:
     packaged = resources.files("stock") / "lua"
@@ -72,12 +70,16 @@ def _lua_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "lua"
 
 
+def with_lib(source: str) -> str:
+    """A script's full source: ``lua/_lib.lua``, then ``source``."""
+    return (_lua_dir() / "_lib.lua").read_text() + "\n" + source
+
+
 def load_sources() -> dict[str, str]:
     """Script name -> full source (``_lib.lua`` + the operation's file)."""
     lua = _lua_dir()
-    lib = (lua / "_lib.lua").read_text()
     return {
-        op: lib + "\n" + (lua / f"{op}.lua").read_text() for op in LINE_OPS + OTHER_OPS + RESYNC_OPS
+        op: with_lib((lua / f"{op}.lua").read_text()) for op in LINE_OPS + OTHER_OPS + RESYNC_OPS
     }
 
 
@@ -87,7 +89,7 @@ _SOURCES = load_sources()
 @dataclass(frozen=True, slots=True)
 class LineResult:
     sku: str
-    state: str  # a name of STATE_NAMES
+    state: str  # a name of formats.STATE_NAMES
     qty: int
     expires_ms: int
 
@@ -119,8 +121,9 @@ def _pairs(values: Sequence[Any]) -> list[tuple[str, int]]:
     return [(str(values[i]), int(values[i + 1])) for i in range(0, len(values), 2)]
 
 
-def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
-    """Turn a script's refusal code into the matching StockError."""
+def raise_for(reply: Sequence[Any], order_id: str = "", script: str = "a script") -> NoReturn:
+    """Turn a script's refusal code into the matching StockError; an unknown code
+    into UnknownReply."""
     code, rest = reply[0], reply[1:]
     if code == "INSUFFICIENT":
         short = [{"sku": sku, "available": avail} for sku, avail in _pairs(rest)]
@@ -129,7 +132,7 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
     if code == "CONFLICT":
         raise OrderConflict(f"order {order_id!r} already exists with other items")
     if code == "TRANSITION":
-        state = STATE_NAMES.get(str(rest[1]), str(rest[1]))
+        state = state_name(str(rest[1]))
         raise InvalidTransition(
             f"order {order_id!r} line {rest[0]!r} is {state}", state=state, sku=rest[0]
         )
@@ -164,15 +167,19 @@ def raise_for(reply: Sequence[Any], order_id: str = "") -> None:
         )
     if code == "STALE":
         raise StaleStock("available differs from expected_available", available=int(rest[0]))
-    raise StockError(f"unexpected script reply {code!r}")
+    raise UnknownReply(
+        f"{script} answered {code!r}, which this version does not know; retry shortly",
+        reply=[str(value) for value in reply[:4]],
+    )
 
 
-def parse_lines(reply: Sequence[Any], order_id: str) -> LinesReply:
+def parse_lines(reply: Sequence[Any], order_id: str, script: str = "a line script") -> LinesReply:
+    """A line script's reply (``run_lines`` in ``lua/_lib.lua``)."""
     if reply[0] not in ("OK", "REPLAY"):
-        raise_for(reply, order_id)
+        raise_for(reply, order_id, script)
     rest = reply[2:]
     lines = [
-        LineResult(str(rest[i]), STATE_NAMES[str(rest[i + 1])], int(rest[i + 2]), int(rest[i + 3]))
+        LineResult(str(rest[i]), state_name(str(rest[i + 1])), int(rest[i + 2]), int(rest[i + 3]))
         for i in range(0, len(rest), 4)
     ]
     return LinesReply(replay=reply[0] == "REPLAY", expires_ms=int(reply[1]), lines=lines)
@@ -253,10 +260,91 @@ def merge_failures(failures: list[BaseException]) -> BaseException:
     return failures[0]
 
 
-def parse_counters(reply: Sequence[Any], sku: str) -> Counters:
+def parse_counters(reply: Sequence[Any], sku: str, script: str = "set/adjust") -> Counters:
     if reply[0] != "OK":
-        raise_for(reply)
+        raise_for(reply, script=script)
     return Counters(sku, int(reply[1]), int(reply[2]), int(reply[3]))
+
+
+def parse_limit(reply: Sequence[Any], sku: str) -> int | None:
+    """``limits.lua``: the SKU's per-customer limit now, ``None`` for none."""
+    if reply[0] == "NOTFOUND":
+        raise NotFound(f"unknown SKU {sku!r}", sku=sku)
+    if reply[0] != "OK":
+        raise_for(reply, script="limits.lua")
+    return int(reply[1]) if reply[1] != "" else None
+
+
+def parse_commit(reply: Sequence[Any], order_id: str) -> bool:
+    """``order.lua`` commit or open: True when this call wrote the record (``NEW``),
+    False when it was there already (``DONE``); else the error that refused it."""
+    code = str(reply[0])
+    if code in ("NEW", "DONE"):
+        return code == "NEW"
+    if code == "TOMBSTONE":
+        raise OrderClosed(
+            f"order {order_id!r} was {reply[1]} before it was reserved", state=str(reply[1])
+        )
+    if code == "LATE":
+        raise Unavailable(f"order {order_id!r} took too long and was undone; retry")
+    if code == "BUSY":
+        raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
+    raise_for(reply, order_id, "order.lua")  # CONFLICT, or a code it does not know
+
+
+@dataclass(frozen=True, slots=True)
+class Tomb:
+    """``order.lua tomb``: ``exists`` (a committed order: run the transition), else
+    the tombstone's state and whether this call wrote it (``new``)."""
+
+    exists: bool
+    new: bool = False
+    state: str = ""
+
+
+def parse_tomb(reply: Sequence[Any], order_id: str, state: str) -> Tomb:
+    """``state``: the tombstone the call asked for (``released`` or ``cancelled``)."""
+    code = reply[0]
+    if code == "EXISTS":
+        return Tomb(exists=True)
+    if code == "NEW":
+        return Tomb(exists=False, new=True, state=state)
+    if code == "TOMBSTONE":
+        return Tomb(exists=False, new=False, state=str(reply[1]))
+    if code == "BUSY":
+        raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
+    raise_for(reply, order_id, "order.lua")
+
+
+def parse_fence(reply: Sequence[Any]) -> int:
+    """``fence.lua``: the number of SKUs fenced, renewed or lifted; FenceBusy when
+    another resync holds one (take), FenceLost when one is no longer this run's."""
+    code = reply[0]
+    if code == "OK":
+        return int(reply[1])
+    if code == "BUSY":
+        sku, fence = reply[1], reply[2]
+        raise FenceBusy(f"SKU {sku!r} is fenced by another resync ({fence})", str(sku))
+    if code == "LOST":
+        sku = reply[1]
+        raise FenceLost(f"the fence on SKU {sku!r} ended before the resync's write", str(sku))
+    raise_for(reply, script="fence.lua")
+
+
+def parse_resync(reply: Sequence[Any]) -> int:
+    """``resync.lua``: the SKU's new seq; FenceLost when its fence was not this run's."""
+    if reply[0] == "OK":
+        return int(reply[1])
+    if reply[0] == "NOTFENCED":
+        sku = reply[1]
+        raise FenceLost(f"the fence on SKU {sku!r} ended before its write", str(sku))
+    raise_for(reply, script="resync.lua")
+
+
+def expect_ok(reply: Sequence[Any], script: str) -> None:
+    """A script that answers ``{'OK'}`` or a refusal (``resync_order.lua``)."""
+    if reply[0] != "OK":
+        raise_for(reply, script=script)
 
 
 class Scripts:

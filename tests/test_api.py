@@ -222,8 +222,13 @@ async def test_redis_down_is_503() -> None:
     async with TestClient(TestServer(app)) as client:
         response = await client.get("/v1/stock/A")
         assert response.status == 503
-        assert (await response.json())["error"] == "unavailable"
+        body = {"error": "unavailable", "message": "stock store unavailable, retry shortly"}
+        assert await response.json() == body
+        response = await reserve(client, "o1", [{"sku": "A", "qty": 1}])
+        assert (response.status, await response.json()) == (503, body)
         assert (await client.get("/readyz")).status == 503
+        text = await (await client.get("/metrics")).text()
+        assert "stock_redis_errors_total 2.0" in text
 
 
 async def test_limits_routes_and_limit_exceeded(api: TestClient[Any, Any]) -> None:

@@ -18,6 +18,7 @@ from stock.api import ENGINE, create_app
 from stock.client import ClientFailure, raised_in_redis_client
 from stock.config import Settings
 from stock.engine import StockEngine
+from stock.errors import StoreUnavailable
 from tests.conftest import flush
 
 TOKEN = "s3cret-token"
@@ -81,12 +82,14 @@ async def test_an_order_operation_failed_inside_redis_py_runs_once_more(
 
 
 async def test_a_second_failure_is_a_redis_error(engine: StockEngine) -> None:
+    """... which leaves the engine as StoreUnavailable (its boundary), the cause kept."""
     await engine.set_stock("RT-B", 5)
     engine.scripts = FailingScripts(engine.scripts, failures=2)  # type: ignore[assignment]
-    with pytest.raises(ClientFailure) as caught:
+    with pytest.raises(StoreUnavailable) as caught:
         await engine.reserve("rt-2", [{"sku": "RT-B", "qty": 1}])
-    assert isinstance(caught.value, RedisError)
-    assert isinstance(caught.value.__cause__, AttributeError)
+    failure = caught.value.__cause__
+    assert isinstance(failure, ClientFailure) and isinstance(failure, RedisError)
+    assert isinstance(failure.__cause__, AttributeError)
     assert engine.retry.retries == 1
     assert (await engine.get_stock("RT-B")).available == 5
 

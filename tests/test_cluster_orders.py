@@ -22,7 +22,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
 
-from stock import keys
+from stock import formats, keys
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
@@ -34,6 +34,7 @@ from stock.errors import (
     ReservationExpired,
     Unavailable,
 )
+from stock.formats import parse_line
 from stock.reaper import Reaper
 from tests.conftest import BUCKETS, flush
 from tests.servers import Cluster
@@ -441,8 +442,10 @@ async def test_refused_hold_undoes_its_extensions(engine: StockEngine, spread: l
     with pytest.raises(ReservationExpired):
         await engine.confirm("ext")
     kept = await line(engine, spread[0], "ext")
-    assert kept is not None and kept.startswith("R|1|")
-    assert int(kept.split("|")[2]) == exp[spread[0]], "the refused hold kept its extension"
+    assert kept is not None
+    held = parse_line(kept)
+    assert (held.state, held.qty) == (formats.RESERVED, 1)
+    assert held.expires_ms == exp[spread[0]], "the refused hold kept its extension"
     due = keys.line_keys(spread[0], "ext", BUCKETS).due
     assert await engine.redis.zscore(due, keys.line_member(spread[0], "ext")) == exp[spread[0]]
 

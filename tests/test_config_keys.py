@@ -10,8 +10,8 @@ from redis.crc import key_slot
 
 from stock import keys
 from stock.config import Settings
-from stock.engine import items_spec, parse_spec
-from stock.errors import ConfigError
+from stock.errors import ConfigError, StockError
+from stock.formats import items_spec, parse_spec
 from stock.scripts import NO_ORDER_KEY, WITH_COPY, line_call
 from stock.validate import Item
 
@@ -74,8 +74,10 @@ def test_overrides_beat_environment() -> None:
     ],
 )
 def test_bad_value_names_the_variable(variable: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=variable):
+    with pytest.raises(ConfigError, match=variable) as caught:
         Settings.from_env({variable: value})
+    assert isinstance(caught.value, StockError)  # the one hierarchy
+    assert isinstance(caught.value, ValueError)  # what a caller of a parser expects
 
 
 def test_bucket_is_stable_and_bounded() -> None:
@@ -107,6 +109,7 @@ def test_items_spec_is_canonical() -> None:
     assert a == items_spec([Item("A", 2), Item("B", 1)]) == "A:2,B:1"
     assert parse_spec(a) == [Item("A", 2), Item("B", 1)]
     assert parse_spec("a:b:c:3") == [Item("a:b:c", 3)]
+    assert parse_spec("") == []  # a TCC tombstone's
 
 
 def test_every_setting_is_documented() -> None:

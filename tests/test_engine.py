@@ -7,8 +7,11 @@ from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from stock import keys
+from stock.client import connect
+from stock.config import Settings
 from stock.engine import StockEngine
 from stock.errors import (
     InsufficientStock,
@@ -18,6 +21,7 @@ from stock.errors import (
     OrderConflict,
     ReservationExpired,
     StaleStock,
+    StoreUnavailable,
     Unavailable,
 )
 from stock.reaper import Reaper
@@ -298,8 +302,9 @@ async def test_a_lost_adjust_reply_is_not_applied_twice(
 
     await engine.set_stock("LOST", 10)
     monkeypatch.setattr(NodePipeline, "execute", lose_first_adjust_reply)
-    with pytest.raises(RedisConnectionError):
+    with pytest.raises(StoreUnavailable) as caught:
         await engine.adjust("LOST", 5, reason="restock")
+    assert isinstance(caught.value.__cause__, RedisConnectionError)
     monkeypatch.undo()
     assert lost  # the script ran on the server
     assert (await engine.get_stock("LOST")).available == 15
@@ -364,3 +369,22 @@ async def test_order_record_found_by_id_alone(engine: StockEngine) -> None:
         ("A", 2, "reserved"),
         ("B", 1, "reserved"),
     }
+
+
+async def test_a_redis_error_leaves_the_engine_as_store_unavailable() -> None:
+    """The engine's boundary: Redis down is StoreUnavailable (503), its cause kept."""
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", buckets=BUCKETS)
+    client = connect(settings)
+    engine = StockEngine(client, settings)
+    try:
+        for call in (
+            lambda: engine.get_stock("A"),
+            lambda: engine.reserve("o1", one()),
+            lambda: engine.confirm("o1"),
+        ):
+            with pytest.raises(StoreUnavailable) as caught:
+                await call()
+            assert isinstance(caught.value.__cause__, RedisError), repr(caught.value.__cause__)
+            assert (caught.value.status, caught.value.code) == (503, "unavailable")
+    finally:
+        await client.aclose()

@@ -9,8 +9,9 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from stock import keys
-from stock.engine import StockEngine, items_spec
+from stock.engine import StockEngine
 from stock.errors import InsufficientStock, NotFound
+from stock.formats import RESERVED, items_spec, parse_line
 from stock.reaper import Reaper
 from stock.validate import Item
 from tests.conftest import BUCKETS
@@ -107,7 +108,7 @@ async def test_crash_between_groups_then_retry_completes(
     await crash_after_first_group(engine, "half", items)
     # only lines with an expiry are left: each held line is in its bucket's due index
     held = keys.line_keys(spread[0], "half", BUCKETS)
-    assert (await engine.redis.get(held.line)).startswith("R|2|")
+    assert parse_line(await engine.redis.get(held.line))[:2] == (RESERVED, 2)
     assert await engine.redis.zscore(held.due, keys.line_member(spread[0], "half")) is not None
     assert await snapshot(engine, spread) == [(3, 2, 0), (5, 0, 0), (5, 0, 0)]
     retried = await engine.reserve("half", [i._asdict() for i in items], ttl_s=60)

@@ -15,8 +15,14 @@ from stock import keys
 from stock.client import connect
 from stock.config import Settings
 from stock.engine import StockEngine
-from stock.errors import InsufficientStock, InvalidTransition, OrderConflict
-from stock.scripts import load_sources
+from stock.errors import (
+    InsufficientStock,
+    InvalidTransition,
+    OrderConflict,
+    StockError,
+    Unavailable,
+)
+from stock.scripts import load_sources, raise_for
 from tests.conftest import BUCKETS
 from tests.servers import ServerProcess, script_sha
 
@@ -164,3 +170,25 @@ async def test_stream_has_one_event_per_change(engine: StockEngine) -> None:
     assert all(int(e["at"]) > 1_600_000_000_000 for e in events)
     reserve = events[1]
     assert int(reserve["exp"]) == int(reserve["at"]) + 900_000
+
+
+@pytest.mark.parametrize(
+    "reply", [["NOTFENCED", "A"], ["BUSY"], ["LOST", "A"], ["SOMETHING_NEW", "x", 3]]
+)
+def test_an_unknown_reply_code_is_a_typed_error(reply: list[Any]) -> None:
+    """A code the caller does not expect (another script's, a newer version's) is a
+    503 that names it, never a generic 500."""
+    with pytest.raises(StockError) as caught:
+        raise_for(reply, "o1")
+    assert isinstance(caught.value, Unavailable), repr(caught.value)
+    assert caught.value.status == 503
+    assert repr(reply[0]) in caught.value.message
+
+
+async def test_a_busy_order_record_is_unavailable(engine: StockEngine) -> None:
+    """order.lua's BUSY (a 'pending' record of an earlier version, its lease running)
+    reaches the caller as Unavailable, through the real script."""
+    lease = "tok@99999999999999"
+    await engine.redis.set(keys.order_key("old"), f"reserve|pending|{lease}|A:1")
+    with pytest.raises(Unavailable, match="busy"):
+        await engine.release("old")

@@ -13,9 +13,7 @@ from stock import keys
 from stock.config import Settings
 from stock.engine import StockEngine
 from stock.errors import StockError
-
-STATE_OF_CODE = {"R": "reserved", "C": "confirmed", "X": "released", "E": "expired",
-                 "N": "cancelled"}  # fmt: skip
+from stock.formats import STATE_NAMES, parse_line
 
 
 def sku_names(count: int) -> list[str]:
@@ -117,7 +115,7 @@ async def line_problems(redis: Any, settings: Settings, pg: asyncpg.Connection) 
         pipe.get(keys.line_keys(r["sku"], r["order_id"], settings.buckets).line)
     problems = []
     for r, raw in zip(lines, await pipe.execute(), strict=True):
-        state = "aborted" if raw is None else STATE_OF_CODE[raw.split("|")[0]]
+        state = "aborted" if raw is None else STATE_NAMES[parse_line(raw).state]
         if state != r["state"]:
             problems.append(f"{r['order_id']}/{r['sku']}: redis {state} postgres {r['state']}")
     return problems

@@ -97,7 +97,7 @@ async def test_concurrent_resyncs_do_not_unfence_each_other(
     with pytest.raises(Unavailable):  # the first one's fence still holds
         await engine.reserve("o1", one("A"))
     assert status == 3 and "fenced by another resync" in out.getvalue(), out.getvalue()
-    from persist.fences import FenceBusy
+    from stock.errors import FenceBusy
 
     with pytest.raises(FenceBusy):  # the typed error under the exit status
         await Resync(redis, psettings, pg).run(["A"])

@@ -12,14 +12,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from persist.fences import FenceBusy, FenceLost, Fences
+from persist.fences import Fences
 from persist.reconcile import reconcile
 from persist.resync import resync
 from stock import keys
 from stock.config import Settings
 from stock.embedded import stock_env
 from stock.engine import StockEngine
-from stock.errors import LimitExceeded, Unavailable
+from stock.errors import FenceBusy, FenceLost, LimitExceeded, Unavailable, UnknownReply
+from stock.formats import parse_line
 from stock.reaper import Reaper
 from stock.scripts import Scripts
 from tests.conftest import flush
@@ -54,9 +55,9 @@ async def _snapshot(redis: Any, settings: Settings) -> dict[str, Any]:
         state[sku] = values
     for order_id, sku in [("held-1", "A"), ("held-2", "A"), ("held-2", "C"), ("short", "B")]:
         line = keys.line_keys(sku, order_id, settings.buckets)
-        value = await redis.get(line.line)  # state|qty|expires_ms[|attempt tag]
+        value = await redis.get(line.line)
         state[f"{order_id}|{sku}"] = (
-            value and "|".join(value.split("|")[:3]),
+            value and parse_line(value)[:3],  # state, qty, expiry: not the attempts' tag
             await redis.zscore(line.due, keys.line_member(sku, order_id)),
         )
         state[order_id] = await redis.get(keys.order_key(order_id))
@@ -201,6 +202,26 @@ async def test_unflushed_events_refuse_unless_forced(
     assert (stock.available, stock.reserved) == (10, 0)  # PostgreSQL's view wins
     await drain(redis, psettings, dsn)  # the older "reserve" event must not win over it
     await wait_persisted(redis, psettings, pg, ["A"], wait_s=5)
+
+
+@pytest.mark.parametrize("settings", ["standalone"], indirect=True)
+async def test_a_write_refused_with_an_unknown_code_is_a_typed_error(
+    redis: Any, engine: StockEngine, psettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resync.lua answering a code resync does not know (a script of another version)
+    ends the run with a stock error that names it, not a RuntimeError."""
+    dsn = psettings.database_url
+    await engine.set_stock("A", 10)
+    await drain(redis, psettings, dsn)
+    call = Scripts.__call__
+
+    async def newer(self: Scripts, name: str, keys_: Any, args: Any, **kw: Any) -> Any:
+        reply = await call(self, name, keys_, args, **kw)
+        return ["REFUSED_LATER", "A"] if name == "resync" else reply
+
+    monkeypatch.setattr(Scripts, "__call__", newer)
+    with pytest.raises(UnknownReply, match="answered 'REFUSED_LATER'"):
+        await resync(redis, psettings, dsn, ["A"], out=io.StringIO())
 
 
 async def test_reconcile_reports_drift_until_resync(
