@@ -172,11 +172,23 @@ class DurableReads:
         commands: list[tuple[Any, ...]] = []
         for r in reads:
             if r.start == "0" and wait:  # (see "Pending entries")
-                commands.append(("XAUTOCLAIM", r.key, self.group, self.consumer, 0, "0-0",
-                                 "COUNT", 1, "JUSTID"))  # fmt: skip
+                commands.append(
+                    ("XAUTOCLAIM", r.key, self.group, self.consumer, 0, "0-0", "COUNT", 1, "JUSTID")
+                )
             commands.append(("XRANGE", r.key, f"({r.after}", "+", "COUNT", 1))
-            commands.append(("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", r.count,
-                             "STREAMS", r.key, r.start))  # fmt: skip
+            commands.append(
+                (
+                    "XREADGROUP",
+                    "GROUP",
+                    self.group,
+                    self.consumer,
+                    "COUNT",
+                    r.count,
+                    "STREAMS",
+                    r.key,
+                    r.start,
+                )
+            )
         waits = wait.split("+") if wait else []
         if WAITAOF in waits:
             commands.append(("WAITAOF", 1, 0, WAITAOF_MS))
@@ -231,15 +243,19 @@ class DurableReads:
             return local
         reason = (
             "confirms fsyncs it has not done (WAITAOF under appendfsync everysec: "
-            "redis/redis#13793, not fixed in Valkey)" if early
-            else "has no WAITAOF (Redis 7.2+)" if policy != "no"
+            "redis/redis#13793, not fixed in Valkey)"
+            if early
+            else "has no WAITAOF (Redis 7.2+)"
+            if policy != "no"
             else "never confirms an fsync"
-        )  # fmt: skip
+        )
         log.warning(
             "writer: %s %s and has no replica: a host crash can lose up to about a second "
             "of events that PostgreSQL already has; set appendfsync always, add a replica, "
-            "or use Redis 8.0+ with appendfsync everysec", name, reason,
-        )  # fmt: skip
+            "or use Redis 8.0+ with appendfsync everysec",
+            name,
+            reason,
+        )
         return WAITAOF if has_waitaof else NO_WAIT
 
     async def _confirms_unsynced(self, node: Any, key: str) -> bool:

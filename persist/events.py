@@ -118,9 +118,21 @@ def parse_event(stream: str, entry_id: str, fields: Mapping[str, str] | Sequence
     """One stream entry as an Event."""
     op, qty, available, reserved, sold, seq, at, exp, sku, order, reason, customer = decode(fields)
     return Event(
-        stream, StreamId.parse(entry_id), op, sku, order, int(qty), int(available),
-        int(reserved), int(sold), int(seq), int(at), int(exp or 0), reason, customer,
-    )  # fmt: skip
+        stream,
+        StreamId.parse(entry_id),
+        op,
+        sku,
+        order,
+        int(qty),
+        int(available),
+        int(reserved),
+        int(sold),
+        int(seq),
+        int(at),
+        int(exp or 0),
+        reason,
+        customer,
+    )
 
 
 _OFFSETS_ENSURE = """

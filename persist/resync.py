@@ -196,11 +196,17 @@ class Resync:
         buyers = await snapshot.pg_buyers(self.conn, skus)
         return [
             SkuPlan(
-                sku, target[sku], current[sku], restore.get(sku, []), drop.get(sku, []),
-                len(in_redis.get(sku, [])), pending.get(sku, 0), buyers[sku],
+                sku,
+                target[sku],
+                current[sku],
+                restore.get(sku, []),
+                drop.get(sku, []),
+                len(in_redis.get(sku, [])),
+                pending.get(sku, 0),
+                buyers[sku],
             )
             for sku in skus
-        ]  # fmt: skip
+        ]
 
     async def _pg_lines(self, skus: list[str]) -> dict[str, list[Line]]:
         """RESERVED lines, and terminal ones still within retention (so late retries replay)."""

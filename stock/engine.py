@@ -183,8 +183,12 @@ class StockEngine:
         try:
             kind, phase, items = await self._record(order_id)
         except OrderClosed as closed:
-            return {"order_id": order_id, "kind": "reserve", "phase": closed.details["state"],
-                    "lines": []}  # fmt: skip
+            return {
+                "order_id": order_id,
+                "kind": "reserve",
+                "phase": closed.details["state"],
+                "lines": [],
+            }
         pipe = self.redis.pipeline(transaction=False)
         for item in items:
             pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)

@@ -141,8 +141,10 @@ def raise_for(reply: Sequence[Any], order_id: str = "", script: str = "a script"
         names = ", ".join(f"{s['sku']!r} ({s['available']} available)" for s in short)
         raise ReservationExpired(
             f"reservation {order_id!r} expired and there is not enough stock for {names}",
-            sku=rest[0], available=int(rest[1]), items=short,
-        )  # fmt: skip
+            sku=rest[0],
+            available=int(rest[1]),
+            items=short,
+        )
     if code == "UNAVAILABLE":
         raise Unavailable(f"SKU {rest[0]!r} is being resynced; retry shortly", sku=rest[0])
     if code == "NOTFOUND":
