@@ -1,4 +1,4 @@
-"""Orders on a Redis Cluster: bucket groups, the order's directory, undo and holds.
+"""Reserve and deduct on a Redis Cluster: bucket groups, the order's directory, undo.
 
 An order's lines live in their SKUs' bucket slots, its directory (what confirm,
 release, extend, cancel and ``get_order`` read) in the order id's slot. The
@@ -13,31 +13,25 @@ design and why, in ``lua/README.md`` ("Orders on a Redis Cluster"):
   completes;
 - an attempt that fails undoes every group that may have applied: its token leaves
   each line's tag set, and only a line no other attempt holds is deleted, so a
-  copy of the request that holds the line too (and may commit) keeps it;
-- multi-node confirm/release/extend: a lock (outliving the holds), holds on every
-  group, the lock re-checked, then the operation, retried per group.
+  copy of the request that holds the line too (and may commit) keeps it.
 
+Confirm, release, extend and cancel (the multi-node ones with their lock and
+holds) and the per-group retries of a decided order: ``stock/cluster_transitions.py``.
 Every Redis call goes through ``engine.scripts`` (batched per node where that is
-done), except redis-py's Lock of multi-node transitions.
+done).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import LockNotOwnedError
+from typing import TYPE_CHECKING
 
 from stock import keys
-from stock.errors import StockError, Unavailable
-from stock.formats import items_spec
-from stock.scripts import NO_ORDER_KEY, LinesReply, merge_failures, merge_replies, parse_commit
+from stock.cluster_transitions import ClusterTransitions, apply_to_groups, is_refusal
+from stock.errors import StockError
+from stock.scripts import LinesReply, merge_failures, merge_replies, parse_commit
 from stock.validate import Item
 
 if TYPE_CHECKING:
@@ -45,18 +39,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stock.cluster")
 
-HOLD_MS = 10_000  # a multi-node transition's holds: enough for its second step
-LOCK_TIMEOUT_S = HOLD_MS / 1000 + 2  # the order's lock outlives the holds it guards
-LOCK_WAIT_S = 10.0  # the longest a multi-node transition waits for its order's lock
-RETRIES = 3  # calls again of a group whose call failed after the order was decided
-
 
 class ClusterOrders:
-    """Reserve, deduct and multi-node transitions of one engine on a cluster."""
+    """Reserve, deduct and (through ``ClusterTransitions``) the transitions of one
+    engine's orders on a cluster."""
 
     def __init__(self, engine: StockEngine) -> None:
         self.engine = engine
-        self._turns: dict[str, _Turn] = {}
+        self.transitions = ClusterTransitions(engine)
 
     # -- reserve and deduct -------------------------------------------------------------
 
@@ -92,7 +82,7 @@ class ClusterOrders:
         if failures:  # a refused group changed nothing; any other may have applied
             await self._undo(
                 order_id,
-                [g for g, o in zip(groups, outcomes, strict=True) if not _refused(o)],
+                [g for g, o in zip(groups, outcomes, strict=True) if not is_refusal(o)],
                 spec,
                 op,
                 token,
@@ -161,7 +151,9 @@ class ClusterOrders:
             if any(ln.state != "confirmed" for ln in r.lines)
         }
         done = {i: r for i, r in enumerate(held) if i not in todo}
-        await self._apply(order_id, "confirm", todo, done, spec=spec, order_kind="deduct")
+        await apply_to_groups(
+            self.engine, order_id, "confirm", todo, done, spec=spec, order_kind="deduct"
+        )
         replay = all(r.replay for r in held) and all(r.replay for r in done.values())
         return [LinesReply(replay, done[i].expires_ms, done[i].lines) for i in range(len(groups))]
 
@@ -191,219 +183,5 @@ class ClusterOrders:
     async def transition(
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
-        from stock.engine import _result
-
-        e = self.engine
-        order_kind, _phase, items = await e._record(order_id, e.retention_ms + ttl_ms)
-        spec, groups = items_spec(items), e._groups(items)
-        todo = dict(enumerate(groups))
-        done: dict[int, LinesReply] = {}
-        if len(groups) == 1:  # one script call: atomic on its node
-            await self._apply(
-                order_id,
-                op,
-                todo,
-                done,
-                spec=spec,
-                order_kind=order_kind,
-                ttl_ms=ttl_ms,
-                reason=reason,
-                retries=0,
-            )
-            return _result(order_id, op, merge_replies(list(done.values())))
-        async with self._turn(order_id):
-            return await self._locked(op, order_id, groups, ttl_ms, spec, order_kind, reason)
-
-    @contextlib.asynccontextmanager
-    async def _turn(self, order_id: str) -> AsyncIterator[None]:
-        """One multi-node transition of an order at a time in this process, first come
-        first served, so that only one of them polls the order's Redis lock. The wait
-        keeps its in-flight slot: it ends as soon as this process's own turn holder is
-        done (which holds a slot), and handing the turn over must not queue again
-        behind every operation in flight. (A wait for another process's lock gives its
-        slot up: ``_lock``.)"""
-        turn = self._turns.setdefault(order_id, _Turn())
-        turn.users += 1
-        try:
-            try:
-                await asyncio.wait_for(turn.lock.acquire(), LOCK_WAIT_S)
-            except TimeoutError:
-                raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id) from None
-            try:
-                yield
-            finally:
-                turn.lock.release()
-        finally:
-            turn.users -= 1
-            if not turn.users:
-                self._turns.pop(order_id, None)
-
-    async def _locked(
-        self,
-        op: str,
-        order_id: str,
-        groups: list[list[Item]],
-        ttl_ms: int,
-        spec: str,
-        order_kind: str,
-        reason: str,
-    ) -> OrderResult:
-        """A multi-node transition under the order's lock: holds, the lock re-checked,
-        then the operation on every group."""
-        from stock.engine import _result
-
-        e, todo, done = self.engine, dict(enumerate(groups)), dict[int, LinesReply]()
-        lock = e.redis.lock(keys.order_lock_key(order_id), timeout=LOCK_TIMEOUT_S)
-        await self._lock(order_id, lock)
-        lost = False
-        try:
-            # (a deduct's lines cannot be released or extended: no holds for those)
-            if op == "confirm" or (op in ("release", "extend") and order_kind != "deduct"):
-                token = await self._hold_all(order_id, groups, spec, op)
-                try:
-                    await lock.reacquire()  # still ours, and for the whole second step
-                except LockNotOwnedError as exc:
-                    lost = True
-                    await self._unhold(order_id, groups, spec, token)
-                    message = f"order {order_id!r} lost its lock; retry"
-                    raise Unavailable(message, order_id=order_id) from exc
-            await self._apply(
-                order_id,
-                op,
-                todo,
-                done,
-                spec=spec,
-                order_kind=order_kind,
-                ttl_ms=ttl_ms,
-                reason=reason,
-            )
-        finally:
-            if not lost:  # LockNotOwnedError here: the lock ran out under us; say so
-                await lock.release()
-        return _result(order_id, op, merge_replies([done[i] for i in range(len(groups))]))
-
-    async def _lock(self, order_id: str, lock: Any) -> None:
-        """Wait for the order's lock without holding an in-flight slot."""
-        deadline, delay = time.monotonic() + LOCK_WAIT_S, 0.005
-        while not await lock.acquire(blocking=False):
-            if time.monotonic() > deadline:
-                raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
-            await self.engine._pause(delay)
-            delay = min(delay * 2, 0.1)
-
-    async def _hold_all(self, order_id: str, groups: list[list[Item]], spec: str, op: str) -> str:
-        """Before a multi-node confirm, release or extend: every group's lines get
-        time enough that the reaper cannot expire some of them half-way (a confirm
-        also re-acquires expired lines, ``hold.lua``), or nothing changes (every
-        group's holds are undone) and the call is refused. Returns the holds' token."""
-        e, token = self.engine, secrets.token_hex(6)
-        held = await asyncio.gather(
-            *(
-                e._group_call(
-                    "hold",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    mode=NO_ORDER_KEY,
-                    ttl_ms=HOLD_MS,
-                    hold_for=op,
-                    tag=token,
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
-        )
-        failures = [h for h in held if isinstance(h, BaseException)]
-        if failures:
-            maybe = [g for g, h in zip(groups, held, strict=True) if not _refused(h)]
-            await self._unhold(order_id, maybe, spec, token)
-            raise merge_failures(failures)
-        return token
-
-    async def _unhold(self, order_id: str, groups: list[list[Item]], spec: str, token: str) -> None:
-        e = self.engine
-        undone = await asyncio.gather(
-            *(
-                e._group_call(
-                    "abort",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    mode=NO_ORDER_KEY,
-                    undo_holds=True,
-                    tag=token,
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
-        )
-        for problem in undone:
-            if isinstance(problem, BaseException):
-                log.error("order %r: undoing a hold failed, it expires: %r", order_id, problem)
-
-    async def _apply(
-        self,
-        order_id: str,
-        op: str,
-        todo: dict[int, list[Item]],
-        done: dict[int, LinesReply],
-        *,
-        spec: str,
-        order_kind: str,
-        ttl_ms: int = 0,
-        reason: str = "",
-        retries: int = RETRIES,
-    ) -> None:
-        """``op`` on every group of ``todo`` (index -> group), replies into ``done``.
-        The order is decided (held, or committed): a group whose call failed without
-        a refusal is called again (the calls are idempotent), so that no order is
-        left half confirmed and half released by a lost call."""
-        e = self.engine
-        for attempt in range(retries + 1):
-            pending = list(todo.items())
-            outcomes = await asyncio.gather(
-                *(
-                    e._group_call(
-                        op,
-                        order_id=order_id,
-                        group=g,
-                        spec=spec,
-                        ttl_ms=ttl_ms,
-                        order_kind=order_kind,
-                        reason=reason,
-                    )
-                    for _, g in pending
-                ),
-                return_exceptions=True,
-            )
-            failures = []
-            for (i, _g), outcome in zip(pending, outcomes, strict=True):
-                if isinstance(outcome, LinesReply):
-                    done[i] = outcome
-                    del todo[i]
-                else:
-                    failures.append(outcome)
-            refused = [f for f in failures if _refused(f)]
-            if refused or not failures or attempt == retries:
-                if failures:
-                    raise merge_failures(refused or failures)
-                return
-            log.warning(
-                "order %r: %s of %d groups failed, again: %r",
-                order_id,
-                op,
-                len(failures),
-                failures[0],
-            )
-            await e._pause(0.05 * (attempt + 1))
-
-
-@dataclass
-class _Turn:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
-def _refused(outcome: Any) -> bool:
-    """A script's refusal: the call ran and changed nothing."""
-    return isinstance(outcome, StockError)
+        """Confirm, release, extend or cancel: ``stock/cluster_transitions.py``."""
+        return await self.transitions.transition(op, order_id, ttl_ms, reason)
