@@ -55,6 +55,20 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+_RATE_UNITS = ("second", "minute", "hour", "day")
+
+
+def _rate(name: str, raw: str) -> str:
+    """``N/unit`` (unit second, minute, hour or day), or empty: no limit (DESIGN §10)."""
+    text = raw.strip()
+    if not text:
+        return ""
+    count, _, unit = text.partition("/")
+    if not count.isdigit() or int(count) < 1 or unit not in _RATE_UNITS:
+        raise ConfigError(f"{name} must look like 20/second or 100/minute, got {raw!r}")
+    return text
+
+
 def _status_url(name: str, raw: str) -> str:
     if raw and (not raw.startswith(("http://", "https://")) or "{order_id}" not in raw):
         raise ConfigError(f"{name} must be an http(s) URL holding {{order_id}}, got {raw!r}")
@@ -93,6 +107,9 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "redis_migration_wait_s": ("STOCK_REDIS_MIGRATION_WAIT_S", _float_in(0.0, 60.0)),
     "request_timeout_s": ("STOCK_REQUEST_TIMEOUT_S", _float_in(0.1, 300.0)),
     "max_inflight": ("STOCK_MAX_INFLIGHT", _int_in(0, 1_000_000)),
+    "queue_target_ms": ("STOCK_QUEUE_TARGET_MS", _int_in(0, 60_000)),
+    "rate_limit_per_customer": ("STOCK_RATE_LIMIT_PER_CUSTOMER", _rate),
+    "rate_limit_per_address": ("STOCK_RATE_LIMIT_PER_ADDRESS", _rate),
     "soldout_cache_ms": ("STOCK_SOLDOUT_CACHE_MS", _int_in(0, 60_000)),
 }
 
@@ -141,6 +158,11 @@ class Settings:
     # API requests in flight per process before 503 overloaded (0 = no limit); why
     # 256: README, STOCK_MAX_INFLIGHT (DESIGN §10)
     max_inflight: int = 256
+    # new reserves and deducts are shed while requests wait longer than this (the
+    # least latency over 100 ms, as CoDel measures a standing queue); 0 = off
+    queue_target_ms: int = 50
+    rate_limit_per_customer: str = ""  # e.g. 20/second; empty = off (DESIGN §10)
+    rate_limit_per_address: str = ""
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
 
     @classmethod

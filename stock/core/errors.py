@@ -72,6 +72,13 @@ class LimitExceeded(StockError):
     code, status = "limit_exceeded", 409
 
 
+class RateLimited(StockError):
+    """A caller past its STOCK_RATE_LIMIT_* (DESIGN §10); ``details["retry_after_s"]``
+    also goes out as the ``Retry-After`` header."""
+
+    code, status = "rate_limited", 429
+
+
 class StaleStock(StockError):
     code, status = "stale_stock", 409
 

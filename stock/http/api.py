@@ -364,7 +364,13 @@ def create_api(settings: Settings) -> web.Application:
     app[READY_CHECKS] = {}
     app[BEFORE_SCRAPE] = []
     app[OPENAPI] = openapi_spec()
-    app[FRONT] = Front(app[METRICS], settings.max_inflight, MAX_BODY, settings.request_timeout_s)
+    app[FRONT] = Front(
+        app[METRICS],
+        settings.max_inflight,
+        MAX_BODY,
+        settings.request_timeout_s,
+        settings.queue_target_ms,
+    )
     cache_ms = settings.soldout_cache_ms
     app[SOLDOUT] = SoldOut(cache_ms) if cache_ms else None
     _routes(app)

@@ -26,9 +26,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from redis.exceptions import RedisError
 
 from stock.core.errors import StockError, StoreUnavailable
+from stock.http.admission import Deadlines, QueueDelay
 from stock.http.metrics import Metrics
 from stock.redis.client import raised_in_redis_client
 
@@ -47,7 +49,7 @@ def error_response(code: str, status: int, message: str, **details: Any) -> web.
     return json_response({"error": code, "message": message, **details}, status)
 
 
-_OVERLOADED = orjson.dumps(
+_OVERLOADED_BODY = orjson.dumps(
     {
         "error": "overloaded",
         "message": f"too many requests in flight; retry after {RETRY_AFTER_S} s",
@@ -56,10 +58,14 @@ _OVERLOADED = orjson.dumps(
 )
 
 
+_OVERLOADED_HEADERS = CIMultiDict(
+    {"Content-Type": "application/json", "Retry-After": str(RETRY_AFTER_S)}
+)
+
+
 def overloaded() -> web.Response:
-    response = web.Response(body=_OVERLOADED, status=503, content_type="application/json")
-    response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
+    """The 503 of a shed request, from prepared body and headers."""
+    return web.Response(body=_OVERLOADED_BODY, status=503, headers=_OVERLOADED_HEADERS)
 
 
 def error_for(
@@ -71,7 +77,10 @@ def error_for(
         log.warning("Redis error on %s %s: %s", request.method, request.path, exc.__cause__ or exc)
         return error_response("unavailable", 503, StoreUnavailable.MESSAGE)
     if isinstance(exc, StockError):
-        return json_response(exc.to_dict(), exc.status)
+        response = json_response(exc.to_dict(), exc.status)
+        if "retry_after_s" in exc.details:  # rate_limited
+            response.headers["Retry-After"] = str(exc.details["retry_after_s"])
+        return response
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response("payload_too_large", 413, f"body must be at most {max_body} bytes")
     if isinstance(exc, web.HTTPNotFound):
@@ -93,45 +102,84 @@ def error_for(
     return error_response("internal", 500, "internal error")
 
 
+NEW, COMPLETES = "new", "completes"  # the two classes of /v1/ requests when shedding
+# What completes a purchase (an order already holding stock): kept ahead of new work
+COMPLETING = ("/confirm", "/release", "/extend", "/cancel")
+
+
+def shed_class(route: str, method: str) -> str | None:
+    """None: never shed (health, readiness, metrics, spec, pages); COMPLETES: a
+    transition of an existing order or a read of one; NEW: anything else under /v1/."""
+    if not route.startswith("/v1/"):
+        return None
+    if route.endswith(COMPLETING) or (method == "GET" and route.startswith("/v1/reservations")):
+        return COMPLETES
+    return NEW
+
+
 class Front:
-    """The in-flight count of one process and the wrapper of its route handlers."""
+    """The in-flight count of one process, its admission and the wrapper of its routes.
+
+    Admission (DESIGN §10): new work (reserves, deducts, stock reads and admin) is shed
+    past ``STOCK_MAX_INFLIGHT`` in flight, or while the queue delay stands above
+    ``STOCK_QUEUE_TARGET_MS`` (``QueueDelay``); what completes a purchase only past
+    twice ``STOCK_MAX_INFLIGHT``. A shed request is answered before its body is read,
+    from prepared bytes, and only counted: a client that resends a 503 at once must
+    not take the CPU the admitted requests need."""
 
     def __init__(
-        self, metrics: Metrics, max_inflight: int, max_body: int, request_timeout_s: float
+        self,
+        metrics: Metrics,
+        max_inflight: int,
+        max_body: int,
+        request_timeout_s: float,
+        queue_target_ms: int = 0,
     ) -> None:
         self.metrics = metrics
         self.limit = max_inflight or sys.maxsize  # 0: no limit
+        self.hard_limit = 2 * max_inflight or sys.maxsize
         self.max_body = max_body
         self.timeout = request_timeout_s
+        self.deadlines = Deadlines(request_timeout_s)
+        self.delay = QueueDelay(queue_target_ms / 1000)
         self.inflight = 0
 
-    def wrap(self, handler: Handler, route: str, method: str, shed: bool) -> Handler:
-        """``handler`` with the error format, the metric and (``shed``) the overload bound.
-        ``method`` ``*`` (the catch-all) counts each request under its own method."""
-        front, done, perf = self, self.metrics.request_done, time.perf_counter
+    def admits(self, kind: str) -> bool:
+        if kind is NEW:
+            return self.inflight < self.limit and not self.delay.shedding()
+        return self.inflight < self.hard_limit
+
+    def wrap(self, handler: Handler, route: str, method: str, kind: str | None) -> Handler:
+        """``handler`` with the error format, the metric, the deadline and (``kind``) the
+        admission. ``method`` ``*`` (the catch-all) counts each request under its own."""
+        front, deadlines, delay, clock = self, self.deadlines, self.delay, time.monotonic
+        record = self.metrics.route(route, method)
+        shed_counter = record.counter(503) if kind is not None else None
 
         async def endpoint(request: web.Request) -> web.StreamResponse:
-            if shed and front.inflight >= front.limit:
-                done(route, method, 503, 0.0)
+            if kind is not None and not front.admits(kind):
+                shed_counter.inc()  # type: ignore[union-attr]
                 return overloaded()
             front.inflight += 1
-            started = perf()
+            started = clock()
+            token = deadlines.start(started)
             try:
-                # The request's deadline: what the Redis clients' own deadlines do not
-                # bound (a cluster client's retries and re-discovery, a queue for a
-                # connection) ends here as 503 `unavailable` (TimeoutError is an OSError).
-                async with asyncio.timeout(front.timeout):
-                    response = await handler(request)
+                response = await handler(request)
+            except asyncio.CancelledError:
+                if not deadlines.end(token):
+                    raise  # not ours: the server's shutdown
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                response = error_for(request, TimeoutError(), front.metrics, front.max_body)
             except Exception as exc:
                 response = error_for(request, exc, front.metrics, front.max_body)
             finally:
                 front.inflight -= 1
-            done(
-                route,
-                request.method if method == "*" else method,
-                response.status,
-                perf() - started,
-            )
+                if deadlines.end(token):  # cancelled, but the handler swallowed it
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            now = clock()
+            if kind is not None:
+                delay.completed(now - started, now)
+            record(request.method if method == "*" else method, response.status, now - started)
             return response
 
         endpoint.stock_front = True  # type: ignore[attr-defined]
@@ -145,9 +193,9 @@ class Front:
                 continue
             resource = route.resource
             name = resource.canonical if resource is not None else UNMATCHED
-            shed = name.startswith("/v1/")
-            route._handler = self.wrap(route.handler, name, route.method, shed)  # type: ignore[assignment]
-        app.router.add_route("*", "/{tail:.*}", self.wrap(unmatched, UNMATCHED, "*", False))
+            kind = shed_class(name, route.method)
+            route._handler = self.wrap(route.handler, name, route.method, kind)  # type: ignore[assignment]
+        app.router.add_route("*", "/{tail:.*}", self.wrap(unmatched, UNMATCHED, "*", None))
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:

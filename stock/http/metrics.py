@@ -160,6 +160,10 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def route(self, route: str, method: str) -> RouteMetrics:
+        """The request count and latency of one route, its label children bound once."""
+        return RouteMetrics(self, route, method)
+
     def outcome(self, op: str, outcome: str) -> None:
         child = self._outcome_children.get((op, outcome))
         if child is None:
@@ -193,3 +197,35 @@ class Metrics:
     def render(self) -> bytes:
         self.refresh()
         return generate_latest(self.all_processes())
+
+
+class RouteMetrics:
+    """``Metrics.request_done`` for one route and method: children by status, bound on
+    the first request of each status (a request of another method, the catch-all's,
+    goes through ``request_done``)."""
+
+    def __init__(self, metrics: Metrics, route: str, method: str) -> None:
+        self.metrics = metrics
+        self.route = route
+        self.method = method
+        self.latency: Any = None  # bound on the first request: no empty series
+        self.counters: dict[int, Any] = {}
+
+    def counter(self, status: int) -> Any:
+        child = self.counters.get(status)
+        if child is None:
+            child = self.metrics.requests.labels(self.route, self.method, str(status))
+            self.counters[status] = child
+        return child
+
+    def __call__(self, method: str, status: int, seconds: float) -> None:
+        if method != self.method:
+            self.metrics.request_done(self.route, method, status, seconds)
+            return
+        child = self.counters.get(status)
+        if child is None:
+            child = self.counter(status)
+        child.inc()
+        if self.latency is None:
+            self.latency = self.metrics.latency.labels(self.route, self.method)
+        self.latency.observe(seconds)
