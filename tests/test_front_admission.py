@@ -108,3 +108,54 @@ def test_queue_delay_stands_only_for_a_whole_interval(monkeypatch: pytest.Monkey
     now[0] = 100.41  # an interval with no completion (all shed): admit again
     assert not delay.shedding()
     assert not QueueDelay(0).standing  # 0: off
+
+
+# -- per-caller rate limits --------------------------------------------------------
+
+
+async def test_a_customer_past_its_limit_gets_429_others_are_served(
+    base: Settings, clean: Any
+) -> None:
+    """One customer at 10x its limit (5/second) gets 429 rate_limited with Retry-After
+    and retry_after_s, before any script ran (no order was made); another customer in
+    the same second is served."""
+    api = await app_client(replace(base, rate_limit_per_customer="5/second"))
+    try:
+        await put(api, "", "HOT", 1000)
+        replies = await asyncio.gather(
+            *(
+                api.post("/v1/reservations", json=order(f"a-{i}", customer_id="A"))
+                for i in range(50)
+            )
+        )
+        statuses = [reply.status for reply in replies]
+        assert statuses.count(201) <= 10 and statuses.count(429) >= 40, statuses
+        other = await api.post("/v1/reservations", json=order("b-1", customer_id="B"))
+        assert other.status == 201
+        refused = next(reply for reply in replies if reply.status == 429)
+        body = await refused.json()
+        assert body["error"] == "rate_limited" and body["retry_after_s"] == 1
+        assert refused.headers["Retry-After"] == "1"
+        for i, status in enumerate(statuses):
+            if status == 429:  # no script ran for it: the order does not exist
+                assert (await api.get(f"/v1/reservations/a-{i}")).status == 404
+        deduct = await api.post("/v1/deductions", json=order("d-1", customer_id="A"))
+        assert deduct.status in (201, 429)
+    finally:
+        await api.close()
+
+
+async def test_an_address_past_its_limit_gets_429(base: Settings, clean: Any) -> None:
+    api = await app_client(replace(base, rate_limit_per_address="3/minute"))
+    try:
+        await put(api, "", "HOT", 1000)
+        statuses = [
+            (await api.post("/v1/reservations", json=order(f"x-{i}", customer_id=f"c{i}"))).status
+            for i in range(5)
+        ]
+        assert statuses == [201, 201, 201, 429, 429]
+        reply = await api.post("/v1/deductions", json=order("d", customer_id="z"))
+        assert reply.status == 429 and 1 <= int(reply.headers["Retry-After"]) <= 60
+        assert (await api.post("/v1/reservations/x-0/confirm")).status == 200  # not counted
+    finally:
+        await api.close()

@@ -33,6 +33,7 @@ from stock.http.front import error_response as error_response  # re-exported (co
 from stock.http.front import json_response as json_response
 from stock.http.metrics import Metrics
 from stock.http.openapi import spec as openapi_spec
+from stock.http.ratelimit import RateLimits
 from stock.loops.soldout import SoldOut
 from stock.orders.engine import OrderResult, StockEngine
 
@@ -48,6 +49,7 @@ BEFORE_SCRAPE = web.AppKey("before_scrape", list)
 OPENAPI = web.AppKey("openapi", dict)
 SOLDOUT: web.AppKey[SoldOut | None] = web.AppKey("soldout")  # STOCK_SOLDOUT_CACHE_MS > 0
 FRONT = web.AppKey("front", Front)
+RATE_LIMITS: web.AppKey[RateLimits | None] = web.AppKey("rate_limits")  # DESIGN §10
 RESERVE_FIELDS = frozenset({"order_id", "items", "ttl_s", "customer_id"})
 DEDUCT_FIELDS = frozenset({"order_id", "items", "customer_id"})
 RETURNS_STOCK = ("release", "cancel")  # order operations that give stock back
@@ -182,8 +184,24 @@ async def order_op(
     return json_response(order_body(result, with_expiry), 200 if result.replay else created)
 
 
+def _rate_limited(request: web.Request, body: dict[str, Any] | None) -> None:
+    """Raise RateLimited (429) past the caller's limit: its address before the body is
+    read (``body`` None), its ``customer_id`` after; before any script runs."""
+    limits = request.app[RATE_LIMITS]
+    if limits is None:
+        return
+    if body is None:
+        limits.check_address(request.remote)
+        return
+    customer = body.get("customer_id")
+    if isinstance(customer, str):
+        limits.check_customer(customer)
+
+
 async def create_reservation(request: web.Request) -> web.Response:
+    _rate_limited(request, None)
     body = await json_body(request, RESERVE_FIELDS)
+    _rate_limited(request, body)
     order_id, items = require(body, "order_id"), require(body, "items")
     ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
     customer = body.get("customer_id")  # the engine validates it, order_id and items
@@ -198,7 +216,9 @@ async def create_reservation(request: web.Request) -> web.Response:
 
 
 async def create_deduction(request: web.Request) -> web.Response:
+    _rate_limited(request, None)
     body = await json_body(request, DEDUCT_FIELDS)
+    _rate_limited(request, body)
     order_id, items = require(body, "order_id"), require(body, "items")
     customer = body.get("customer_id")
     engine = request.app[ENGINE]
@@ -373,5 +393,8 @@ def create_api(settings: Settings) -> web.Application:
     )
     cache_ms = settings.soldout_cache_ms
     app[SOLDOUT] = SoldOut(cache_ms) if cache_ms else None
+    per_customer, per_address = settings.rate_limit_per_customer, settings.rate_limit_per_address
+    limited = per_customer or per_address
+    app[RATE_LIMITS] = RateLimits(per_customer, per_address) if limited else None
     _routes(app)
     return app
