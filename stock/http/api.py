@@ -184,29 +184,29 @@ async def order_op(
     return json_response(order_body(result, with_expiry), 200 if result.replay else created)
 
 
-def _rate_limited(request: web.Request, body: dict[str, Any] | None) -> None:
-    """Raise RateLimited (429) past the caller's limit: its address before the body is
-    read (``body`` None), its ``customer_id`` after; before any script runs."""
-    limits = request.app[RATE_LIMITS]
+async def limited_body(
+    request: web.Request, limits: RateLimits | None, allowed: Set[str]
+) -> dict[str, Any]:
+    """The body, after the caller's rate limits (429 RateLimited past one): its address
+    before the body is read, its ``customer_id`` after; before any script runs."""
     if limits is None:
-        return
-    if body is None:
-        limits.check_address(request.remote)
-        return
+        return await json_body(request, allowed)
+    limits.check_address(request.remote)
+    body = await json_body(request, allowed)
     customer = body.get("customer_id")
     if isinstance(customer, str):
         limits.check_customer(customer)
+    return body
 
 
 async def create_reservation(request: web.Request) -> web.Response:
-    _rate_limited(request, None)
-    body = await json_body(request, RESERVE_FIELDS)
-    _rate_limited(request, body)
+    app = request.app  # (a property: read once)
+    body = await limited_body(request, app[RATE_LIMITS], RESERVE_FIELDS)
     order_id, items = require(body, "order_id"), require(body, "items")
     ttl = validate.ttl_s(body["ttl_s"]) if "ttl_s" in body else None
     customer = body.get("customer_id")  # the engine validates it, order_id and items
-    engine = request.app[ENGINE]
-    if request.app[SOLDOUT] is not None:
+    engine = app[ENGINE]
+    if app[SOLDOUT] is not None:
         items, refusal = _sold_out(request, "reserve", order_id, items, customer)
         if refusal is not None:
             return refusal
@@ -216,9 +216,7 @@ async def create_reservation(request: web.Request) -> web.Response:
 
 
 async def create_deduction(request: web.Request) -> web.Response:
-    _rate_limited(request, None)
-    body = await json_body(request, DEDUCT_FIELDS)
-    _rate_limited(request, body)
+    body = await limited_body(request, request.app[RATE_LIMITS], DEDUCT_FIELDS)
     order_id, items = require(body, "order_id"), require(body, "items")
     customer = body.get("customer_id")
     engine = request.app[ENGINE]
