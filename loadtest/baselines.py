@@ -117,6 +117,18 @@ def raw_requests(settings: Settings, port: int, concurrency: int, seconds: float
 # -- 3. HTTP ---------------------------------------------------------------------
 
 
+def server_cpu(proc: subprocess.Popen[bytes]) -> float:
+    """CPU seconds of a server process and its children so far."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def wrk(port: int, threads: int, connections: int, seconds: float, prefix: str) -> float:
     env = dict(os.environ, BENCH_SKU=HOT, BENCH_PREFIX=prefix)
     out = subprocess.run(
@@ -152,7 +164,8 @@ def bench_http(
     settings: Settings, threads: int, connections: int, seconds: float, repeat: int
 ) -> dict[str, list[float]]:
     """``stock serve`` (one process, and ``--workers 2``) and the bare app side by side,
-    runs alternating; req/s samples by server."""
+    runs alternating; req/s samples by server, and ``<server>_cpu``: the server's CPU
+    seconds per request of each run."""
     env = stock_env(settings)
     servers = {
         "api": [sys.executable, "-m", "stock.app.cli", "serve", "--no-writer", "--no-reaper"],
@@ -170,17 +183,21 @@ def bench_http(
     }
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     samples: dict[str, list[float]] = {name: [] for name in servers}
+    samples.update({f"{name}_cpu": [] for name in servers})
     try:
         for name, command in servers.items():
             port = free_port()
             procs[name] = (serve_http([*command, "--port", str(port)], port, env), port)
         for i in range(repeat):
-            for name, (_proc, port) in procs.items():
+            for name, (proc, port) in procs.items():
                 fresh(settings).close()
                 run_async(set_hot(settings, [HOT]))
                 if i == 0:
                     wrk(port, threads, connections, 1, f"warm-{name}-")
-                samples[name].append(wrk(port, threads, connections, seconds, f"{name}{i}-"))
+                before = server_cpu(proc)
+                rate = wrk(port, threads, connections, seconds, f"{name}{i}-")
+                samples[name].append(rate)
+                samples[f"{name}_cpu"].append((server_cpu(proc) - before) / (rate * seconds))
     finally:
         for proc, _port in procs.values():
             stop_process(proc)

@@ -89,13 +89,13 @@ async def _time(handler: Handler, requests: list[web.Request], expect: int) -> f
 
 def _api_handler(settings: Settings, validating: bool) -> tuple[web.Application, Handler]:
     app = create_api(settings)
-    app[ENGINE] = StubEngine(validating)  # type: ignore[assignment]
+    app[ENGINE] = StubEngine(validating)  # type: ignore[misc]
     app[FRONT].wrap_routes(app)
     for route in app.router.routes():
         resource = route.resource
         if resource is not None and resource.canonical == "/v1/reservations":
             if route.method == "POST":
-                return app, route.handler  # type: ignore[return-value]
+                return app, route.handler
     raise SystemExit("bench_layer: no POST /v1/reservations")
 
 

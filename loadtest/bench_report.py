@@ -19,13 +19,17 @@ GOALS = {  # issue 16
     "cluster/standalone": (0.8, ">="),
     "soldout/bare": (0.8, ">="),
     "overload_p99/capacity_p99": (3.0, "<="),
+    "goodput_4x/capacity": (0.9, ">="),  # issue 23
+    "request_layer_us": (10.0, "<="),
+    "ratelimit_us": (2.0, "<="),  # no goal in the issue: a fifth of the layer's budget
 }
 # the summary line's keys, in order, and how each is printed
 SUMMARY = {
     "library/raw": "{:.2f}", "http/bare": "{:.2f}", "library/pg": "{:.1f}",
     "bytes/reservation": "{:.0f}", "reaper/s": "{:.0f}", "writer/s": "{:.0f}",
     "cluster/standalone": "{:.2f}", "soldout/bare": "{:.2f}",
-    "overload_p99/capacity_p99": "{:.2f}",
+    "overload_p99/capacity_p99": "{:.2f}", "goodput_4x/capacity": "{:.2f}",
+    "request_layer_us": "{:.1f}", "ratelimit_us": "{:.1f}",
 }  # fmt: skip
 
 

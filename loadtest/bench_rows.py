@@ -70,6 +70,39 @@ def rows_http(report: Report, settings: Settings, args: argparse.Namespace) -> N
     report.add("3b. HTTP: bare aiohttp+uvloop+orjson", bare, "req/s", note)
     note = f"context: two processes on one port (SO_REUSEPORT); {samples(api2s)}"
     report.add("3c. HTTP: stock serve --workers 2", max(api2s), "req/s", note)
+    row_request_layer(report, http)
+
+
+def row_request_layer(report: Report, http: dict[str, list[float]]) -> None:
+    """Rows 3d-3f: the request layer's CPU per request (serve minus bare minus the
+    library, medians of each side's runs; the machine's noise shows in the runs), the
+    same in one process (``loadtest/bench_layer.py``), and a rate limit's cost."""
+    from statistics import median
+
+    from loadtest.bench_layer import measure
+    from loadtest.bench_stock import LIBRARY_CPU
+    from loadtest.bench_support import run_async
+
+    api, bare = median(http["api_cpu"]) * 1e6, median(http["bare_cpu"]) * 1e6
+    lib = median(LIBRARY_CPU) * 1e6 if LIBRARY_CPU else float("nan")
+    report.summary["request_layer_us"] = api - bare - lib
+    runs = " / ".join(f"{x * 1e6:.0f}" for x in http["api_cpu"])
+    note = (
+        f"stock serve {api:.1f} µs CPU per request (runs {runs}) - bare {bare:.1f} - "
+        f"library {lib:.1f} per reserve (row 2)"
+    )
+    report.add("3d. request layer: CPU per request", api - bare - lib, "µs", note)
+    inproc = [run_async(measure(20_000, rate_limit="1000000000/second")) for _ in range(3)]
+    layer = median(r["layer"] for r in inproc)
+    limit = median(r["ratelimit"] for r in inproc)
+    report.summary["ratelimit_us"] = limit
+    note = (
+        "POST /v1/reservations through the front on prepared requests, engine stubbed, "
+        "minus the bare handler the same way (loadtest/bench_layer.py); median of 3"
+    )
+    report.add("3e. request layer in one process", layer, "µs", note)
+    note = "a per-customer and a per-address limit on, against off, same harness; median of 3"
+    report.add("3f. rate limits: CPU per request", limit, "µs", note)
 
 
 def row_pg(report: Report, dsn: str, args: argparse.Namespace, lib: float) -> None:

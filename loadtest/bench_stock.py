@@ -20,6 +20,9 @@ from stock.redis.scripts import load_sources
 # -- 2. our library ------------------------------------------------------------
 
 
+LIBRARY_CPU: list[float] = []  # CPU seconds per reserve of each library run (request_layer_us)
+
+
 async def _library(settings: Settings, concurrency: int, seconds: float) -> float:
     await set_hot(settings, [HOT])
     client = connect(settings)
@@ -30,7 +33,7 @@ async def _library(settings: Settings, concurrency: int, seconds: float) -> floa
         async def call(w: int, i: int) -> None:
             await engine.reserve(f"lib-{w}-{i}", items)
 
-        count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7)
+        count, elapsed = await hammer(call, concurrency, seconds, warmup=0.7, cpu=LIBRARY_CPU)
         reserved = (await engine.get_stock(HOT)).reserved
     finally:
         await client.aclose()

@@ -50,10 +50,15 @@ def run_async(coro: Awaitable[Any]) -> Any:
 
 
 async def hammer(
-    call: Callable[[int, int], Awaitable[Any]], concurrency: int, seconds: float, warmup: float
+    call: Callable[[int, int], Awaitable[Any]],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    cpu: list[float] | None = None,
 ) -> tuple[int, float]:
     """``concurrency`` coroutines calling ``call(worker, i)`` in a loop; returns the calls
-    completed during ``seconds`` after ``warmup`` and the measured time."""
+    completed during ``seconds`` after ``warmup`` and the measured time (and appends the
+    CPU seconds per call to ``cpu``)."""
     done = 0
     stop = False
 
@@ -67,9 +72,11 @@ async def hammer(
 
     tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
     await asyncio.sleep(warmup)
-    start_count, started = done, time.perf_counter()
+    start_count, started, cpu_started = done, time.perf_counter(), time.process_time()
     await asyncio.sleep(seconds)
     count, elapsed = done - start_count, time.perf_counter() - started
+    if cpu is not None:  # this process's CPU seconds per call in the measured window
+        cpu.append((time.process_time() - cpu_started) / max(1, count))
     stop = True
     await asyncio.gather(*tasks)
     return count, elapsed

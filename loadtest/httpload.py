@@ -53,19 +53,27 @@ class LoadResult:
 
 
 class _Load:
-    def __init__(self, host: str, path: str, body: Body) -> None:
+    def __init__(
+        self, host: str, path: str, body: Body, path_of: Callable[[int], str] | None = None
+    ) -> None:
+        self.host = host
         self.head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         ).encode()
         self.body = body
+        self.path_of = path_of  # a path per request (confirms of distinct orders)
         self.counter = itertools.count()
         self.recording = False
         self.stopped = False
         self.result = LoadResult(0.0)
 
     def request(self) -> bytes:
-        body = self.body(next(self.counter))
-        return b"%sContent-Length: %d\r\n\r\n%s" % (self.head, len(body), body)
+        n = next(self.counter)
+        body = self.body(n)
+        head = self.head
+        if self.path_of is not None:
+            head = f"POST {self.path_of(n)} HTTP/1.1\r\nHost: {self.host}\r\n".encode()
+        return b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
 
     def record(self, status: int, latency: float) -> None:
         if self.recording:
@@ -132,10 +140,11 @@ async def drive(
     warmup: float = 1.0,
     path: str = "/v1/reservations",
     host: str = "127.0.0.1",
+    path_of: Callable[[int], str] | None = None,
 ) -> LoadResult:
     """Run the load for ``warmup`` + ``seconds``; the answers of the last ``seconds`` count."""
     loop = asyncio.get_running_loop()
-    load = _Load(host, path, body)
+    load = _Load(host, path, body, path_of)
     closed: list[asyncio.Future[None]] = []
     for _ in range(connections):
         done: asyncio.Future[None] = loop.create_future()
