@@ -35,7 +35,7 @@ SOLD = "SOLD-1"
 SOLDOUT_CACHE_MS = 1000
 OVERLOAD_LIMIT = 64  # STOCK_MAX_INFLIGHT of the overload rows
 CLIENT_TIMEOUT_S = 1.0
-PRIORITY_ORDERS = 15_000  # held orders per confirm run (10 connections, a few seconds)
+PRIORITY_ORDERS = 30_000  # held orders per confirm run (10 connections, a few seconds)
 
 
 def wrk_expect(
