@@ -77,14 +77,15 @@ local function read_sku(key, customer)
   local v
   if customer and customer ~= '' then
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
-      'c:' .. customer)
+      'c:' .. customer, 'shard', 'lmod')
   else
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit')
   end
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
+          limit = tonumber(v[6]), held = tonumber(v[7]) or 0,
+          shard = tonumber(v[8]), lmod = tonumber(v[9]) or 0}
 end
 
 -- A customer's units of a SKU held or bought: moved by delta, the field
@@ -339,6 +340,11 @@ end
 local function check_limit(call, it, c, over)
   if not c.limit then return nil end
   if call.customer == '' then return {'CUSTOMER_REQUIRED', it.sku} end
+  -- a sharded SKU (lua/README.md "Sharded SKUs"): a customer's lines live in the
+  -- customer's home shard, where their count is; elsewhere: REHOME
+  if c.lmod > 0 and c.shard and bucket_of(call.customer, c.lmod) ~= c.shard then
+    return {'REHOME', it.sku, bucket_of(call.customer, c.lmod)}
+  end
   if c.held + it.qty > c.limit then
     over[#over + 1] = it.sku
     over[#over + 1] = c.limit

@@ -94,6 +94,7 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "request_timeout_s": ("STOCK_REQUEST_TIMEOUT_S", _float_in(0.1, 300.0)),
     "max_inflight": ("STOCK_MAX_INFLIGHT", _int_in(0, 1_000_000)),
     "soldout_cache_ms": ("STOCK_SOLDOUT_CACHE_MS", _int_in(0, 60_000)),
+    "max_shards": ("STOCK_MAX_SHARDS", _int_in(1, 1024)),
 }
 
 
@@ -142,6 +143,7 @@ class Settings:
     # 256: README, STOCK_MAX_INFLIGHT (DESIGN §10)
     max_inflight: int = 256
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
+    max_shards: int = 64  # the most shards of one SKU (DESIGN §12)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from stock import formats, keys, validate
+from stock import formats, keys, sharded, validate
 from stock.client import RetryOnce, retried_once
 from stock.cluster import ClusterOrders
 from stock.config import Settings
@@ -39,6 +39,7 @@ from stock.scripts import (
     parse_lines,
     parse_tomb,
 )
+from stock.sharded import ShardedSkus
 from stock.validate import Item
 
 log = logging.getLogger("stock.engine")
@@ -76,6 +77,7 @@ class StockEngine:
         # share an auto-pipeline and a blocking pool, which queue by themselves.)
         self._inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
         self.orders = ClusterOrders(self)
+        self.sharded = ShardedSkus(self)  # DESIGN §12, stock/sharded.py
         self.retry = RetryOnce()  # order operations are idempotent by order_id
 
     # -- stock levels -------------------------------------------------------
@@ -84,6 +86,8 @@ class StockEngine:
     async def set_stock(self, sku: str, available: int, reason: str = "") -> Counters:
         validate.sku(sku)
         validate.int_in(available, "available", 0, 10**12)
+        if (meta := await self.sharded.known(sku)) is not None:  # sharded (DESIGN §12)
+            return await self.sharded.set_total(sku, meta, available, reason)
         bucket = keys.bucket_of(sku, self.settings.buckets)
         reply = await self.scripts(
             "set",
@@ -100,6 +104,10 @@ class StockEngine:
         validate.int_in(delta, "delta", -(10**12), 10**12)
         if expected_available is not None:
             validate.int_in(expected_available, "expected_available", 0, 10**12)
+        if (meta := await self.sharded.known(sku)) is not None:  # sharded (DESIGN §12)
+            if expected_available is not None:
+                await self.sharded.reject_expected(sku)
+            return await self.sharded.adjust(sku, meta, delta, reason)
         bucket = keys.bucket_of(sku, self.settings.buckets)
         expected = "" if expected_available is None else expected_available
         reply = await self.scripts(
@@ -113,6 +121,8 @@ class StockEngine:
     @store_boundary
     async def get_stock(self, sku: str) -> Counters:
         validate.sku(sku)
+        if (meta := await self.sharded.known(sku)) is not None:  # sharded: the shards' sum
+            return await self.sharded.counters(sku, meta)
         values = await self._hmget(
             keys.sku_key(sku, self.settings.buckets), "available", "reserved", "sold"
         )
@@ -151,7 +161,19 @@ class StockEngine:
             [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
             [sku, "" if per_customer is None else per_customer],
         )
-        return parse_limit(reply, sku)
+        limit = parse_limit(reply, sku)
+        await self.sharded.after_limit(sku, limit)  # a sharded SKU's other shards
+        return limit
+
+    @store_boundary
+    async def set_shards(self, sku: str, shards: int) -> int:
+        """A SKU's shard count (DESIGN §12, ``stock/sharded.py``)."""
+        validate.sku(sku)
+        return (await self.sharded.set_shards(sku, shards)).shards
+
+    async def shards_of(self, sku: str) -> int:
+        meta = await self.sharded.known(sku)
+        return 1 if meta is None else meta.shards
 
     @store_boundary
     async def get_limit(self, sku: str) -> int | None:
@@ -198,6 +220,7 @@ class StockEngine:
             line = formats.parse_line(raw) if raw else None
             state = formats.state_name(line.state) if line else formats.UNKNOWN
             lines.append(LineResult(item.sku, state, item.qty, line.expires_ms if line else 0))
+        lines = sharded.present(OrderResult(order_id, phase, False, 0, lines)).lines
         return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
 
     # -- internals ----------------------------------------------------------
@@ -227,6 +250,14 @@ class StockEngine:
         validate.order_id(order_id)
         items = validate.items(raw_items)
         customer = "" if customer_id is None else validate.customer_id(customer_id)
+        return await self.sharded.acquire(
+            op, order_id, items, ttl_ms, customer, self._acquire_items
+        )
+
+    async def _acquire_items(
+        self, op: str, order_id: str, items: list[Item], ttl_ms: int, customer: str
+    ) -> OrderResult:
+        """Reserve or deduct validated items (a sharded SKU's: its shards' names)."""
         spec = items_spec(items)
         if not self.cluster:
             keys_, args = line_call(
@@ -258,6 +289,11 @@ class StockEngine:
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
         validate.order_id(order_id)
+        return await self.sharded.transition(op, order_id, ttl_ms, reason, self._transition_tcc)
+
+    async def _transition_tcc(
+        self, op: str, order_id: str, ttl_ms: int, reason: str = ""
+    ) -> OrderResult:
         try:
             return await self._transition_known(op, order_id, ttl_ms, reason)
         except (NotFound, OrderClosed):

@@ -52,6 +52,7 @@ OTHER_OPS = (
     "order",
     "resync",
     "writer_ack",
+    "shard_move",  # sharded SKUs: stock/sharded.py
 )
 RESYNC_OPS = ("fence", "resync_order")  # persist/fences.py, persist/resync.py
 
@@ -166,6 +167,12 @@ def raise_for(reply: Sequence[Any], order_id: str = "", script: str = "a script"
         raise InvalidRequest(
             f"SKU {rest[0]!r} has a per-customer limit: customer_id is required",
             field="customer_id",
+        )
+    if code == "REHOME":  # a sharded SKU's customer lives in another shard (sharded.py)
+        raise Unavailable(
+            f"SKU {rest[0]!r}: the customer's home shard is {rest[1]}; retry",
+            sku=str(rest[0]),
+            home=int(rest[1]),
         )
     if code == "STALE":
         raise StaleStock("available differs from expected_available", available=int(rest[0]))
