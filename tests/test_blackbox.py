@@ -47,7 +47,7 @@ async def test_flash_sale_over_http(service: str, dsn: str) -> None:
         assert codes == {201: 100, 409: 900}
         assert {b["error"] for s, b in answers if s == 409} == {"insufficient_stock"}
         _, stock = await call(http, "GET", f"{base}/v1/stock/HOT")
-        assert stock == {"sku": "HOT", "available": 0, "reserved": 100, "sold": 0}
+        assert stock == {"sku": "HOT", "available": 0, "reserved": 100, "sold": 0, "shards": 1}
 
         winners = [(i, body) for i, (s, body) in enumerate(answers) if s == 201]
         replays = await asyncio.gather(*(buy(i) for i, _ in winners[:20]))
@@ -57,7 +57,7 @@ async def test_flash_sale_over_http(service: str, dsn: str) -> None:
         )
         assert {s for s, _ in confirms} == {200}
         _, stock = await call(http, "GET", f"{base}/v1/stock/HOT")
-        assert stock == {"sku": "HOT", "available": 0, "reserved": 0, "sold": 100}
+        assert stock == {"sku": "HOT", "available": 0, "reserved": 0, "sold": 100, "shards": 1}
 
         # multi-item all or nothing
         await call(http, "PUT", f"{base}/v1/stock/CAP", json={"available": 5}, headers=ADMIN)
@@ -170,5 +170,5 @@ async def test_workers_share_one_port(settings: Settings, dsn: str, redis: Any) 
             )
             _, stock = await call(http, "GET", f"{base}/v1/stock/W")
         assert Counter(s for s, _ in answers) == {201: 50, 409: 10}
-        assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0}
+        assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0, "shards": 1}
     assert not any(child.is_running() for child in children)

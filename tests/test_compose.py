@@ -101,7 +101,7 @@ async def test_compose_stack_reserves_through_both_replicas(compose: Compose) ->
         status, body = await call(http, "POST", f"{one}/v1/reservations/compose-1/confirm")
         assert (status, body["status"]) == (200, "confirmed")
         _, stock = await call(http, "GET", f"{two}/v1/stock/COMPOSE")
-        assert stock == {"sku": "COMPOSE", "available": 3, "reserved": 0, "sold": 2}
+        assert stock == {"sku": "COMPOSE", "available": 3, "reserved": 0, "sold": 2, "shards": 1}
     # the cluster the init container made, and the writer's copy in PostgreSQL
     info = compose("exec", "-T", "redis-1", "redis-cli", "cluster", "info").stdout
     assert "cluster_state:ok" in info and "cluster_size:3" in info

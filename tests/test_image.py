@@ -202,7 +202,7 @@ async def test_image_serves_as_non_root_and_stops_gracefully(
         status, body = await call(http, "POST", f"{base}/v1/reservations/img-1/confirm")
         assert (status, body["status"]) == (200, "confirmed")
         _, stock = await call(http, "GET", f"{base}/v1/stock/IMG")
-        assert stock == {"sku": "IMG", "available": 48, "reserved": 0, "sold": 2}
+        assert stock == {"sku": "IMG", "available": 48, "reserved": 0, "sold": 2, "shards": 1}
     await wait_pg_sold(postgres.url, "IMG", 2)
     await wait_healthy(name, timeout=40)
     await stop_with_requests_in_flight(name, base, valkey)

@@ -115,9 +115,14 @@ def admin(handler: Handler) -> Handler:
 # -- handlers ------------------------------------------------------------------
 
 
-def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
-    """Counters read or written by a call sent at monotonic time ``sent``."""
+def _counters(
+    request: web.Request, counters: Any, sent: float, shards: int | None = None
+) -> web.Response:
+    """Counters read or written by a call sent at monotonic time ``sent`` (with the
+    SKU's shard count on the stock routes, DESIGN §12)."""
     body = counters.as_dict()
+    if shards is not None:
+        body["shards"] = shards
     if min(body["available"], body["reserved"], body["sold"]) < 0:
         request.app[METRICS].oversell.inc()
     soldout = request.app[SOLDOUT]
@@ -128,17 +133,33 @@ def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
 
 async def get_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    sent = time.monotonic()
-    return _counters(request, await request.app[ENGINE].get_stock(sku), sent)
+    sent, engine = time.monotonic(), request.app[ENGINE]
+    counters = await engine.get_stock(sku)
+    return _counters(request, counters, sent, await engine.shards_of(sku))
 
 
 @admin
 async def put_stock(request: web.Request) -> web.Response:
+    """``available`` and/or ``shards`` (DESIGN §12: ``{"shards": k}`` alone changes
+    only the shards)."""
     sku = validate.sku(request.match_info["sku"])
-    body = await json_body(request, {"available", "reason"})
-    available = validate.int_in(require(body, "available"), "available", 0, 10**12)
+    body = await json_body(request, {"available", "reason", "shards"})
+    engine = request.app[ENGINE]
+    if "shards" not in body:
+        require(body, "available")
+    shards = body.get("shards")
+    if shards is not None or "shards" in body:
+        shards = validate.int_in(shards, "shards", 1, engine.settings.max_shards)
+    available = body.get("available")
+    if available is not None or "available" in body:
+        available = validate.int_in(available, "available", 0, 10**12)
     reason, sent = _reason(body), time.monotonic()
-    return _counters(request, await request.app[ENGINE].set_stock(sku, available, reason), sent)
+    if available is not None:
+        counters = await engine.set_stock(sku, available, reason)
+    if shards is not None:
+        await engine.set_shards(sku, shards)
+        counters = await engine.get_stock(sku)
+    return _counters(request, counters, sent, await engine.shards_of(sku))
 
 
 @admin

@@ -50,8 +50,14 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 LIMITS = _obj(["sku", "per_customer"], sku=SKU, per_customer=LIMIT)
+SHARDS = {"type": "integer", "minimum": 1, "maximum": 1024}  # DESIGN §12
 COUNTERS = _obj(
-    ["sku", "available", "reserved", "sold"], sku=SKU, available=COUNT, reserved=COUNT, sold=COUNT
+    ["sku", "available", "reserved", "sold"],
+    sku=SKU,
+    available=COUNT,
+    reserved=COUNT,
+    sold=COUNT,
+    shards=SHARDS,
 )
 LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"})
 ORDER = _obj(
@@ -140,7 +146,7 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "/v1/stock/{sku}": {
                 "get": _op("A SKU's counters", counters, [404], params=["sku"]),
                 "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
-                           body=_obj(["available"], available=AMOUNT,
+                           body=_obj([], available=AMOUNT, shards=SHARDS,
                                      reason=REASON)),
             },
             "/v1/stock/{sku}/adjust": {
