@@ -230,3 +230,37 @@ async def test_a_sold_out_answer_needs_two_equal_collects(
 
 def _kinds(got: list[Any]) -> list[str]:
     return [type(g).__name__ for g in got if isinstance(g, StockError | OrderResult)]
+
+
+class Counted:
+    """An engine core's scripts, each call's name noted."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner, self.calls = inner, []  # type: list[str]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def __call__(self, name: str, keys_: Any, args: Any, **kw: Any) -> Any:
+        self.calls.append(name)
+        return await self._inner(name, keys_, args, **kw)
+
+
+async def test_a_single_item_order_served_at_home_is_one_script_call(
+    engine: StockEngine,
+) -> None:
+    """DESIGN §12 Cost: one script call (on a cluster the directory is a plain SET NX
+    GET); a replay too; confirm and release still find the order from its id."""
+    await engine.set_stock(SKU, 800)
+    await engine.set_shards(SKU, 8)
+    counted = engine.core.scripts = Counted(engine.core.scripts)
+    for i in range(20):
+        await engine.reserve(f"one-{i}", [{"sku": SKU, "qty": 1}])
+    assert counted.calls == ["reserve"] * 20
+    counted.calls.clear()
+    assert (await engine.reserve("one-0", [{"sku": SKU, "qty": 1}])).replay
+    assert counted.calls == ["reserve"]
+    counted.calls.clear()
+    assert (await engine.confirm("one-1")).lines[0].sku == SKU
+    assert (await engine.release("one-2")).lines[0].sku == SKU
+    assert counted.calls.count("confirm") == 1 and counted.calls.count("release") == 1

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import secrets
 
-from stock.core import keys
+from stock.core import formats, keys
 from stock.core.errors import StockError
 from stock.core.validate import Item
 from stock.orders.cluster_transitions import ClusterTransitions, apply_to_groups, is_refusal
@@ -92,7 +92,10 @@ class ClusterOrders:
         deadline = min(held) - hold_ms // 2 if held and op == "deduct" else 0
         lifetime = e.retention_ms + hold_ms
         okey = keys.order_key(order_id)
-        reply = await e.scripts("order", [okey], ["commit", op, spec, lifetime, deadline])
+        if op == "reserve":  # a plain SET NX GET, not a second script (lua/README.md)
+            reply = await self._commit_plain(okey, spec, lifetime)
+        else:
+            reply = await e.scripts("order", [okey], ["commit", op, spec, lifetime, deadline])
         try:
             parse_commit(reply, order_id)
         except StockError:
@@ -101,6 +104,28 @@ class ClusterOrders:
         if op == "deduct":
             replies = await self._settle(order_id, groups, replies, spec)
         return order_result(order_id, op, merge_replies(replies))
+
+    async def _commit_plain(self, okey: str, spec: str, lifetime: int) -> list[str]:
+        """A reserve's directory by ``SET NX GET`` (no deadline), answered as
+        ``order.lua commit`` answers; what it cannot tell (a ``pending`` record of
+        an earlier version, a reply redis-py's fallback turned into a bool) goes
+        to ``order.lua commit``, which decides the same way for the same request."""
+        e = self.core
+        value = formats.order_record("reserve", spec)
+        got = await e.scripts.pipeline.execute("SET", okey, value, "NX", "GET", "PX", lifetime)
+        if got is None:
+            return ["NEW"]
+        if isinstance(got, bytes):
+            got = got.decode()
+        if isinstance(got, str):
+            record = formats.parse_record(got)
+            if got == value:
+                return ["DONE"]
+            if record.phase in formats.TOMBSTONES:
+                return ["TOMBSTONE", record.phase]
+            if record.phase == formats.DONE:
+                return ["CONFLICT", record.kind]
+        return list(await e.scripts("order", [okey], ["commit", "reserve", spec, lifetime, 0]))
 
     async def _deduct_one(
         self, order_id: str, group: list[Item], spec: str, token: str, customer: str
