@@ -170,3 +170,9 @@ def move_marker_key(sku: str, index: int, buckets: int, move_id: str) -> str:
     """The destination's proof that a move was credited (idempotent by move id)."""
     name = shard_sku(sku, index)
     return f"{bucket_tag(bucket_of(name, buckets))}:movein:{move_id}"
+
+
+def with_shards(skus: list[str], known: list[str]) -> list[str]:
+    """``skus`` and the shards (``s#i``) of each among the names ``known``."""
+    wanted = set(skus)
+    return sorted(wanted | {n for n in known if base_sku(n)[0] in wanted})

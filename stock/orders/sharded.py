@@ -268,6 +268,20 @@ class ShardedSkus:
         await self._limit_shards(sku, meta, limit)
         await self.registry.store(sku, replace(meta, limited=limit is not None))
 
+    async def restore(self, names: Sequence[str]) -> list[str]:
+        """After ``stock resync`` rewrote SKUs from PostgreSQL (which keeps each
+        shard as a SKU ``s#i``, not the shard metadata): every SKU with shards gets
+        its metadata and registry entry back, its shard count = the shards found,
+        and one rebalance pass. Returns the SKUs restored."""
+        spans: dict[str, int] = {}
+        for name in names:
+            base, index = keys.base_sku(name)
+            if index:
+                spans[base] = max(spans.get(base, 1), index + 1)
+        for base, span in sorted(spans.items()):
+            await self.set_shards(base, min(span, self.core.settings.max_shards))
+        return sorted(spans)
+
     async def counters(self, sku: str, meta: ShardMeta) -> Counters:
         return Counters(sku, *await self.moves.counters(sku, meta.span))
 
