@@ -264,3 +264,19 @@ async def test_a_single_item_order_served_at_home_is_one_script_call(
     assert (await engine.confirm("one-1")).lines[0].sku == SKU
     assert (await engine.release("one-2")).lines[0].sku == SKU
     assert counted.calls.count("confirm") == 1 and counted.calls.count("release") == 1
+
+
+async def test_the_rebalancer_spreads_units_and_lands_dead_moves(
+    engine: StockEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spread(engine, [0, 0, 40, 0])
+    name, skey, events = engine.sharded.moves._shard_keys(SKU, 2)
+    moves = keys.moves_key(SKU, 2, engine.settings.buckets)
+    await engine.scripts("shard_move", [skey, events, moves], ["out", "dead", 8, 1, name])
+    monkeypatch.setattr("stock.orders.shard_moves.STALE_MS", 0)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(engine.sharded.run(stop, period_s=0.05))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await loop
+    assert await shard_levels(engine) == [(10, 0, 0, 0)] * 4

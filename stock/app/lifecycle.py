@@ -129,6 +129,13 @@ def _start_reaper(
     loop = functools.partial(reaper.run, stop, metrics)
     task = asyncio.create_task(supervise("reaper", loop, stop, counters=metrics), name="reaper")
     parts.tasks.append(task)
+    # the sharded SKUs' rebalancer (DESIGN §12) runs where the reaper does
+    rebalance = functools.partial(engine.sharded.run, stop)
+    parts.tasks.append(
+        asyncio.create_task(
+            supervise("rebalancer", rebalance, stop, counters=metrics), name="rebalancer"
+        )
+    )
 
 
 async def _start_writer(

@@ -185,9 +185,10 @@ class ShardMoves:
             "shard_move", [skey, sevents, keys.moves_key(sku, src, buckets)], ["done", move_id]
         )
 
-    async def recover(self, sku: str, span: int, stale_ms: int = STALE_MS) -> int:
+    async def recover(self, sku: str, span: int, stale_ms: int | None = None) -> int:
         """Finish every move out of the SKU's shards in flight for ``stale_ms``
-        or longer (a mover that died); the number finished."""
+        (default STALE_MS) or longer (a mover that died); the number finished."""
+        stale_ms = STALE_MS if stale_ms is None else stale_ms
         buckets = self.core.settings.buckets
         seconds, micros = await self.core.redis.time()
         now = int(seconds) * 1000 + int(micros) // 1000

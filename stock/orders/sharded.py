@@ -12,6 +12,7 @@ answer. Design: ``lua/README.md`` "Sharded SKUs".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from stock.orders.core import OrderCore
 
 SHARD_NAME = re.compile(r"'([A-Za-z0-9._:-]+)#\d+'")  # a shard's SKU name, quoted
+REBALANCE_S = 1.0  # the rebalancer's period
 DEADLINE_S = 5.0  # an order that could neither be served nor proven short: 503
 Acquire = Callable[[str, str, list[Item], int, str], Awaitable[OrderResult]]
 Transition = Callable[[str, str, int, str], Awaitable[OrderResult]]
@@ -267,6 +269,18 @@ class ShardedSkus:
             return
         await self._limit_shards(sku, meta, limit)
         await self.registry.store(sku, replace(meta, limited=limit is not None))
+
+    async def run(self, stop: asyncio.Event, period_s: float = REBALANCE_S) -> None:
+        """The rebalancer (one per process that runs a reaper): every ``period_s``,
+        finish the moves of dead movers and spread each sharded SKU's units over
+        its shards in use (``ShardMoves.rebalance``)."""
+        while not stop.is_set():
+            await self.registry.refresh()
+            for sku, meta in sorted(self.registry.meta.items()):
+                if meta.span > 1 and not stop.is_set():
+                    await self.moves.rebalance(sku, meta)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period_s)
 
     async def restore(self, names: Sequence[str]) -> list[str]:
         """After ``stock resync`` rewrote SKUs from PostgreSQL (which keeps each
