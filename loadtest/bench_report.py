@@ -19,6 +19,9 @@ GOALS = {  # issue 16
     "cluster/standalone": (0.8, ">="),
     "soldout/bare": (0.8, ">="),
     "overload_p99/capacity_p99": (3.0, "<="),
+    "hot_sku_cluster/standalone": (0.8, ">="),  # issue 22
+    "busiest_master_share": (0.40, "<="),
+    "calls_per_hot_order": (1.1, "<="),
 }
 # the summary line's keys, in order, and how each is printed
 SUMMARY = {
@@ -26,6 +29,8 @@ SUMMARY = {
     "bytes/reservation": "{:.0f}", "reaper/s": "{:.0f}", "writer/s": "{:.0f}",
     "cluster/standalone": "{:.2f}", "soldout/bare": "{:.2f}",
     "overload_p99/capacity_p99": "{:.2f}",
+    "hot_sku_cluster/standalone": "{:.2f}", "busiest_master_share": "{:.2f}",
+    "calls_per_hot_order": "{:.2f}",
 }  # fmt: skip
 
 
