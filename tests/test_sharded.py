@@ -280,3 +280,29 @@ async def test_the_rebalancer_spreads_units_and_lands_dead_moves(
     stop.set()
     await loop
     assert await shard_levels(engine) == [(10, 0, 0, 0)] * 4
+
+
+@pytest.mark.parametrize("op", ["reserve", "deduct"])
+async def test_flash_sale_on_a_sharded_sku_sells_exactly_the_stock(
+    engine: StockEngine, op: str
+) -> None:
+    """500 buyers of one unit, 100 units over 8 shards, a third of the requests sent
+    2 or 3 times at once: exactly 100 orders win, the copies of one request agree."""
+    await engine.set_stock(SKU, 100)
+    await engine.set_shards(SKU, 8)
+    rng = random.Random(3)
+    buy = engine.deduct if op == "deduct" else engine.reserve
+    copies = {f"b-{i}": rng.choice([1, 1, 2, 3]) for i in range(500)}
+    requests = [o for o, n in copies.items() for _ in range(n)]
+    rng.shuffle(requests)
+    answers = await asyncio.gather(
+        *(buy(o, [{"sku": SKU, "qty": 1}]) for o in requests), return_exceptions=True
+    )
+    by_order: dict[str, set[str]] = {}
+    for o, answer in zip(requests, answers, strict=True):
+        assert isinstance(answer, OrderResult | InsufficientStock), answer
+        by_order.setdefault(o, set()).add(type(answer).__name__)
+    assert all(len(kinds) == 1 for kinds in by_order.values())
+    assert sum(kinds == {"OrderResult"} for kinds in by_order.values()) == 100
+    stock = await engine.get_stock(SKU)
+    assert (stock.available, stock.reserved + stock.sold) == (0, 100)
