@@ -12,6 +12,7 @@ import pytest
 
 from stock.core import keys
 from stock.core.errors import InsufficientStock, InvalidRequest, LimitExceeded, StockError
+from stock.core.validate import Item
 from stock.orders.engine import OrderResult, StockEngine
 
 SKU = "HOT"
@@ -306,3 +307,17 @@ async def test_flash_sale_on_a_sharded_sku_sells_exactly_the_stock(
     assert sum(kinds == {"OrderResult"} for kinds in by_order.values()) == 100
     stock = await engine.get_stock(SKU)
     assert (stock.available, stock.reserved + stock.sold) == (0, 100)
+
+
+@pytest.mark.parametrize("settings", ["cluster"], indirect=True)
+async def test_orders_spread_evenly_over_the_masters(engine: StockEngine) -> None:
+    """9 shards on 3 masters fall 4/3/2 or so; the orders still go a third to each."""
+    await engine.set_stock(SKU, 900)
+    await engine.set_shards(SKU, 9)
+    per_master: dict[str, int] = {}
+    for i in range(3000):
+        (item,) = engine.sharded.route([Item(SKU, 1)], f"o-{i}", "")
+        node = engine.redis.get_node_from_key(keys.sku_key(item.sku, engine.settings.buckets))
+        per_master[node.name] = per_master.get(node.name, 0) + 1
+    assert len(per_master) == 3
+    assert max(per_master.values()) / 3000 < 0.36, per_master

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import re
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,8 @@ class ShardedSkus:
         self.core = core
         self.registry = ShardRegistry(core)
         self.moves = ShardMoves(core)
+        # on a cluster: (registry load time, (sku, k) -> shard indexes per master)
+        self._placed: tuple[float, dict[tuple[str, int], list[list[int]]]] = (0.0, {})
 
     def meta(self, sku: str) -> ShardMeta | None:
         return self.registry.meta.get(sku)
@@ -102,9 +105,35 @@ class ShardedSkus:
         for item in items:
             meta = self.meta(item.sku)
             if meta is not None and meta.span > 1:
-                item = Item(keys.shard_sku(item.sku, meta.home(order_id, customer)), item.qty)
+                home = self._home(item.sku, meta, order_id, customer)
+                item = Item(keys.shard_sku(item.sku, home), item.qty)
             out.append(item)
         return out
+
+    def _home(self, sku: str, meta: ShardMeta, order_id: str, customer: str) -> int:
+        """``ShardMeta.home``; on a cluster an order without a limit picks a master
+        first, then one of its shards, so that every master gets an equal part of
+        the orders however the shards' slots fell (the topology is redis-py's, read
+        again with the registry; a stale one only costs balance: any shard serves)."""
+        if not self.core.cluster or (meta.limited and customer) or meta.shards == 1:
+            return meta.home(order_id, customer)
+        if self._placed[0] != self.registry.loaded_at:
+            self._placed = (self.registry.loaded_at, {})
+        groups = self._placed[1].get((sku, meta.shards))
+        if groups is None:
+            groups = self._placed[1][sku, meta.shards] = self._by_master(sku, meta.shards)
+        h = zlib.crc32(order_id.encode())
+        group = groups[h % len(groups)]
+        return group[(h // len(groups)) % len(group)]
+
+    def _by_master(self, sku: str, shards: int) -> list[list[int]]:
+        by: dict[str, list[int]] = {}
+        buckets = self.core.settings.buckets
+        for i in range(shards):
+            key = keys.sku_key(keys.shard_sku(sku, i), buckets)
+            node = self.core.redis.get_node_from_key(key)
+            by.setdefault(getattr(node, "name", ""), []).append(i)
+        return [by[name] for name in sorted(by)]
 
     async def acquire(
         self, op: str, order_id: str, items: list[Item], ttl_ms: int, customer: str, run: Acquire
