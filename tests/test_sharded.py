@@ -321,3 +321,16 @@ async def test_orders_spread_evenly_over_the_masters(engine: StockEngine) -> Non
         per_master[node.name] = per_master.get(node.name, 0) + 1
     assert len(per_master) == 3
     assert max(per_master.values()) / 3000 < 0.36, per_master
+
+
+async def test_errors_name_the_sku_not_its_shard(engine: StockEngine) -> None:
+    await spread(engine, [0, 3])
+    await engine.set_limit(SKU, 1)
+    await engine.reserve("c-1", [{"sku": SKU, "qty": 1}], customer_id="carol")
+    with pytest.raises(LimitExceeded) as over:
+        await engine.reserve("c-2", [{"sku": SKU, "qty": 1}], customer_id="carol")
+    assert "#" not in over.value.message and over.value.details["items"][0]["sku"] == SKU
+    await engine.confirm("c-1")
+    with pytest.raises(StockError) as wrong:
+        await engine.release("c-1")
+    assert "#" not in wrong.value.message and wrong.value.details["sku"] == SKU

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +37,6 @@ from stock.redis.scripts import Counters, LineResult, raise_for
 if TYPE_CHECKING:
     from stock.orders.core import OrderCore
 
-SHARD_NAME = re.compile(r"'([A-Za-z0-9._:-]+)#\d+'")  # a shard's SKU name, quoted
 REBALANCE_S = 1.0  # the rebalancer's period
 DEADLINE_S = 5.0  # an order that could neither be served nor proven short: 503
 Acquire = Callable[[str, str, list[Item], int, str], Awaitable[OrderResult]]
@@ -57,7 +55,12 @@ def unshard(exc: StockError) -> StockError:
             else i
             for i in details["items"]
         ]
-    message = SHARD_NAME.sub(r"'\1'", exc.message)
+    items = exc.details.get("items")
+    names = [str(i["sku"]) for i in items or [] if isinstance(i, dict) and "sku" in i]
+    names += [str(exc.details["sku"])] if "sku" in exc.details else []
+    message = exc.message
+    for name in sorted({n for n in names if keys.SHARD_SEP in n}, key=len, reverse=True):
+        message = message.replace(name, keys.base_sku(name)[0])
     if details == exc.details and message == exc.message:
         return exc
     new = type(exc)(message, **details)
