@@ -174,7 +174,15 @@ class ShardedSkus:
             try:
                 return present(await run(op, order_id, routed, ttl_ms, customer))
             except InsufficientStock as short:
-                await self._fill(routed, short, started)
+                try:
+                    await self._fill(routed, short, started)
+                except InsufficientStock as proven:
+                    # proven short; but a copy of this request may have made the
+                    # order meanwhile (with the units the proof missed): ask once more
+                    try:
+                        return present(await run(op, order_id, routed, ttl_ms, customer))
+                    except InsufficientStock:
+                        raise proven from None
             except OrderConflict:  # the same order routed under another shard count?
                 routed = await self._recorded(order_id, items, routed)
             except Unavailable as moved:
