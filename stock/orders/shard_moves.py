@@ -17,7 +17,7 @@ import secrets
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from stock.core import keys
 
@@ -185,22 +185,32 @@ class ShardMoves:
             "shard_move", [skey, sevents, keys.moves_key(sku, src, buckets)], ["done", move_id]
         )
 
-    async def recover(self, sku: str, span: int, stale_ms: int | None = None) -> int:
-        """Finish every move out of the SKU's shards in flight for ``stale_ms``
-        (default STALE_MS) or longer (a mover that died); the number finished."""
-        stale_ms = STALE_MS if stale_ms is None else stale_ms
+    async def in_flight(self, sku: str, span: int) -> list[tuple[int, int, int, str, int]]:
+        """The moves in flight out of the SKU's shards: (source, destination, qty,
+        move id, age in ms)."""
         buckets = self.core.settings.buckets
         seconds, micros = await self.core.redis.time()
         now = int(seconds) * 1000 + int(micros) // 1000
         tables = await asyncio.gather(
             *(self.core.redis.hgetall(keys.moves_key(sku, i, buckets)) for i in range(span))
         )
-        todo: list[Any] = []
+        out = []
         for src, table in enumerate(tables):
             for move_id, entry in table.items():
                 dst, qty, at = (int(v) for v in str(entry).split("|"))
-                if now - at >= stale_ms:
-                    todo.append(self.finish(sku, src, dst, str(move_id), qty))
+                out.append((src, dst, qty, str(move_id), now - at))
+        return out
+
+    async def recover(self, sku: str, span: int, stale_ms: int | None = None) -> int:
+        """Finish every move out of the SKU's shards in flight for ``stale_ms``
+        (default STALE_MS) or longer (a mover that died); the number finished."""
+        stale_ms = STALE_MS if stale_ms is None else stale_ms
+        moves = await self.in_flight(sku, span)
+        todo = [
+            self.finish(sku, src, dst, mid, qty)
+            for src, dst, qty, mid, age in moves
+            if age >= stale_ms
+        ]
         await asyncio.gather(*todo)
         return len(todo)
 
