@@ -189,6 +189,13 @@ def measure(
     finally:
         cluster.stop()
         standalone.stop()
+    return add_rows(report, runs, concurrency, sold, left)
+
+
+def add_rows(
+    report: Report, runs: dict[str, list[Sale]], concurrency: int, sold: int, left: int
+) -> dict[str, float]:
+    """Rows 10a-10f from the runs; returns the summary figures."""
     one = max(runs["standalone"], key=lambda s: s.rate)
     three = max(runs["cluster"], key=lambda s: s.rate)
     ratio = three.rate / one.rate

@@ -384,12 +384,6 @@ async def test_a_concurrent_mix_with_copies_expiry_and_resharding(
             after = await twice(functools.partial(call, *args))
             said[oid].append(type(after).__name__ if isinstance(after, Exception) else after.status)
 
-    async def reaper() -> None:
-        r = Reaper(engine.redis, settings)
-        while not stop.is_set():
-            await r.reap_once()
-            await asyncio.sleep(0.05)
-
     async def reshard() -> None:
         for k in (2, 6):
             await asyncio.sleep(0.7)
@@ -397,9 +391,23 @@ async def test_a_concurrent_mix_with_copies_expiry_and_resharding(
         await asyncio.sleep(0.7)
         stop.set()
 
-    await asyncio.gather(reshard(), reaper(), *(client(c) for c in range(12)))
+    await asyncio.gather(reshard(), reap_until(engine, settings, stop), *map(client, range(12)))
     await asyncio.sleep(1.1)
     await Reaper(engine.redis, settings).reap_once()
+    await check_orders(engine, said, total)
+
+
+async def reap_until(engine: StockEngine, settings: Any, stop: asyncio.Event) -> None:
+    from stock.loops.reaper import Reaper
+
+    reaper = Reaper(engine.redis, settings)
+    while not stop.is_set():
+        await reaper.reap_once()
+        await asyncio.sleep(0.05)
+
+
+async def check_orders(engine: StockEngine, said: dict[str, list[str]], total: int) -> None:
+    """Each order in a state its answers allow, counters = the lines, no unit lost."""
     reserved = sold = 0
     for oid, answers in said.items():
         if answers[0] == "InsufficientStock":
