@@ -303,8 +303,10 @@ class ShardedSkus:
         await asyncio.gather(*calls)
 
     async def after_limit(self, sku: str, limit: int | None) -> None:
-        """``set_limit`` of a SKU done on shard 0: the other shards and the registry."""
-        meta = await self.known(sku)
+        """``set_limit`` of a SKU done on shard 0: the other shards and the registry
+        (read afresh, so that a shard count changed just before is kept)."""
+        await self.registry.refresh(after=time.monotonic())
+        meta = self.meta(sku)
         if meta is None or meta.span == 1:
             return
         await self._limit_shards(sku, meta, limit)
