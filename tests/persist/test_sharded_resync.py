@@ -131,6 +131,14 @@ async def test_flushall_then_resync_gives_the_shards_back(
     await flush(redis)
 
     out = io.StringIO()
+    totals = await pg.fetchrow("SELECT * FROM stock_totals WHERE sku = $1", SKU)
+    assert (totals["available"], totals["reserved"], totals["sold"], totals["shards"]) == (
+        before.available,
+        before.reserved,
+        before.sold,
+        8,
+    )
+    assert await pg.fetchval("SELECT count(DISTINCT shard_of(sku)) FROM stock_ledger") == 8
     assert await resync(redis, psettings, dsn, [SKU], out=out) == 0, out.getvalue()
     fresh = StockEngine(redis, psettings)  # a process that never saw the SKU sharded
     assert await fresh.shards_of(SKU) == 8
