@@ -430,3 +430,28 @@ async def check_orders(engine: StockEngine, said: dict[str, list[str]], total: i
     assert (stock.reserved, stock.sold) == (reserved, sold)
     levels = await shard_levels(engine)
     assert sum(a + r + s + m for a, r, s, m in levels) == total, levels
+
+
+async def test_a_late_confirm_pulls_units_from_other_shards(
+    engine: StockEngine, settings: Any
+) -> None:
+    """EXPIRED -> CONFIRMED takes its units from wherever they are now; with none
+    left anywhere it is reservation_expired, naming the SKU."""
+    from stock.core.errors import ReservationExpired
+    from stock.loops.reaper import Reaper
+
+    await spread(engine, [2, 2, 2, 2])
+    held = await engine.reserve("late", [{"sku": SKU, "qty": 3}], ttl_s=1)
+    other = await engine.reserve("gone", [{"sku": SKU, "qty": 1}], ttl_s=1)
+    assert held.lines[0].sku == other.lines[0].sku == SKU
+    await asyncio.sleep(1.1)
+    assert await Reaper(engine.redis, settings).reap_once() == 2
+    await engine.set_shards(SKU, 4)  # spread again: the late order's shard keeps 2
+    confirmed = await engine.confirm("late")
+    assert (confirmed.status, confirmed.lines[0].sku) == ("confirmed", SKU)
+    await engine.deduct("rest", [{"sku": SKU, "qty": 5}])
+    with pytest.raises(ReservationExpired) as late:
+        await engine.confirm("gone")
+    assert late.value.details["sku"] == SKU and "#" not in late.value.message
+    stock = await engine.get_stock(SKU)
+    assert (stock.available, stock.reserved, stock.sold) == (0, 0, 8)
