@@ -133,9 +133,9 @@ def _counters(
 
 async def get_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    sent, engine = time.monotonic(), request.app[ENGINE]
-    counters = await engine.get_stock(sku)
-    return _counters(request, counters, sent, await engine.shards_of(sku))
+    sent = time.monotonic()
+    counters, shards = await request.app[ENGINE].stock_view(sku)
+    return _counters(request, counters, sent, shards)
 
 
 @admin
@@ -154,12 +154,14 @@ async def put_stock(request: web.Request) -> web.Response:
     if available is not None or "available" in body:
         available = validate.int_in(available, "available", 0, 10**12)
     reason, sent = _reason(body), time.monotonic()
+    written = None
     if available is not None:
-        counters = await engine.set_stock(sku, available, reason)
+        written = await engine.set_stock(sku, available, reason)
     if shards is not None:
         await engine.set_shards(sku, shards)
-        counters = await engine.get_stock(sku)
-    return _counters(request, counters, sent, await engine.shards_of(sku))
+    counters, now = await engine.stock_view(sku)
+    # available alone: the counters the set wrote (atomic with it), as before
+    return _counters(request, written if shards is None and written else counters, sent, now)
 
 
 @admin

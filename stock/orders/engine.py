@@ -82,7 +82,7 @@ class StockEngine:
     async def set_stock(self, sku: str, available: int, reason: str = "") -> Counters:
         validate.sku(sku)
         validate.int_in(available, "available", 0, 10**12)
-        if (meta := await self.sharded.known(sku)) is not None:  # sharded (DESIGN §12)
+        if (meta := await self.sharded.known(sku, fresh=True)) is not None:  # DESIGN §12
             return await self.sharded.set_total(sku, meta, available, reason)
         bucket = keys.bucket_of(sku, self.settings.buckets)
         reply = await self.scripts(
@@ -100,7 +100,7 @@ class StockEngine:
         validate.int_in(delta, "delta", -(10**12), 10**12)
         if expected_available is not None:
             validate.int_in(expected_available, "expected_available", 0, 10**12)
-        if (meta := await self.sharded.known(sku)) is not None:  # sharded (DESIGN §12)
+        if (meta := await self.sharded.known(sku, fresh=True)) is not None:  # DESIGN §12
             if expected_available is not None:
                 await self.sharded.reject_expected(sku)
             return await self.sharded.adjust(sku, meta, delta, reason)
@@ -116,15 +116,27 @@ class StockEngine:
 
     @store_boundary
     async def get_stock(self, sku: str) -> Counters:
+        return (await self.stock_view(sku))[0]
+
+    @store_boundary
+    async def stock_view(self, sku: str) -> tuple[Counters, int]:
+        """The SKU's counters and shard count, read from shard 0 in one call; a
+        sharded SKU (``span`` > 1) is the sum of its shards (DESIGN §12)."""
         validate.sku(sku)
-        if (meta := await self.sharded.known(sku)) is not None:  # sharded: the shards' sum
-            return await self.sharded.counters(sku, meta)
         values = await self.core.hmget(
-            keys.sku_key(sku, self.settings.buckets), "available", "reserved", "sold"
+            keys.sku_key(sku, self.settings.buckets),
+            "available",
+            "reserved",
+            "sold",
+            "span",
+            "shards",
         )
         if values[0] is None:
             raise NotFound(f"unknown SKU {sku!r}", sku=sku)
-        return Counters(sku, *(int(v or 0) for v in values))
+        available, reserved, sold, span, shards = (int(v or 0) for v in values)
+        if span > 1:  # sharded: the shards' sum
+            return await self.sharded.counters(sku, span), max(shards, 1)
+        return Counters(sku, available, reserved, sold), max(shards, 1)
 
     # -- orders -------------------------------------------------------------
 
@@ -168,8 +180,7 @@ class StockEngine:
         return (await self.sharded.set_shards(sku, shards)).shards
 
     async def shards_of(self, sku: str) -> int:
-        meta = await self.sharded.known(sku)
-        return 1 if meta is None else meta.shards
+        return (await self.stock_view(sku))[1]
 
     @store_boundary
     async def get_limit(self, sku: str) -> int | None:

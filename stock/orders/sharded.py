@@ -97,8 +97,10 @@ class ShardedSkus:
     def meta(self, sku: str) -> ShardMeta | None:
         return self.registry.meta.get(sku)
 
-    async def known(self, sku: str) -> ShardMeta | None:
-        await self.registry.refresh()
+    async def known(self, sku: str, fresh: bool = False) -> ShardMeta | None:
+        """The SKU's entry in the registry: as this process last read it (at most
+        REFRESH_S old), or ``fresh``: read now (the admin's set and adjust)."""
+        await self.registry.refresh(after=time.monotonic() if fresh else None)
         return self.meta(sku)
 
     # -- orders ------------------------------------------------------------------------
@@ -338,8 +340,9 @@ class ShardedSkus:
             await self.set_shards(base, min(span, self.core.settings.max_shards))
         return sorted(spans)
 
-    async def counters(self, sku: str, meta: ShardMeta) -> Counters:
-        return Counters(sku, *await self.moves.counters(sku, meta.span))
+    async def counters(self, sku: str, span: int) -> Counters:
+        """The SKU's totals over its ``span`` shards (in-flight units as available)."""
+        return Counters(sku, *await self.moves.counters(sku, span))
 
     async def set_total(self, sku: str, meta: ShardMeta, available: int, reason: str) -> Counters:
         """``available`` spread over the shards in use, 0 in the others (exact at
@@ -354,7 +357,7 @@ class ShardedSkus:
             name, skey, events = self.moves._shard_keys(sku, i)
             calls.append(self.core.scripts("set", [skey, events], [name, share, reason]))
         await asyncio.gather(*calls)
-        return await self.counters(sku, meta)
+        return await self.counters(sku, meta.span)
 
     async def adjust(self, sku: str, meta: ShardMeta, delta: int, reason: str) -> Counters:
         """Add to shard 0, or take from it after pulling the units in; a take that
@@ -366,7 +369,7 @@ class ShardedSkus:
                 "adjust", [skey, events], [name, delta, "", reason], once=True
             )
             if reply[0] == "OK":
-                return await self.counters(sku, meta)
+                return await self.counters(sku, meta.span)
             if reply[0] != "INSUFFICIENT":
                 raise_for(reply, script="adjust")
             left = await self.moves.pull(sku, meta, 0, -delta)
