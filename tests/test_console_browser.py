@@ -3,7 +3,7 @@ against a real ``stock serve`` with valkey and PostgreSQL.
 
 Never skipped: without Chromium the test fails and says how to install it
 (``make test`` installs it when run as root). The screenshot it takes is the one
-README.md shows (docs/console.png).
+docs/console-webhooks.md shows (docs/console.png).
 """
 
 from __future__ import annotations
