@@ -13,6 +13,7 @@ tests/test_docs.py checks that the committed .dot is what this draws today.
 from __future__ import annotations
 
 import ast
+import itertools
 import shutil
 import subprocess
 import textwrap
@@ -63,7 +64,7 @@ def draw() -> str:
         out += [node(p, "#e8effa") for p in floor]
         out.append("  { rank=same; " + " ".join(f'"{p}";' for p in floor) + " }")
     out.append(node("persist", "#fdf0e1"))
-    for upper, lower in zip(floors, floors[1:], strict=False):
+    for upper, lower in itertools.pairwise(floors):
         out += [f'  "{a}" -> "{b}";' for a in upper for b in lower]
     out.append('  "stock.app" -> "persist" [color="#b54708", label=" only app"];')
     lowest_of_persist = [p for p in persist_may if p in ("stock.loops", "stock.orders")]
