@@ -88,7 +88,7 @@ function group(path) {
 
 function render(spec) {
   const intro = document.getElementById("intro");
-  intro.replaceChildren(el("p", {}, `${spec.info.title} ${spec.info.version}: ${spec.info.description || ""}. `,
+  intro.replaceChildren(el("p", {}, `${spec.info.title}, API version ${spec.info.version}: ${spec.info.description || ""}. `,
     "Errors are ", el("code", {}, '{"error": "<code>", "message": "..."}'),
     "; admin routes need ", el("code", {}, "Authorization: Bearer <admin token>"), "."));
   const groups = new Map();
