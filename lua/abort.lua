@@ -24,13 +24,16 @@ if undo_holds then call.kind = nil end
 
 local function decide(it, line)
   if undo_holds then
-    if line and line.state == 'R' and line.tag == 'E' .. call.tag then
+    -- (an attempt's token may have joined the hold's element since: a late replay)
+    if line and line.state == 'R' and has_tag(line.tag, 'E' .. call.tag) then
       return {state = 'E', qty = line.qty, exp = line.exp, dr = -line.qty, da = line.qty,
               op = 'expire'}
     end
-    local before = line and line.state == 'R' and string.match(line.tag, '^H' .. call.tag .. ':(%d+)$')
-    if before then
-      return {state = 'R', qty = line.qty, exp = tonumber(before), op = 'extend'}
+    local before = line and line.state == 'R'
+      and string.match(',' .. line.tag .. ',', ',H' .. call.tag .. ':(%d+),')
+    if before then  -- a committed order's line: it stays one (COMMITTED)
+      return {state = 'R', qty = line.qty, exp = tonumber(before), op = 'extend',
+              tag = COMMITTED}
     end
     return {replay = true, state = line and line.state or '-', qty = 0, exp = 0}
   end

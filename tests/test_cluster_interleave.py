@@ -1,0 +1,85 @@
+"""Interleavings of one order's attempts and transitions on a Redis Cluster (issue 20):
+a late copy of a committed order's reserve, a committed deduct whose settle was cut,
+racing attempts of one ``order_id``, a try whose commit meets its cancel.
+
+Faults are injected around the engine's script calls (``Hooked`` of
+tests/test_cluster_orders.py) on the real 3-master cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from stock.client import connect
+from stock.engine import StockEngine
+from stock.errors import Unavailable
+from tests.conftest import flush
+from tests.servers import Cluster
+from tests.test_cluster_orders import Hooked, cluster_settings, counters, order_items, touches
+from tests.test_multibucket import skus_on_distinct_nodes
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture
+async def engine(cluster: Cluster) -> AsyncIterator[StockEngine]:
+    settings = cluster_settings(cluster)
+    client = connect(settings)
+    await flush(client)
+    yield StockEngine(client, settings)
+    await client.aclose()
+
+
+@pytest.fixture
+async def spread(engine: StockEngine) -> list[str]:
+    skus = skus_on_distinct_nodes(engine.redis)
+    for sku in skus:
+        await engine.set_stock(sku, 5)
+    return skus
+
+
+@pytest.mark.parametrize("between", ["extend", "hold-undone", "none"])
+async def test_a_late_copy_of_a_committed_reserve_never_undoes_its_lines(
+    engine: StockEngine, spread: list[str], between: str
+) -> None:
+    """Reserve O (201) on two nodes, then extend it (or a refused multi-node hold); a late
+    copy of the same reserve replays on group A, group B answers UNAVAILABLE (a fence):
+    the copy's undo must leave O's lines, and O confirms."""
+    skus = spread[:2]
+    # (a line expiring within the hold is held: its tag changes, then is undone)
+    await engine.reserve("late", order_items(skus), ttl_s=5 if between == "hold-undone" else 60)
+    if between == "extend":
+        await engine.extend("late", 120)
+    elif between == "hold-undone":
+        await engine.set_stock(skus[1], 0)  # not needed by a held line: it stays held
+        fail: list[str] = []
+
+        async def refuse(name: str, keys_: list[str], args: list[Any]) -> None:
+            if name == "hold" and touches(skus[1], keys_) and not fail:
+                fail.append(name)
+                raise Unavailable("injected: fenced", sku=skus[1])
+
+        engine.scripts = Hooked(engine.scripts, before=refuse)
+        with pytest.raises(Unavailable):
+            await engine.confirm("late")
+        engine.scripts = engine.scripts._inner
+        await engine.set_stock(skus[1], 4)
+    fired: list[str] = []
+
+    async def fence_b(name: str, keys_: list[str], args: list[Any]) -> None:
+        if name == "reserve" and touches(skus[1], keys_) and not fired:
+            fired.append(name)
+            raise Unavailable("injected: a resync fences the SKU", sku=skus[1])
+
+    late = StockEngine(engine.redis, engine.settings)
+    late.scripts = Hooked(late.scripts, before=fence_b)  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        await late.reserve("late", order_items(skus), ttl_s=60)
+    assert fired
+    assert await counters(engine, skus) == [(4, 1, 0)] * 2
+    confirmed = await engine.confirm("late")
+    assert {ln.state for ln in confirmed.lines} == {"confirmed"}
+    assert await counters(engine, skus) == [(4, 0, 1)] * 2
