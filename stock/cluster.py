@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 from typing import TYPE_CHECKING
 
-from stock import keys
+from stock import formats, keys
 from stock.cluster_transitions import ClusterTransitions, apply_to_groups, is_refusal
-from stock.errors import StockError
+from stock.errors import OrderConflict, StockError
 from stock.scripts import LinesReply, merge_failures, merge_replies, parse_commit
 from stock.validate import Item
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from stock.engine import OrderResult, StockEngine
 
 log = logging.getLogger("stock.cluster")
+
+CONFLICT_TRIES = 5  # tries of an acquire whose conflict no committed order explains
 
 
 class ClusterOrders:
@@ -52,6 +55,35 @@ class ClusterOrders:
 
     async def acquire(
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str = ""
+    ) -> OrderResult:
+        """``_acquire_once``, again while a conflict came from an attempt that did not
+        commit: a bucket's copy is written before the directory, so two attempts of
+        one ``order_id`` with other items can each meet the other's copy in some
+        bucket and both undo. Only the directory decides: a conflict with an order it
+        holds is answered; else (the other attempt undoes or is still deciding) this
+        one tries again after a random pause, so exactly one wins and a loser's 409
+        describes an order that exists (the last try answers the conflict anyway:
+        a crashed attempt's lines and copy stay until they expire)."""
+        for attempt in range(CONFLICT_TRIES):
+            try:
+                return await self._acquire_once(op, order_id, items, spec, ttl_ms, customer)
+            except OrderConflict:
+                if attempt == CONFLICT_TRIES - 1 or await self._other_order(order_id, op, spec):
+                    raise
+            await self.engine._pause(random.uniform(0.0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _other_order(self, order_id: str, op: str, spec: str) -> bool:
+        """Whether the directory holds a committed order of the id with another kind or
+        other items (a conflict that is final)."""
+        found = await self.engine.scripts("order", [keys.order_key(order_id)], ["read", 0])
+        if not found:
+            return False
+        record = formats.parse_record(found[0])
+        return record.phase == formats.DONE and (record.kind, record.spec) != (op, spec)
+
+    async def _acquire_once(
+        self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
     ) -> OrderResult:
         """Every bucket group, then the directory; a deduct then settles its holds."""
         from stock.engine import _result

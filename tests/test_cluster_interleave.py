@@ -8,6 +8,7 @@ tests/test_cluster_orders.py) on the real 3-master cluster.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from stock.client import connect
 from stock.engine import StockEngine
-from stock.errors import Unavailable
+from stock.errors import OrderConflict, Unavailable
 from tests.conftest import flush
 from tests.servers import Cluster
 from tests.test_cluster_orders import Hooked, cluster_settings, counters, order_items, touches
@@ -83,3 +84,64 @@ async def test_a_late_copy_of_a_committed_reserve_never_undoes_its_lines(
     confirmed = await engine.confirm("late")
     assert {ln.state for ln in confirmed.lines} == {"confirmed"}
     assert await counters(engine, skus) == [(4, 0, 1)] * 2
+
+
+async def test_racing_reserve_and_deduct_of_one_order_id_one_wins(
+    engine: StockEngine, spread: list[str]
+) -> None:
+    """Pairs of a reserve and a deduct with the same ``order_id`` and item, sent at once:
+    exactly one wins; a loser's 409 describes the order that exists."""
+    sku = spread[0]
+    await engine.set_stock(sku, 10_000)
+    other = StockEngine(engine.redis, engine.settings)
+    for n in range(60):
+        oid = f"race-{n}"
+        answers = await asyncio.gather(
+            engine.reserve(oid, order_items([sku]), ttl_s=60),
+            other.deduct(oid, order_items([sku])),
+            return_exceptions=True,
+        )
+        won = [a for a in answers if not isinstance(a, BaseException)]
+        lost = [a for a in answers if isinstance(a, BaseException)]
+        assert len(won) == 1, (oid, answers)
+        assert all(isinstance(a, OrderConflict) for a in lost), (oid, answers)
+        order = await engine.get_order(oid)
+        assert order["kind"] == won[0].status.replace("confirmed", "deduct").replace(
+            "reserved", "reserve"
+        )
+
+
+async def test_racing_deducts_with_other_items_one_wins(
+    engine: StockEngine, spread: list[str]
+) -> None:
+    """Two multi-group deducts of one ``order_id`` with other quantities, sent at once,
+    each first on another node (so each holds a bucket the other needs): one wins."""
+    for sku in spread:
+        await engine.set_stock(sku, 10_000)
+
+    def slow_on(sku: str) -> Any:
+        slowed: set[str] = set()  # the first call of each order: they race once
+
+        async def slow(name: str, keys_: list[str], args: list[Any]) -> None:
+            if name == "reserve" and touches(sku, keys_) and args[1] not in slowed:
+                slowed.add(args[1])
+                await asyncio.sleep(0.05)
+
+        return slow
+
+    one = StockEngine(engine.redis, engine.settings)
+    one.scripts = Hooked(one.scripts, before=slow_on(spread[2]))  # type: ignore[assignment]
+    two = StockEngine(engine.redis, engine.settings)
+    two.scripts = Hooked(two.scripts, before=slow_on(spread[0]))  # type: ignore[assignment]
+    for n in range(5):
+        oid = f"dd-{n}"
+        answers = await asyncio.gather(
+            one.deduct(oid, order_items(spread)),
+            two.deduct(oid, [{"sku": s, "qty": 2} for s in spread]),
+            return_exceptions=True,
+        )
+        won = [a for a in answers if not isinstance(a, BaseException)]
+        assert len(won) == 1, (oid, answers)
+        assert all(isinstance(a, OrderConflict) for a in answers if isinstance(a, BaseException))
+        qty = {ln.qty for ln in won[0].lines}
+        assert {ln.qty for ln in (await engine.get_order(oid))["lines"]} == qty
