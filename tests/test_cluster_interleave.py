@@ -14,12 +14,26 @@ from typing import Any
 
 import pytest
 
-from stock.client import connect
-from stock.engine import StockEngine
-from stock.errors import OrderConflict, Unavailable
+from stock.core.errors import (
+    InsufficientStock,
+    InvalidTransition,
+    OrderConflict,
+    ReservationExpired,
+    Unavailable,
+)
+from stock.orders import cluster_transitions
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import flush
 from tests.servers import Cluster
-from tests.test_cluster_orders import Hooked, cluster_settings, counters, order_items, touches
+from tests.test_cluster_orders import (
+    Hooked,
+    cluster_settings,
+    counters,
+    expire_line,
+    order_items,
+    touches,
+)
 from tests.test_multibucket import skus_on_distinct_nodes
 
 pytestmark = pytest.mark.faults
@@ -145,3 +159,90 @@ async def test_racing_deducts_with_other_items_one_wins(
         assert all(isinstance(a, OrderConflict) for a in answers if isinstance(a, BaseException))
         qty = {ln.qty for ln in won[0].lines}
         assert {ln.qty for ln in (await engine.get_order(oid))["lines"]} == qty
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 4: not fixed yet")
+async def test_a_try_whose_commit_meets_its_cancel_holds_nothing_even_if_the_undo_fails(
+    engine: StockEngine, spread: list[str]
+) -> None:
+    """TCC hanging try on a cluster: the cancel (a release of no order) lands between the
+    try's group calls and its commit, and the try's undo fails: no unit stays held."""
+    skus = spread[:2]
+
+    async def cancel_then_fail_undo(name: str, keys_: list[str], args: list[Any]) -> None:
+        if name == "order" and args[0] == "commit":
+            await engine.release("hang")
+        if name == "abort":
+            raise ConnectionError("injected: the undo never reached Redis")
+
+    tryer = StockEngine(engine.redis, engine.settings)
+    tryer.scripts = Hooked(tryer.scripts, before=cancel_then_fail_undo)  # type: ignore[assignment]
+    with pytest.raises(InvalidTransition):
+        await tryer.reserve("hang", order_items(skus), ttl_s=3600)
+    assert await counters(engine, skus) == [(5, 0, 0)] * 2
+
+
+def never_on(sku: str, op: str) -> Any:
+    """A hook under which every ``op`` call on ``sku``'s group is cut (never ran)."""
+
+    async def cut(name: str, keys_: list[str], args: list[Any]) -> None:
+        if name == op and touches(sku, keys_):
+            raise ConnectionError(f"injected: {op} cut by the deadline")
+
+    return cut
+
+
+@pytest.mark.parametrize("stock_left", [True, False])
+async def test_a_retry_of_a_half_settled_deduct_completes_or_undoes_it(
+    engine: StockEngine, spread: list[str], stock_left: bool
+) -> None:
+    """A 2-group deduct commits, its settle confirms A, B's confirm is cut (every retry);
+    B's hold runs out and the reaper expires it. A retry of the deduct completes the
+    order (stock left) or undoes all of it (B's stock gone): never half sold."""
+    skus = spread[:2]
+    engine.core.deduct_hold_ms = 600
+    first = StockEngine(engine.redis, engine.settings)
+    first.core.deduct_hold_ms = 600
+    first.scripts = Hooked(first.scripts, before=never_on(skus[1], "confirm"))  # type: ignore[assignment]
+    with pytest.raises(Exception, match="injected"):
+        await first.deduct("half", order_items(skus))
+    assert await counters(engine, skus) == [(4, 0, 1), (4, 1, 0)]
+    await asyncio.sleep(0.7)
+    await expire_line(engine, skus[1], "half")
+    if stock_left:
+        result = await engine.deduct("half", order_items(skus))
+        assert {ln.state for ln in result.lines} == {"confirmed"}
+        assert await counters(engine, skus) == [(4, 0, 1)] * 2
+    else:
+        await engine.set_stock(skus[1], 0)
+        with pytest.raises(InsufficientStock):
+            await engine.deduct("half", order_items(skus))
+        assert await counters(engine, skus) == [(5, 0, 0), (0, 0, 0)]
+
+
+@pytest.mark.parametrize("stock_left", [True, False])
+async def test_a_retry_of_a_half_done_confirm_completes_or_undoes_it(
+    engine: StockEngine, spread: list[str], stock_left: bool, monkeypatch: Any
+) -> None:
+    """A multi-node confirm near its reservation's expiry: A confirmed, B's confirm cut,
+    B's hold runs out (the reaper). A retry confirms all, or (B's stock gone) undoes A."""
+    monkeypatch.setattr(cluster_transitions, "HOLD_MS", 500)
+    skus = spread[:2]
+    await engine.reserve("late-pay", order_items(skus), ttl_s=1)
+    await asyncio.sleep(1.05)
+    first = StockEngine(engine.redis, engine.settings)
+    first.scripts = Hooked(first.scripts, before=never_on(skus[1], "confirm"))  # type: ignore[assignment]
+    with pytest.raises(Exception, match="injected"):
+        await first.confirm("late-pay")
+    await asyncio.sleep(0.6)
+    await expire_line(engine, skus[1], "late-pay")
+    assert await counters(engine, skus) == [(4, 0, 1), (5, 0, 0)]
+    if stock_left:
+        result = await engine.confirm("late-pay")
+        assert {ln.state for ln in result.lines} == {"confirmed"}
+        assert await counters(engine, skus) == [(4, 0, 1)] * 2
+    else:
+        await engine.set_stock(skus[1], 0)
+        with pytest.raises(ReservationExpired):
+            await engine.confirm("late-pay")
+        assert await counters(engine, skus) == [(5, 0, 0), (0, 0, 0)]

@@ -29,9 +29,14 @@ import random
 import secrets
 
 from stock.core import formats, keys
-from stock.core.errors import OrderConflict, StockError
+from stock.core.errors import OrderConflict, ReservationExpired, StockError
 from stock.core.validate import Item
-from stock.orders.cluster_transitions import ClusterTransitions, apply_to_groups, is_refusal
+from stock.orders.cluster_transitions import (
+    ClusterTransitions,
+    apply_to_groups,
+    is_refusal,
+    unsell,
+)
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult, order_result
 from stock.redis.scripts import LinesReply, merge_failures, merge_replies, parse_commit
@@ -115,6 +120,8 @@ class ClusterOrders:
                 op,
                 token,
             )
+            if op == "deduct":  # a committed deduct that cannot complete: undo all of it
+                await unsell(self.core, order_id, groups, outcomes, spec, op, op)
             raise merge_failures(failures)
         replies: list[LinesReply] = [o for o in outcomes if isinstance(o, LinesReply)]
         # A deduct's directory must come with half its holds left for the settle: a
@@ -177,9 +184,14 @@ class ClusterOrders:
             if any(ln.state != "confirmed" for ln in r.lines)
         }
         done = {i: r for i, r in enumerate(held) if i not in todo}
-        await apply_to_groups(
-            self.core, order_id, "confirm", todo, done, spec=spec, order_kind="deduct"
-        )
+        try:
+            await apply_to_groups(
+                self.core, order_id, "confirm", todo, done, spec=spec, order_kind="deduct"
+            )
+        except ReservationExpired as late:  # a hold ran out and its stock went: undo all
+            outcomes = [done.get(i, late) for i in range(len(groups))]
+            await unsell(self.core, order_id, groups, outcomes, spec, "deduct", "deduct")
+            raise
         replay = all(r.replay for r in held) and all(r.replay for r in done.values())
         return [LinesReply(replay, done[i].expires_ms, done[i].lines) for i in range(len(groups))]
 
