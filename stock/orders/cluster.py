@@ -27,11 +27,13 @@ import asyncio
 import logging
 import random
 import secrets
+from typing import Any
 
 from stock.core import formats, keys
 from stock.core.errors import OrderConflict, ReservationExpired, StockError
 from stock.core.validate import Item
 from stock.orders.cluster_transitions import (
+    RETRIES,
     ClusterTransitions,
     apply_to_groups,
     is_refusal,
@@ -200,21 +202,35 @@ class ClusterOrders:
     ) -> None:
         """This attempt lets go of its lines in ``groups`` (``abort.lua``: its token
         leaves each line's tag set; a line nobody else holds is deleted). Every group
-        that may have applied is given, so a lost reply is undone too. A failed undo
-        leaves lines with an expiry: the reaper returns them."""
-        e = self.core
-        undone = await asyncio.gather(
-            *(
-                e.group_call(
-                    "abort", order_id=order_id, group=g, spec=spec, order_kind=order_kind, tag=token
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
-        )
-        for problem in undone:
-            if isinstance(problem, BaseException):
-                log.error("order %r: undo failed, the lines expire: %r", order_id, problem)
+        that may have applied is given, so a lost reply is undone too. A group whose
+        undo failed without a refusal is undone again (it is idempotent), ``RETRIES``
+        times: a hanging try's holds must not outlive its refusal. An undo that still
+        fails leaves lines with an expiry: the reaper returns them."""
+        e, todo = self.core, list(groups)
+        for attempt in range(RETRIES + 1):
+            undone = await asyncio.gather(
+                *(
+                    e.group_call(
+                        "abort",
+                        order_id=order_id,
+                        group=g,
+                        spec=spec,
+                        order_kind=order_kind,
+                        tag=token,
+                    )
+                    for g in todo
+                ),
+                return_exceptions=True,
+            )
+            failed = [(g, o) for g, o in zip(todo, undone, strict=True) if not _undone(o)]
+            todo = [g for g, _o in failed]
+            if not todo:
+                return
+            if attempt == RETRIES:
+                for _g, problem in failed:
+                    log.error("order %r: undo failed, the lines expire: %r", order_id, problem)
+                return
+            await e.pause(0.05 * (attempt + 1))
 
     # -- confirm, release, extend, cancel --------------------------------------------------
 
@@ -223,3 +239,8 @@ class ClusterOrders:
     ) -> OrderResult:
         """Confirm, release, extend or cancel: ``stock/orders/cluster_transitions.py``."""
         return await self.transitions.transition(op, order_id, ttl_ms, reason)
+
+
+def _undone(outcome: Any) -> bool:
+    """An undo that ran, or was refused (a line moved on, a fenced SKU): not again."""
+    return not isinstance(outcome, BaseException) or is_refusal(outcome)
