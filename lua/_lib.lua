@@ -307,6 +307,7 @@ end
 -- undo ever deletes the line (a hold's 'H<token>:<expiry>' element is no
 -- attempt's either).
 local TAGS_MAX = 8
+local UNDO_HOLD = 'undo-hold'  -- the reason of abort.lua's events undoing a hold
 local COMMITTED = '*'
 
 local function has_tag(tags, tag)
