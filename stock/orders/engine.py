@@ -170,6 +170,16 @@ class StockEngine:
         return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
 
     @store_boundary
+    async def known_order(self, order_id: str) -> bool:
+        """Whether ``order_id`` has a record (an order, or a TCC tombstone): one GET.
+        The sold-out fast path asks it before refusing a reserve or deduct from memory,
+        so that a retry of an order that did sell gets its replay."""
+        okey = keys.order_key(validate.order_id(order_id))
+        if self.scripts.pipeline is not None:  # ride the (per-node) auto-pipeline
+            return await self.scripts.pipeline.execute("GET", okey) is not None
+        return await self.redis.get(okey) is not None
+
+    @store_boundary
     async def get_order(self, order_id: str) -> dict[str, Any]:
         """The order's kind, phase and each line's state, qty and expiry; a TCC
         tombstone has phase ``released`` or ``cancelled`` and no lines."""
