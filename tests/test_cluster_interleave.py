@@ -249,3 +249,23 @@ async def test_a_retry_of_a_half_done_confirm_completes_or_undoes_it(
         with pytest.raises(ReservationExpired):
             await engine.confirm("late-pay")
         assert await counters(engine, skus) == [(5, 0, 0), (0, 0, 0)]
+
+
+async def test_a_cancel_racing_a_single_group_deduct_is_never_not_found(
+    engine: StockEngine, spread: list[str]
+) -> None:
+    """A single-group deduct's directory is there before its line: a cancel in between
+    waits for the line (and cancels the sale) instead of answering 404."""
+
+    async def slow_sale(name: str, keys_: list[str], args: list[Any]) -> None:
+        if name == "deduct":
+            await asyncio.sleep(0.1)
+
+    buyer = StockEngine(engine.redis, engine.settings)
+    buyer.scripts = Hooked(buyer.scripts, before=slow_sale)  # type: ignore[assignment]
+    sale = asyncio.create_task(buyer.deduct("tcc-d", order_items(spread[:1])))
+    await asyncio.sleep(0.03)
+    cancelled = await engine.cancel("tcc-d")
+    assert (await sale).status == "confirmed"
+    assert {ln.state for ln in cancelled.lines} == {"cancelled"}
+    assert await counters(engine, spread[:1]) == [(5, 0, 0)]

@@ -80,12 +80,21 @@ class ClusterOrders:
 
     async def _other_order(self, order_id: str, op: str, spec: str) -> bool:
         """Whether the directory holds a committed order of the id with another kind or
-        other items (a conflict that is final)."""
-        found = await self.core.scripts("order", [keys.order_key(order_id)], ["read", 0])
+        other items (a conflict that is final). A single-group deduct's directory (one
+        with owners) is opened before its script runs, which may yet refuse and drop
+        it: final only once its line is there."""
+        core = self.core
+        found = await core.scripts("order", [keys.order_key(order_id)], ["read", 0])
         if not found:
             return False
         record = formats.parse_record(found[0])
-        return record.phase == formats.DONE and (record.kind, record.spec) != (op, spec)
+        if record.phase != formats.DONE or (record.kind, record.spec) == (op, spec):
+            return False
+        if not record.owner:
+            return True
+        first = formats.parse_spec(record.spec)[0]
+        line = keys.line_keys(first.sku, order_id, core.settings.buckets).line
+        return bool(await core.redis.exists(line))
 
     async def _acquire_once(
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
