@@ -308,6 +308,7 @@ end
 -- attempt's either).
 local TAGS_MAX = 8
 local UNDO_HOLD = 'undo-hold'  -- the reason of abort.lua's events undoing a hold
+local DEDUCT_HOLD = 'deduct-hold'  -- reason of a multi-group deduct's holds (formats.py)
 local COMMITTED = '*'
 
 local function has_tag(tags, tag)

@@ -21,6 +21,9 @@ local call = parse_call()
 local refused = open_order(call) or open_copy(call)
 if refused then return refused end
 local done_state = call.kind == 'deduct' and 'C' or 'R'
+-- a cluster deduct's holds say so in their events' reason: PostgreSQL then knows the
+-- line's order kind (the writer reads it; stock resync restores the order as a deduct)
+if call.kind == 'deduct' and call.copy_key then call.reason = DEDUCT_HOLD end
 
 local function decide(it, line, c, now)
   if line then

@@ -314,12 +314,13 @@ async def test_resync_prints_progress_for_many_skus(
     assert (await engine.get_stock("D")).sold == 5
 
 
+@pytest.mark.parametrize("redis_lost", [False, True])
 async def test_resync_keeps_a_multi_group_deducts_kind(
-    redis: Any, engine: StockEngine, psettings: Settings
+    redis: Any, engine: StockEngine, psettings: Settings, redis_lost: bool
 ) -> None:
     """A deduct over several bucket groups is held (event ``reserve``) then confirmed on a
-    cluster, so PostgreSQL knows its lines as kind ``reserve``; a resync must not turn its
-    directory into a reserve: a retry of the deduct still replays (issue 20 item 6)."""
+    cluster; a resync (after a Redis loss too) must not turn its directory into a
+    reserve: a retry of the deduct still replays (issue 20 item 6)."""
     dsn = psettings.database_url
     skus = skus_on_distinct_nodes(redis)
     for sku in skus:
@@ -327,6 +328,8 @@ async def test_resync_keeps_a_multi_group_deducts_kind(
     items = [{"sku": sku, "qty": 1} for sku in skus]
     await engine.deduct("multi", items)
     await drain(redis, psettings, dsn)
+    if redis_lost:
+        await flush(redis)
     assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
     assert (await engine.get_order("multi"))["kind"] == "deduct"
     assert (await engine.deduct("multi", items)).replay
