@@ -170,15 +170,23 @@ async def test_a_try_whose_commit_meets_its_cancel_holds_nothing_when_an_undo_ca
     skus = spread[:2]
     failed: list[str] = []
 
-    async def cancel_then_fail_undo(name: str, keys_: list[str], args: list[Any]) -> None:
-        if name == "order" and args[0] == "commit":
+    cancelled: list[str] = []
+
+    async def cancel_after_a_group(name: str, keys_: list[str], args: list[Any]) -> None:
+        # the commit is a plain SET NX GET (no script): cancel once a group call ran
+        if name == "reserve" and not cancelled:
+            cancelled.append(name)
             await engine.release("hang")
+
+    async def fail_undo(name: str, keys_: list[str], args: list[Any]) -> None:
         if name == "abort" and touches(skus[1], keys_) and not failed:
             failed.append(name)
             raise ConnectionError("injected: the undo never reached Redis")
 
     tryer = StockEngine(engine.redis, engine.settings)
-    tryer.scripts = Hooked(tryer.scripts, before=cancel_then_fail_undo)  # type: ignore[assignment]
+    tryer.scripts = Hooked(  # type: ignore[assignment]
+        tryer.scripts, before=fail_undo, after=cancel_after_a_group
+    )
     with pytest.raises(InvalidTransition):
         await tryer.reserve("hang", order_items(skus), ttl_s=3600)
     assert failed
