@@ -218,6 +218,24 @@ async def test_ledger_rows_carry_the_reason(full: TestClient[Any, Any]) -> None:
     assert none["rows"] == []
 
 
+async def test_a_sharded_skus_ledger_holds_every_shard(full: TestClient[Any, Any]) -> None:
+    """DESIGN §12: the ledger of a sharded SKU is its shards' rows, each naming its
+    shard (the rows of a move: adjust, reason 'move ...')."""
+    put = await full.put("/v1/stock/H", json={"available": 8, "shards": 4}, headers=ADMIN)
+    assert (await put.json())["shards"] == 4
+
+    async def rows() -> list[Any]:
+        answer = await full.get("/v1/stock/H/ledger?limit=50", headers=ADMIN)
+        found: list[Any] = (await answer.json())["rows"]
+        return found if {r["shard"] for r in found} == {0, 1, 2, 3} else []
+
+    found = await wait_for(rows)
+    assert found, "every shard's rows"
+    assert any(r["reason"].startswith("move ") for r in found)
+    plain = await (await full.get("/v1/stock/NOPE/ledger", headers=ADMIN)).json()
+    assert plain["rows"] == []
+
+
 async def test_health_with_postgres(full: TestClient[Any, Any], settings: Settings) -> None:
     async def all_held() -> Any:
         body = await (await full.get("/v1/admin/health", headers=ADMIN)).json()

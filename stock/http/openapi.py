@@ -227,6 +227,7 @@ LEDGER_ROW = _obj(
     reserved={"type": "integer"},
     sold={"type": "integer"},
     seq={"type": "integer"},
+    shard={"type": "integer", "minimum": 0},  # a sharded SKU's shard (DESIGN §12)
     reason={"type": "string"},
     at={**EXPIRES, "nullable": True},
 )

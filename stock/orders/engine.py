@@ -180,6 +180,13 @@ class StockEngine:
         validate.sku(sku)
         return (await self.sharded.set_shards(sku, shards)).shards
 
+    @store_boundary
+    async def shard_names(self, sku: str) -> list[str]:
+        """The SKU names its stock lives under: ``[sku]``, or a sharded SKU's shards
+        (``sku``, ``sku#1``, ...; the ledger's rows name them)."""
+        (span,) = await self.core.hmget(keys.sku_key(sku, self.settings.buckets), "span")
+        return [keys.shard_sku(sku, i) for i in range(int(span or 1))]
+
     async def shards_of(self, sku: str) -> int:
         return (await self.stock_view(sku))[1]
 
