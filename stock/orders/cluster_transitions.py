@@ -226,20 +226,14 @@ async def apply_to_groups(
     e = core
     for attempt in range(retries + 1):
         pending = list(todo.items())
-        outcomes = await asyncio.gather(
-            *(
-                e.group_call(
-                    op,
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    ttl_ms=ttl_ms,
-                    order_kind=order_kind,
-                    reason=reason,
-                )
-                for _, g in pending
-            ),
-            return_exceptions=True,
+        outcomes = await e.group_calls(
+            op,
+            [g for _, g in pending],
+            order_id=order_id,
+            spec=spec,
+            ttl_ms=ttl_ms,
+            order_kind=order_kind,
+            reason=reason,
         )
         failures = []
         for (i, _g), outcome in zip(pending, outcomes, strict=True):

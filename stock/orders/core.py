@@ -9,6 +9,7 @@ record, call a script on one bucket group). Neither backend reaches into the eng
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
@@ -48,6 +49,14 @@ class OrderCore:
         finally:
             await asyncio.shield(self.inflight.acquire())
 
+    @staticmethod
+    def token() -> str:
+        """An attempt's token on a cluster (the tag of its lines): 48 random bits, as
+        ``secrets.token_hex(6)`` but without a system call per order. The tokens
+        only tell attempts apart, they guard nothing: ``random`` (seeded from the
+        OS, seeded again in a forked child) is enough."""
+        return f"{random.getrandbits(48):012x}"
+
     async def pause(self, seconds: float) -> None:
         await self.outside(asyncio.sleep(seconds))
 
@@ -78,12 +87,19 @@ class OrderCore:
             return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
         return list(await self.redis.hmget(key, *fields))
 
-    async def group_call(
+    async def group_call(self, op: str, *, group: list[Item], **call: Any) -> LinesReply:
+        """Script ``op`` on one bucket group on a cluster (``group_calls``)."""
+        (outcome,) = await self.group_calls(op, [group], **call)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def group_calls(
         self,
         op: str,
+        groups: Sequence[list[Item]],
         *,
         order_id: str,
-        group: list[Item],
         spec: str,
         mode: Mode = WITH_COPY,
         ttl_ms: int = 0,
@@ -94,29 +110,45 @@ class OrderCore:
         tag: str = "",
         reason: str = "",
         customer: str = "",
-    ) -> LinesReply:
-        """Script ``op`` on one bucket group on a cluster (``line_call`` in
-        ``stock/redis/scripts.py`` names the arguments); by default the call carries the
-        bucket's copy of the order."""
-        keys_, args = line_call(
-            buckets=self.settings.buckets,
-            retention_ms=self.retention_ms,
-            mode=mode,
-            order_id=order_id,
-            items=group,
-            spec=spec,
-            ttl_ms=ttl_ms,
-            may_create=may_create,
-            order_kind=order_kind,
-            hold_for=hold_for,
-            undo_holds=undo_holds,
-            tag=tag,
-            reason=reason,
-            customer=customer,
-        )
-        return parse_lines(await self.scripts(op, keys_, args), order_id)
+    ) -> list[LinesReply | BaseException]:
+        """Script ``op`` on each bucket group at once on a cluster (``line_call`` in
+        ``stock/redis/scripts.py`` names the arguments; by default the call carries
+        the bucket's copy of the order): each group's reply or its error, in order,
+        as ``asyncio.gather(..., return_exceptions=True)`` but with no task per
+        group (``Scripts.many``)."""
+        calls = [
+            line_call(
+                buckets=self.settings.buckets,
+                retention_ms=self.retention_ms,
+                mode=mode,
+                order_id=order_id,
+                items=group,
+                spec=spec,
+                ttl_ms=ttl_ms,
+                may_create=may_create,
+                order_kind=order_kind,
+                hold_for=hold_for,
+                undo_holds=undo_holds,
+                tag=tag,
+                reason=reason,
+                customer=customer,
+            )
+            for group in groups
+        ]
+        outcomes: list[LinesReply | BaseException] = []
+        for reply in await self.scripts.many(op, calls):
+            if isinstance(reply, BaseException):
+                outcomes.append(reply)
+                continue
+            try:
+                outcomes.append(parse_lines(reply, order_id))
+            except Exception as exc:  # a refusal (StockError), or a reply it cannot read
+                outcomes.append(exc)
+        return outcomes
 
     def groups(self, items: Sequence[Item]) -> list[list[Item]]:
+        if len(items) == 1:  # most orders
+            return [[items[0]]]
         by_bucket: dict[int, list[Item]] = defaultdict(list)
         for item in items:
             by_bucket[keys.bucket_of(item.sku, self.settings.buckets)].append(item)

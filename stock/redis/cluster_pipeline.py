@@ -35,10 +35,12 @@ resending would only wait again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from binascii import crc_hqx
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, NamedTuple
 
 from redis._parsers.base import BaseParser
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -56,6 +58,8 @@ from stock.redis.pipeline import MAX_BATCH, AutoPipeline
 # not run where it was sent (redirections too many in a row, a slot uncovered, the
 # cluster down), or the connection failed (maybe sent, maybe not).
 _RESEND = (AskError, ClusterDownError, SlotNotCoveredError, ConnectionError)
+# What ``follow`` handles after a call sent on the fast path failed (``submit``).
+_FOLLOWED = (*_RESEND, TryAgainError, NoScriptError)
 
 Fallback = Callable[[], Awaitable[Any]]
 
@@ -63,6 +67,33 @@ MAX_REDIRECTS = 5  # MOVED/ASK followed in a row (between TRYAGAIN pauses) for o
 MIGRATION_WAIT_S = 5.0  # TRYAGAIN waited out per call, when the client does not say
 TRYAGAIN_FIRST_S = 0.01  # the first pause after a TRYAGAIN, doubling ...
 TRYAGAIN_MAX_S = 0.2  # ... up to this
+
+
+class Sent(NamedTuple):
+    """A call queued by ``ClusterBatch.submit``: the node it went to, its reply."""
+
+    node: Any
+    reply: asyncio.Future[Any]
+
+
+class Call(NamedTuple):
+    """One call of ``ClusterBatch.calls``: as the arguments of ``ClusterBatch.call``."""
+
+    key: str
+    command: Sequence[Any]
+    fallback: Fallback | None
+    source: str = ""
+
+
+def slot_of(key: str) -> int:
+    """``key``'s hash slot, as ``redis.crc.key_slot`` of the encoded key computes it
+    (a hash tag's braces are ASCII, so the tag is the same in text and in UTF-8)."""
+    start = key.find("{")
+    if start > -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return crc_hqx(key.encode(), 0) % REDIS_CLUSTER_HASH_SLOTS
 
 
 def _parse_error(message: str) -> Exception:
@@ -157,8 +188,74 @@ class ClusterBatch:
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         return await self.call(keys[0], command, fallback, source)
 
+    def submit(self, key: str, command: Sequence[Any]) -> Sent | None:
+        """The fast path: ``command`` queued at once on the pipeline of ``key``'s node
+        by the client's slot map (no coroutine, no redis-py call); None when the map
+        does not cover the slot (not loaded yet, or a node lost): ``call`` then."""
+        nodes = self.client.nodes_manager.slots_cache.get(slot_of(key))
+        if not nodes:
+            return None
+        node = nodes[0]
+        pipe = self._pipes.get(node.name)
+        if pipe is None or pipe.node is not node:
+            pipe = self.pipe_for(node)
+        return Sent(node, pipe.execute(*command))
+
     async def call(
         self, key: str, command: Sequence[Any], fallback: Fallback | None, source: str = ""
+    ) -> Any:
+        """Send ``command`` to the node of ``key``'s slot (``submit``), following the
+        replies that say it did not run there (``follow``)."""
+        sent = self.submit(key, command)
+        if sent is None:
+            return await self.follow(key, command, fallback, source)
+        try:
+            return await sent.reply
+        except _FOLLOWED as exc:
+            return await self.follow(key, command, fallback, source, sent.node, exc)
+
+    async def calls(self, calls: Sequence[Call]) -> list[Any]:
+        """Several calls at once, each one as ``call`` does it; the replies in order,
+        an exception in place of a reply that failed (as ``asyncio.gather`` with
+        ``return_exceptions``, without a task per call: the calls are queued at once
+        and their replies awaited; only a call that needs following gets a task)."""
+        sent = [self.submit(c.key, c.command) for c in calls]
+        outcomes: list[Any] = []
+        again: dict[int, Coroutine[Any, Any, Any]] = {}
+        try:
+            for i, (c, s) in enumerate(zip(calls, sent, strict=True)):
+                if s is None:
+                    again[i] = self.follow(c.key, c.command, c.fallback, c.source)
+                    outcomes.append(None)
+                    continue
+                try:
+                    outcomes.append(await s.reply)
+                except _FOLLOWED as exc:
+                    again[i] = self.follow(c.key, c.command, c.fallback, c.source, s.node, exc)
+                    outcomes.append(None)
+                except Exception as exc:
+                    outcomes.append(exc)
+        except BaseException:  # cancelled: the replies still to come are nobody's
+            for s in sent:
+                if s is not None:
+                    s.reply.add_done_callback(_ignore_result)
+            for pending in again.values():
+                pending.close()
+            raise
+        if again:
+            followed = await asyncio.gather(*again.values(), return_exceptions=True)
+            for i, outcome in zip(again, followed, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    async def follow(
+        self,
+        key: str,
+        command: Sequence[Any],
+        fallback: Fallback | None,
+        source: str = "",
+        node: Any = None,
+        failed: BaseException | None = None,
     ) -> Any:
         """Send ``command`` to the node of ``key``'s slot, following the replies that
         say it did not run there: MOVED (the slot map is told) and ASK (ASKING first,
@@ -167,14 +264,23 @@ class ClusterBatch:
         an uncovered slot (the slot map reloaded), tried again with a growing pause
         for ``migration_wait_s``. These are followed for ``once`` calls too: nothing
         ran. Any other failure in ``_RESEND`` goes to ``fallback`` (redis-py's path),
-        or to the caller when there is none."""
+        or to the caller when there is none. ``failed``: how the call already sent
+        to ``node`` (by ``submit``) failed, followed first (NOSCRIPT: sent again
+        there, the script loaded)."""
         client = self.client
-        if client.get_default_node() is None:  # no slot map yet
-            await client.initialize()
-        node, asking, hops = client.get_node_from_key(key), False, 0
+        if node is None:
+            if client.get_default_node() is None:  # no slot map yet
+                await client.initialize()
+            node = client.get_node_from_key(key)
+        asking, hops = False, 0
         waited, pause = 0.0, TRYAGAIN_FIRST_S
+        if isinstance(failed, NoScriptError):
+            failed = None  # nothing ran: _send loads the script and sends again
         while True:
             try:
+                if failed is not None:
+                    first, failed = failed, None
+                    raise first
                 return await self._send(self.pipe_for(node), command, source, asking)
             except MovedError as exc:  # (a subclass of AskError)
                 hops += 1
