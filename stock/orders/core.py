@@ -115,7 +115,10 @@ class OrderCore:
         ``stock/redis/scripts.py`` names the arguments; by default the call carries
         the bucket's copy of the order): each group's reply or its error, in order,
         as ``asyncio.gather(..., return_exceptions=True)`` but with no task per
-        group (``Scripts.many``)."""
+        group: on a cluster each call is sent when it is made (``Scripts``), so
+        awaiting them one by one waits for the slowest only. (Only the rare
+        redirections and retries of a call, ``ClusterBatch.follow``, wait their
+        turn behind the groups before it.)"""
         calls = [
             line_call(
                 buckets=self.settings.buckets,
@@ -135,14 +138,18 @@ class OrderCore:
             )
             for group in groups
         ]
+        sent = [self.scripts(op, keys_, args) for keys_, args in calls]  # all at once
         outcomes: list[LinesReply | BaseException] = []
-        for reply in await self.scripts.many(op, calls):
-            if isinstance(reply, BaseException):
-                outcomes.append(reply)
-                continue
+        for i, call in enumerate(sent):
             try:
-                outcomes.append(parse_lines(reply, order_id))
-            except Exception as exc:  # a refusal (StockError), or a reply it cannot read
+                outcomes.append(parse_lines(await call, order_id))
+            except asyncio.CancelledError:
+                for unread in sent[i + 1 :]:
+                    close = getattr(unread, "close", None)
+                    if close is not None:
+                        close()  # the reply is nobody's
+                raise
+            except Exception as exc:  # a refusal (StockError), or the call failed
                 outcomes.append(exc)
         return outcomes
 

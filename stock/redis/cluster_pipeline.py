@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from binascii import crc_hqx
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, NamedTuple
 
 from redis._parsers.base import BaseParser
@@ -74,15 +74,6 @@ class Sent(NamedTuple):
 
     node: Any
     reply: asyncio.Future[Any]
-
-
-class Call(NamedTuple):
-    """One call of ``ClusterBatch.calls``: as the arguments of ``ClusterBatch.call``."""
-
-    key: str
-    command: Sequence[Any]
-    fallback: Fallback | None
-    source: str = ""
 
 
 def slot_of(key: str) -> int:
@@ -128,6 +119,44 @@ class NodePipeline(AutoPipeline):
 
     async def _return(self, conn: Any) -> None:
         self.node.release(conn)
+
+
+class Pending:
+    """A call of ``ClusterBatch.call``, already sent: awaited for its outcome (its
+    reply, or ``ClusterBatch.follow``'s when it did not run where it went);
+    ``close`` when it will not be awaited (the reply is nobody's)."""
+
+    __slots__ = ("batch", "call", "fallback", "key", "sent", "source")
+
+    def __init__(
+        self,
+        batch: ClusterBatch,
+        sent: Sent | None,
+        key: str,
+        command: Sequence[Any],
+        fallback: Fallback | None,
+        source: str,
+    ) -> None:
+        self.batch, self.sent, self.key = batch, sent, key
+        self.call, self.fallback, self.source = command, fallback, source
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._outcome().__await__()
+
+    async def _outcome(self) -> Any:
+        sent, batch = self.sent, self.batch
+        if sent is None:
+            return await batch.follow(self.key, self.call, self.fallback, self.source)
+        try:
+            return await sent.reply
+        except _FOLLOWED as exc:
+            return await batch.follow(
+                self.key, self.call, self.fallback, self.source, sent.node, exc
+            )
+
+    def close(self) -> None:
+        if self.sent is not None:
+            self.sent.reply.add_done_callback(_ignore_result)
 
 
 class ClusterBatch:
@@ -201,52 +230,14 @@ class ClusterBatch:
             pipe = self.pipe_for(node)
         return Sent(node, pipe.execute(*command))
 
-    async def call(
+    def call(
         self, key: str, command: Sequence[Any], fallback: Fallback | None, source: str = ""
-    ) -> Any:
-        """Send ``command`` to the node of ``key``'s slot (``submit``), following the
-        replies that say it did not run there (``follow``)."""
-        sent = self.submit(key, command)
-        if sent is None:
-            return await self.follow(key, command, fallback, source)
-        try:
-            return await sent.reply
-        except _FOLLOWED as exc:
-            return await self.follow(key, command, fallback, source, sent.node, exc)
-
-    async def calls(self, calls: Sequence[Call]) -> list[Any]:
-        """Several calls at once, each one as ``call`` does it; the replies in order,
-        an exception in place of a reply that failed (as ``asyncio.gather`` with
-        ``return_exceptions``, without a task per call: the calls are queued at once
-        and their replies awaited; only a call that needs following gets a task)."""
-        sent = [self.submit(c.key, c.command) for c in calls]
-        outcomes: list[Any] = []
-        again: dict[int, Coroutine[Any, Any, Any]] = {}
-        try:
-            for i, (c, s) in enumerate(zip(calls, sent, strict=True)):
-                if s is None:
-                    again[i] = self.follow(c.key, c.command, c.fallback, c.source)
-                    outcomes.append(None)
-                    continue
-                try:
-                    outcomes.append(await s.reply)
-                except _FOLLOWED as exc:
-                    again[i] = self.follow(c.key, c.command, c.fallback, c.source, s.node, exc)
-                    outcomes.append(None)
-                except Exception as exc:
-                    outcomes.append(exc)
-        except BaseException:  # cancelled: the replies still to come are nobody's
-            for s in sent:
-                if s is not None:
-                    s.reply.add_done_callback(_ignore_result)
-            for pending in again.values():
-                pending.close()
-            raise
-        if again:
-            followed = await asyncio.gather(*again.values(), return_exceptions=True)
-            for i, outcome in zip(again, followed, strict=True):
-                outcomes[i] = outcome
-        return outcomes
+    ) -> Pending:
+        """Send ``command`` to the node of ``key``'s slot now (``submit``); await the
+        result for its reply, the replies that say it did not run there followed
+        (``follow``). Queued at once, so that the calls of one order made one after
+        the other travel in the same batches without a task each."""
+        return Pending(self, self.submit(key, command), key, command, fallback, source)
 
     async def follow(
         self,

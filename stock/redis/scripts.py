@@ -12,8 +12,7 @@ the script and calls again on NOSCRIPT (after a restart, failover or SCRIPT FLUS
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,7 +39,7 @@ from stock.core.errors import (
 )
 from stock.core.formats import state_name
 from stock.core.validate import Item
-from stock.redis.cluster_pipeline import Call, ClusterBatch
+from stock.redis.cluster_pipeline import ClusterBatch
 from stock.redis.pipeline import AutoPipeline, evalsha
 
 LINE_OPS = ("reserve", "deduct", "confirm", "release", "abort", "cancel", "extend", "hold")
@@ -352,10 +351,6 @@ def expect_ok(reply: Sequence[Any], script: str) -> None:
         raise_for(reply, script=script)
 
 
-async def _gather(calls: list[Coroutine[Any, Any, Any]]) -> list[Any]:
-    return list(await asyncio.gather(*calls, return_exceptions=True))
-
-
 class Scripts:
     """The registered scripts of one client (standalone or cluster).
 
@@ -378,38 +373,21 @@ class Scripts:
 
     def __call__(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, once: bool = False
-    ) -> Coroutine[Any, Any, Any]:
+    ) -> Awaitable[Any]:
         """Run script ``name`` (await the result). With ``once`` the call is never sent
         a second time: on a cluster a call whose reply was lost (a timeout, a dropped
         connection) is resent through redis-py, which is harmless for the idempotent
         order scripts but would apply a non-idempotent one (``adjust``) twice; the
         caller hears the error instead and the outcome stays the caller's to check.
 
-        A plain function returning the call's coroutine, not a coroutine of its own:
-        each level of coroutines is paid again at every wait for a reply."""
+        A plain function returning the call's awaitable, not a coroutine of its own
+        (each level of coroutines is paid again at every wait for a reply). On a
+        cluster the call is sent at once (``ClusterBatch.call``): several calls made
+        one after the other, then awaited, travel together."""
+        script = self._scripts[name]
         if self._auto is not None:
-            script = self._scripts[name]
             return evalsha(self._auto, script.sha, _SOURCES[name], list(keys), list(args))
         assert self._batch is not None
-        call = self._cluster_call(name, keys, args, once)
-        return self._batch.call(call.key, call.command, call.fallback, call.source)
-
-    def many(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-    ) -> Coroutine[Any, Any, list[Any]]:
-        """Run script ``name`` once per ``(keys, args)``, all at once (the bucket groups
-        of one order): the replies in order, an exception in place of a reply that
-        failed (as ``asyncio.gather(..., return_exceptions=True)``). On a cluster
-        the calls are queued at once and no task is made per call
-        (``ClusterBatch.calls``)."""
-        if self._batch is None:
-            return _gather([self(name, keys, args) for keys, args in calls])
-        return self._batch.calls([self._cluster_call(name, k, a) for k, a in calls])
-
-    def _cluster_call(
-        self, name: str, keys: Sequence[str], args: Sequence[Any], once: bool = False
-    ) -> Call:
-        script = self._scripts[name]
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         fallback = None if once else (lambda: script(keys=keys, args=args))
-        return Call(keys[0], command, fallback, _SOURCES[name])
+        return self._batch.call(keys[0], command, fallback, _SOURCES[name])
