@@ -56,13 +56,16 @@ async def _loop(
                 await engine.confirm(f"pr-{w}-{i}")
 
         await hammer(call, 50, 0.5, warmup=0.2)  # warm: scripts loaded, connections open
-        calls, before = 0, os.times()
+        pipe = engine.scripts.pipeline
+        calls, before, sent = 0, os.times(), (pipe.batches, pipe.commands)
         if profile is not None:
             profile.enable()
         await hammer(call, 50, seconds, warmup=0.0)
         if profile is not None:
             profile.disable()
         after = os.times()
+        batches, commands = pipe.batches - sent[0], pipe.commands - sent[1]
+        print(f"   {commands / calls:.2f} calls/order in {batches / calls:.2f} writes/order")
         user, system = after.user - before.user, after.system - before.system
         return user / calls * 1e6, system / calls * 1e6
     finally:

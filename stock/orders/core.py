@@ -23,6 +23,18 @@ from stock.redis.scripts import WITH_COPY, LinesReply, Mode, Scripts, line_call,
 T = TypeVar("T")
 
 
+class InFlight(asyncio.Semaphore):
+    """The cluster's bound on operations in flight: an ``asyncio.Semaphore`` whose
+    uncontended ``async with`` takes a slot at once (Python 3.11's ``acquire``
+    first scans the waiters with a generator, on every order)."""
+
+    async def __aenter__(self) -> None:
+        if self._value > 0 and not self._waiters:
+            self._value -= 1
+            return
+        await self.acquire()
+
+
 class OrderCore:
     """The client, scripts and settings of one engine, and the calls its paths share."""
 
@@ -36,7 +48,7 @@ class OrderCore:
         # redis-py's cluster pools fail instead of waiting when they run dry: bound
         # the operations in flight so a stampede queues here. (Standalone calls
         # share an auto-pipeline and a blocking pool, which queue by themselves.)
-        self.inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
+        self.inflight = InFlight(settings.redis_max_connections) if self.cluster else None
 
     async def outside(self, waiting: Awaitable[T]) -> T:
         """Await ``waiting`` without holding an in-flight slot (the caller holds one on

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 from binascii import crc_hqx
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from redis._parsers.base import BaseParser
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS
@@ -58,7 +58,7 @@ from stock.redis.pipeline import MAX_BATCH, AutoPipeline
 # not run where it was sent (redirections too many in a row, a slot uncovered, the
 # cluster down), or the connection failed (maybe sent, maybe not).
 _RESEND = (AskError, ClusterDownError, SlotNotCoveredError, ConnectionError)
-# What ``follow`` handles after a call sent on the fast path failed (``submit``).
+# What ``follow`` handles after a call sent at once failed (``ClusterBatch.call``).
 _FOLLOWED = (*_RESEND, TryAgainError, NoScriptError)
 
 Fallback = Callable[[], Awaitable[Any]]
@@ -67,13 +67,6 @@ MAX_REDIRECTS = 5  # MOVED/ASK followed in a row (between TRYAGAIN pauses) for o
 MIGRATION_WAIT_S = 5.0  # TRYAGAIN waited out per call, when the client does not say
 TRYAGAIN_FIRST_S = 0.01  # the first pause after a TRYAGAIN, doubling ...
 TRYAGAIN_MAX_S = 0.2  # ... up to this
-
-
-class Sent(NamedTuple):
-    """A call queued by ``ClusterBatch.submit``: the node it went to, its reply."""
-
-    node: Any
-    reply: asyncio.Future[Any]
 
 
 def slot_of(key: str) -> int:
@@ -122,41 +115,43 @@ class NodePipeline(AutoPipeline):
 
 
 class Pending:
-    """A call of ``ClusterBatch.call``, already sent: awaited for its outcome (its
-    reply, or ``ClusterBatch.follow``'s when it did not run where it went);
-    ``close`` when it will not be awaited (the reply is nobody's)."""
+    """A call of ``ClusterBatch.call``, already sent to ``node`` (None when the slot
+    map did not cover its slot): awaited for its outcome, its reply or
+    ``ClusterBatch.follow``'s when it did not run there; ``close`` when it will not
+    be awaited (its reply is nobody's)."""
 
-    __slots__ = ("batch", "call", "fallback", "key", "sent", "source")
+    __slots__ = ("batch", "command", "fallback", "key", "node", "reply", "source")
 
     def __init__(
         self,
         batch: ClusterBatch,
-        sent: Sent | None,
+        node: Any,
+        reply: asyncio.Future[Any] | None,
         key: str,
         command: Sequence[Any],
         fallback: Fallback | None,
         source: str,
     ) -> None:
-        self.batch, self.sent, self.key = batch, sent, key
-        self.call, self.fallback, self.source = command, fallback, source
+        self.batch, self.node, self.reply, self.key = batch, node, reply, key
+        self.command, self.fallback, self.source = command, fallback, source
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._outcome().__await__()
-
-    async def _outcome(self) -> Any:
-        sent, batch = self.sent, self.batch
-        if sent is None:
-            return await batch.follow(self.key, self.call, self.fallback, self.source)
-        try:
-            return await sent.reply
-        except _FOLLOWED as exc:
-            return await batch.follow(
-                self.key, self.call, self.fallback, self.source, sent.node, exc
-            )
+        """(A generator, not a coroutine: one level less at every wait.)"""
+        reply = self.reply
+        if reply is not None:
+            try:
+                return (yield from reply.__await__())
+            except _FOLLOWED as exc:
+                followed = self.batch.follow(
+                    self.key, self.command, self.fallback, self.source, self.node, exc
+                )
+                return (yield from followed.__await__())
+        followed = self.batch.follow(self.key, self.command, self.fallback, self.source)
+        return (yield from followed.__await__())
 
     def close(self) -> None:
-        if self.sent is not None:
-            self.sent.reply.add_done_callback(_ignore_result)
+        if self.reply is not None:
+            self.reply.add_done_callback(_ignore_result)
 
 
 class ClusterBatch:
@@ -217,27 +212,23 @@ class ClusterBatch:
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         return await self.call(keys[0], command, fallback, source)
 
-    def submit(self, key: str, command: Sequence[Any]) -> Sent | None:
-        """The fast path: ``command`` queued at once on the pipeline of ``key``'s node
-        by the client's slot map (no coroutine, no redis-py call); None when the map
-        does not cover the slot (not loaded yet, or a node lost): ``call`` then."""
+    def call(
+        self, key: str, command: Sequence[Any], fallback: Fallback | None, source: str = ""
+    ) -> Pending:
+        """Send ``command`` now to the node of ``key``'s slot by the client's slot map
+        (no coroutine, no redis-py call); await the result for its reply, the
+        replies that say it did not run there followed (``follow``, which also
+        routes a call whose slot the map does not cover: not loaded yet, or a node
+        lost). Sent at once, so that the calls of one order made one after the
+        other travel in the same batches without a task each."""
         nodes = self.client.nodes_manager.slots_cache.get(slot_of(key))
         if not nodes:
-            return None
+            return Pending(self, None, None, key, command, fallback, source)
         node = nodes[0]
         pipe = self._pipes.get(node.name)
         if pipe is None or pipe.node is not node:
             pipe = self.pipe_for(node)
-        return Sent(node, pipe.execute(*command))
-
-    def call(
-        self, key: str, command: Sequence[Any], fallback: Fallback | None, source: str = ""
-    ) -> Pending:
-        """Send ``command`` to the node of ``key``'s slot now (``submit``); await the
-        result for its reply, the replies that say it did not run there followed
-        (``follow``). Queued at once, so that the calls of one order made one after
-        the other travel in the same batches without a task each."""
-        return Pending(self, self.submit(key, command), key, command, fallback, source)
+        return Pending(self, node, pipe.execute(*command), key, command, fallback, source)
 
     async def follow(
         self,
@@ -256,7 +247,7 @@ class ClusterBatch:
         for ``migration_wait_s``. These are followed for ``once`` calls too: nothing
         ran. Any other failure in ``_RESEND`` goes to ``fallback`` (redis-py's path),
         or to the caller when there is none. ``failed``: how the call already sent
-        to ``node`` (by ``submit``) failed, followed first (NOSCRIPT: sent again
+        to ``node`` (by ``call``) failed, followed first (NOSCRIPT: sent again
         there, the script loaded)."""
         client = self.client
         if node is None:
