@@ -65,7 +65,8 @@ async def _loop(
             profile.disable()
         after = os.times()
         batches, commands = pipe.batches - sent[0], pipe.commands - sent[1]
-        print(f"   {commands / calls:.2f} calls/order in {batches / calls:.2f} writes/order")
+        each = f"{commands / calls:.2f} calls and {batches / calls:.2f} writes each"
+        print(f"   {calls} orders: {each}", flush=True)
         user, system = after.user - before.user, after.system - before.system
         return user / calls * 1e6, system / calls * 1e6
     finally:

@@ -87,7 +87,8 @@ class _Link(asyncio.Protocol):
         self.replied = 0
         self.task: asyncio.Task[None] | None = None
         self.broken = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()  # the transport's
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
         leftover = bytes(buffered)  # (nothing after redis-py's handshake)
         buffered.clear()
@@ -175,7 +176,10 @@ class AutoPipeline:
         """Queue one command (``"EVALSHA", sha, n, *keys, *argv`` or any other; the
         reply is raw RESP, without redis-py's per-command response callbacks); the
         future resolves to its reply or fails with its error."""
-        loop = asyncio.get_running_loop()
+        # The open connection's loop: Python 3.11's get_running_loop() makes a getpid
+        # system call each time (to notice a fork), once per command otherwise.
+        link = self._link
+        loop = link.loop if link is not None else asyncio.get_running_loop()
         future = loop.create_future()
         self._packed.append(hiredis.pack_command(args))
         self._futures.append(future)
@@ -209,7 +213,7 @@ class AutoPipeline:
         self.batches += 1
         self.commands += len(futures)
         try:
-            link.send(packed, futures, asyncio.get_running_loop().time())
+            link.send(packed, futures, link.loop.time())
         except Exception as exc:  # the transport closed under us (the client closed)
             link.fail(ConnectionError(f"connection to Redis lost: {exc!r}"))
             return
