@@ -34,6 +34,12 @@ class InFlight(asyncio.Semaphore):
             return
         await self.acquire()
 
+    async def __aexit__(self, *exc: object) -> None:
+        if self._waiters:
+            self.release()
+        else:
+            self._value += 1
+
 
 class OrderCore:
     """The client, scripts and settings of one engine, and the calls its paths share."""

@@ -6,9 +6,10 @@ read wake-up and several layers of per-reply bookkeeping. Here the calls share
 one connection, borrowed from the client's pool for as long as it works,
 pipelined: each call is packed by hiredis and queued; the queue is written at
 the end of the event-loop tick, or as soon as it holds ``max_batch`` calls, and
-a reader task resolves the callers in order as their replies arrive, parsed by
-one hiredis reader. No MULTI: each script stays atomic on its own and the calls
-are independent.
+the callers are resolved in order as their replies arrive, parsed by one
+hiredis reader right in the transport's ``data_received`` (``_Link``, which
+takes the connection over as its protocol). No MULTI: each script stays atomic
+on its own and the calls are independent.
 
 Writing a full batch at once, rather than at the end of the tick, lets Redis
 work on it while this process is still waking the callers of the replies
@@ -17,17 +18,21 @@ profiles and CPU counters say", has the figures).
 
 redis-py opens and authenticates the connection (and gives it back to the pool
 when it breaks, or takes it when the client closes); this module only writes
-packed commands to its stream and reads replies from it. On a cluster, one
+packed commands to its transport and reads replies from it (the end of the
+connection is handed on to redis-py's stream protocol). On a cluster, one
 such pipeline per node borrows a connection of that node
 (``stock.redis.cluster_pipeline``), since redis-py 8.1 refuses EVALSHA in its cluster
 pipeline (redis/redis-py#2914).
 
 The streams are redis-py's private ``Connection._reader`` and ``_writer``
-(``streams``, the one place that reads them). Its public seams,
-``send_packed_command`` and ``read_response``, are a coroutine per write (which
-waits for the socket to drain) and a parse and a timeout context per reply:
-the costs this module exists to remove. So ``pyproject.toml`` names the redis-py
-versions checked (8.1), and ``tests/test_pipeline.py`` pins what this module and
+(``streams``, the one place that reads them; the reader's buffer, empty after
+the handshake, is taken over too). Its public seams, ``send_packed_command``
+and ``read_response``, are a coroutine per write (which waits for the socket
+to drain) and a parse and a timeout context per reply: the costs this module
+exists to remove (and so are a reader task woken per read and Python 3.11's
+``asyncio.get_running_loop()``, a ``getpid`` system call each time). So
+``pyproject.toml`` names the redis-py versions checked (8.1), and
+``tests/test_pipeline.py`` pins what this module and
 ``stock.redis.cluster_pipeline`` rely on, failing loudly on another version.
 """
 
