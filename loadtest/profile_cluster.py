@@ -42,7 +42,7 @@ async def _loop(
         engine = StockEngine(client, settings)
         for sku in SKUS:
             await engine.set_stock(sku, STOCK, reason="bench")
-        n, calls = len(SKUS), 0
+        n, calls, phase = len(SKUS), 0, "warm"
 
         async def call(w: int, i: int) -> None:
             nonlocal calls
@@ -51,12 +51,12 @@ async def _loop(
             items = [Item(SKUS[first], 1)]
             if size == 2:
                 items.append(Item(SKUS[(first + 1 + (w + i) % (n - 1)) % n], 1))
-            await engine.reserve(f"pr-{w}-{i}", items)
+            await engine.reserve(f"pr-{phase}-{w}-{i}", items)
             if confirm:
-                await engine.confirm(f"pr-{w}-{i}")
+                await engine.confirm(f"pr-{phase}-{w}-{i}")
 
         await hammer(call, 50, 0.5, warmup=0.2)  # warm: scripts loaded, connections open
-        pipe = engine.scripts.pipeline
+        pipe, phase = engine.scripts.pipeline, "run"
         calls, before, sent = 0, os.times(), (pipe.batches, pipe.commands)
         if profile is not None:
             profile.enable()
