@@ -80,8 +80,11 @@ async def test_subscriptions_api(api: TestClient[Any, Any]) -> None:
     ]:
         schema = paths[path][method]["responses"][code]["content"]["application/json"]["schema"]
         jsonschema_rs.validate(schema, answer)
-    bad = await api.get(f"/v1/webhooks/{sub['id']}/deliveries?status=nope", headers=ADMIN)
-    assert bad.status == 400
+    for value in ("nope", "%C2%B2", "%FF", "%00", "", "failed%00"):
+        url = f"/v1/webhooks/{sub['id']}/deliveries?status={value}"
+        bad = await api.get(url, headers=ADMIN)
+        body = await bad.json()
+        assert (bad.status, body["error"], body["field"]) == (400, "invalid_request", "status")
     assert (await api.delete(f"/v1/webhooks/{sub['id']}", headers=ADMIN)).status == 204
     assert (await api.delete(f"/v1/webhooks/{sub['id']}", headers=ADMIN)).status == 404
     assert (await api.delete("/v1/webhooks/not-a-uuid", headers=ADMIN)).status == 404
