@@ -24,6 +24,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from stock import background, validate
+from stock.client import typed
 from stock.config import Settings
 from stock.engine import OrderResult, StockEngine
 from stock.errors import InsufficientStock, InvalidRequest, StockError
@@ -300,9 +301,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(
-            request.app[ENGINE].redis.ping(), timeout=request.app[SETTINGS].redis_timeout_s
-        )
+        ping = typed(request.app[ENGINE].redis.ping(), "readiness")
+        await asyncio.wait_for(ping, timeout=request.app[SETTINGS].redis_timeout_s)
         checks["redis"] = "ok"
     except (RedisError, OSError, TimeoutError) as exc:
         checks["redis"] = f"error: {exc or type(exc).__name__}"

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from stock import formats, keys, validate
-from stock.client import RetryOnce, retried_once
+from stock.client import RetryOnce, retried_once, store_boundary
 from stock.cluster import ClusterOrders
 from stock.config import Settings
-from stock.errors import NotFound, OrderClosed, store_boundary
+from stock.errors import NotFound, OrderClosed
 from stock.formats import STATE_AFTER, items_spec
 from stock.scripts import (
     FROM_RECORD,
@@ -61,8 +61,8 @@ class OrderResult:
 class StockEngine:
     """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock.
 
-    A RedisError that escapes a public operation is raised as StoreUnavailable
-    (``store_boundary``), the RedisError its ``__cause__``."""
+    A RedisError (or a failure inside redis-py) that escapes a public operation is
+    raised as StoreUnavailable (``store_boundary``), the RedisError its ``__cause__``."""
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.redis = client
