@@ -121,7 +121,7 @@ class ClusterTransitions:
         from stock.engine import _result
 
         e, todo, done = self.engine, dict(enumerate(groups)), dict[int, LinesReply]()
-        lock = e.redis.lock(keys.order_lock_key(order_id), timeout=LOCK_TIMEOUT_S)
+        lock = OrderLock(e, order_id)
         await self._lock(order_id, lock)
         lost = False
         try:
@@ -209,6 +209,35 @@ class ClusterTransitions:
         for problem in undone:
             if isinstance(problem, BaseException):
                 log.error("order %r: undoing a hold failed, it expires: %r", order_id, problem)
+
+
+class OrderLock:
+    """The order's Redis lock (``lua/lock.lua``), called through the engine's scripts:
+    on a cluster the per-node batch follows an ASK with ASKING on the same connection.
+    (redis-py's Lock took redis-py's own ASK path, which sends ASKING on another
+    connection: during a long slot migration its calls ended in "TTL exhausted".)"""
+
+    def __init__(self, engine: StockEngine, order_id: str) -> None:
+        self.engine, self.key = engine, keys.order_lock_key(order_id)
+        self.token = secrets.token_hex(8)
+        self.lifetime_ms = int(LOCK_TIMEOUT_S * 1000)
+
+    async def _call(self, mode: str) -> bool:
+        args = [mode, self.token, self.lifetime_ms]
+        return int(await self.engine.scripts("lock", [self.key], args)) == 1
+
+    async def acquire(self, blocking: bool = False) -> bool:
+        """Taken (or ours already: the call is idempotent); never waits."""
+        return await self._call("take")
+
+    async def reacquire(self) -> None:
+        """Its lifetime set again, or LockNotOwnedError (it ran out under us)."""
+        if not await self._call("keep"):
+            raise LockNotOwnedError("the order's lock is no longer held by this call")
+
+    async def release(self) -> None:
+        if not await self._call("drop"):
+            raise LockNotOwnedError("the order's lock ran out before its release")
 
 
 async def apply_to_groups(

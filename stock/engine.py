@@ -189,10 +189,8 @@ class StockEngine:
                 "phase": closed.details["state"],
                 "lines": [],
             }
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
-        values = await pipe.execute()
+        lines_ = [keys.line_keys(i.sku, order_id, self.settings.buckets).line for i in items]
+        values = await asyncio.gather(*(self._get(line) for line in lines_))
         lines = []
         for item, raw in zip(items, values, strict=True):
             line = formats.parse_line(raw) if raw else None
@@ -327,6 +325,13 @@ class StockEngine:
         if record.phase != formats.DONE:  # a 'pending' record of an earlier version
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return record.kind, record.phase, formats.parse_spec(record.spec)
+
+    async def _get(self, key: str) -> str | None:
+        """GET through the (per-node) auto-pipeline: on a cluster, an ASK is followed
+        there on one connection (redis-py's own path can end in "TTL exhausted")."""
+        pipe = self.scripts.pipeline
+        raw = await (pipe.execute("GET", key) if pipe is not None else self.redis.get(key))
+        return None if raw is None else str(raw)
 
     async def _hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
