@@ -61,8 +61,8 @@ from redis.exceptions import (
 )
 
 from persist.durable_wait import NO_WAIT, WAIT, WAITAOF, check_synced, config_pairs, online_replicas
-from stock.client import connect
-from stock.config import Settings
+from stock.core.config import Settings
+from stock.redis.client import connect
 
 log = logging.getLogger("persist.writer")
 

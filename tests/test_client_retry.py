@@ -14,11 +14,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Connection
 from redis.exceptions import RedisError
 
-from stock.api import ENGINE, create_app
-from stock.client import ClientFailure, raised_in_redis_client
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import StoreUnavailable
+from stock.app.wiring import create_app
+from stock.core.config import Settings
+from stock.core.errors import StoreUnavailable
+from stock.http.api import ENGINE
+from stock.orders.engine import StockEngine
+from stock.redis.client import ClientFailure, raised_in_redis_client
 from tests.conftest import flush
 
 TOKEN = "s3cret-token"
@@ -69,7 +70,7 @@ async def test_an_order_operation_failed_inside_redis_py_runs_once_more(
     engine: StockEngine,
 ) -> None:
     await engine.set_stock("RT-A", 5)
-    engine.scripts = FailingScripts(engine.scripts, failures=1)  # type: ignore[assignment]
+    engine.scripts = engine.core.scripts = FailingScripts(engine.scripts, failures=1)  # type: ignore[assignment]
     reserved = await engine.reserve("rt-1", [{"sku": "RT-A", "qty": 2}])
     assert (reserved.status, reserved.replay) == ("reserved", False)
     assert engine.retry.retries == 1
@@ -84,7 +85,7 @@ async def test_an_order_operation_failed_inside_redis_py_runs_once_more(
 async def test_a_second_failure_is_a_redis_error(engine: StockEngine) -> None:
     """... which leaves the engine as StoreUnavailable (its boundary), the cause kept."""
     await engine.set_stock("RT-B", 5)
-    engine.scripts = FailingScripts(engine.scripts, failures=2)  # type: ignore[assignment]
+    engine.scripts = engine.core.scripts = FailingScripts(engine.scripts, failures=2)  # type: ignore[assignment]
     with pytest.raises(StoreUnavailable) as caught:
         await engine.reserve("rt-2", [{"sku": "RT-B", "qty": 1}])
     failure = caught.value.__cause__
@@ -97,7 +98,7 @@ async def test_a_second_failure_is_a_redis_error(engine: StockEngine) -> None:
 async def test_our_own_failure_is_not_retried(engine: StockEngine) -> None:
     await engine.set_stock("RT-C", 5)
     failing = FailingScripts(engine.scripts, failures=1, fault=our_own_bug)
-    engine.scripts = failing  # type: ignore[assignment]
+    engine.scripts = engine.core.scripts = failing  # type: ignore[assignment]
     with pytest.raises(AttributeError, match="a bug of the service"):
         await engine.reserve("rt-3", [{"sku": "RT-C", "qty": 1}])
     assert (failing.calls, engine.retry.retries) == (1, 0)
@@ -122,7 +123,7 @@ async def test_the_api_answers_as_before(api: TestClient[Any, Any]) -> None:
     engine = api.app[ENGINE]  # type: ignore[index]
     assert (await api.put("/v1/stock/RT-D", json={"available": 5}, headers=ADMIN)).status == 200
     body = {"order_id": "rt-4", "items": [{"sku": "RT-D", "qty": 1}]}
-    engine.scripts = FailingScripts(engine.scripts, failures=1)
+    engine.scripts = engine.core.scripts = FailingScripts(engine.scripts, failures=1)
     first = await api.post("/v1/reservations", json=body)
     assert first.status == 201, await first.text()
     assert redis_errors(await (await api.get("/metrics")).text()) == 1
@@ -149,7 +150,7 @@ async def test_any_operation_failed_inside_redis_py_is_typed(
     async def failing(*args: Any) -> Any:
         await fail_inside_redis_py()
 
-    monkeypatch.setattr(engine, "_hmget", failing)
+    monkeypatch.setattr(engine.core, "hmget", failing)
     with pytest.raises(StoreUnavailable) as caught:
         await engine.get_stock("RT-E")
     assert isinstance(caught.value.__cause__, ClientFailure)
@@ -158,7 +159,7 @@ async def test_any_operation_failed_inside_redis_py_is_typed(
     async def buggy(*args: Any) -> Any:
         await our_own_bug()
 
-    monkeypatch.setattr(engine, "_hmget", buggy)
+    monkeypatch.setattr(engine.core, "hmget", buggy)
     with pytest.raises(AttributeError, match="a bug of the service"):
         await engine.get_stock("RT-E")
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from stock import keys
-from stock.reaper import Reaper
+from stock.core import keys
+from stock.loops.reaper import Reaper
 from tests.conftest import BUCKETS
 from tests.servers import Cluster
 from tests.test_cluster_pipeline import migrate_slot, node_of, one, open_engine
