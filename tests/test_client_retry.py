@@ -70,7 +70,7 @@ async def test_an_order_operation_failed_inside_redis_py_runs_once_more(
     engine: StockEngine,
 ) -> None:
     await engine.set_stock("RT-A", 5)
-    engine.scripts = engine.core.scripts = FailingScripts(engine.scripts, failures=1)  # type: ignore[assignment]
+    engine.scripts = FailingScripts(engine.scripts, failures=1)  # type: ignore[assignment]
     reserved = await engine.reserve("rt-1", [{"sku": "RT-A", "qty": 2}])
     assert (reserved.status, reserved.replay) == ("reserved", False)
     assert engine.retry.retries == 1
@@ -85,7 +85,7 @@ async def test_an_order_operation_failed_inside_redis_py_runs_once_more(
 async def test_a_second_failure_is_a_redis_error(engine: StockEngine) -> None:
     """... which leaves the engine as StoreUnavailable (its boundary), the cause kept."""
     await engine.set_stock("RT-B", 5)
-    engine.scripts = engine.core.scripts = FailingScripts(engine.scripts, failures=2)  # type: ignore[assignment]
+    engine.scripts = FailingScripts(engine.scripts, failures=2)  # type: ignore[assignment]
     with pytest.raises(StoreUnavailable) as caught:
         await engine.reserve("rt-2", [{"sku": "RT-B", "qty": 1}])
     failure = caught.value.__cause__
@@ -98,7 +98,7 @@ async def test_a_second_failure_is_a_redis_error(engine: StockEngine) -> None:
 async def test_our_own_failure_is_not_retried(engine: StockEngine) -> None:
     await engine.set_stock("RT-C", 5)
     failing = FailingScripts(engine.scripts, failures=1, fault=our_own_bug)
-    engine.scripts = engine.core.scripts = failing  # type: ignore[assignment]
+    engine.scripts = failing  # type: ignore[assignment]
     with pytest.raises(AttributeError, match="a bug of the service"):
         await engine.reserve("rt-3", [{"sku": "RT-C", "qty": 1}])
     assert (failing.calls, engine.retry.retries) == (1, 0)
@@ -123,7 +123,7 @@ async def test_the_api_answers_as_before(api: TestClient[Any, Any]) -> None:
     engine = api.app[ENGINE]  # type: ignore[index]
     assert (await api.put("/v1/stock/RT-D", json={"available": 5}, headers=ADMIN)).status == 200
     body = {"order_id": "rt-4", "items": [{"sku": "RT-D", "qty": 1}]}
-    engine.scripts = engine.core.scripts = FailingScripts(engine.scripts, failures=1)
+    engine.scripts = FailingScripts(engine.scripts, failures=1)
     first = await api.post("/v1/reservations", json=body)
     assert first.status == 201, await first.text()
     assert redis_errors(await (await api.get("/metrics")).text()) == 1
