@@ -173,6 +173,9 @@ async def test_health_and_ledger_without_postgres(bare: TestClient[Any, Any]) ->
         answer = await bare.get(f"/v1/stock/A/ledger?limit={bad}", headers=ADMIN)
         body = await answer.json()
         assert (answer.status, body["error"], body["field"]) == (400, "invalid_request", "limit")
+    for good in ("050", "0" * 5000 + "1"):  # leading zeros: a valid limit (404: no PostgreSQL)
+        answer = await bare.get(f"/v1/stock/A/ledger?limit={good}", headers=ADMIN)
+        assert answer.status == 404, good[-5:]
     assert (await bare.get("/v1/stock/bad sku/ledger", headers=ADMIN)).status == 400
 
 
