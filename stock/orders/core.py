@@ -99,6 +99,13 @@ class OrderCore:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return record.kind, record.phase, formats.parse_spec(record.spec)
 
+    async def get(self, key: str) -> str | None:
+        """GET through the (per-node) auto-pipeline: on a cluster, an ASK is followed
+        there on one connection (redis-py's own path can end in "TTL exhausted")."""
+        pipe = self.scripts.pipeline
+        raw = await (pipe.execute("GET", key) if pipe is not None else self.redis.get(key))
+        return None if raw is None else str(raw)
+
     async def hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
         if self.scripts.pipeline is not None:

@@ -50,6 +50,7 @@ OTHER_OPS = (
     "defer",
     "limits",
     "order",
+    "lock",
     "resync",
     "writer_ack",
 )
