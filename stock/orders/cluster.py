@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 from typing import Any
 
 from stock.core import formats, keys
@@ -100,27 +99,21 @@ class ClusterOrders:
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
     ) -> OrderResult:
         """Every bucket group, then the directory; a deduct then settles its holds."""
-        e, token = self.core, secrets.token_hex(6)
+        e, token = self.core, self.core.token()
         hold_ms = e.deduct_hold_ms if op == "deduct" else ttl_ms
         groups = e.groups(items)
         if op == "deduct" and len(groups) == 1:
             return await self._deduct_one(order_id, groups[0], spec, token, customer)
-        outcomes = await asyncio.gather(
-            *(
-                e.group_call(
-                    "reserve",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    ttl_ms=hold_ms,
-                    may_create=True,
-                    order_kind=op,
-                    tag=token,
-                    customer=customer,
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
+        outcomes = await e.group_calls(
+            "reserve",
+            groups,
+            order_id=order_id,
+            spec=spec,
+            ttl_ms=hold_ms,
+            may_create=True,
+            order_kind=op,
+            tag=token,
+            customer=customer,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:  # a refused group changed nothing; any other may have applied
