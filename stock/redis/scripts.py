@@ -53,7 +53,7 @@ OTHER_OPS = (
     "lock",
     "resync",
     "writer_ack",
-    "shard_move",  # sharded SKUs: stock/sharded.py
+    "shard_move",  # sharded SKUs: stock/orders/sharded.py
 )
 RESYNC_OPS = ("fence", "resync_order")  # persist/fences.py, persist/resync.py
 
