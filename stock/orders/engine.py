@@ -178,7 +178,7 @@ class StockEngine:
 
     @store_boundary
     async def set_shards(self, sku: str, shards: int) -> int:
-        """A SKU's shard count (DESIGN §12, ``stock/sharded.py``)."""
+        """A SKU's shard count (DESIGN §12, ``stock/orders/sharded.py``)."""
         validate.sku(sku)
         return (await self.sharded.set_shards(sku, shards)).shards
 
