@@ -20,12 +20,12 @@
 --   ARGV[4] retention_ms how long a terminal line is kept for replays
 --   ARGV[5] may_create  '1' when new lines may be created (reserve/deduct)
 --   ARGV[6] items_spec  canonical 'sku:qty,...' of the whole order
---   ARGV[7] one slot, three meanings, by script (line_call in stock/redis/scripts.py
---           names each): the order's kind, 'reserve' or 'deduct' (reserve,
---           deduct, confirm, release, extend, cancel, and abort of an attempt:
---           call.kind); the step a hold prepares, 'confirm', 'release' or
---           'extend' (hold.lua: hold_for); 'hold', the undo of a hold's changes
---           (abort.lua: undo_holds)
+--   ARGV[7] one slot, three meanings, by script (a LineCall's purpose in
+--           stock/redis/line_layout.py names each): the order's kind, 'reserve'
+--           or 'deduct' (reserve, deduct, confirm, release, extend, cancel, and
+--           abort of an attempt: call.kind; OfKind); the step a hold prepares,
+--           'confirm', 'release' or 'extend' (hold.lua: hold_for; HoldFor);
+--           'hold', the undo of a hold's changes (abort.lua: undo_holds; UndoHolds)
 --   ARGV[8] tag         the calling attempt's token on a cluster ('' standalone)
 --   ARGV[9] reason      free text for the events' reason field ('' for none)
 --   ARGV[10] customer   the buyer (reserve/deduct; '' for none): per-customer limits

@@ -33,6 +33,7 @@ from stock.core.validate import Item
 from stock.orders.cluster_transitions import ClusterTransitions, apply_to_groups, is_refusal
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult, order_result
+from stock.redis.line_layout import LineCall, OfKind
 from stock.redis.scripts import LinesReply, merge_failures, merge_replies, parse_commit
 
 log = logging.getLogger("stock.orders.cluster")
@@ -61,14 +62,16 @@ class ClusterOrders:
             *(
                 e.group_call(
                     "reserve",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    ttl_ms=hold_ms,
-                    may_create=True,
-                    order_kind=op,
-                    tag=token,
-                    customer=customer,
+                    LineCall(
+                        order_id=order_id,
+                        purpose=OfKind(op),
+                        items=g,
+                        spec=spec,
+                        ttl_ms=hold_ms,
+                        may_create=True,
+                        tag=token,
+                        customer=customer,
+                    ),
                 )
                 for g in groups
             ),
@@ -117,13 +120,15 @@ class ClusterOrders:
         try:
             reply = await e.group_call(
                 "deduct",
-                order_id=order_id,
-                group=group,
-                spec=spec,
-                may_create=True,
-                order_kind="deduct",
-                tag=token,
-                customer=customer,
+                LineCall(
+                    order_id=order_id,
+                    purpose=OfKind("deduct"),
+                    items=group,
+                    spec=spec,
+                    may_create=True,
+                    tag=token,
+                    customer=customer,
+                ),
             )
         except StockError:
             try:
@@ -162,7 +167,10 @@ class ClusterOrders:
         undone = await asyncio.gather(
             *(
                 e.group_call(
-                    "abort", order_id=order_id, group=g, spec=spec, order_kind=order_kind, tag=token
+                    "abort",
+                    LineCall(
+                        order_id=order_id, purpose=OfKind(order_kind), items=g, spec=spec, tag=token
+                    ),
                 )
                 for g in groups
             ),

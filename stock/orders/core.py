@@ -17,7 +17,8 @@ from stock.core import formats, keys, validate
 from stock.core.config import Settings
 from stock.core.errors import NotFound, OrderClosed
 from stock.core.validate import Item
-from stock.redis.scripts import WITH_COPY, LinesReply, Mode, Scripts, line_call, parse_lines
+from stock.redis.line_layout import LineCall, line_call
+from stock.redis.scripts import LinesReply, Scripts, parse_lines
 
 T = TypeVar("T")
 
@@ -78,43 +79,11 @@ class OrderCore:
             return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
         return list(await self.redis.hmget(key, *fields))
 
-    async def group_call(
-        self,
-        op: str,
-        *,
-        order_id: str,
-        group: list[Item],
-        spec: str,
-        mode: Mode = WITH_COPY,
-        ttl_ms: int = 0,
-        may_create: bool = False,
-        order_kind: str = "",
-        hold_for: str = "",
-        undo_holds: bool = False,
-        tag: str = "",
-        reason: str = "",
-        customer: str = "",
-    ) -> LinesReply:
-        """Script ``op`` on one bucket group on a cluster (``line_call`` in
-        ``stock/redis/scripts.py`` names the arguments); by default the call carries the
-        bucket's copy of the order."""
-        keys_, args = line_call(
-            buckets=self.settings.buckets,
-            retention_ms=self.retention_ms,
-            mode=mode,
-            order_id=order_id,
-            items=group,
-            spec=spec,
-            ttl_ms=ttl_ms,
-            may_create=may_create,
-            order_kind=order_kind,
-            hold_for=hold_for,
-            undo_holds=undo_holds,
-            tag=tag,
-            reason=reason,
-            customer=customer,
-        )
-        return parse_lines(await self.scripts(op, keys_, args), order_id)
+    async def group_call(self, op: str, call: LineCall) -> LinesReply:
+        """Script ``op`` on one bucket group on a cluster (``call.items``; by default
+        the call carries the bucket's copy of the order)."""
+        keys_, args = line_call(call, buckets=self.settings.buckets, retention_ms=self.retention_ms)
+        return parse_lines(await self.scripts(op, keys_, args), call.order_id)
 
     def groups(self, items: Sequence[Item]) -> list[list[Item]]:
         by_bucket: dict[int, list[Item]] = defaultdict(list)

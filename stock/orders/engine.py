@@ -25,7 +25,14 @@ from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult
 from stock.orders.standalone import StandaloneOrders
 from stock.redis.client import RetryOnce, retried_once
-from stock.redis.scripts import Counters, LineResult, parse_counters, parse_limit, parse_tomb
+from stock.redis.scripts import (
+    Counters,
+    LineResult,
+    Scripts,
+    parse_counters,
+    parse_limit,
+    parse_tomb,
+)
 
 log = logging.getLogger("stock.orders.engine")
 
@@ -46,10 +53,19 @@ class StockEngine:
         self.redis = client
         self.settings = settings
         self.cluster = settings.redis_cluster
-        self.scripts = core.scripts
         self.retention_ms = core.retention_ms
         self.orders: Backend = ClusterOrders(core) if self.cluster else StandaloneOrders(core)
         self.retry = RetryOnce()  # order operations are idempotent by order_id
+
+    @property
+    def scripts(self) -> Scripts:
+        """The core's scripts: one object for the engine and its backend, so a
+        replacement (a test's fault hook) is seen by every path."""
+        return self.core.scripts
+
+    @scripts.setter
+    def scripts(self, scripts: Scripts) -> None:
+        self.core.scripts = scripts
 
     async def ping(self) -> bool:
         """Whether Redis answers (readiness), over the connections already held."""
