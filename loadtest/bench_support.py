@@ -112,7 +112,7 @@ def reserve_builder(engine: StockEngine) -> ReserveCall:
             may_create=True,
         )
         keys_, args = line_call(
-            call, buckets=engine.settings.buckets, retention_ms=engine.retention_ms
+            call, buckets=engine.settings.buckets, retention_ms=engine.core.retention_ms
         )
         return [str(k) for k in keys_], [str(a) for a in args]
 

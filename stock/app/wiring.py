@@ -18,6 +18,7 @@ from aiohttp import web
 from stock.app import lifecycle
 from stock.app.console import setup_console
 from stock.app.database import DATABASE, Database, postgres_check
+from stock.app.pages import setup_pages
 from stock.app.webhooks_api import COUNTERS, setup_webhooks
 from stock.app.webhooks_spec import paths as webhook_paths
 from stock.core.config import Settings
@@ -48,6 +49,7 @@ def create_app(
     app[OPENAPI] = openapi_document()
     database = app[DATABASE] = Database(settings.database_url)  # opened by the lifecycle
     setup_console(app)  # the console and its admin routes (DESIGN §11)
+    setup_pages(app)  # / (an index) and /docs (the API reference)
     setup_webhooks(app)  # the webhook routes and their counters
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

@@ -202,7 +202,7 @@ def _order_paths() -> dict[str, Any]:
 
 
 def _service_paths() -> dict[str, Any]:
-    """Health, readiness, metrics, the console page and this document."""
+    """Health, readiness, metrics, the pages and this document."""
     return {
         "/healthz": {"get": {"summary": "Liveness",
                              "responses": {"200": _json({"type": "object"}, "alive")}}},
@@ -215,6 +215,12 @@ def _service_paths() -> dict[str, Any]:
         "/console": {"get": {"summary": "The operator console (one HTML page)", "responses": {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {
                 "type": "string"}}}}}}},
+        "/": {"get": {"summary": "An index: links to the console and the API reference",
+                      "responses": {"200": {"description": "HTML", "content": {
+                          "text/html": {"schema": {"type": "string"}}}}}}},
+        "/docs": {"get": {"summary": "The API reference (renders this description)",
+                          "responses": {"200": {"description": "HTML", "content": {
+                              "text/html": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"summary": "This description", "responses": {
             "200": _json({"type": "object"}, "OpenAPI 3")}}}
     }  # fmt: skip

@@ -50,22 +50,23 @@ class StockEngine:
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.core = core = OrderCore(client, settings)
-        self.redis = client
         self.settings = settings
         self.cluster = settings.redis_cluster
-        self.retention_ms = core.retention_ms
         self.orders: Backend = ClusterOrders(core) if self.cluster else StandaloneOrders(core)
         self.retry = RetryOnce()  # order operations are idempotent by order_id
 
     @property
+    def redis(self) -> Any:
+        return self.core.redis
+
+    @property
     def scripts(self) -> Scripts:
-        """The core's scripts: one object for the engine and its backend, so a
-        replacement (a test's fault hook) is seen by every path."""
+        """The script runner every path calls through (a test may wrap it)."""
         return self.core.scripts
 
     @scripts.setter
-    def scripts(self, scripts: Scripts) -> None:
-        self.core.scripts = scripts
+    def scripts(self, runner: Scripts) -> None:
+        self.core.scripts = runner
 
     async def ping(self) -> bool:
         """Whether Redis answers (readiness), over the connections already held."""
@@ -244,7 +245,7 @@ class StockEngine:
         # TCC: a release or cancel of an order never reserved (the cancel overtook
         # its try) succeeds with no items and leaves a tombstone that refuses the try.
         reply = await self.scripts(
-            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.retention_ms]
+            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.core.retention_ms]
         )
         tomb = parse_tomb(reply, order_id, TOMBSTONES[op])
         if tomb.exists:  # the try committed meanwhile: the normal way, once
