@@ -1,6 +1,6 @@
 """Drill: client timeouts and retries of the same ``order_id`` during HTTP load.
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests.drills import (
+from tests.support.drills import (
     call,
     check_conservation,
     check_holders,

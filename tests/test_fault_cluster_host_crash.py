@@ -3,7 +3,7 @@ events to PostgreSQL. PostgreSQL must never hold an event Redis lost.
 
 Three masters with AOF (``appendfsync everysec``) on a slow disk: every fsync takes
 FSYNC_DELAY_MS longer, so each node holds up to about 1.2 s of written but not yet
-fsynced events. An LD_PRELOAD shim (tests/fsync_log.c) logs the AOF's size at the
+fsynced events. An LD_PRELOAD shim (tests/support/fsync_log.c) logs the AOF's size at the
 start of every fsync that completed. The host crash is a SIGKILL and the AOF cut
 back to the last of those sizes: what a machine that lost its page cache then keeps,
 and never less than Redis reported as fsynced (WAITAOF) before it died.
@@ -34,8 +34,8 @@ from stock.core.errors import StockError
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.persist.helpers import sku_names, stock_up, wait_persisted
-from tests.servers import (
+from tests.support.persistence import sku_names, stock_up, wait_persisted
+from tests.support.servers import (
     EARLY_FSYNC,
     NO_WAITAOF,
     Cluster,

@@ -38,8 +38,8 @@ from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.persist.helpers import sku_names, stock_up, wait_persisted
-from tests.servers import Cluster, ServerProcess, cli
+from tests.support.persistence import sku_names, stock_up, wait_persisted
+from tests.support.servers import Cluster, ServerProcess, cli
 from tests.test_fault_cluster_host_crash import load, postgres_ahead, seqs
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]

@@ -1,6 +1,6 @@
 """Drill: a Redis Cluster master SIGKILLed during HTTP load, its replica promoted.
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     call,
     call_text,
     check_conservation,
@@ -38,7 +38,7 @@ from tests.drills import (
     start_serve,
     stop_serve,
 )
-from tests.servers import Cluster, cli
+from tests.support.servers import Cluster, cli
 
 pytestmark = pytest.mark.faults
 

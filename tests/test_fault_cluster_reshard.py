@@ -37,7 +37,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     ADMIN,
     call,
     call_text,
@@ -53,8 +53,8 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.postgres import Postgres
-from tests.servers import Cluster, ServerProcess, cli, cluster_cli, node_id, wait_agreed
+from tests.support.postgres import Postgres
+from tests.support.servers import Cluster, ServerProcess, cli, cluster_cli, node_id, wait_agreed
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 

@@ -1,6 +1,6 @@
 """Drill: PostgreSQL down for 10 s during HTTP load.
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests.drills import (
+from tests.support.drills import (
     call,
     call_text,
     check_conservation,
@@ -31,7 +31,7 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.postgres import Postgres
+from tests.support.postgres import Postgres
 
 pytestmark = pytest.mark.faults
 

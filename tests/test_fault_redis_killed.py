@@ -1,7 +1,7 @@
 """Drill: Redis (AOF, ``appendfsync everysec``) SIGKILLed during reserves and
 restarted, then an emulated host crash (the AOF's unsynced tail cut).
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from stock.core.errors import InsufficientStock, NotFound, Unavailable
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     check_conservation,
     check_holders,
     levels,
     stream_matches_counters,
 )
-from tests.servers import ServerProcess, aof_on_disk
+from tests.support.servers import ServerProcess, aof_on_disk
 
 pytestmark = pytest.mark.faults
 

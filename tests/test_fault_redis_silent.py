@@ -22,7 +22,7 @@ from stock.app.embedded import free_port
 from stock.core.config import Settings
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     call,
     check_conservation,
     check_holders,
@@ -36,7 +36,7 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.servers import Cluster, ServerProcess
+from tests.support.servers import Cluster, ServerProcess
 
 pytestmark = pytest.mark.faults
 

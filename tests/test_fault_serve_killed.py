@@ -1,6 +1,6 @@
 """Drill: ``stock serve`` SIGKILLed during HTTP load and restarted.
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests.drills import (
+from tests.support.drills import (
     call,
     check_conservation,
     check_holders,

@@ -14,7 +14,7 @@ from stock.core.formats import Line
 from stock.core.validate import Item
 from stock.redis.client import connect
 from stock.redis.scripts import with_lib
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 
 # A probe: _lib.lua's readers answer the fields of KEYS[1]'s value; its writers set it.
 PROBE = with_lib("""

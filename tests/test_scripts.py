@@ -24,7 +24,7 @@ from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from stock.redis.scripts import load_sources, raise_for
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess, script_sha
+from tests.support.servers import ServerProcess, script_sha
 
 
 async def test_noscript_recovery_after_script_flush(engine: StockEngine) -> None:

@@ -17,7 +17,7 @@ from persist.dispatcher import Dispatcher
 from stock.app.wiring import create_app
 from stock.core.config import Settings
 from stock.http.api import BACKGROUND
-from tests.persist.receivers import until
+from tests.support.poll import until
 
 TOKEN = "life-admin"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

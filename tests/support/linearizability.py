@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from tests.model import ACQUIRED, EXPIRED, TRANSITIONS
+from tests.support.model import ACQUIRED, EXPIRED, TRANSITIONS
 
 Result = tuple[object, ...]
 
@@ -61,7 +61,7 @@ class Op:
 class Line(NamedTuple):
     kind: str  # reserve or deduct
     qty: int
-    state: str  # a state name of tests.model
+    state: str  # a state name of tests.support.model
 
 
 class State(NamedTuple):

@@ -1,5 +1,5 @@
 """Record a history of concurrent operations against the live HTTP API, while `stock
-serve` processes are SIGKILLed and restarted, for tests/linearizability.py to check.
+serve` processes are SIGKILLed and restarted, for tests/support/linearizability.py to check.
 
 Two API processes stand behind the client (each request goes to either, as a load
 balancer would send it). Buyers run checkout sessions (reserve or deduct one SKU,
@@ -26,8 +26,8 @@ import aiohttp
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests import servers
-from tests.linearizability import Op, Result
+from tests.support import servers
+from tests.support.linearizability import Op, Result
 
 TOKEN = "history-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -104,7 +104,7 @@ def request_of(kind: str, sku: str, order: str, qty: int) -> tuple[str, str, Any
 
 
 def normalize(kind: str, status: int, body: Any) -> Result | None:
-    """The answer as tests/linearizability.py compares it; None when unknown (5xx)."""
+    """The answer as tests/support/linearizability.py compares it; None when unknown (5xx)."""
     if status >= 500:
         return None
     if status in (200, 201):
