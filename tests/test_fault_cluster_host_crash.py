@@ -39,6 +39,7 @@ from tests.support.servers import (
     EARLY_FSYNC,
     NO_WAITAOF,
     Cluster,
+    ServerProcess,
     confirms_fsync_early,
     fsync_shim_env,
     fsynced_size,
@@ -111,6 +112,71 @@ async def postgres_ahead(
 
 
 async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, dsn: str) -> None:
+    cluster = slow_fsync_cluster(tmp_path)
+    victim = cluster.node(cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0]))
+    await skip_unless_fsync_is_honest(cluster, victim)
+    settings = Settings(
+        redis_url=cluster.url,
+        redis_cluster=True,
+        buckets=BUCKETS,
+        database_url=dsn,
+        writer_batch=5000,
+        writer_interval_ms=20,
+    )
+    client = connect(settings)
+    pg = await asyncpg.connect(dsn)
+    writer_client = connect(settings)
+    stop = asyncio.Event()
+    writer_task: asyncio.Task[None] | None = None
+    try:
+        skus = sku_names(48)
+        on_victim = skus_on(cluster, victim, skus)
+        engine = StockEngine(client, settings)
+        await stock_up(engine, skus, 100_000)
+        writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
+        done = asyncio.Event()
+        loader = asyncio.create_task(load(engine, skus, done))
+        await asyncio.sleep(LOAD_S)
+        await until_unsynced(victim)
+        before = await seqs(client, settings, on_victim)
+        cut = crash(victim)
+        done.set()
+        acked = await loader
+        stop.set()
+        await asyncio.wait_for(writer_task, 60)  # its final flush cannot reach the victim
+        copied = int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
+
+        victim.start()  # loads the cut AOF
+        await client.aclose()
+        client = connect(settings)  # a fresh slot map and connections
+        after = await seqs_once_back(client, settings, on_victim)
+        lost = sum(before[sku] - after[sku] for sku in on_victim)
+        assert cut > 0 and lost > 0, (cut, lost)  # else the drill proved nothing
+        ahead = await postgres_ahead(client, settings, pg, skus)
+        assert ahead == [], ahead[:10]
+
+        # A writer after the crash: PostgreSQL catches up and equals Redis.
+        stop = asyncio.Event()
+        writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
+        await wait_persisted(client, settings, pg, skus, wait_s=60)
+    finally:
+        stop.set()
+        if writer_task is not None:
+            await asyncio.wait_for(asyncio.gather(writer_task, return_exceptions=True), 60)
+        await pg.close()
+        await client.aclose()
+        await writer_client.aclose()
+        cluster.stop()
+    print(
+        f"\n  cluster host crash: {acked} operations acknowledged, {copied} events in"
+        f" PostgreSQL at the crash; the victim's AOF lost {cut} bytes ({lost} events"
+        f" over {len(on_victim)} SKUs, at least); PostgreSQL ahead of Redis: none"
+    )
+
+
+def slow_fsync_cluster(tmp_path: Path) -> Cluster:
+    """A started cluster with AOF everysec whose every fsync takes FSYNC_DELAY_MS
+    longer (the LD_PRELOAD shim, which also logs each fsync's AOF size)."""
     env = fsync_shim_env(tmp_path)
     cluster = Cluster(
         tmp_path / "cluster",
@@ -126,100 +192,60 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
     for node in cluster.nodes:
         node.env = env
         (node.workdir / "fsync.delay").write_text(str(FSYNC_DELAY_MS))
-    cluster.start()
-    victim = cluster.node(cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0]))
+    return cluster.start()
+
+
+async def skip_unless_fsync_is_honest(cluster: Cluster, victim: ServerProcess) -> None:
+    """Skip (the cluster stopped) where WAITAOF is missing or confirms before fsync."""
     if not await has_waitaof(victim.url):
         cluster.stop()
         pytest.skip(NO_WAITAOF)
     if await confirms_fsync_early(victim.url, f"{keys.bucket_tag(0)}:fsync-probe"):
         cluster.stop()
         pytest.skip(EARLY_FSYNC)
-    settings = Settings(
-        redis_url=cluster.url,
-        redis_cluster=True,
-        buckets=BUCKETS,
-        database_url=dsn,
-        writer_batch=5000,
-        writer_interval_ms=20,
-    )
-    client = connect(settings)
-    pg = await asyncpg.connect(dsn)
-    writer_client = connect(settings)
-    stop = asyncio.Event()
-    writer_task: asyncio.Task[None] | None = None
-    try:
-        victim = cluster.node(
-            cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0])
-        )
-        skus = sku_names(48)
-        on_victim = [
-            sku
-            for sku in skus
-            if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), victim) == victim.port
-        ]
-        assert on_victim, "no SKU on the victim"
-        engine = StockEngine(client, settings)
-        await stock_up(engine, skus, 100_000)
-        writer = Writer(writer_client, settings, dsn)
-        writer_task = asyncio.create_task(writer.run(stop))
-        done = asyncio.Event()
-        loader = asyncio.create_task(load(engine, skus, done))
-        await asyncio.sleep(LOAD_S)
 
-        # The crash: when the victim's last fsync is UNSYNCED_S old (its AOF then
-        # holds that much acknowledged, copied, not yet fsynced load).
-        fsync_log = victim.workdir / "fsync.log"
-        deadline = time.monotonic() + 10
-        while time.time() - fsync_log.stat().st_mtime < UNSYNCED_S:
-            assert time.monotonic() < deadline, "the victim's fsyncs never paused"
-            await asyncio.sleep(0.005)
-        before = await seqs(client, settings, on_victim)
-        victim.kill()
-        aof = newest_incr_aof(victim.workdir)
-        durable = fsynced_size(victim, aof)
-        cut = aof.stat().st_size - durable
-        with aof.open("r+b") as f:
-            f.truncate(durable)
-        done.set()
-        acked = await loader
-        stop.set()
-        await asyncio.wait_for(writer_task, 60)  # its final flush cannot reach the victim
-        copied = int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
 
-        victim.start()  # loads the cut AOF
-        await client.aclose()
-        client = connect(settings)  # a fresh slot map and connections
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                after = await seqs(client, settings, on_victim)
-                break
-            except RedisError:
-                assert time.monotonic() < deadline, "the victim did not come back"
-                await asyncio.sleep(0.2)
-        lost = sum(before[sku] - after[sku] for sku in on_victim)
-        assert cut > 0 and lost > 0, (cut, lost)  # else the drill proved nothing
-        ahead = await postgres_ahead(client, settings, pg, skus)
-        assert ahead == [], ahead[:10]
+def skus_on(cluster: Cluster, node: ServerProcess, skus: list[str]) -> list[str]:
+    """The SKUs whose hashes ``node`` holds (at least one)."""
+    on = [
+        sku
+        for sku in skus
+        if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), node) == node.port
+    ]
+    assert on, "no SKU on the victim"
+    return on
 
-        # A writer after the crash: PostgreSQL catches up and equals Redis.
-        stop = asyncio.Event()
-        writer = Writer(writer_client, settings, dsn)
-        writer_task = asyncio.create_task(writer.run(stop))
-        await wait_persisted(client, settings, pg, skus, wait_s=60)
-    finally:
-        stop.set()
-        if writer_task is not None:
-            await asyncio.wait_for(asyncio.gather(writer_task, return_exceptions=True), 60)
-        await pg.close()
-        await client.aclose()
-        await writer_client.aclose()
-        cluster.stop()
-    print(
-        f"\n  cluster host crash: {acked} operations acknowledged, {copied} events in"
-        f" PostgreSQL at the crash; the victim's AOF lost {cut} bytes ({lost} events"
-        f" over {len(on_victim)} SKUs, at least); PostgreSQL ahead of Redis: none"
-    )
+
+async def until_unsynced(victim: ServerProcess) -> None:
+    """Until the victim's last fsync is UNSYNCED_S old (its AOF then holds that much
+    acknowledged, copied, not yet fsynced load)."""
+    fsync_log = victim.workdir / "fsync.log"
+    deadline = time.monotonic() + 10
+    while time.time() - fsync_log.stat().st_mtime < UNSYNCED_S:
+        assert time.monotonic() < deadline, "the victim's fsyncs never paused"
+        await asyncio.sleep(0.005)
+
+
+def crash(victim: ServerProcess) -> int:
+    """The host crash: SIGKILL, and the AOF cut to what was fsynced; the bytes cut."""
+    victim.kill()
+    aof = newest_incr_aof(victim.workdir)
+    durable = fsynced_size(victim, aof)
+    cut = aof.stat().st_size - durable
+    with aof.open("r+b") as f:
+        f.truncate(durable)
+    return cut
+
+
+async def seqs_once_back(client: Any, settings: Settings, skus: list[str]) -> dict[str, int]:
+    """The SKUs' seqs once the restarted node answers (within 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await seqs(client, settings, skus)
+        except RedisError:
+            assert time.monotonic() < deadline, "the victim did not come back"
+            await asyncio.sleep(0.2)
 
 
 async def test_writer_follows_a_slot_moved_mid_run(tmp_path: Path, dsn: str) -> None:
