@@ -237,9 +237,11 @@ def crash(victim: ServerProcess) -> int:
     return cut
 
 
-async def seqs_once_back(client: Any, settings: Settings, skus: list[str]) -> dict[str, int]:
-    """The SKUs' seqs once the restarted node answers (within 30 s)."""
-    deadline = time.monotonic() + 30
+async def seqs_once_back(
+    client: Any, settings: Settings, skus: list[str], deadline: float = 0.0
+) -> dict[str, int]:
+    """The SKUs' seqs once the restarted node answers (by ``deadline``, else in 30 s)."""
+    deadline = deadline or time.monotonic() + 30
     while True:
         try:
             return await seqs(client, settings, skus)

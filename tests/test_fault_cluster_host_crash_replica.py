@@ -29,7 +29,6 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from persist.durable_read import WAIT, DurableReads
 from persist.writer import Writer
@@ -40,7 +39,7 @@ from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.support.persistence import sku_names, stock_up, wait_persisted
 from tests.support.servers import Cluster, ServerProcess, cli
-from tests.test_fault_cluster_host_crash import load, postgres_ahead, seqs
+from tests.test_fault_cluster_host_crash import load, postgres_ahead, seqs, seqs_once_back
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -80,20 +79,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
     Redis 8.0+): a master's own fsync must still not be all its reads wait for."""
     if waitaof == "trusted":
         monkeypatch.setattr(DurableReads, "_confirms_unsynced", _never_early)
-    cluster = Cluster(
-        tmp_path / "cluster",
-        replicas=1,
-        options=(
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--auto-aof-rewrite-percentage",
-            "0",
-            "--cluster-require-full-coverage",
-            "no",
-        ),
-    ).start()
+    cluster = replicated_cluster(tmp_path)
     masters = cluster.topology(cluster.nodes[0])
     slot = key_slot(keys.events_key(0).encode())
     victim = cluster.node(cluster.owner(slot, cluster.nodes[0]))
@@ -128,18 +114,8 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         loader = asyncio.create_task(load(engine, skus, done))
         await asyncio.sleep(LOAD_S)
         chosen = dict(writer.durable.waits)
-
-        # The replica stops reading its master; the filler (a key on the victim)
-        # fills the socket buffers between them, so the load that follows stays in
-        # the victim's output buffer, which its crash loses.
-        os.kill(replica.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
         stopped = True
-        filler = Redis.from_url(victim.url)
-        try:
-            for _ in range(socket_buffers() // CHUNK + 2):
-                await filler.set(f"{keys.bucket_tag(0)}:filler", b"x" * CHUNK)
-        finally:
-            await filler.aclose()
+        await stall_replica(replica, victim)
         await asyncio.sleep(LAGGING_S)
         before = await seqs(client, settings, on_victim)
         victim.kill()
@@ -149,26 +125,11 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         await asyncio.wait_for(writer_task, 60)  # its final flush cannot reach the victim
         copied = int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
 
-        # The replica takes over with what it had received.
-        os.kill(replica.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
         stopped = False
-        try:
-            cli(replica.port, "cluster", "failover", "takeover")
-        except subprocess.CalledProcessError:
-            pass  # (already promoted by the cluster's own failover)
-        deadline = time.monotonic() + 30
-        while not promoted(cluster, slot, entry, replica.port):
-            assert time.monotonic() < deadline, "the replica was not promoted"
-            await asyncio.sleep(0.1)
+        deadline = await promote(cluster, slot, entry, replica)
         await client.aclose()
         client = connect(settings)  # a fresh slot map and connections
-        while True:
-            try:
-                after = await seqs(client, settings, on_victim)
-                break
-            except RedisError:
-                assert time.monotonic() < deadline, "the promoted replica does not answer"
-                await asyncio.sleep(0.2)
+        after = await seqs_once_back(client, settings, on_victim, deadline)
         lost = sum(before[sku] - after[sku] for sku in on_victim)
         assert lost > 0, lost  # else the drill proved nothing
         ahead = await postgres_ahead(client, settings, pg, skus)
@@ -180,8 +141,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
 
         # A writer after the failover: PostgreSQL catches up and equals Redis.
         stop = asyncio.Event()
-        writer = Writer(writer_client, settings, dsn)
-        writer_task = asyncio.create_task(writer.run(stop))
+        writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
         await wait_persisted(client, settings, pg, skus, wait_s=60)
     finally:
         if stopped:
@@ -199,3 +159,51 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         f" {lost} events over {len(on_victim)} SKUs (at least); per-node waits {chosen};"
         f" PostgreSQL ahead of Redis: none"
     )
+
+
+def replicated_cluster(tmp_path: Path) -> Cluster:
+    """A started cluster, one replica per master, AOF everysec, no full coverage."""
+    return Cluster(
+        tmp_path / "cluster",
+        replicas=1,
+        options=(
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--auto-aof-rewrite-percentage",
+            "0",
+            "--cluster-require-full-coverage",
+            "no",
+        ),
+    ).start()
+
+
+async def stall_replica(replica: ServerProcess, victim: ServerProcess) -> None:
+    """The replica stops reading its master; the filler (a key on the victim) fills
+    the socket buffers between them, so the load that follows stays in the
+    victim's output buffer, which its crash loses."""
+    os.kill(replica.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+    filler = Redis.from_url(victim.url)
+    try:
+        for _ in range(socket_buffers() // CHUNK + 2):
+            await filler.set(f"{keys.bucket_tag(0)}:filler", b"x" * CHUNK)
+    finally:
+        await filler.aclose()
+
+
+async def promote(
+    cluster: Cluster, slot: int, entry: ServerProcess, replica: ServerProcess
+) -> float:
+    """The replica takes over with what it had received; returns the deadline (30 s)
+    that its first answers must meet too."""
+    os.kill(replica.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+    try:
+        cli(replica.port, "cluster", "failover", "takeover")
+    except subprocess.CalledProcessError:
+        pass  # (already promoted by the cluster's own failover)
+    deadline = time.monotonic() + 30
+    while not promoted(cluster, slot, entry, replica.port):
+        assert time.monotonic() < deadline, "the replica was not promoted"
+        await asyncio.sleep(0.1)
+    return deadline
