@@ -115,14 +115,7 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
     cluster = slow_fsync_cluster(tmp_path)
     victim = cluster.node(cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0]))
     await skip_unless_fsync_is_honest(cluster, victim)
-    settings = Settings(
-        redis_url=cluster.url,
-        redis_cluster=True,
-        buckets=BUCKETS,
-        database_url=dsn,
-        writer_batch=5000,
-        writer_interval_ms=20,
-    )
+    settings = writer_settings(cluster.url, dsn)
     client = connect(settings)
     pg = await asyncpg.connect(dsn)
     writer_client = connect(settings)
@@ -130,7 +123,7 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
     writer_task: asyncio.Task[None] | None = None
     try:
         skus = sku_names(48)
-        on_victim = skus_on(cluster, victim, skus)
+        on_victim = skus_on(cluster, victim, skus, victim)
         engine = StockEngine(client, settings)
         await stock_up(engine, skus, 100_000)
         writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
@@ -174,6 +167,18 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
     )
 
 
+def writer_settings(redis_url: str, dsn: str) -> Settings:
+    """The drill's cluster, and a writer with big, quick batches."""
+    return Settings(
+        redis_url=redis_url,
+        redis_cluster=True,
+        buckets=BUCKETS,
+        database_url=dsn,
+        writer_batch=5000,
+        writer_interval_ms=20,
+    )
+
+
 def slow_fsync_cluster(tmp_path: Path) -> Cluster:
     """A started cluster with AOF everysec whose every fsync takes FSYNC_DELAY_MS
     longer (the LD_PRELOAD shim, which also logs each fsync's AOF size)."""
@@ -205,12 +210,14 @@ async def skip_unless_fsync_is_honest(cluster: Cluster, victim: ServerProcess) -
         pytest.skip(EARLY_FSYNC)
 
 
-def skus_on(cluster: Cluster, node: ServerProcess, skus: list[str]) -> list[str]:
-    """The SKUs whose hashes ``node`` holds (at least one)."""
+def skus_on(
+    cluster: Cluster, node: ServerProcess, skus: list[str], via: ServerProcess
+) -> list[str]:
+    """The SKUs whose hashes ``node`` holds (at least one), asked of ``via``."""
     on = [
         sku
         for sku in skus
-        if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), node) == node.port
+        if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), via) == node.port
     ]
     assert on, "no SKU on the victim"
     return on

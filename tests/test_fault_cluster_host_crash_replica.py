@@ -24,6 +24,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -33,13 +34,18 @@ from redis.crc import key_slot
 from persist.durable_read import WAIT, DurableReads
 from persist.writer import Writer
 from stock.core import keys
-from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.conftest import BUCKETS
 from tests.support.persistence import sku_names, stock_up, wait_persisted
 from tests.support.servers import Cluster, ServerProcess, cli
-from tests.test_fault_cluster_host_crash import load, postgres_ahead, seqs, seqs_once_back
+from tests.test_fault_cluster_host_crash import (
+    load,
+    postgres_ahead,
+    seqs,
+    seqs_once_back,
+    skus_on,
+    writer_settings,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -85,14 +91,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
     victim = cluster.node(cluster.owner(slot, cluster.nodes[0]))
     replica = cluster.node(masters[victim.port]["replicas"][0])
     entry = cluster.node(next(p for p in masters if p != victim.port))  # survives
-    settings = Settings(
-        redis_url=entry.url,
-        redis_cluster=True,
-        buckets=BUCKETS,
-        database_url=dsn,
-        writer_batch=5000,
-        writer_interval_ms=20,
-    )
+    settings = writer_settings(entry.url, dsn)
     client, writer_client = connect(settings), connect(settings)
     pg = await asyncpg.connect(dsn)
     stop = asyncio.Event()
@@ -100,12 +99,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
     stopped = False
     try:
         skus = sku_names(96)
-        on_victim = [
-            sku
-            for sku in skus
-            if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), entry) == victim.port
-        ]
-        assert on_victim, "no SKU on the victim"
+        on_victim = skus_on(cluster, victim, skus, entry)
         engine = StockEngine(client, settings)
         await stock_up(engine, skus, 100_000)
         writer = Writer(writer_client, settings, dsn)
@@ -134,10 +128,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         assert lost > 0, lost  # else the drill proved nothing
         ahead = await postgres_ahead(client, settings, pg, skus)
         assert ahead == [], ahead[:10]
-        # Every master's reads wait for its replica (WAIT), beside WAITAOF where the
-        # server has it: a master's own fsync does not cover a failover.
-        assert set(chosen) == {f"127.0.0.1:{port}" for port in masters}, chosen
-        assert all(WAIT in wait.split("+") for wait in chosen.values()), chosen
+        check_waits(chosen, masters)
 
         # A writer after the failover: PostgreSQL catches up and equals Redis.
         stop = asyncio.Event()
@@ -159,6 +150,13 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         f" {lost} events over {len(on_victim)} SKUs (at least); per-node waits {chosen};"
         f" PostgreSQL ahead of Redis: none"
     )
+
+
+def check_waits(chosen: dict[str, str], masters: dict[int, Any]) -> None:
+    """Every master's reads wait for its replica (WAIT), beside WAITAOF where the
+    server has it: a master's own fsync does not cover a failover."""
+    assert set(chosen) == {f"127.0.0.1:{port}" for port in masters}, chosen
+    assert all(WAIT in wait.split("+") for wait in chosen.values()), chosen
 
 
 def replicated_cluster(tmp_path: Path) -> Cluster:
