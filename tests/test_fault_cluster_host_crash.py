@@ -36,6 +36,7 @@ from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.support.persistence import sku_names, stock_up, wait_persisted
 from tests.support.servers import (
+    AOF_EVERYSEC,
     EARLY_FSYNC,
     NO_WAITAOF,
     Cluster,
@@ -183,17 +184,7 @@ def slow_fsync_cluster(tmp_path: Path) -> Cluster:
     """A started cluster with AOF everysec whose every fsync takes FSYNC_DELAY_MS
     longer (the LD_PRELOAD shim, which also logs each fsync's AOF size)."""
     env = fsync_shim_env(tmp_path)
-    cluster = Cluster(
-        tmp_path / "cluster",
-        options=(
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--auto-aof-rewrite-percentage",
-            "0",
-        ),
-    )
+    cluster = Cluster(tmp_path / "cluster", options=AOF_EVERYSEC)
     for node in cluster.nodes:
         node.env = env
         (node.workdir / "fsync.delay").write_text(str(FSYNC_DELAY_MS))

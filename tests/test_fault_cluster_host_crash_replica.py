@@ -37,7 +37,7 @@ from stock.core import keys
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.support.persistence import sku_names, stock_up, wait_persisted
-from tests.support.servers import Cluster, ServerProcess, cli
+from tests.support.servers import AOF_EVERYSEC, Cluster, ServerProcess, cli
 from tests.test_fault_cluster_host_crash import (
     load,
     postgres_ahead,
@@ -165,12 +165,7 @@ def replicated_cluster(tmp_path: Path) -> Cluster:
         tmp_path / "cluster",
         replicas=1,
         options=(
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--auto-aof-rewrite-percentage",
-            "0",
+            *AOF_EVERYSEC,
             "--cluster-require-full-coverage",
             "no",
         ),

@@ -26,7 +26,7 @@ from tests.support.drills import (
     levels,
     stream_matches_counters,
 )
-from tests.support.servers import ServerProcess, aof_on_disk
+from tests.support.servers import AOF_EVERYSEC, ServerProcess, aof_on_disk
 
 pytestmark = pytest.mark.faults
 
@@ -127,16 +127,7 @@ async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> N
 
 def aof_server(workdir: Path) -> ServerProcess:
     """valkey-server with AOF, ``appendfsync everysec``, no rewrite, started."""
-    return ServerProcess(
-        workdir,
-        None,
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--auto-aof-rewrite-percentage",
-        "0",
-    ).start()
+    return ServerProcess(workdir, None, *AOF_EVERYSEC).start()
 
 
 def items_of(orders: Orders, order_id: str) -> list[dict[str, object]]:

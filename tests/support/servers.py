@@ -232,6 +232,15 @@ async def aof_on_disk(client: Any, timeout: float = 10) -> None:
     assert info["aof_last_bgrewrite_status"] == "ok", info
 
 
+# AOF on, fsynced once a second, never rewritten (the AOF drills cut its tail)
+AOF_EVERYSEC = (
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--auto-aof-rewrite-percentage",
+    "0",
+)
 FSYNC_SHIM = Path(__file__).with_name("fsync_log.c")
 
 
