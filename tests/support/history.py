@@ -28,6 +28,7 @@ from stock.app.embedded import free_port
 from stock.core.config import Settings
 from tests.support import servers
 from tests.support.linearizability import Op, Result
+from tests.support.service import wait_ready
 
 TOKEN = "history-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,19 +54,9 @@ class Api:
         self.procs[i] = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
 
     async def ready(self, i: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while True:
-                proc = self.procs[i]
-                assert proc is not None and proc.poll() is None, "stock serve exited"
-                try:
-                    async with http.get(f"{self.bases[i]}/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "stock serve never became ready"
-                await asyncio.sleep(0.05)
+        proc = self.procs[i]
+        assert proc is not None, "stock serve was not started"
+        await wait_ready(self.bases[i], proc, timeout)
 
     def kill(self, i: int) -> None:
         proc = self.procs[i]
