@@ -206,8 +206,7 @@ end
 -- costs less memory than a hash; formats.order_record, formats.parse_record):
 -- kind 'reserve'/'deduct', phase 'done' or a TCC tombstone ('released'/
 -- 'cancelled', no items); owner '' or, on a cluster's directory (order.lua),
--- the owner set of a single-group deduct ('token,token'); records of earlier
--- versions may say 'pending' (owner 'token@lease_ms').
+-- the owner set of a single-group deduct ('token,token').
 local function read_record(key)
   local v = redis.call('GET', key)
   if not v then return nil end
@@ -240,14 +239,13 @@ end
 
 -- Standalone confirm/release/extend/cancel (mode 'r'): the order's kind and
 -- items from its record, each line's keys built here (line_item), so that the
--- transition is one script call. No record, or one of an earlier version still
--- 'pending': NOORDER; a TCC tombstone: CLOSED with its state. Returns an error
--- reply, or nil after filling call.kind, call.spec and call.items.
+-- transition is one script call. No record: NOORDER; a TCC tombstone: CLOSED
+-- with its state. Returns an error reply, or nil after filling call.kind,
+-- call.spec and call.items.
 local function open_record(call)
   local rec = read_record(call.order_key)
   if not rec or not rec.phase then return {'NOORDER'} end
-  if rec.phase == 'released' or rec.phase == 'cancelled' then return {'CLOSED', rec.phase} end
-  if rec.phase ~= 'done' then return {'NOORDER'} end
+  if rec.phase ~= 'done' then return {'CLOSED', rec.phase} end  -- a TCC tombstone
   call.kind, call.spec = rec.kind, rec.spec
   for _, item in ipairs(read_spec(rec.spec)) do
     call.items[#call.items + 1] = line_item(call.prefix, call.buckets, item.sku, item.qty,
@@ -261,7 +259,7 @@ end
 local function open_order(call)
   if not call.order_key then return nil end
   local rec = read_record(call.order_key)
-  if rec and rec.phase ~= 'done' and rec.phase ~= 'pending' then  -- a TCC tombstone
+  if rec and rec.phase ~= 'done' then  -- a TCC tombstone
     return {'CLOSED', rec.phase}
   end
   if rec then

@@ -8,10 +8,9 @@
 --   deadline in ms of server time (0 = none). What is there decides first:
 --   the same kind and items: {'DONE'} (committed by this or another attempt of
 --   the same request: a replay); another kind or items: {'CONFLICT', kind}; a
---   TCC tombstone: {'TOMBSTONE', state}; a 'pending' record of an earlier
---   version whose lease runs: {'BUSY'} (once its lease is over it counts as
---   absent). Nothing there: past the deadline {'LATE'} (the caller stalled:
---   it undoes its groups), else 'kind|done||items' is set for lifetime, {'NEW'}.
+--   TCC tombstone: {'TOMBSTONE', state}. Nothing there: past the deadline
+--   {'LATE'} (the caller stalled: it undoes its groups), else 'kind|done||items'
+--   is set for lifetime, {'NEW'}.
 -- open (a single-group deduct, before its one atomic script): ARGV[2] kind,
 --   ARGV[3] items_spec, ARGV[4] lifetime in ms, ARGV[5] the attempt's token.
 --   What is there decides as for commit; the same order: the token joins the
@@ -38,11 +37,6 @@ if ARGV[1] == 'read' then
 end
 if ARGV[1] == 'tomb' then
   local rec = read_record(KEYS[1])
-  if rec and rec.phase == 'pending' then
-    local lease = tonumber(string.match(rec.owner, '@(%d+)$')) or 0
-    if lease > now then return {'BUSY'} end
-    rec = nil
-  end
   if rec and rec.phase == 'done' then return {'EXISTS'} end
   if rec then return {'TOMBSTONE', rec.phase} end
   redis.call('SET', KEYS[1], record_value('reserve', ARGV[2], '', ''), 'PX', ARGV[3])
@@ -62,11 +56,6 @@ end
 local kind, spec, lifetime, deadline = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]) or 0
 local opening = ARGV[1] == 'open'
 local rec = read_record(KEYS[1])
-if rec and rec.phase == 'pending' then
-  local lease = tonumber(string.match(rec.owner, '@(%d+)$')) or 0
-  if lease > now then return {'BUSY'} end
-  rec = nil
-end
 if rec then
   if rec.phase ~= 'done' then return {'TOMBSTONE', rec.phase} end
   if rec.kind == kind and rec.spec == spec then

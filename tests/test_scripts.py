@@ -183,12 +183,3 @@ def test_an_unknown_reply_code_is_a_typed_error(reply: list[Any]) -> None:
     assert isinstance(caught.value, Unavailable), repr(caught.value)
     assert caught.value.status == 503
     assert repr(reply[0]) in caught.value.message
-
-
-async def test_a_busy_order_record_is_unavailable(engine: StockEngine) -> None:
-    """order.lua's BUSY (a 'pending' record of an earlier version, its lease running)
-    reaches the caller as Unavailable, through the real script."""
-    lease = "tok@99999999999999"
-    await engine.redis.set(keys.order_key("old"), f"reserve|pending|{lease}|A:1")
-    with pytest.raises(Unavailable, match="busy"):
-        await engine.release("old")

@@ -69,8 +69,6 @@ class OrderCore:
         record = formats.parse_record(raw)
         if record.phase in formats.TOMBSTONES:
             raise OrderClosed(f"order {order_id!r} was {record.phase}", state=record.phase)
-        if record.phase != formats.DONE:  # a 'pending' record of an earlier version
-            raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return record.kind, record.phase, formats.parse_spec(record.spec)
 
     async def hmget(self, key: str, *fields: str) -> list[str | None]:

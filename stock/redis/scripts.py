@@ -233,8 +233,6 @@ def parse_commit(reply: Sequence[Any], order_id: str) -> bool:
         )
     if code == "LATE":
         raise Unavailable(f"order {order_id!r} took too long and was undone; retry")
-    if code == "BUSY":
-        raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
     raise_for(reply, order_id, "order.lua")  # CONFLICT, or a code it does not know
 
 
@@ -257,8 +255,6 @@ def parse_tomb(reply: Sequence[Any], order_id: str, state: str) -> Tomb:
         return Tomb(exists=False, new=True, state=state)
     if code == "TOMBSTONE":
         return Tomb(exists=False, new=False, state=str(reply[1]))
-    if code == "BUSY":
-        raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
     raise_for(reply, order_id, "order.lua")
 
 
