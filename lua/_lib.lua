@@ -58,6 +58,13 @@
 --   {'LIMIT', sku, limit, held, ...}  {'CUSTOMER_REQUIRED', sku}
 --   mode 'r' also: {'NOORDER'} (no record)  {'CLOSED', state} (a TCC tombstone)
 
+-- A line's states and an order record's phases, by name (formats.py: RESERVED ...
+-- ABORTED, DONE, TOMBSTONES; tests/test_formats.py checks that the two agree).
+local RESERVED, CONFIRMED, RELEASED, EXPIRED, CANCELLED = 'R', 'C', 'X', 'E', 'N'
+local ABORTED = '-'  -- never stored: a deleted line in replies
+local DONE = 'done'  -- an order record's phase once its lines are there
+local TOMBSTONE_RELEASED, TOMBSTONE_CANCELLED = 'released', 'cancelled'  -- TCC, no items
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -97,7 +104,7 @@ local function count_customer(sku_key, customer, delta)
 end
 
 local function holds(state)
-  return state == 'R' or state == 'C'
+  return state == RESERVED or state == CONFIRMED
 end
 
 -- The line at key as {state, qty, exp, tag, customer} (formats.parse_line), or nil.
@@ -245,7 +252,7 @@ end
 local function open_record(call)
   local rec = read_record(call.order_key)
   if not rec or not rec.phase then return {'NOORDER'} end
-  if rec.phase ~= 'done' then return {'CLOSED', rec.phase} end  -- a TCC tombstone
+  if rec.phase ~= DONE then return {'CLOSED', rec.phase} end  -- a TCC tombstone
   call.kind, call.spec = rec.kind, rec.spec
   for _, item in ipairs(read_spec(rec.spec)) do
     call.items[#call.items + 1] = line_item(call.prefix, call.buckets, item.sku, item.qty,
@@ -259,7 +266,7 @@ end
 local function open_order(call)
   if not call.order_key then return nil end
   local rec = read_record(call.order_key)
-  if rec and rec.phase ~= 'done' then  -- a TCC tombstone
+  if rec and rec.phase ~= DONE then  -- a TCC tombstone
     return {'CLOSED', rec.phase}
   end
   if rec then
