@@ -30,7 +30,7 @@ from typing import Any
 from redis.exceptions import LockNotOwnedError
 
 from stock.core import keys
-from stock.core.errors import StockError, Unavailable
+from stock.core.errors import InsufficientStock, ReservationExpired, StockError, Unavailable
 from stock.core.formats import items_spec
 from stock.core.validate import Item
 from stock.orders.core import OrderCore
@@ -123,7 +123,7 @@ class ClusterTransitions:
         try:
             # (a deduct's lines cannot be released or extended: no holds for those)
             if op == "confirm" or (op in ("release", "extend") and order_kind != "deduct"):
-                token = await self._hold_all(order_id, groups, spec, op)
+                token = await self._hold_all(order_id, groups, spec, op, order_kind)
                 try:
                     await lock.reacquire()  # still ours, and for the whole second step
                 except LockNotOwnedError as exc:
@@ -156,7 +156,9 @@ class ClusterTransitions:
             await self.core.pause(delay)
             delay = min(delay * 2, 0.1)
 
-    async def _hold_all(self, order_id: str, groups: list[list[Item]], spec: str, op: str) -> str:
+    async def _hold_all(
+        self, order_id: str, groups: list[list[Item]], spec: str, op: str, order_kind: str
+    ) -> str:
         """Before a multi-node confirm, release or extend: every group's lines get
         time enough that the reaper cannot expire some of them half-way (a confirm
         also re-acquires expired lines, ``hold.lua``), or nothing changes (every
@@ -184,6 +186,8 @@ class ClusterTransitions:
         if failures:
             maybe = [g for g, h in zip(groups, held, strict=True) if not is_refusal(h)]
             await self._unhold(order_id, maybe, spec, token)
+            if op == "confirm":  # a late confirm that cannot complete: none of it stays
+                await unsell(self.core, order_id, groups, held, spec, op, order_kind)
             raise merge_failures(failures)
         return token
 
@@ -268,6 +272,43 @@ async def apply_to_groups(
             failures[0],
         )
         await e.pause(0.05 * (attempt + 1))
+
+
+async def unsell(
+    core: OrderCore,
+    order_id: str,
+    groups: list[list[Item]],
+    outcomes: list[Any],
+    spec: str,
+    op: str,
+    order_kind: str,
+) -> None:
+    """A committed deduct's retry, or a confirm, that cannot complete because a
+    group's stock went (its hold ran out and the reaper expired it, then the stock
+    was sold): the groups already CONFIRMED by an earlier, cut attempt are cancelled
+    (``cancel.lua``, reason ``undo-<op>``), so the order is done on every group or
+    on none, never half sold. Only on a short refusal: any other failure leaves a
+    retry to complete the order."""
+    short = (InsufficientStock, ReservationExpired)
+    if not any(isinstance(o, short) for o in outcomes):
+        return
+    sold = {
+        i: g
+        for i, (g, o) in enumerate(zip(groups, outcomes, strict=True))
+        if isinstance(o, LinesReply) and o.lines and all(ln.state == "confirmed" for ln in o.lines)
+    }
+    if sold:
+        log.warning("order %r: %s cannot complete, %d groups undone", order_id, op, len(sold))
+        await apply_to_groups(
+            core,
+            order_id,
+            "cancel",
+            sold,
+            {},
+            spec=spec,
+            order_kind=order_kind,
+            reason=f"undo-{op}",
+        )
 
 
 @dataclass
