@@ -86,11 +86,8 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
     if waitaof == "trusted":
         monkeypatch.setattr(DurableReads, "_confirms_unsynced", _never_early)
     cluster = replicated_cluster(tmp_path)
-    masters = cluster.topology(cluster.nodes[0])
-    slot = key_slot(keys.events_key(0).encode())
-    victim = cluster.node(cluster.owner(slot, cluster.nodes[0]))
-    replica = cluster.node(masters[victim.port]["replicas"][0])
-    entry = cluster.node(next(p for p in masters if p != victim.port))  # survives
+    masters, slot = cluster.topology(cluster.nodes[0]), key_slot(keys.events_key(0).encode())
+    victim, replica, entry = roles(cluster, masters, slot)
     settings = writer_settings(entry.url, dsn)
     client, writer_client = connect(settings), connect(settings)
     pg = await asyncpg.connect(dsn)
@@ -113,11 +110,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         await asyncio.sleep(LAGGING_S)
         before = await seqs(client, settings, on_victim)
         victim.kill()
-        done.set()
-        acked = await loader
-        stop.set()
-        await asyncio.wait_for(writer_task, 60)  # its final flush cannot reach the victim
-        copied = int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
+        acked, copied = await load_and_writer_stopped(done, loader, stop, writer_task, pg)
 
         stopped = False
         deadline = await promote(cluster, slot, entry, replica)
@@ -150,6 +143,33 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         f" {lost} events over {len(on_victim)} SKUs (at least); per-node waits {chosen};"
         f" PostgreSQL ahead of Redis: none"
     )
+
+
+def roles(
+    cluster: Cluster, masters: dict[int, Any], slot: int
+) -> tuple[ServerProcess, ServerProcess, ServerProcess]:
+    """The victim (the master of bucket 0's events), its replica, and a master that
+    survives (the service's entry)."""
+    victim = cluster.node(cluster.owner(slot, cluster.nodes[0]))
+    replica = cluster.node(masters[victim.port]["replicas"][0])
+    entry = cluster.node(next(p for p in masters if p != victim.port))
+    return victim, replica, entry
+
+
+async def load_and_writer_stopped(
+    done: asyncio.Event,
+    loader: asyncio.Task[int],
+    stop: asyncio.Event,
+    writer_task: asyncio.Task[None],
+    pg: asyncpg.Connection,
+) -> tuple[int, int]:
+    """After the crash: the load ends, the writer stops (its final flush cannot reach
+    the victim). Returns the operations acknowledged and the events copied."""
+    done.set()
+    acked = await loader
+    stop.set()
+    await asyncio.wait_for(writer_task, 60)
+    return acked, int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
 
 
 def check_waits(chosen: dict[str, str], masters: dict[int, Any]) -> None:

@@ -65,14 +65,7 @@ class Answer:
 
 
 async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
-    # Without full coverage, the masters left keep serving their slots while one is lost
-    # (the default, yes, stops the whole cluster until the failover).
-    cluster = Cluster(
-        tmp_path / "cluster",
-        masters=3,
-        replicas=1,
-        options=("--cluster-require-full-coverage", "no"),
-    ).start()
+    cluster = lossy_cluster(tmp_path)
     proc: subprocess.Popen[bytes] | None = None
     try:
         masters = cluster.topology(cluster.nodes[0])
@@ -86,8 +79,7 @@ async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         proc = await start_serve(serve_env(settings, port), tmp_path / "serve.log")
-        connector = aiohttp.TCPConnector(limit=64)
-        async with aiohttp.ClientSession(connector=connector) as http:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
             await put_stock(http, base, loaded)
             shop = Shop(http, base, ids)
             load = [asyncio.create_task(shop.worker(w)) for w in range(24)]
@@ -131,6 +123,18 @@ async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
         f" stock_redis_errors_total {redis_errors:.0f}; acknowledged then lost in the"
         f" failover {len(lost)}; retries {dict(retried)}; {checks} invariant checks"
     )
+
+
+def lossy_cluster(tmp_path: Path) -> Cluster:
+    """3 masters, a replica each; without full coverage, the masters left keep
+    serving their slots while one is lost (the default, yes, stops the whole
+    cluster until the failover)."""
+    return Cluster(
+        tmp_path / "cluster",
+        masters=3,
+        replicas=1,
+        options=("--cluster-require-full-coverage", "no"),
+    ).start()
 
 
 def two_skus_per_master(cluster: Cluster, ports: list[int]) -> dict[int, list[str]]:

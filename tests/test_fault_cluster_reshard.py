@@ -18,6 +18,7 @@ and scripts ran on the new master after NOSCRIPT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import Counter
@@ -256,15 +257,7 @@ async def test_live_resharding_under_http_load(
     load, stop = Load(), asyncio.Event()
     redis = connect(settings)
     started = time.monotonic()
-    phases: list[str] = []
-
-    def mark(phase: str) -> None:
-        phases.append(
-            f"{phase} {time.monotonic() - started:.1f} s ({load.requests} requests,"
-            f" {load.resent} resent)"
-        )
-        print(f"  {phases[-1]}", flush=True)
-
+    mark = functools.partial(print_phase, load, started)
     try:
         async with (
             serving(serve_env(settings, port, dsn), tmp_path / "serve.log") as proc,
@@ -310,6 +303,12 @@ async def test_live_resharding_under_http_load(
         f" error replies of the 4 nodes {dict(replies)}; {len(expired_moved)} short"
         f" reservations of moved buckets expired; {checks} invariant checks"
     )
+
+
+def print_phase(load: Load, started: float, phase: str) -> None:
+    """A phase's time since ``started`` and the load's requests so far."""
+    line = f"{phase} {time.monotonic() - started:.1f} s ({load.requests} requests,"
+    print(f"  {line} {load.resent} resent)", flush=True)
 
 
 @dataclass
