@@ -87,7 +87,8 @@ async def running(
     stop = asyncio.Event()
     try:
         await database.open()
-        _supervised(parts, "console-gauges", Gauges(metrics, parts.engine).step, stop, metrics)
+        gauges = Gauges(metrics, parts.engine).step
+        _supervised(parts, "console-gauges", gauges, GAUGE_PERIOD_S, stop, metrics)
         if run_reaper:
             _start_reaper(parts, other if other is not client else None, metrics, soldout, stop)
         if run_writer and database.pool is not None:
@@ -121,11 +122,13 @@ def _supervised(
     parts: Background,
     name: str,
     step: Callable[[], Awaitable[bool]],
+    idle_s: float,
     stop: asyncio.Event,
     metrics: Metrics,
 ) -> None:
-    """``step`` as a pass loop (``run_loop``, errors counted) under the supervisor."""
-    loop = functools.partial(run_loop, name, step, stop, idle_s=GAUGE_PERIOD_S, counters=metrics)
+    """``step`` as a pass loop (``run_loop``: errors counted, ``idle_s`` between
+    passes) under the supervisor."""
+    loop = functools.partial(run_loop, name, step, stop, idle_s=idle_s, counters=metrics)
     _task(parts, name, loop, stop, metrics)
 
 
