@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 from typing import Any
 
 from stock.core import formats, keys
@@ -101,29 +100,26 @@ class ClusterOrders:
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
     ) -> OrderResult:
         """Every bucket group, then the directory; a deduct then settles its holds."""
-        e, token = self.core, secrets.token_hex(6)
+        e, token = self.core, self.core.token()
         hold_ms = e.deduct_hold_ms if op == "deduct" else ttl_ms
         groups = e.groups(items)
         if op == "deduct" and len(groups) == 1:
             return await self._deduct_one(order_id, groups[0], spec, token, customer)
-        outcomes = await asyncio.gather(
-            *(
-                e.group_call(
-                    "reserve",
-                    LineCall(
-                        order_id=order_id,
-                        purpose=OfKind(op),
-                        items=g,
-                        spec=spec,
-                        ttl_ms=hold_ms,
-                        may_create=True,
-                        tag=token,
-                        customer=customer,
-                    ),
+        outcomes = await e.group_calls(
+            "reserve",
+            [
+                LineCall(
+                    order_id=order_id,
+                    purpose=OfKind(op),
+                    items=g,
+                    spec=spec,
+                    ttl_ms=hold_ms,
+                    may_create=True,
+                    tag=token,
+                    customer=customer,
                 )
                 for g in groups
-            ),
-            return_exceptions=True,
+            ],
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:  # a refused group changed nothing; any other may have applied

@@ -117,7 +117,7 @@ class ClusterTransitions:
         """A multi-node transition under the order's lock: holds, the lock re-checked,
         then the operation on every group."""
         e, todo, done = self.core, dict(enumerate(groups)), dict[int, LinesReply]()
-        lock = e.redis.lock(keys.order_lock_key(order_id), timeout=LOCK_TIMEOUT_S)
+        lock = OrderLock(e, order_id)
         await self._lock(order_id, lock)
         lost = False
         try:
@@ -215,6 +215,35 @@ class ClusterTransitions:
                 log.error("order %r: undoing a hold failed, it expires: %r", order_id, problem)
 
 
+class OrderLock:
+    """The order's Redis lock (``lua/lock.lua``), called through the order scripts:
+    on a cluster the per-node batch follows an ASK with ASKING on the same connection.
+    (redis-py's Lock took redis-py's own ASK path, which sends ASKING on another
+    connection: during a long slot migration its calls ended in "TTL exhausted".)"""
+
+    def __init__(self, core: OrderCore, order_id: str) -> None:
+        self.core, self.key = core, keys.order_lock_key(order_id)
+        self.token = secrets.token_hex(8)
+        self.lifetime_ms = int(LOCK_TIMEOUT_S * 1000)
+
+    async def _call(self, mode: str) -> bool:
+        args = [mode, self.token, self.lifetime_ms]
+        return int(await self.core.scripts("lock", [self.key], args)) == 1
+
+    async def acquire(self, blocking: bool = False) -> bool:
+        """Taken (or ours already: the call is idempotent); never waits."""
+        return await self._call("take")
+
+    async def reacquire(self) -> None:
+        """Its lifetime set again, or LockNotOwnedError (it ran out under us)."""
+        if not await self._call("keep"):
+            raise LockNotOwnedError("the order's lock is no longer held by this call")
+
+    async def release(self) -> None:
+        if not await self._call("drop"):
+            raise LockNotOwnedError("the order's lock ran out before its release")
+
+
 async def apply_to_groups(
     core: OrderCore,
     order_id: str,
@@ -235,22 +264,19 @@ async def apply_to_groups(
     e = core
     for attempt in range(retries + 1):
         pending = list(todo.items())
-        outcomes = await asyncio.gather(
-            *(
-                e.group_call(
-                    op,
-                    LineCall(
-                        order_id=order_id,
-                        purpose=OfKind(order_kind),
-                        items=g,
-                        spec=spec,
-                        ttl_ms=ttl_ms,
-                        reason=reason,
-                    ),
+        outcomes = await e.group_calls(
+            op,
+            [
+                LineCall(
+                    order_id=order_id,
+                    purpose=OfKind(order_kind),
+                    items=g,
+                    spec=spec,
+                    ttl_ms=ttl_ms,
+                    reason=reason,
                 )
                 for _, g in pending
-            ),
-            return_exceptions=True,
+            ],
         )
         failures = []
         for (i, _g), outcome in zip(pending, outcomes, strict=True):

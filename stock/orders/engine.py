@@ -11,20 +11,21 @@ directory on the order's own node (``stock/orders/cluster.py``, design in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from stock.core import formats, keys, validate
 from stock.core.config import Settings
-from stock.core.errors import NotFound, OrderClosed, store_boundary
+from stock.core.errors import NotFound, OrderClosed
 from stock.core.formats import STATE_AFTER, items_spec
 from stock.orders.backend import Backend
 from stock.orders.cluster import ClusterOrders
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult
 from stock.orders.standalone import StandaloneOrders
-from stock.redis.client import RetryOnce, retried_once
+from stock.redis.client import RetryOnce, retried_once, store_boundary, typed
 from stock.redis.scripts import (
     Counters,
     LineResult,
@@ -46,8 +47,9 @@ class StockEngine:
     """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock.
 
     The backend (standalone or cluster) is chosen once, here; both share one
-    ``OrderCore``. A RedisError that escapes a public operation is raised as
-    StoreUnavailable (``store_boundary``), the RedisError its ``__cause__``."""
+    ``OrderCore``. A RedisError (or a failure inside redis-py) that escapes a public
+    operation is raised as StoreUnavailable (``store_boundary``), the RedisError its
+    ``__cause__``."""
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.core = core = OrderCore(client, settings)
@@ -71,7 +73,7 @@ class StockEngine:
 
     async def ping(self) -> bool:
         """Whether Redis answers (readiness), over the connections already held."""
-        return bool(await self.redis.ping())
+        return bool(await typed(self.redis.ping(), "readiness"))
 
     # -- stock levels -------------------------------------------------------
 
@@ -194,10 +196,8 @@ class StockEngine:
                 "phase": closed.details["state"],
                 "lines": [],
             }
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
-        values = await pipe.execute()
+        line_keys = [keys.line_keys(i.sku, order_id, self.settings.buckets).line for i in items]
+        values = await asyncio.gather(*(self.core.get(key) for key in line_keys))
         lines = []
         for item, raw in zip(items, values, strict=True):
             line = formats.parse_line(raw) if raw else None
