@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: install
-	$(BIN)/ruff check stock persist tests loadtest docs
-	$(BIN)/ruff format --check stock persist tests loadtest docs
+	$(BIN)/ruff check stock persist tests loadtest docs tools
+	$(BIN)/ruff format --check stock persist tests loadtest docs tools
 	$(BIN)/mypy stock persist
 	$(BIN)/lint-imports
 	$(BIN)/mkdocs build --strict --quiet  # docs/: a broken link or a missing page fails

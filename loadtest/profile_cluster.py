@@ -29,7 +29,7 @@ from stock.core.config import Settings
 from stock.core.validate import Item
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.servers import Cluster
+from tests.support.servers import Cluster
 
 
 async def _loop(

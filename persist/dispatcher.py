@@ -149,12 +149,19 @@ def payload(row: Any) -> bytes:
 class Dispatcher:
     """Outbox -> receivers. ``run`` loops until stopped; ``poll`` is one claim."""
 
-    def __init__(self, settings: Settings, dsn: str, poll_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        poll_s: float = 0.2,
+        pool: asyncpg.Pool | None = None,
+    ) -> None:
         self.settings = settings
         self.dsn = dsn
         self.poll_s = poll_s
         self.stats = DispatchStats()
-        self.pool: asyncpg.Pool | None = None
+        self.pool = pool  # the process's pool (stock serve), else one of its own
+        self._own_pool = pool is None
         self.session: aiohttp.ClientSession | None = None
         self.in_flight: dict[Any, int] = {}  # subscription id -> requests in flight
         self.tasks: set[asyncio.Task[None]] = set()
@@ -179,7 +186,7 @@ class Dispatcher:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if self.pool is not None:
+        if self.pool is not None and self._own_pool:
             await self.pool.close()
             self.pool = None
 

@@ -21,7 +21,7 @@ import pytest
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests.service import ADMIN, serving, wait_ready
+from tests.support.service import ADMIN, serving, wait_ready
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:

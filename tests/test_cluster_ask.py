@@ -23,7 +23,7 @@ from redis.crc import key_slot
 from stock.core import keys
 from stock.loops.reaper import Reaper
 from tests.conftest import BUCKETS
-from tests.servers import Cluster
+from tests.support.servers import Cluster
 from tests.test_cluster_pipeline import migrate_slot, node_of, one, open_engine
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]

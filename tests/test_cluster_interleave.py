@@ -25,7 +25,7 @@ from stock.orders import cluster_transitions
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import flush
-from tests.servers import Cluster
+from tests.support.servers import Cluster
 from tests.test_cluster_orders import (
     Hooked,
     cluster_settings,

@@ -37,7 +37,7 @@ from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS, flush
-from tests.servers import Cluster
+from tests.support.servers import Cluster
 from tests.test_multibucket import skus_on_distinct_nodes
 
 Hook = Callable[[str, list[str], list[Any]], Awaitable[None]]

@@ -26,7 +26,7 @@ from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from stock.redis.cluster_pipeline import ClusterBatch, NodePipeline
 from tests.conftest import BUCKETS, flush
-from tests.servers import Cluster, cli, script_sha
+from tests.support.servers import Cluster, cli, script_sha
 from tests.test_multibucket import skus_on_distinct_nodes
 
 SKUS = [f"S{i:02d}" for i in range(32)]

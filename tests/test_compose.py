@@ -6,7 +6,7 @@ be taken), the build context is the checkout's absolute path (the file is copied
 to a temporary directory), and the monitoring services (prometheus, grafana) are
 left out: their images come from a registry and Grafana has no Debian package
 to make a stand-in from. Everything the API needs is brought up. ``redis:7.2``
-and ``postgres:16`` are Debian stand-ins (tests/docker_env.py): Redis 7.0 and
+and ``postgres:16`` are Debian stand-ins (tests/support/docker_env.py): Redis 7.0 and
 PostgreSQL 15.
 """
 
@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests import docker_env
+from tests.support import docker_env
 from tests.test_image import call, wait_for
 
 pytestmark = pytest.mark.docker

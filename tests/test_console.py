@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -23,7 +22,8 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.http.api import ENGINE
 from tests.conftest import flush
-from tests.payment_service import PaymentService
+from tests.support.payment_service import PaymentService
+from tests.support.poll import until
 
 TOKEN = "console-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -189,15 +189,6 @@ async def test_expiry_lag_is_read_from_redis(bare: TestClient[Any, Any]) -> None
     assert 0.9 <= health["expiry_lag_s"] <= 5.0
 
 
-async def wait_for(check: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.05)
-
-
 async def test_ledger_rows_carry_the_reason(full: TestClient[Any, Any]) -> None:
     await full.put("/v1/stock/A", json={"available": 5, "reason": "opening"}, headers=ADMIN)
     await full.put("/v1/stock/B", json={"available": 9}, headers=ADMIN)
@@ -212,7 +203,7 @@ async def test_ledger_rows_carry_the_reason(full: TestClient[Any, Any]) -> None:
         found: list[Any] = (await answer.json())["rows"]
         return found if len(found) == 2 else []
 
-    newest, oldest = await wait_for(rows)
+    newest, oldest = await until(rows)
     assert (newest["reason"], newest["available"], newest["qty"]) == ("damaged in aisle 4", 3, -2)
     assert (oldest["reason"], oldest["available"]) == ("opening", 5)
     assert newest["seq"] > oldest["seq"] and newest["at"].endswith("Z")
@@ -233,7 +224,7 @@ async def test_a_sharded_skus_ledger_holds_every_shard(full: TestClient[Any, Any
         found: list[Any] = (await answer.json())["rows"]
         return found if {r["shard"] for r in found} == {0, 1, 2, 3} else []
 
-    found = await wait_for(rows)
+    found = await until(rows, 10, "every shard's rows")
     assert found, "every shard's rows"
     assert any(r["reason"].startswith("move ") for r in found)
     plain = await (await full.get("/v1/stock/NOPE/ledger", headers=ADMIN)).json()
@@ -245,7 +236,7 @@ async def test_health_with_postgres(full: TestClient[Any, Any], settings: Settin
         body = await (await full.get("/v1/admin/health", headers=ADMIN)).json()
         return body if body["writer"]["held"] == settings.buckets else None
 
-    health = await wait_for(all_held)
+    health = await until(all_held)
     assert health, "the writer never held every bucket"
     assert health["postgres"] == "ok" and health["writer"]["writers"] == 1
     assert 0 <= health["flush_lag_s"] < 5
@@ -274,7 +265,7 @@ async def test_reconcile_outcome_reaches_health_and_metrics(
     engine = full.app[ENGINE]  # type: ignore[union-attr]
     conn = await asyncpg.connect(dsn)
     try:
-        await wait_for(lambda: conn.fetchval("SELECT count(*) FROM stock_levels"))
+        await until(lambda: conn.fetchval("SELECT count(*) FROM stock_levels"))
     finally:
         await conn.close()
     # drift: Redis says 7, PostgreSQL 5
@@ -290,7 +281,7 @@ async def test_reconcile_outcome_reaches_health_and_metrics(
         text = await (await full.get("/metrics")).text()
         return "stock_reconcile_drifting_skus 1.0" in text
 
-    assert await wait_for(gauge, timeout=15), "the drift gauge never showed the reconcile"
+    assert await until(gauge, 15, "the drift gauge"), "the drift gauge never showed the reconcile"
 
 
 async def test_health_shows_payment_probe_outcomes(
@@ -319,7 +310,7 @@ async def test_health_shows_payment_probe_outcomes(
             outcomes = health["payment_probe"]
             return outcomes if {"paid", "error"} <= set(outcomes) else None
 
-        outcomes = await wait_for(probed)
+        outcomes = await until(probed)
     assert outcomes and outcomes["paid"] == 1 and outcomes["error"] >= 1, outcomes
 
 
@@ -374,4 +365,4 @@ async def test_admin_order_reasons_reach_the_ledger(full: TestClient[Any, Any]) 
         found = {r["op"]: r["reason"] for r in rows if r["op"] in ("confirm", "cancel", "release")}
         return found if len(found) == 3 else {}
 
-    assert await wait_for(reasons) == {op: reason for _, op, reason in steps}
+    assert await until(reasons) == {op: reason for _, op, reason in steps}

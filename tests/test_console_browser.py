@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from stock.core.config import Settings
-from tests.service import ADMIN, TOKEN
+from tests.support.service import ADMIN, TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "console.png"

@@ -22,9 +22,9 @@ from stock.core.validate import Item
 from stock.http.api import FRONT, SOLDOUT
 from stock.loops.soldout import SoldOut
 from stock.redis.client import connect
-from tests import servers
 from tests.conftest import BUCKETS, flush
-from tests.servers import ServerProcess
+from tests.support import servers
+from tests.support.servers import ServerProcess
 
 TOKEN = "front-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

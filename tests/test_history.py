@@ -1,6 +1,6 @@
 """The history check, live: concurrent clients against two ``stock serve`` processes,
 each SIGKILLed and restarted mid-run, on standalone Redis and on the cluster; every
-SKU's history must be linearizable against the stock model (tests/linearizability.py).
+SKU's history must be linearizable against the stock model (tests/support/linearizability.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from stock.core import keys
 from stock.core.config import Settings
-from tests.history import Workload, record
-from tests.linearizability import by_sku, check
+from tests.support.history import Workload, record
+from tests.support.linearizability import by_sku, check
 
 
 @pytest.mark.faults

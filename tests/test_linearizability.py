@@ -1,4 +1,4 @@
-"""The history checker (tests/linearizability.py) on hand-made histories: it accepts
+"""The history checker (tests/support/linearizability.py) on hand-made histories: it accepts
 the good ones and rejects an oversell, a double confirm, a stale read, an operation
 that un-happens, and a refusal that names the wrong stock."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 
-from tests.linearizability import Op, State, answer, check
+from tests.support.linearizability import Op, State, answer, check
 
 CREATED, REPLAY, OK = ("created",), ("replay",), ("ok",)
 

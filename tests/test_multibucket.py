@@ -15,6 +15,7 @@ from stock.core.validate import Item
 from stock.loops.reaper import Reaper
 from stock.orders.cluster import ClusterOrders
 from stock.orders.engine import StockEngine
+from stock.redis.line_layout import LineCall, OfKind
 from tests.conftest import BUCKETS
 
 
@@ -89,16 +90,16 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
     """What a reserve leaves when its process dies after the first bucket group: that
     group's lines (RESERVED, beside the bucket's copy of the order) and no directory."""
     spec = items_spec(items)
-    await engine.core.group_call(
-        "reserve",
+    call = LineCall(
         order_id=order_id,
-        group=[items[0]],
+        purpose=OfKind("reserve"),
+        items=[items[0]],
         spec=spec,
         ttl_ms=1000,
         may_create=True,
-        order_kind="reserve",
         tag="crashed",
     )
+    await engine.core.group_call("reserve", call)
 
 
 async def test_crash_between_groups_then_retry_completes(

@@ -24,7 +24,7 @@ from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from stock.redis.scripts import load_sources, raise_for
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess, script_sha
+from tests.support.servers import ServerProcess, script_sha
 
 
 async def test_noscript_recovery_after_script_flush(engine: StockEngine) -> None:
@@ -183,15 +183,6 @@ def test_an_unknown_reply_code_is_a_typed_error(reply: list[Any]) -> None:
     assert isinstance(caught.value, Unavailable), repr(caught.value)
     assert caught.value.status == 503
     assert repr(reply[0]) in caught.value.message
-
-
-async def test_a_busy_order_record_is_unavailable(engine: StockEngine) -> None:
-    """order.lua's BUSY (a 'pending' record of an earlier version, its lease running)
-    reaches the caller as Unavailable, through the real script."""
-    lease = "tok@99999999999999"
-    await engine.redis.set(keys.order_key("old"), f"reserve|pending|{lease}|A:1")
-    with pytest.raises(Unavailable, match="busy"):
-        await engine.release("old")
 
 
 async def test_the_order_lock_script(engine: StockEngine) -> None:

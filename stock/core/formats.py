@@ -11,8 +11,7 @@ through a real script. The event format lives in ``persist/events.py``
   may be empty, a customer id may hold ``|`` (so it comes last).
 - **order record** (``stock:order:{<order_id>}``): ``kind|phase|owner|items``;
   kind ``reserve`` or ``deduct``; phase ``done``, on a cluster's directory also a
-  TCC tombstone (``released``, ``cancelled``: no items) or ``pending`` (a record
-  of an earlier version, owner ``token@lease_ms``); owner a set of tokens
+  TCC tombstone (``released``, ``cancelled``: no items); owner a set of tokens
   ``token,token`` (a cluster's single-group deduct) or empty.
 - **items spec**: ``sku:qty,sku:qty`` sorted, the canonical text of an order's
   items (compared to detect order_conflict). A SKU may hold ``:``, not ``,``.

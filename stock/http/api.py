@@ -306,7 +306,7 @@ async def cancel(request: web.Request) -> web.Response:
 async def get_reservation(request: web.Request) -> web.Response:
     order = await request.app[ENGINE].get_order(_path_order(request))
     states = {line.state for line in order["lines"]}
-    if order["phase"] in ("pending", "released", "cancelled") and not order["lines"]:
+    if order["phase"] in ("released", "cancelled") and not order["lines"]:
         status = order["phase"]  # a TCC tombstone: released or cancelled before its try
     else:
         status = states.pop() if len(states) == 1 else "mixed"

@@ -40,6 +40,7 @@ from stock.orders.cluster_transitions import (
 )
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult, order_result
+from stock.redis.line_layout import LineCall, OfKind
 from stock.redis.scripts import LinesReply, merge_failures, merge_replies, parse_commit
 
 log = logging.getLogger("stock.orders.cluster")
@@ -106,14 +107,19 @@ class ClusterOrders:
             return await self._deduct_one(order_id, groups[0], spec, token, customer)
         outcomes = await e.group_calls(
             "reserve",
-            groups,
-            order_id=order_id,
-            spec=spec,
-            ttl_ms=hold_ms,
-            may_create=True,
-            order_kind=op,
-            tag=token,
-            customer=customer,
+            [
+                LineCall(
+                    order_id=order_id,
+                    purpose=OfKind(op),
+                    items=g,
+                    spec=spec,
+                    ttl_ms=hold_ms,
+                    may_create=True,
+                    tag=token,
+                    customer=customer,
+                )
+                for g in groups
+            ],
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:  # a refused group changed nothing; any other may have applied
@@ -185,13 +191,15 @@ class ClusterOrders:
         try:
             reply = await e.group_call(
                 "deduct",
-                order_id=order_id,
-                group=group,
-                spec=spec,
-                may_create=True,
-                order_kind="deduct",
-                tag=token,
-                customer=customer,
+                LineCall(
+                    order_id=order_id,
+                    purpose=OfKind("deduct"),
+                    items=group,
+                    spec=spec,
+                    may_create=True,
+                    tag=token,
+                    customer=customer,
+                ),
             )
         except StockError:
             try:
@@ -239,11 +247,13 @@ class ClusterOrders:
                 *(
                     e.group_call(
                         "abort",
-                        order_id=order_id,
-                        group=g,
-                        spec=spec,
-                        order_kind=order_kind,
-                        tag=token,
+                        LineCall(
+                            order_id=order_id,
+                            purpose=OfKind(order_kind),
+                            items=g,
+                            spec=spec,
+                            tag=token,
+                        ),
                     )
                     for g in todo
                 ),

@@ -35,7 +35,8 @@ from stock.core.formats import items_spec
 from stock.core.validate import Item
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult, order_result
-from stock.redis.scripts import NO_ORDER_KEY, LinesReply, merge_failures, merge_replies
+from stock.redis.line_layout import NO_ORDER_KEY, HoldFor, LineCall, OfKind, UndoHolds
+from stock.redis.scripts import LinesReply, merge_failures, merge_replies
 
 log = logging.getLogger("stock.orders.cluster")  # the name it had in stock/orders/cluster.py
 
@@ -167,13 +168,15 @@ class ClusterTransitions:
             *(
                 e.group_call(
                     "hold",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    mode=NO_ORDER_KEY,
-                    ttl_ms=HOLD_MS,
-                    hold_for=op,
-                    tag=token,
+                    LineCall(
+                        order_id=order_id,
+                        purpose=HoldFor(op),
+                        mode=NO_ORDER_KEY,
+                        items=g,
+                        spec=spec,
+                        ttl_ms=HOLD_MS,
+                        tag=token,
+                    ),
                 )
                 for g in groups
             ),
@@ -194,12 +197,14 @@ class ClusterTransitions:
             *(
                 e.group_call(
                     "abort",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    mode=NO_ORDER_KEY,
-                    undo_holds=True,
-                    tag=token,
+                    LineCall(
+                        order_id=order_id,
+                        purpose=UndoHolds(),
+                        mode=NO_ORDER_KEY,
+                        items=g,
+                        spec=spec,
+                        tag=token,
+                    ),
                 )
                 for g in groups
             ),
@@ -261,12 +266,17 @@ async def apply_to_groups(
         pending = list(todo.items())
         outcomes = await e.group_calls(
             op,
-            [g for _, g in pending],
-            order_id=order_id,
-            spec=spec,
-            ttl_ms=ttl_ms,
-            order_kind=order_kind,
-            reason=reason,
+            [
+                LineCall(
+                    order_id=order_id,
+                    purpose=OfKind(order_kind),
+                    items=g,
+                    spec=spec,
+                    ttl_ms=ttl_ms,
+                    reason=reason,
+                )
+                for _, g in pending
+            ],
         )
         failures = []
         for (i, _g), outcome in zip(pending, outcomes, strict=True):

@@ -18,7 +18,8 @@ from stock.core import formats, keys, validate
 from stock.core.config import Settings
 from stock.core.errors import NotFound, OrderClosed
 from stock.core.validate import Item
-from stock.redis.scripts import WITH_COPY, LinesReply, Mode, Scripts, line_call, parse_lines
+from stock.redis.line_layout import LineCall, line_call
+from stock.redis.scripts import LinesReply, Scripts, parse_lines
 
 T = TypeVar("T")
 
@@ -95,8 +96,6 @@ class OrderCore:
         record = formats.parse_record(raw)
         if record.phase in formats.TOMBSTONES:
             raise OrderClosed(f"order {order_id!r} was {record.phase}", state=record.phase)
-        if record.phase != formats.DONE:  # a 'pending' record of an earlier version
-            raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return record.kind, record.phase, formats.parse_spec(record.spec)
 
     async def get(self, key: str) -> str | None:
@@ -112,62 +111,31 @@ class OrderCore:
             return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
         return list(await self.redis.hmget(key, *fields))
 
-    async def group_call(self, op: str, *, group: list[Item], **call: Any) -> LinesReply:
+    async def group_call(self, op: str, call: LineCall) -> LinesReply:
         """Script ``op`` on one bucket group on a cluster (``group_calls``)."""
-        (outcome,) = await self.group_calls(op, [group], **call)
+        (outcome,) = await self.group_calls(op, [call])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     async def group_calls(
-        self,
-        op: str,
-        groups: Sequence[list[Item]],
-        *,
-        order_id: str,
-        spec: str,
-        mode: Mode = WITH_COPY,
-        ttl_ms: int = 0,
-        may_create: bool = False,
-        order_kind: str = "",
-        hold_for: str = "",
-        undo_holds: bool = False,
-        tag: str = "",
-        reason: str = "",
-        customer: str = "",
+        self, op: str, calls: Sequence[LineCall]
     ) -> list[LinesReply | BaseException]:
-        """Script ``op`` on each bucket group at once on a cluster (``line_call`` in
-        ``stock/redis/scripts.py`` names the arguments; by default the call carries
-        the bucket's copy of the order): each group's reply or its error, in order,
-        as ``asyncio.gather(..., return_exceptions=True)`` but with no task per
-        group: on a cluster each call is sent when it is made (``Scripts``), so
-        awaiting them one by one waits for the slowest only. (Only the rare
-        redirections and retries of a call, ``ClusterBatch.follow``, wait their
-        turn behind the groups before it.)"""
-        calls = [
-            line_call(
-                buckets=self.settings.buckets,
-                retention_ms=self.retention_ms,
-                mode=mode,
-                order_id=order_id,
-                items=group,
-                spec=spec,
-                ttl_ms=ttl_ms,
-                may_create=may_create,
-                order_kind=order_kind,
-                hold_for=hold_for,
-                undo_holds=undo_holds,
-                tag=tag,
-                reason=reason,
-                customer=customer,
-            )
-            for group in groups
-        ]
-        sent = [self.scripts(op, keys_, args) for keys_, args in calls]  # all at once
+        """Script ``op`` for each call (one bucket group each, ``call.items``; by
+        default the call carries the bucket's copy of the order) at once on a
+        cluster: each group's reply or its error, in order, as
+        ``asyncio.gather(..., return_exceptions=True)`` but with no task per group:
+        on a cluster each call is sent when it is made (``Scripts``), so awaiting
+        them one by one waits for the slowest only. (Only the rare redirections and
+        retries of a call, ``ClusterBatch.follow``, wait their turn behind the
+        groups before it.)"""
+        buckets, retention_ms = self.settings.buckets, self.retention_ms
+        encoded = [line_call(c, buckets=buckets, retention_ms=retention_ms) for c in calls]
+        sent = [self.scripts(op, keys_, args) for keys_, args in encoded]  # all at once
         outcomes: list[LinesReply | BaseException] = []
         for i, call in enumerate(sent):
             try:
-                outcomes.append(parse_lines(await call, order_id))
+                outcomes.append(parse_lines(await call, calls[i].order_id))
             except asyncio.CancelledError:
                 for unread in sent[i + 1 :]:
                     close = getattr(unread, "close", None)

@@ -13,7 +13,7 @@ from stock.core.config import Settings
 from stock.core.errors import ReservationExpired
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
-from tests.persist.helpers import drain
+from tests.support.persistence import drain
 from tests.test_multibucket import skus_on_distinct_nodes
 
 

@@ -27,7 +27,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.servers import EARLY_FSYNC, ServerProcess, confirms_fsync_early, fsync_shim_env
+from tests.support.servers import EARLY_FSYNC, ServerProcess, confirms_fsync_early, fsync_shim_env
 
 REDIS7 = os.environ.get("STOCK_TEST_REDIS7", "/usr/bin/redis-server")
 needs_redis7 = pytest.mark.skipif(
@@ -162,7 +162,7 @@ async def test_pending_entries_read_elsewhere_wait_for_their_fsync(
     """A writer that died before its WAITAOF left an event delivered (pending) and not
     yet fsynced. Re-reading a pending list writes nothing, so a WAITAOF after it on
     another connection would return at once: the next writer must still wait for the
-    fsync (Valkey; its disk stalled by tests/fsync_log.c)."""
+    fsync (Valkey; its disk stalled by tests/support/fsync_log.c)."""
     monkeypatch.setattr(durable_read, "WAITAOF_MS", 300)
     server = ServerProcess(tmp_path / "r", None, "--appendonly", "yes", "--appendfsync", "everysec")
     server.env = fsync_shim_env(tmp_path)

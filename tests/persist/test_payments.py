@@ -19,7 +19,7 @@ from stock.core.config import Settings
 from stock.core.errors import InvalidRequest
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
-from tests.persist.helpers import drain
+from tests.support.persistence import drain
 
 
 def export(path: Path, rows: list[tuple[str, str]]) -> Path:

@@ -24,7 +24,7 @@ from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
 from stock.redis.scripts import Scripts
 from tests.conftest import flush
-from tests.persist.helpers import drain, wait_persisted
+from tests.support.persistence import drain, wait_persisted
 from tests.test_multibucket import skus_on_distinct_nodes
 
 SKUS = ["A", "B", "C", "D"]

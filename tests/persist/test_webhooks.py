@@ -26,8 +26,9 @@ from stock.core.config import Settings
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
 from tests.conftest import BUCKETS
-from tests.persist.receivers import Receiver, pipeline, receiving, until
-from tests.servers import ServerProcess
+from tests.support.poll import until
+from tests.support.receivers import Receiver, pipeline, receiving
+from tests.support.servers import ServerProcess
 
 TOKEN = "hook-admin"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

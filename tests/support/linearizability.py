@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from tests.model import ACQUIRED, EXPIRED, TOMBSTONES, TRANSITIONS
+from tests.support.model import ACQUIRED, EXPIRED, TOMBSTONES, TRANSITIONS
 
 Result = tuple[object, ...]
 
@@ -66,7 +66,7 @@ TOMB = "tomb"  # a Line's kind for a TCC tombstone (a release or cancel of no or
 class Line(NamedTuple):
     kind: str  # reserve or deduct, or TOMB (state: released or cancelled, qty 0)
     qty: int
-    state: str  # a state name of tests.model
+    state: str  # a state name of tests.support.model
 
 
 class State(NamedTuple):

@@ -1,5 +1,5 @@
 """Record a history of concurrent operations against the live HTTP API, while `stock
-serve` processes are SIGKILLed and restarted, for tests/linearizability.py to check.
+serve` processes are SIGKILLed and restarted, for tests/support/linearizability.py to check.
 
 Two API processes stand behind the client (each request goes to either, as a load
 balancer would send it). Buyers run checkout sessions (reserve or deduct one SKU,
@@ -28,8 +28,9 @@ import aiohttp
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests import servers
-from tests.linearizability import Op, Result
+from tests.support import servers
+from tests.support.linearizability import Op, Result
+from tests.support.service import wait_ready
 
 TOKEN = "history-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -55,19 +56,9 @@ class Api:
         self.procs[i] = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
 
     async def ready(self, i: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while True:
-                proc = self.procs[i]
-                assert proc is not None and proc.poll() is None, "stock serve exited"
-                try:
-                    async with http.get(f"{self.bases[i]}/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "stock serve never became ready"
-                await asyncio.sleep(0.05)
+        proc = self.procs[i]
+        assert proc is not None, "stock serve was not started"
+        await wait_ready(self.bases[i], proc, timeout)
 
     def kill(self, i: int) -> None:
         proc = self.procs[i]
@@ -106,7 +97,7 @@ def request_of(kind: str, sku: str, order: str, qty: int) -> tuple[str, str, Any
 
 
 def normalize(kind: str, status: int, body: Any) -> Result | None:
-    """The answer as tests/linearizability.py compares it; None when unknown (5xx)."""
+    """The answer as tests/support/linearizability.py compares it; None when unknown (5xx)."""
     if status >= 500:
         return None
     if status in (200, 201):
