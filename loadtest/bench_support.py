@@ -21,7 +21,7 @@ from stock.core.formats import items_spec
 from stock.core.validate import Item
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from stock.redis.scripts import WITH_RECORD, line_call
+from stock.redis.line_layout import WITH_RECORD, LineCall, OfKind, line_call
 
 HOT = "HOT-1"
 BIG_STOCK = 10**12
@@ -109,16 +109,17 @@ def reserve_builder(engine: StockEngine) -> ReserveCall:
 
     def build(order_id: str, sku: str, qty: int, ttl_ms: int) -> tuple[list[str], list[str]]:
         items = [Item(sku, qty)]
-        keys_, args = line_call(
-            buckets=engine.settings.buckets,
-            retention_ms=engine.retention_ms,
-            mode=WITH_RECORD,
+        call = LineCall(
             order_id=order_id,
+            purpose=OfKind("reserve"),
+            mode=WITH_RECORD,
             items=items,
             spec=items_spec(items),
             ttl_ms=ttl_ms,
             may_create=True,
-            order_kind="reserve",
+        )
+        keys_, args = line_call(
+            call, buckets=engine.settings.buckets, retention_ms=engine.core.retention_ms
         )
         return [str(k) for k in keys_], [str(a) for a in args]
 

@@ -20,12 +20,12 @@
 --   ARGV[4] retention_ms how long a terminal line is kept for replays
 --   ARGV[5] may_create  '1' when new lines may be created (reserve/deduct)
 --   ARGV[6] items_spec  canonical 'sku:qty,...' of the whole order
---   ARGV[7] one slot, three meanings, by script (line_call in stock/redis/scripts.py
---           names each): the order's kind, 'reserve' or 'deduct' (reserve,
---           deduct, confirm, release, extend, cancel, and abort of an attempt:
---           call.kind); the step a hold prepares, 'confirm', 'release' or
---           'extend' (hold.lua: hold_for); 'hold', the undo of a hold's changes
---           (abort.lua: undo_holds)
+--   ARGV[7] one slot, three meanings, by script (a LineCall's purpose in
+--           stock/redis/line_layout.py names each): the order's kind, 'reserve'
+--           or 'deduct' (reserve, deduct, confirm, release, extend, cancel, and
+--           abort of an attempt: call.kind; OfKind); the step a hold prepares,
+--           'confirm', 'release' or 'extend' (hold.lua: hold_for; HoldFor);
+--           'hold', the undo of a hold's changes (abort.lua: undo_holds; UndoHolds)
 --   ARGV[8] tag         the calling attempt's token on a cluster ('' standalone)
 --   ARGV[9] reason      free text for the events' reason field ('' for none)
 --   ARGV[10] customer   the buyer (reserve/deduct; '' for none): per-customer limits
@@ -58,6 +58,13 @@
 --   {'LIMIT', sku, limit, held, ...}  {'CUSTOMER_REQUIRED', sku}
 --   mode 'r' also: {'NOORDER'} (no record)  {'CLOSED', state} (a TCC tombstone)
 
+-- A line's states and an order record's phases, by name (formats.py: RESERVED ...
+-- ABORTED, DONE, TOMBSTONES; tests/test_formats.py checks that the two agree).
+local RESERVED, CONFIRMED, RELEASED, EXPIRED, CANCELLED = 'R', 'C', 'X', 'E', 'N'
+local ABORTED = '-'  -- never stored: a deleted line in replies
+local DONE = 'done'  -- an order record's phase once its lines are there
+local TOMBSTONE_RELEASED, TOMBSTONE_CANCELLED = 'released', 'cancelled'  -- TCC, no items
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -77,14 +84,15 @@ local function read_sku(key, customer)
   local v
   if customer and customer ~= '' then
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
-      'c:' .. customer)
+      'c:' .. customer, 'shard', 'lmod')
   else
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit')
   end
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
+          limit = tonumber(v[6]), held = tonumber(v[7]) or 0,
+          shard = tonumber(v[8]), lmod = tonumber(v[9]) or 0}
 end
 
 -- A customer's units of a SKU held or bought: moved by delta, the field
@@ -97,7 +105,7 @@ local function count_customer(sku_key, customer, delta)
 end
 
 local function holds(state)
-  return state == 'R' or state == 'C'
+  return state == RESERVED or state == CONFIRMED
 end
 
 -- The line at key as {state, qty, exp, tag, customer} (formats.parse_line), or nil.
@@ -206,8 +214,7 @@ end
 -- costs less memory than a hash; formats.order_record, formats.parse_record):
 -- kind 'reserve'/'deduct', phase 'done' or a TCC tombstone ('released'/
 -- 'cancelled', no items); owner '' or, on a cluster's directory (order.lua),
--- the owner set of a single-group deduct ('token,token'); records of earlier
--- versions may say 'pending' (owner 'token@lease_ms').
+-- the owner set of a single-group deduct ('token,token').
 local function read_record(key)
   local v = redis.call('GET', key)
   if not v then return nil end
@@ -240,14 +247,13 @@ end
 
 -- Standalone confirm/release/extend/cancel (mode 'r'): the order's kind and
 -- items from its record, each line's keys built here (line_item), so that the
--- transition is one script call. No record, or one of an earlier version still
--- 'pending': NOORDER; a TCC tombstone: CLOSED with its state. Returns an error
--- reply, or nil after filling call.kind, call.spec and call.items.
+-- transition is one script call. No record: NOORDER; a TCC tombstone: CLOSED
+-- with its state. Returns an error reply, or nil after filling call.kind,
+-- call.spec and call.items.
 local function open_record(call)
   local rec = read_record(call.order_key)
   if not rec or not rec.phase then return {'NOORDER'} end
-  if rec.phase == 'released' or rec.phase == 'cancelled' then return {'CLOSED', rec.phase} end
-  if rec.phase ~= 'done' then return {'NOORDER'} end
+  if rec.phase ~= DONE then return {'CLOSED', rec.phase} end  -- a TCC tombstone
   call.kind, call.spec = rec.kind, rec.spec
   for _, item in ipairs(read_spec(rec.spec)) do
     call.items[#call.items + 1] = line_item(call.prefix, call.buckets, item.sku, item.qty,
@@ -261,7 +267,7 @@ end
 local function open_order(call)
   if not call.order_key then return nil end
   local rec = read_record(call.order_key)
-  if rec and rec.phase ~= 'done' and rec.phase ~= 'pending' then  -- a TCC tombstone
+  if rec and rec.phase ~= DONE then  -- a TCC tombstone
     return {'CLOSED', rec.phase}
   end
   if rec then
@@ -301,8 +307,15 @@ end
 -- 'token,token,...' (at most TAGS_MAX; a full set takes no more). An undo
 -- (abort.lua) takes its own token out and deletes the line only when no token
 -- is left: a line that any other attempt touched, one that committed the order
--- among them, stays.
+-- among them, stays. A transition that leaves a line RESERVED (extend.lua,
+-- hold.lua's undo, resync.lua) only runs on a committed order: it writes the
+-- element COMMITTED into the set, which no attempt owns, so no later attempt's
+-- undo ever deletes the line (a hold's 'H<token>:<expiry>' element is no
+-- attempt's either).
 local TAGS_MAX = 8
+local UNDO_HOLD = 'undo-hold'  -- the reason of abort.lua's events undoing a hold
+local DEDUCT_HOLD = 'deduct-hold'  -- reason of a multi-group deduct's holds (formats.py)
+local COMMITTED = '*'
 
 local function has_tag(tags, tag)
   if not tags or tags == '' then return false end
@@ -339,6 +352,11 @@ end
 local function check_limit(call, it, c, over)
   if not c.limit then return nil end
   if call.customer == '' then return {'CUSTOMER_REQUIRED', it.sku} end
+  -- a sharded SKU (lua/README.md "Sharded SKUs"): a customer's lines live in the
+  -- customer's home shard, where their count is; elsewhere: REHOME
+  if c.lmod > 0 and c.shard and bucket_of(call.customer, c.lmod) ~= c.shard then
+    return {'REHOME', it.sku, bucket_of(call.customer, c.lmod)}
+  end
   if c.held + it.qty > c.limit then
     over[#over + 1] = it.sku
     over[#over + 1] = c.limit

@@ -8,10 +8,9 @@
 --   deadline in ms of server time (0 = none). What is there decides first:
 --   the same kind and items: {'DONE'} (committed by this or another attempt of
 --   the same request: a replay); another kind or items: {'CONFLICT', kind}; a
---   TCC tombstone: {'TOMBSTONE', state}; a 'pending' record of an earlier
---   version whose lease runs: {'BUSY'} (once its lease is over it counts as
---   absent). Nothing there: past the deadline {'LATE'} (the caller stalled:
---   it undoes its groups), else 'kind|done||items' is set for lifetime, {'NEW'}.
+--   TCC tombstone: {'TOMBSTONE', state}. Nothing there: past the deadline
+--   {'LATE'} (the caller stalled: it undoes its groups), else 'kind|done||items'
+--   is set for lifetime, {'NEW'}.
 -- open (a single-group deduct, before its one atomic script): ARGV[2] kind,
 --   ARGV[3] items_spec, ARGV[4] lifetime in ms, ARGV[5] the attempt's token.
 --   What is there decides as for commit; the same order: the token joins the
@@ -38,50 +37,40 @@ if ARGV[1] == 'read' then
 end
 if ARGV[1] == 'tomb' then
   local rec = read_record(KEYS[1])
-  if rec and rec.phase == 'pending' then
-    local lease = tonumber(string.match(rec.owner, '@(%d+)$')) or 0
-    if lease > now then return {'BUSY'} end
-    rec = nil
-  end
-  if rec and rec.phase == 'done' then return {'EXISTS'} end
+  if rec and rec.phase == DONE then return {'EXISTS'} end
   if rec then return {'TOMBSTONE', rec.phase} end
   redis.call('SET', KEYS[1], record_value('reserve', ARGV[2], '', ''), 'PX', ARGV[3])
   return {'NEW'}
 end
 if ARGV[1] == 'drop' then
   local rec = read_record(KEYS[1])
-  if not rec or rec.phase ~= 'done' or not has_tag(rec.owner, ARGV[2]) then return 0 end
+  if not rec or rec.phase ~= DONE or not has_tag(rec.owner, ARGV[2]) then return 0 end
   local owners = drop_tag(rec.owner, ARGV[2])
   if owners == '' then
     redis.call('DEL', KEYS[1])
   else
-    redis.call('SET', KEYS[1], record_value(rec.kind, 'done', owners, rec.spec), 'KEEPTTL')
+    redis.call('SET', KEYS[1], record_value(rec.kind, DONE, owners, rec.spec), 'KEEPTTL')
   end
   return 1
 end
 local kind, spec, lifetime, deadline = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]) or 0
 local opening = ARGV[1] == 'open'
 local rec = read_record(KEYS[1])
-if rec and rec.phase == 'pending' then
-  local lease = tonumber(string.match(rec.owner, '@(%d+)$')) or 0
-  if lease > now then return {'BUSY'} end
-  rec = nil
-end
 if rec then
-  if rec.phase ~= 'done' then return {'TOMBSTONE', rec.phase} end
+  if rec.phase ~= DONE then return {'TOMBSTONE', rec.phase} end
   if rec.kind == kind and rec.spec == spec then
     if opening and rec.owner ~= '' and not has_tag(rec.owner, ARGV[5]) then
       local owners = add_tag(rec.owner, ARGV[5])
-      redis.call('SET', KEYS[1], record_value(rec.kind, 'done', owners, rec.spec), 'KEEPTTL')
+      redis.call('SET', KEYS[1], record_value(rec.kind, DONE, owners, rec.spec), 'KEEPTTL')
     end
     return {'DONE'}
   end
   return {'CONFLICT', rec.kind}
 end
 if opening then
-  redis.call('SET', KEYS[1], record_value(kind, 'done', ARGV[5], spec), 'PX', lifetime)
+  redis.call('SET', KEYS[1], record_value(kind, DONE, ARGV[5], spec), 'PX', lifetime)
   return {'NEW'}
 end
 if deadline > 0 and now > deadline then return {'LATE'} end
-redis.call('SET', KEYS[1], record_value(kind, 'done', '', spec), 'PX', lifetime)
+redis.call('SET', KEYS[1], record_value(kind, DONE, '', spec), 'PX', lifetime)
 return {'NEW'}

@@ -7,8 +7,9 @@ also fences the outcome (a row claimed again after a lost lease is not
 overwritten by the first claimer). The POST carries ``X-Stock-Event-Id`` and
 ``X-Stock-Signature: sha256=<HMAC-SHA256 of the body>``; a 2xx answer marks the
 row delivered. Anything else retries after ``base * 2^(attempts-1)`` seconds (at
-most 5 minutes), the last try at the end of the retry window, after which the
-row is ``failed``. A dispatcher that dies mid-send leaves a ``sending`` row that
+most 5 minutes), the last try at the end of the retry window (``webhook_retry_s``
+from the row's ``enqueued_at``, the writer's insert, not the event's time), after
+which the row is ``failed``. A dispatcher that dies mid-send leaves a ``sending`` row that
 is claimed again when its lease ends, so it goes out again with the same id.
 
 A slow receiver holds only its own rows: at most ``PER_SUBSCRIPTION`` requests
@@ -148,12 +149,19 @@ def payload(row: Any) -> bytes:
 class Dispatcher:
     """Outbox -> receivers. ``run`` loops until stopped; ``poll`` is one claim."""
 
-    def __init__(self, settings: Settings, dsn: str, poll_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        poll_s: float = 0.2,
+        pool: asyncpg.Pool | None = None,
+    ) -> None:
         self.settings = settings
         self.dsn = dsn
         self.poll_s = poll_s
         self.stats = DispatchStats()
-        self.pool: asyncpg.Pool | None = None
+        self.pool = pool  # the process's pool (stock serve), else one of its own
+        self._own_pool = pool is None
         self.session: aiohttp.ClientSession | None = None
         self.in_flight: dict[Any, int] = {}  # subscription id -> requests in flight
         self.tasks: set[asyncio.Task[None]] = set()
@@ -178,7 +186,7 @@ class Dispatcher:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if self.pool is not None:
+        if self.pool is not None and self._own_pool:
             await self.pool.close()
             self.pool = None
 

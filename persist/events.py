@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from persist import webhooks
-from stock.core.formats import ORDER_KINDS, STATE_AFTER
+from stock.core.formats import DEDUCT_HOLD, ORDER_KINDS, STATE_AFTER
 
 # An event's values in the order of its "e" field, then its reason and customer.
 FIELD_ORDER = ("op", "qty", "available", "reserved", "sold", "seq", "at", "exp", "sku", "order",
@@ -252,8 +252,9 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
             op, kind = values[0], ""
             if op in STATE_AFTER:  # a line's event
                 line = values[9] + "|" + values[8]
-                if op in ORDER_KINDS:
-                    kinds[line] = kind = op
+                if op in ORDER_KINDS:  # (a cluster deduct's hold: a reserve, by reason)
+                    kind = "deduct" if values[10] == DEDUCT_HOLD else op
+                    kinds[line] = kind
                 else:
                     kind = kinds.get(line, "")
             out.append("\t".join(values) + tail + entry_id + "\t" + kind + "\n")

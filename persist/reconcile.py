@@ -26,7 +26,10 @@ from persist.snapshot import (
     redis_skus,
     unflushed,
 )
+from stock.core import keys
 from stock.core.config import Settings
+from stock.orders.engine import StockEngine
+from stock.orders.shard_moves import STALE_MS
 
 RECHECK_PAUSE_S = 0.5
 
@@ -93,11 +96,37 @@ async def reconcile(
     The outcome is also left in Redis for the console and the drift alert."""
     conn = await asyncpg.connect(dsn)
     try:
+        if skus is not None:  # a sharded SKU's shards come with it (DESIGN §12)
+            skus = keys.with_shards(skus, list(await pg_levels(conn, None)))
         checked, drifts = await find_drift(client, conn, settings, skus)
     finally:
         await conn.close()
-    await record_reconcile(client, checked, [d.text() for d in drifts], whole=skus is None)
-    for drift in drifts:
-        print(drift.text(), file=out)
-    print(f"reconcile: {checked} SKUs checked, {len(drifts)} drifting", file=out)
-    return 1 if drifts else 0
+    texts = [d.text() for d in drifts]
+    texts += await shard_report(StockEngine(client, settings), skus, out)
+    await record_reconcile(client, checked, texts, whole=skus is None)
+    for text in texts:
+        print(text, file=out)
+    print(f"reconcile: {checked} SKUs checked, {len(texts)} drifting", file=out)
+    return 1 if texts else 0
+
+
+async def shard_report(engine: StockEngine, skus: list[str] | None, out: TextIO) -> list[str]:
+    """Each sharded SKU's totals and moves in flight (printed); a move in flight past
+    ``STALE_MS`` (a mover died and nothing finished it yet) is drift."""
+    await engine.sharded.registry.refresh(after=0.0)
+    drifts = []
+    for sku, meta in sorted(engine.sharded.registry.meta.items()):
+        if skus is not None and sku not in skus:
+            continue
+        a, r, s = await engine.sharded.moves.counters(sku, meta.span)
+        moves = await engine.sharded.moves.in_flight(sku, meta.span)
+        units = sum(m[2] for m in moves)
+        print(
+            f"shards {sku}: {meta.shards} in use of {meta.span}, totals {a}/{r}/{s}, "
+            f"{len(moves)} moves in flight ({units} units)",
+            file=out,
+        )
+        stale = [m for m in moves if m[4] >= STALE_MS]
+        if stale:
+            drifts.append(f"drift {sku}: {len(stale)} moves in flight past {STALE_MS} ms")
+    return drifts

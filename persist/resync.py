@@ -60,6 +60,7 @@ from stock.core.formats import (
     order_record,
 )
 from stock.core.validate import Item
+from stock.orders.engine import StockEngine
 from stock.redis.scripts import Scripts, expect_ok, parse_resync
 
 CHUNK = 200
@@ -374,7 +375,11 @@ async def resync(
     conn = await asyncpg.connect(dsn)
     try:
         run = Resync(client, settings, conn, dry_run=dry_run, force=force, wait_s=wait_s, out=out)
+        if skus is not None:  # a sharded SKU's shards come with it (DESIGN §12)
+            skus = keys.with_shards(skus, list(await pg_levels(conn, None)))
         report = await run.run(skus)
+        if not dry_run:
+            await StockEngine(client, settings).sharded.restore(report.resynced)
     except FenceError as exc:
         print(f"resync: {exc}; each SKU is as it was or resynced: run it again", file=out)
         return 3

@@ -34,8 +34,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -44,6 +42,7 @@ from redis.exceptions import RedisError, ResponseError
 from persist.durable_read import DurableReads, StreamRead, entries_of
 from persist.events import Chunk, StreamId, apply_batch, decode, prepare, read_offsets
 from persist.quarantine import POISON_ERRORS, screened
+from persist.writer_state import RoundRead, WriterStats
 from stock.core import keys
 from stock.core.config import Settings
 from stock.loops.supervise import LoopCounters, run_loop
@@ -64,45 +63,21 @@ PG_ERRORS = (
 _TRY_LOCKS = "SELECT b FROM unnest($2::int[]) AS b WHERE pg_try_advisory_lock($1, b)"
 
 
-@dataclass
-class WriterStats:
-    """Counters for metrics: flush lag is the age of the oldest event read but not flushed."""
-
-    events_total: int = 0
-    batches_total: int = 0
-    last_batch: int = 0
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
-    owned_buckets: int = 0
-    pg_errors: int = 0
-    redis_errors: int = 0
-    gaps: int = 0
-    quarantined: int = 0  # events set aside in event_quarantine
-    oldest_unflushed_ms: int | None = None
-
-    @property
-    def flush_lag_s(self) -> float:
-        if self.oldest_unflushed_ms is None:
-            return 0.0
-        return max(0.0, time.time() - self.oldest_unflushed_ms / 1000)
-
-
-@dataclass
-class _Read:
-    """What one round read from one bucket."""
-
-    bucket: int
-    acked: bool  # whether to acknowledge up to the offset after the commit
-    fresh: Chunk | None  # the entries above the offset
-    full: bool
-
-
 class Writer:
     """Streams -> PostgreSQL. ``run`` loops until stopped; ``step`` is one round."""
 
-    def __init__(self, client: Any, settings: Settings, dsn: str, rebalance_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        settings: Settings,
+        dsn: str,
+        rebalance_s: float = 2.0,
+        pool: asyncpg.Pool | None = None,
+    ) -> None:
         self.redis = client
         self.settings = settings
         self.dsn = dsn
+        self.pool = pool  # the process's pool (stock serve), else a connection of its own
         self.rebalance_s = rebalance_s
         self.stats = WriterStats()
         self.conn: asyncpg.Connection | None = None
@@ -110,7 +85,7 @@ class Writer:
         self.pending: set[int] = set()  # buckets to read from id 0 (their pending list)
         self.offsets: dict[int, StreamId] = {}  # recorded in PostgreSQL
         self.delivered: dict[int, StreamId] = {}  # the last entry read (>= offset)
-        self._prefetched: list[_Read] | None = None
+        self._prefetched: list[RoundRead] | None = None
         self._acking: asyncio.Future[None] | None = None
         self.hot: set[int] = set()  # buckets whose last read was full
         self.idle: set[int] = set()  # buckets whose last read was empty
@@ -124,13 +99,25 @@ class Writer:
         if self.conn is None or self.conn.is_closed():
             self.owned.clear()
             self._prefetched = None  # read for locks that this new session may not get
-            self.conn = await asyncpg.connect(self.dsn, timeout=10)
+            self.conn = await self._open()
             await prepare(self.conn)
             self._next_rebalance = 0.0
         if time.monotonic() >= self._next_rebalance:
             await self._acquire(self.conn)
             self._next_rebalance = time.monotonic() + self.rebalance_s
         return self.conn
+
+    async def _open(self) -> Any:
+        """A connection for the writer's session (its bucket locks live as long)."""
+        if self.pool is not None:
+            return await self.pool.acquire(timeout=10)
+        return await asyncpg.connect(self.dsn, timeout=10)
+
+    async def _let_go(self, conn: Any) -> None:
+        """Back to the pool, if it came from there: closed already (its locks with it)."""
+        if self.pool is not None:
+            with contextlib.suppress(*PG_ERRORS):
+                await self.pool.release(conn)
 
     async def _acquire(self, conn: asyncpg.Connection) -> None:
         free = [b for b in range(self.settings.buckets) if b not in self.owned]
@@ -165,9 +152,11 @@ class Writer:
 
     async def close(self) -> None:
         """Close the PostgreSQL connection (which releases the bucket locks)."""
-        if self.conn is not None and not self.conn.is_closed():
-            await self.conn.close()
-        self.conn = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if not conn.is_closed():
+                await conn.close()
+            await self._let_go(conn)
         self.owned.clear()
         self.stats.owned_buckets = 0
 
@@ -222,7 +211,7 @@ class Writer:
         self.stats.batch_sizes.append(count)
         self.stats.oldest_unflushed_ms = None
 
-    async def _read(self) -> list[_Read]:
+    async def _read(self) -> list[RoundRead]:
         """One read of every owned bucket (``persist.durable_read``: what it returns
         is fsynced by Redis); a bucket not read this round is read from its pending
         list next round."""
@@ -266,7 +255,7 @@ class Writer:
             counts.update(dict.fromkeys(hot, share))
         return counts
 
-    def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> _Read:
+    def _sort(self, bucket: int, head: list[Any], entries: list[Any], count: int) -> RoundRead:
         """Split a bucket's reply into fresh events and entries only to acknowledge."""
         key, offset = keys.events_key(bucket), self.offsets[bucket]
         try:
@@ -296,11 +285,11 @@ class Writer:
             self.stats.gaps += 1
             log.warning("writer: gap in %s before %s; re-reading pending", key, fresh.first)
             self.pending.add(bucket)
-            return _Read(bucket, False, None, True)
+            return RoundRead(bucket, False, None, True)
         if fresh:
             self.delivered[bucket] = max(self.delivered[bucket], fresh.last)
         more = full or bool(live and bucket in self.pending)
-        return _Read(bucket, bool(entries), fresh, more)
+        return RoundRead(bucket, bool(entries), fresh, more)
 
     async def _acked(self) -> None:
         """Wait for the acknowledgement in flight, if any (its error is raised here)."""
@@ -308,7 +297,7 @@ class Writer:
         if acking is not None:
             await acking
 
-    async def _ack(self, reads: list[_Read]) -> None:
+    async def _ack(self, reads: list[RoundRead]) -> None:
         """Acknowledge (and trim) each bucket read up to its offset: ``lua/writer_ack.lua``,
         one call per bucket (its own slot on a cluster), run concurrently."""
         calls = []
@@ -390,6 +379,7 @@ class Writer:
         self.stats.owned_buckets = 0
         if conn is not None:
             conn.terminate()
+            await self._let_go(conn)
 
 
 def _decoded(fields: Any) -> list[str]:

@@ -12,11 +12,15 @@ from redis.asyncio import RedisCluster
 from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.servers import Cluster, ServerProcess
+from tests.support.servers import Cluster, ServerProcess
 
 # PostgreSQL (an embedded server per session, a migrated database per test), a fake
 # payment service, and `stock serve` as a child process
-pytest_plugins = ["tests.postgres", "tests.payment_service", "tests.service"]
+pytest_plugins = [
+    "tests.support.postgres",
+    "tests.support.payment_service",
+    "tests.support.service",
+]
 
 BUCKETS = 16
 

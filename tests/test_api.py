@@ -44,9 +44,21 @@ async def test_stock_admin_and_read(api: TestClient[Any, Any]) -> None:
     wrong = {"Authorization": "Bearer nope"}
     assert (await api.put("/v1/stock/A", json={"available": 5}, headers=wrong)).status == 401
     response = await api.put("/v1/stock/A", json={"available": 5}, headers=ADMIN)
-    assert await response.json() == {"sku": "A", "available": 5, "reserved": 0, "sold": 0}
+    assert await response.json() == {
+        "sku": "A",
+        "available": 5,
+        "reserved": 0,
+        "sold": 0,
+        "shards": 1,
+    }
     response = await api.get("/v1/stock/A")
-    assert await response.json() == {"sku": "A", "available": 5, "reserved": 0, "sold": 0}
+    assert await response.json() == {
+        "sku": "A",
+        "available": 5,
+        "reserved": 0,
+        "sold": 0,
+        "shards": 1,
+    }
     missing = await api.get("/v1/stock/NOPE")
     assert missing.status == 404
     assert (await missing.json())["error"] == "not_found"
@@ -96,7 +108,7 @@ async def test_reservation_lifecycle(api: TestClient[Any, Any]) -> None:
     cancelled = await api.post("/v1/orders/o1/cancel", headers=ADMIN)
     assert (await cancelled.json())["status"] == "cancelled"
     stock = await (await api.get("/v1/stock/A")).json()
-    assert stock == {"sku": "A", "available": 5, "reserved": 0, "sold": 0}
+    assert stock == {"sku": "A", "available": 5, "reserved": 0, "sold": 0, "shards": 1}
 
 
 async def test_release_and_deduction(api: TestClient[Any, Any]) -> None:
@@ -376,3 +388,39 @@ async def test_release_of_an_unknown_order_is_an_empty_rollback(
     assert (body["error"], body["state"]) == ("invalid_transition", "released")
     view = await (await api.get("/v1/reservations/never-tried")).json()
     assert (view["status"], view["items"]) == ("released", [])
+
+
+async def test_shards_on_the_stock_routes(api: TestClient[Any, Any]) -> None:
+    """DESIGN §12: ``shards`` on PUT and GET; ``{"shards": k}`` alone changes only the
+    shards; neither field, or a bad ``shards``, is 400 naming the field."""
+    url = "/v1/stock/HOT"
+    put = await api.put(url, json={"available": 80, "shards": 8}, headers=ADMIN)
+    assert await put.json() == {
+        "sku": "HOT",
+        "available": 80,
+        "reserved": 0,
+        "sold": 0,
+        "shards": 8,
+    }
+    created = await reserve(api, "o1", [{"sku": "HOT", "qty": 3}])
+    assert (await created.json())["items"] == [{"sku": "HOT", "qty": 3}]
+    only = await api.put(url, json={"shards": 3}, headers=ADMIN)
+    assert await only.json() == {
+        "sku": "HOT",
+        "available": 77,
+        "reserved": 3,
+        "sold": 0,
+        "shards": 3,
+    }
+    got = await (await api.get(url)).json()
+    assert got == {"sku": "HOT", "available": 77, "reserved": 3, "sold": 0, "shards": 3}
+    for bad in (0, 65, 2.5, "4", True, None):
+        answer = await api.put(url, json={"shards": bad}, headers=ADMIN)
+        assert answer.status == 400, bad
+        assert (await answer.json())["field"] == "shards"
+    neither = await api.put(url, json={"reason": "x"}, headers=ADMIN)
+    assert (neither.status, (await neither.json())["field"]) == (400, "available")
+    unknown = await api.put("/v1/stock/NOPE", json={"shards": 2}, headers=ADMIN)
+    assert unknown.status == 404
+    confirmed = await api.post("/v1/reservations/o1/confirm")
+    assert (await confirmed.json())["items"] == [{"sku": "HOT", "qty": 3}]

@@ -21,7 +21,7 @@ import pytest
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests.service import ADMIN, serving, wait_ready
+from tests.support.service import ADMIN, serving, wait_ready
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
@@ -47,7 +47,7 @@ async def test_flash_sale_over_http(service: str, dsn: str) -> None:
         assert codes == {201: 100, 409: 900}
         assert {b["error"] for s, b in answers if s == 409} == {"insufficient_stock"}
         _, stock = await call(http, "GET", f"{base}/v1/stock/HOT")
-        assert stock == {"sku": "HOT", "available": 0, "reserved": 100, "sold": 0}
+        assert stock == {"sku": "HOT", "available": 0, "reserved": 100, "sold": 0, "shards": 1}
 
         winners = [(i, body) for i, (s, body) in enumerate(answers) if s == 201]
         replays = await asyncio.gather(*(buy(i) for i, _ in winners[:20]))
@@ -57,7 +57,7 @@ async def test_flash_sale_over_http(service: str, dsn: str) -> None:
         )
         assert {s for s, _ in confirms} == {200}
         _, stock = await call(http, "GET", f"{base}/v1/stock/HOT")
-        assert stock == {"sku": "HOT", "available": 0, "reserved": 0, "sold": 100}
+        assert stock == {"sku": "HOT", "available": 0, "reserved": 0, "sold": 100, "shards": 1}
 
         # multi-item all or nothing
         await call(http, "PUT", f"{base}/v1/stock/CAP", json={"available": 5}, headers=ADMIN)
@@ -137,6 +137,12 @@ async def test_dev_serves_and_leaves_nothing_behind(
     before_banner = output.split("stock dev is serving")[0].strip().splitlines()
     assert len(before_banner) <= 8, before_banner  # the line, and one per migration
     assert "Running commandline" not in output and "\nstdout:" not in output, output
+    # the first screen names the console and the API reference, and greets nobody
+    # with a durability warning about a host crash (its Redis needs no wait)
+    banner = output.split("stock dev is serving")[1]
+    assert f"http://127.0.0.1:{port}/console" in banner, banner
+    assert f"http://127.0.0.1:{port}/docs" in banner, banner
+    assert "host crash" not in output and "WARNING" not in output, output
     workdir = re.search(r"host=(/\S+?)/pgdata", output)
     assert workdir, output
     leftovers = [
@@ -170,5 +176,5 @@ async def test_workers_share_one_port(settings: Settings, dsn: str, redis: Any) 
             )
             _, stock = await call(http, "GET", f"{base}/v1/stock/W")
         assert Counter(s for s, _ in answers) == {201: 50, 409: 10}
-        assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0}
+        assert stock == {"sku": "W", "available": 0, "reserved": 50, "sold": 0, "shards": 1}
     assert not any(child.is_running() for child in children)

@@ -37,7 +37,7 @@ from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS, flush
-from tests.servers import Cluster
+from tests.support.servers import Cluster
 from tests.test_multibucket import skus_on_distinct_nodes
 
 Hook = Callable[[str, list[str], list[Any]], Awaitable[None]]
@@ -128,12 +128,14 @@ async def all_or_nothing(engine: StockEngine, skus: list[str], order_id: str, ki
 async def test_single_group_reserve_is_one_script_call_and_the_commit(
     engine: StockEngine, spread: list[str]
 ) -> None:
+    """The commit is a plain SET NX GET, not a script (DESIGN §12 Cost)."""
     hooked = engine.scripts = Hooked(engine.scripts)
     await engine.reserve("one", order_items(spread[:1]), ttl_s=60)
-    assert hooked.calls == ["reserve", "order"]
+    assert hooked.calls == ["reserve"]
+    assert (await engine.redis.get(keys.order_key("one"))).startswith("reserve|done||")
     hooked.calls.clear()
     assert (await engine.reserve("one", order_items(spread[:1]), ttl_s=60)).replay
-    assert hooked.calls == ["reserve", "order"]
+    assert hooked.calls == ["reserve"]
     hooked.calls.clear()
     with pytest.raises(InsufficientStock):
         await engine.reserve("big", [{"sku": spread[0], "qty": 50}], ttl_s=60)
@@ -428,7 +430,7 @@ async def expire_line(engine: StockEngine, sku: str, order_id: str) -> None:
     await engine.scripts(
         "expire",
         [lk.due, lk.events, lk.sku, lk.line],
-        [engine.retention_ms, "", keys.line_member(sku, order_id)],
+        [engine.core.retention_ms, "", keys.line_member(sku, order_id)],
     )
 
 

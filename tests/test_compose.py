@@ -6,7 +6,7 @@ be taken), the build context is the checkout's absolute path (the file is copied
 to a temporary directory), and the monitoring services (prometheus, grafana) are
 left out: their images come from a registry and Grafana has no Debian package
 to make a stand-in from. Everything the API needs is brought up. ``redis:7.2``
-and ``postgres:16`` are Debian stand-ins (tests/docker_env.py): Redis 7.0 and
+and ``postgres:16`` are Debian stand-ins (tests/support/docker_env.py): Redis 7.0 and
 PostgreSQL 15.
 """
 
@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests import docker_env
+from tests.support import docker_env
 from tests.test_image import call, wait_for
 
 pytestmark = pytest.mark.docker
@@ -101,7 +101,7 @@ async def test_compose_stack_reserves_through_both_replicas(compose: Compose) ->
         status, body = await call(http, "POST", f"{one}/v1/reservations/compose-1/confirm")
         assert (status, body["status"]) == (200, "confirmed")
         _, stock = await call(http, "GET", f"{two}/v1/stock/COMPOSE")
-        assert stock == {"sku": "COMPOSE", "available": 3, "reserved": 0, "sold": 2}
+        assert stock == {"sku": "COMPOSE", "available": 3, "reserved": 0, "sold": 2, "shards": 1}
     # the cluster the init container made, and the writer's copy in PostgreSQL
     info = compose("exec", "-T", "redis-1", "redis-cli", "cluster", "info").stdout
     assert "cluster_state:ok" in info and "cluster_size:3" in info

@@ -3,8 +3,6 @@ line call layout."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from redis.crc import key_slot
 
@@ -13,7 +11,18 @@ from stock.core.config import Settings
 from stock.core.errors import ConfigError, StockError
 from stock.core.formats import items_spec, parse_spec
 from stock.core.validate import Item
-from stock.redis.scripts import NO_ORDER_KEY, WITH_COPY, line_call
+from stock.redis.line_layout import (
+    FROM_RECORD,
+    NO_ORDER_KEY,
+    WITH_COPY,
+    HoldFor,
+    LineCall,
+    Mode,
+    OfKind,
+    Purpose,
+    UndoHolds,
+    line_call,
+)
 
 
 def test_defaults_match_design() -> None:
@@ -115,46 +124,27 @@ def test_items_spec_is_canonical() -> None:
 def test_every_setting_is_documented() -> None:
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert [v for v in Settings.variables() if f"`{v}`" not in readme] == []
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    assert [v for v in Settings.variables() if f"`{v}`" not in page] == []
 
 
 @pytest.mark.parametrize(
-    ("meaning", "slot"),
-    [
-        ({"order_kind": "deduct"}, "deduct"),
-        ({"hold_for": "confirm"}, "confirm"),
-        ({"undo_holds": True}, "hold"),
-    ],
+    ("purpose", "slot"),
+    [(OfKind("deduct"), "deduct"), (HoldFor("confirm"), "confirm"), (UndoHolds(), "hold")],
 )
-def test_the_kind_slot_carries_the_meaning_named(meaning: dict[str, Any], slot: str) -> None:
+def test_the_kind_slot_carries_the_meaning_named(purpose: Purpose, slot: str) -> None:
     """ARGV[7] of a line call (lua/_lib.lua) is the order's kind, the step a hold
     prepares, or the undo of a hold's changes: each has its own name in Python."""
-    _keys, args = line_call(
-        buckets=16,
-        retention_ms=1,
-        mode=NO_ORDER_KEY,
-        order_id="o",
-        items=[Item("A", 1)],
-        spec="A:1",
-        **meaning,
-    )
+    call = LineCall("o", purpose, mode=NO_ORDER_KEY, items=[Item("A", 1)], spec="A:1")
+    _keys, args = line_call(call, buckets=16, retention_ms=1)
     assert args[6] == slot
 
 
-@pytest.mark.parametrize(
-    "meanings",
-    [{}, {"order_kind": "reserve", "hold_for": "confirm"}, {"order_kind": "x", "undo_holds": True}],
-)
-def test_a_line_call_names_one_meaning_of_its_kind_slot(meanings: dict[str, Any]) -> None:
-    """None or two of them: refused before anything is sent."""
-    with pytest.raises(ValueError, match="one of order_kind, hold_for, undo_holds"):
-        line_call(
-            buckets=16,
-            retention_ms=1,
-            mode=WITH_COPY,
-            order_id="o",
-            items=[Item("A", 1)],
-            spec="A:1",
-            **meanings,
-        )
+@pytest.mark.parametrize(("purpose", "mode"), [(None, WITH_COPY), (OfKind("reserve"), FROM_RECORD)])
+def test_a_line_call_names_its_kind_slot_unless_read_from_the_record(
+    purpose: Purpose | None, mode: Mode
+) -> None:
+    """None outside FROM_RECORD, or one with it: refused before anything is sent."""
+    call = LineCall("o", purpose, mode=mode, items=[Item("A", 1)], spec="A:1")
+    with pytest.raises(ValueError, match="does not fit mode"):
+        line_call(call, buckets=16, retention_ms=1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -23,7 +22,8 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.http.api import ENGINE
 from tests.conftest import flush
-from tests.payment_service import PaymentService
+from tests.support.payment_service import PaymentService
+from tests.support.poll import until
 
 TOKEN = "console-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -117,6 +117,42 @@ async def test_console_page_is_self_contained(bare: TestClient[Any, Any]) -> Non
     assert (await bare.get("/console/..%2Fapi.py")).status == 404
 
 
+async def test_root_is_an_index_of_the_service(bare: TestClient[Any, Any]) -> None:
+    """A browser pointed at the service finds its way: / links the console, the API
+    reference and the OpenAPI document, each served here."""
+    response = await bare.get("/")
+    assert response.status == 200 and response.content_type == "text/html"
+    page = _Page()
+    page.feed(await response.text())
+    assert {"/console", "/docs", "/openapi.json"} <= set(page.loads), page.loads
+    assert page.inline_scripts == 0
+    for url in page.loads:
+        assert (await bare.get(url)).status == 200, url
+
+
+async def test_docs_page_is_self_contained(bare: TestClient[Any, Any]) -> None:
+    """/docs renders /openapi.json with files served by the service (no CDN)."""
+    response = await bare.get("/docs")
+    assert response.status == 200 and response.content_type == "text/html"
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    page = _Page()
+    page.feed(await response.text())
+    assert page.inline_scripts == 0
+    links = {"/", "/console", "/openapi.json"}  # its navigation
+    assets = [url for url in page.loads if url not in links]
+    assert assets and all(url.startswith("/docs/") for url in assets), page.loads
+    for url in links:
+        assert (await bare.get(url)).status == 200, url
+    for url in assets:
+        asset = await bare.get(url)
+        assert asset.status == 200, url
+        assert asset.headers["X-Content-Type-Options"] == "nosniff"
+    script = await (await bare.get("/docs/docs.js")).text()
+    assert "/openapi.json" in script
+    assert not re.search(r"https?://", script), "the script calls out of the service"
+    assert (await bare.get("/docs/secret.py")).status == 404
+
+
 async def test_admin_routes_need_the_token(bare: TestClient[Any, Any]) -> None:
     for path in ("/v1/admin/health", "/v1/stock/A/ledger"):
         assert (await bare.get(path)).status == 401
@@ -132,10 +168,14 @@ async def test_health_and_ledger_without_postgres(bare: TestClient[Any, Any]) ->
     assert health["payment_probe"] is None  # no probe in this build yet
     ledger = await bare.get("/v1/stock/A/ledger", headers=ADMIN)
     assert (ledger.status, (await ledger.json())["error"]) == (404, "not_found")
-    for bad in ("0", "501", "x", "-1"):
+    # "²" and a full-width 1 are str.isdigit(); a 5000-digit int() raises: each one a 400 too
+    for bad in ("0", "501", "x", "-1", "%C2%B2", "%EF%BC%91", "9" * 5000, "%FF", "", " 5"):
         answer = await bare.get(f"/v1/stock/A/ledger?limit={bad}", headers=ADMIN)
         body = await answer.json()
         assert (answer.status, body["error"], body["field"]) == (400, "invalid_request", "limit")
+    for good in ("050", "0" * 5000 + "1"):  # leading zeros: a valid limit (404: no PostgreSQL)
+        answer = await bare.get(f"/v1/stock/A/ledger?limit={good}", headers=ADMIN)
+        assert answer.status == 404, good[-5:]
     assert (await bare.get("/v1/stock/bad sku/ledger", headers=ADMIN)).status == 400
 
 
@@ -147,15 +187,6 @@ async def test_expiry_lag_is_read_from_redis(bare: TestClient[Any, Any]) -> None
     await asyncio.sleep(2.0)
     health = await (await bare.get("/v1/admin/health", headers=ADMIN)).json()
     assert 0.9 <= health["expiry_lag_s"] <= 5.0
-
-
-async def wait_for(check: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.05)
 
 
 async def test_ledger_rows_carry_the_reason(full: TestClient[Any, Any]) -> None:
@@ -172,7 +203,7 @@ async def test_ledger_rows_carry_the_reason(full: TestClient[Any, Any]) -> None:
         found: list[Any] = (await answer.json())["rows"]
         return found if len(found) == 2 else []
 
-    newest, oldest = await wait_for(rows)
+    newest, oldest = await until(rows)
     assert (newest["reason"], newest["available"], newest["qty"]) == ("damaged in aisle 4", 3, -2)
     assert (oldest["reason"], oldest["available"]) == ("opening", 5)
     assert newest["seq"] > oldest["seq"] and newest["at"].endswith("Z")
@@ -182,12 +213,30 @@ async def test_ledger_rows_carry_the_reason(full: TestClient[Any, Any]) -> None:
     assert none["rows"] == []
 
 
+async def test_a_sharded_skus_ledger_holds_every_shard(full: TestClient[Any, Any]) -> None:
+    """DESIGN §12: the ledger of a sharded SKU is its shards' rows, each naming its
+    shard (the rows of a move: adjust, reason 'move ...')."""
+    put = await full.put("/v1/stock/H", json={"available": 8, "shards": 4}, headers=ADMIN)
+    assert (await put.json())["shards"] == 4
+
+    async def rows() -> list[Any]:
+        answer = await full.get("/v1/stock/H/ledger?limit=50", headers=ADMIN)
+        found: list[Any] = (await answer.json())["rows"]
+        return found if {r["shard"] for r in found} == {0, 1, 2, 3} else []
+
+    found = await until(rows, 10, "every shard's rows")
+    assert found, "every shard's rows"
+    assert any(r["reason"].startswith("move ") for r in found)
+    plain = await (await full.get("/v1/stock/NOPE/ledger", headers=ADMIN)).json()
+    assert plain["rows"] == []
+
+
 async def test_health_with_postgres(full: TestClient[Any, Any], settings: Settings) -> None:
     async def all_held() -> Any:
         body = await (await full.get("/v1/admin/health", headers=ADMIN)).json()
         return body if body["writer"]["held"] == settings.buckets else None
 
-    health = await wait_for(all_held)
+    health = await until(all_held)
     assert health, "the writer never held every bucket"
     assert health["postgres"] == "ok" and health["writer"]["writers"] == 1
     assert 0 <= health["flush_lag_s"] < 5
@@ -216,7 +265,7 @@ async def test_reconcile_outcome_reaches_health_and_metrics(
     engine = full.app[ENGINE]  # type: ignore[union-attr]
     conn = await asyncpg.connect(dsn)
     try:
-        await wait_for(lambda: conn.fetchval("SELECT count(*) FROM stock_levels"))
+        await until(lambda: conn.fetchval("SELECT count(*) FROM stock_levels"))
     finally:
         await conn.close()
     # drift: Redis says 7, PostgreSQL 5
@@ -232,7 +281,7 @@ async def test_reconcile_outcome_reaches_health_and_metrics(
         text = await (await full.get("/metrics")).text()
         return "stock_reconcile_drifting_skus 1.0" in text
 
-    assert await wait_for(gauge, timeout=15), "the drift gauge never showed the reconcile"
+    assert await until(gauge, 15, "the drift gauge"), "the drift gauge never showed the reconcile"
 
 
 async def test_health_shows_payment_probe_outcomes(
@@ -261,7 +310,7 @@ async def test_health_shows_payment_probe_outcomes(
             outcomes = health["payment_probe"]
             return outcomes if {"paid", "error"} <= set(outcomes) else None
 
-        outcomes = await wait_for(probed)
+        outcomes = await until(probed)
     assert outcomes and outcomes["paid"] == 1 and outcomes["error"] >= 1, outcomes
 
 
@@ -316,4 +365,4 @@ async def test_admin_order_reasons_reach_the_ledger(full: TestClient[Any, Any]) 
         found = {r["op"]: r["reason"] for r in rows if r["op"] in ("confirm", "cancel", "release")}
         return found if len(found) == 3 else {}
 
-    assert await wait_for(reasons) == {op: reason for _, op, reason in steps}
+    assert await until(reasons) == {op: reason for _, op, reason in steps}

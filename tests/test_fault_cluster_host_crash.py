@@ -3,7 +3,7 @@ events to PostgreSQL. PostgreSQL must never hold an event Redis lost.
 
 Three masters with AOF (``appendfsync everysec``) on a slow disk: every fsync takes
 FSYNC_DELAY_MS longer, so each node holds up to about 1.2 s of written but not yet
-fsynced events. An LD_PRELOAD shim (tests/fsync_log.c) logs the AOF's size at the
+fsynced events. An LD_PRELOAD shim (tests/support/fsync_log.c) logs the AOF's size at the
 start of every fsync that completed. The host crash is a SIGKILL and the AOF cut
 back to the last of those sizes: what a machine that lost its page cache then keeps,
 and never less than Redis reported as fsynced (WAITAOF) before it died.
@@ -34,11 +34,13 @@ from stock.core.errors import StockError
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.persist.helpers import sku_names, stock_up, wait_persisted
-from tests.servers import (
+from tests.support.persistence import sku_names, stock_up, wait_persisted
+from tests.support.servers import (
+    AOF_EVERYSEC,
     EARLY_FSYNC,
     NO_WAITAOF,
     Cluster,
+    ServerProcess,
     confirms_fsync_early,
     fsync_shim_env,
     fsynced_size,
@@ -111,75 +113,27 @@ async def postgres_ahead(
 
 
 async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, dsn: str) -> None:
-    env = fsync_shim_env(tmp_path)
-    cluster = Cluster(
-        tmp_path / "cluster",
-        options=(
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--auto-aof-rewrite-percentage",
-            "0",
-        ),
-    )
-    for node in cluster.nodes:
-        node.env = env
-        (node.workdir / "fsync.delay").write_text(str(FSYNC_DELAY_MS))
-    cluster.start()
+    cluster = slow_fsync_cluster(tmp_path)
     victim = cluster.node(cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0]))
-    if not await has_waitaof(victim.url):
-        cluster.stop()
-        pytest.skip(NO_WAITAOF)
-    if await confirms_fsync_early(victim.url, f"{keys.bucket_tag(0)}:fsync-probe"):
-        cluster.stop()
-        pytest.skip(EARLY_FSYNC)
-    settings = Settings(
-        redis_url=cluster.url,
-        redis_cluster=True,
-        buckets=BUCKETS,
-        database_url=dsn,
-        writer_batch=5000,
-        writer_interval_ms=20,
-    )
+    await skip_unless_fsync_is_honest(cluster, victim)
+    settings = writer_settings(cluster.url, dsn)
     client = connect(settings)
     pg = await asyncpg.connect(dsn)
     writer_client = connect(settings)
     stop = asyncio.Event()
     writer_task: asyncio.Task[None] | None = None
     try:
-        victim = cluster.node(
-            cluster.owner(key_slot(keys.events_key(0).encode()), cluster.nodes[0])
-        )
         skus = sku_names(48)
-        on_victim = [
-            sku
-            for sku in skus
-            if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), victim) == victim.port
-        ]
-        assert on_victim, "no SKU on the victim"
+        on_victim = skus_on(cluster, victim, skus, victim)
         engine = StockEngine(client, settings)
         await stock_up(engine, skus, 100_000)
-        writer = Writer(writer_client, settings, dsn)
-        writer_task = asyncio.create_task(writer.run(stop))
+        writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
         done = asyncio.Event()
         loader = asyncio.create_task(load(engine, skus, done))
         await asyncio.sleep(LOAD_S)
-
-        # The crash: when the victim's last fsync is UNSYNCED_S old (its AOF then
-        # holds that much acknowledged, copied, not yet fsynced load).
-        fsync_log = victim.workdir / "fsync.log"
-        deadline = time.monotonic() + 10
-        while time.time() - fsync_log.stat().st_mtime < UNSYNCED_S:
-            assert time.monotonic() < deadline, "the victim's fsyncs never paused"
-            await asyncio.sleep(0.005)
+        await until_unsynced(victim)
         before = await seqs(client, settings, on_victim)
-        victim.kill()
-        aof = newest_incr_aof(victim.workdir)
-        durable = fsynced_size(victim, aof)
-        cut = aof.stat().st_size - durable
-        with aof.open("r+b") as f:
-            f.truncate(durable)
+        cut = crash(victim)
         done.set()
         acked = await loader
         stop.set()
@@ -189,14 +143,7 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
         victim.start()  # loads the cut AOF
         await client.aclose()
         client = connect(settings)  # a fresh slot map and connections
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                after = await seqs(client, settings, on_victim)
-                break
-            except RedisError:
-                assert time.monotonic() < deadline, "the victim did not come back"
-                await asyncio.sleep(0.2)
+        after = await seqs_once_back(client, settings, on_victim)
         lost = sum(before[sku] - after[sku] for sku in on_victim)
         assert cut > 0 and lost > 0, (cut, lost)  # else the drill proved nothing
         ahead = await postgres_ahead(client, settings, pg, skus)
@@ -204,8 +151,7 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
 
         # A writer after the crash: PostgreSQL catches up and equals Redis.
         stop = asyncio.Event()
-        writer = Writer(writer_client, settings, dsn)
-        writer_task = asyncio.create_task(writer.run(stop))
+        writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
         await wait_persisted(client, settings, pg, skus, wait_s=60)
     finally:
         stop.set()
@@ -220,6 +166,86 @@ async def test_cluster_host_crash_postgres_never_ahead_of_redis(tmp_path: Path, 
         f" PostgreSQL at the crash; the victim's AOF lost {cut} bytes ({lost} events"
         f" over {len(on_victim)} SKUs, at least); PostgreSQL ahead of Redis: none"
     )
+
+
+def writer_settings(redis_url: str, dsn: str) -> Settings:
+    """The drill's cluster, and a writer with big, quick batches."""
+    return Settings(
+        redis_url=redis_url,
+        redis_cluster=True,
+        buckets=BUCKETS,
+        database_url=dsn,
+        writer_batch=5000,
+        writer_interval_ms=20,
+    )
+
+
+def slow_fsync_cluster(tmp_path: Path) -> Cluster:
+    """A started cluster with AOF everysec whose every fsync takes FSYNC_DELAY_MS
+    longer (the LD_PRELOAD shim, which also logs each fsync's AOF size)."""
+    env = fsync_shim_env(tmp_path)
+    cluster = Cluster(tmp_path / "cluster", options=AOF_EVERYSEC)
+    for node in cluster.nodes:
+        node.env = env
+        (node.workdir / "fsync.delay").write_text(str(FSYNC_DELAY_MS))
+    return cluster.start()
+
+
+async def skip_unless_fsync_is_honest(cluster: Cluster, victim: ServerProcess) -> None:
+    """Skip (the cluster stopped) where WAITAOF is missing or confirms before fsync."""
+    if not await has_waitaof(victim.url):
+        cluster.stop()
+        pytest.skip(NO_WAITAOF)
+    if await confirms_fsync_early(victim.url, f"{keys.bucket_tag(0)}:fsync-probe"):
+        cluster.stop()
+        pytest.skip(EARLY_FSYNC)
+
+
+def skus_on(
+    cluster: Cluster, node: ServerProcess, skus: list[str], via: ServerProcess
+) -> list[str]:
+    """The SKUs whose hashes ``node`` holds (at least one), asked of ``via``."""
+    on = [
+        sku
+        for sku in skus
+        if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), via) == node.port
+    ]
+    assert on, "no SKU on the victim"
+    return on
+
+
+async def until_unsynced(victim: ServerProcess) -> None:
+    """Until the victim's last fsync is UNSYNCED_S old (its AOF then holds that much
+    acknowledged, copied, not yet fsynced load)."""
+    fsync_log = victim.workdir / "fsync.log"
+    deadline = time.monotonic() + 10
+    while time.time() - fsync_log.stat().st_mtime < UNSYNCED_S:
+        assert time.monotonic() < deadline, "the victim's fsyncs never paused"
+        await asyncio.sleep(0.005)
+
+
+def crash(victim: ServerProcess) -> int:
+    """The host crash: SIGKILL, and the AOF cut to what was fsynced; the bytes cut."""
+    victim.kill()
+    aof = newest_incr_aof(victim.workdir)
+    durable = fsynced_size(victim, aof)
+    cut = aof.stat().st_size - durable
+    with aof.open("r+b") as f:
+        f.truncate(durable)
+    return cut
+
+
+async def seqs_once_back(
+    client: Any, settings: Settings, skus: list[str], deadline: float = 0.0
+) -> dict[str, int]:
+    """The SKUs' seqs once the restarted node answers (by ``deadline``, else in 30 s)."""
+    deadline = deadline or time.monotonic() + 30
+    while True:
+        try:
+            return await seqs(client, settings, skus)
+        except RedisError:
+            assert time.monotonic() < deadline, "the victim did not come back"
+            await asyncio.sleep(0.2)
 
 
 async def test_writer_follows_a_slot_moved_mid_run(tmp_path: Path, dsn: str) -> None:

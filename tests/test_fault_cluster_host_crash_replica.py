@@ -24,23 +24,28 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from persist.durable_read import WAIT, DurableReads
 from persist.writer import Writer
 from stock.core import keys
-from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.conftest import BUCKETS
-from tests.persist.helpers import sku_names, stock_up, wait_persisted
-from tests.servers import Cluster, ServerProcess, cli
-from tests.test_fault_cluster_host_crash import load, postgres_ahead, seqs
+from tests.support.persistence import sku_names, stock_up, wait_persisted
+from tests.support.servers import AOF_EVERYSEC, Cluster, ServerProcess, cli
+from tests.test_fault_cluster_host_crash import (
+    load,
+    postgres_ahead,
+    seqs,
+    seqs_once_back,
+    skus_on,
+    writer_settings,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -80,33 +85,10 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
     Redis 8.0+): a master's own fsync must still not be all its reads wait for."""
     if waitaof == "trusted":
         monkeypatch.setattr(DurableReads, "_confirms_unsynced", _never_early)
-    cluster = Cluster(
-        tmp_path / "cluster",
-        replicas=1,
-        options=(
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--auto-aof-rewrite-percentage",
-            "0",
-            "--cluster-require-full-coverage",
-            "no",
-        ),
-    ).start()
-    masters = cluster.topology(cluster.nodes[0])
-    slot = key_slot(keys.events_key(0).encode())
-    victim = cluster.node(cluster.owner(slot, cluster.nodes[0]))
-    replica = cluster.node(masters[victim.port]["replicas"][0])
-    entry = cluster.node(next(p for p in masters if p != victim.port))  # survives
-    settings = Settings(
-        redis_url=entry.url,
-        redis_cluster=True,
-        buckets=BUCKETS,
-        database_url=dsn,
-        writer_batch=5000,
-        writer_interval_ms=20,
-    )
+    cluster = replicated_cluster(tmp_path)
+    masters, slot = cluster.topology(cluster.nodes[0]), key_slot(keys.events_key(0).encode())
+    victim, replica, entry = roles(cluster, masters, slot)
+    settings = writer_settings(entry.url, dsn)
     client, writer_client = connect(settings), connect(settings)
     pg = await asyncpg.connect(dsn)
     stop = asyncio.Event()
@@ -114,12 +96,7 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
     stopped = False
     try:
         skus = sku_names(96)
-        on_victim = [
-            sku
-            for sku in skus
-            if cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), entry) == victim.port
-        ]
-        assert on_victim, "no SKU on the victim"
+        on_victim = skus_on(cluster, victim, skus, entry)
         engine = StockEngine(client, settings)
         await stock_up(engine, skus, 100_000)
         writer = Writer(writer_client, settings, dsn)
@@ -128,60 +105,27 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         loader = asyncio.create_task(load(engine, skus, done))
         await asyncio.sleep(LOAD_S)
         chosen = dict(writer.durable.waits)
-
-        # The replica stops reading its master; the filler (a key on the victim)
-        # fills the socket buffers between them, so the load that follows stays in
-        # the victim's output buffer, which its crash loses.
-        os.kill(replica.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
         stopped = True
-        filler = Redis.from_url(victim.url)
-        try:
-            for _ in range(socket_buffers() // CHUNK + 2):
-                await filler.set(f"{keys.bucket_tag(0)}:filler", b"x" * CHUNK)
-        finally:
-            await filler.aclose()
+        await stall_replica(replica, victim)
         await asyncio.sleep(LAGGING_S)
         before = await seqs(client, settings, on_victim)
         victim.kill()
-        done.set()
-        acked = await loader
-        stop.set()
-        await asyncio.wait_for(writer_task, 60)  # its final flush cannot reach the victim
-        copied = int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
+        acked, copied = await load_and_writer_stopped(done, loader, stop, writer_task, pg)
 
-        # The replica takes over with what it had received.
-        os.kill(replica.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
         stopped = False
-        try:
-            cli(replica.port, "cluster", "failover", "takeover")
-        except subprocess.CalledProcessError:
-            pass  # (already promoted by the cluster's own failover)
-        deadline = time.monotonic() + 30
-        while not promoted(cluster, slot, entry, replica.port):
-            assert time.monotonic() < deadline, "the replica was not promoted"
-            await asyncio.sleep(0.1)
+        deadline = await promote(cluster, slot, entry, replica)
         await client.aclose()
         client = connect(settings)  # a fresh slot map and connections
-        while True:
-            try:
-                after = await seqs(client, settings, on_victim)
-                break
-            except RedisError:
-                assert time.monotonic() < deadline, "the promoted replica does not answer"
-                await asyncio.sleep(0.2)
+        after = await seqs_once_back(client, settings, on_victim, deadline)
         lost = sum(before[sku] - after[sku] for sku in on_victim)
         assert lost > 0, lost  # else the drill proved nothing
         ahead = await postgres_ahead(client, settings, pg, skus)
         assert ahead == [], ahead[:10]
-        # Every master's reads wait for its replica (WAIT), beside WAITAOF where the
-        # server has it: a master's own fsync does not cover a failover.
-        assert set(chosen) == {f"127.0.0.1:{port}" for port in masters}, chosen
-        assert all(WAIT in wait.split("+") for wait in chosen.values()), chosen
+        check_waits(chosen, masters)
 
         # A writer after the failover: PostgreSQL catches up and equals Redis.
         stop = asyncio.Event()
-        writer = Writer(writer_client, settings, dsn)
-        writer_task = asyncio.create_task(writer.run(stop))
+        writer_task = asyncio.create_task(Writer(writer_client, settings, dsn).run(stop))
         await wait_persisted(client, settings, pg, skus, wait_s=60)
     finally:
         if stopped:
@@ -199,3 +143,80 @@ async def test_cluster_host_crash_lagging_replica_postgres_never_ahead(
         f" {lost} events over {len(on_victim)} SKUs (at least); per-node waits {chosen};"
         f" PostgreSQL ahead of Redis: none"
     )
+
+
+def roles(
+    cluster: Cluster, masters: dict[int, Any], slot: int
+) -> tuple[ServerProcess, ServerProcess, ServerProcess]:
+    """The victim (the master of bucket 0's events), its replica, and a master that
+    survives (the service's entry)."""
+    victim = cluster.node(cluster.owner(slot, cluster.nodes[0]))
+    replica = cluster.node(masters[victim.port]["replicas"][0])
+    entry = cluster.node(next(p for p in masters if p != victim.port))
+    return victim, replica, entry
+
+
+async def load_and_writer_stopped(
+    done: asyncio.Event,
+    loader: asyncio.Task[int],
+    stop: asyncio.Event,
+    writer_task: asyncio.Task[None],
+    pg: asyncpg.Connection,
+) -> tuple[int, int]:
+    """After the crash: the load ends, the writer stops (its final flush cannot reach
+    the victim). Returns the operations acknowledged and the events copied."""
+    done.set()
+    acked = await loader
+    stop.set()
+    await asyncio.wait_for(writer_task, 60)
+    return acked, int(await pg.fetchval("SELECT count(*) FROM stock_ledger"))
+
+
+def check_waits(chosen: dict[str, str], masters: dict[int, Any]) -> None:
+    """Every master's reads wait for its replica (WAIT), beside WAITAOF where the
+    server has it: a master's own fsync does not cover a failover."""
+    assert set(chosen) == {f"127.0.0.1:{port}" for port in masters}, chosen
+    assert all(WAIT in wait.split("+") for wait in chosen.values()), chosen
+
+
+def replicated_cluster(tmp_path: Path) -> Cluster:
+    """A started cluster, one replica per master, AOF everysec, no full coverage."""
+    return Cluster(
+        tmp_path / "cluster",
+        replicas=1,
+        options=(
+            *AOF_EVERYSEC,
+            "--cluster-require-full-coverage",
+            "no",
+        ),
+    ).start()
+
+
+async def stall_replica(replica: ServerProcess, victim: ServerProcess) -> None:
+    """The replica stops reading its master; the filler (a key on the victim) fills
+    the socket buffers between them, so the load that follows stays in the
+    victim's output buffer, which its crash loses."""
+    os.kill(replica.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+    filler = Redis.from_url(victim.url)
+    try:
+        for _ in range(socket_buffers() // CHUNK + 2):
+            await filler.set(f"{keys.bucket_tag(0)}:filler", b"x" * CHUNK)
+    finally:
+        await filler.aclose()
+
+
+async def promote(
+    cluster: Cluster, slot: int, entry: ServerProcess, replica: ServerProcess
+) -> float:
+    """The replica takes over with what it had received; returns the deadline (30 s)
+    that its first answers must meet too."""
+    os.kill(replica.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+    try:
+        cli(replica.port, "cluster", "failover", "takeover")
+    except subprocess.CalledProcessError:
+        pass  # (already promoted by the cluster's own failover)
+    deadline = time.monotonic() + 30
+    while not promoted(cluster, slot, entry, replica.port):
+        assert time.monotonic() < deadline, "the replica was not promoted"
+        await asyncio.sleep(0.1)
+    return deadline

@@ -1,6 +1,6 @@
 """Drill: a Redis Cluster master SIGKILLed during HTTP load, its replica promoted.
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     call,
     call_text,
     check_conservation,
@@ -38,7 +38,7 @@ from tests.drills import (
     start_serve,
     stop_serve,
 )
-from tests.servers import Cluster, cli
+from tests.support.servers import Cluster, cli
 
 pytestmark = pytest.mark.faults
 
@@ -65,129 +65,47 @@ class Answer:
 
 
 async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
-    # Without full coverage, the masters left keep serving their slots while one is lost
-    # (the default, yes, stops the whole cluster until the failover).
-    cluster = Cluster(
-        tmp_path / "cluster",
-        masters=3,
-        replicas=1,
-        options=("--cluster-require-full-coverage", "no"),
-    ).start()
+    cluster = lossy_cluster(tmp_path)
     proc: subprocess.Popen[bytes] | None = None
     try:
         masters = cluster.topology(cluster.nodes[0])
         ports = sorted(masters)
         victim, entry = ports[0], ports[1]  # kill one master; the service knows another
         settings = Settings(redis_url=cluster.node(entry).url, redis_cluster=True, buckets=BUCKETS)
-        skus_of: dict[int, list[str]] = defaultdict(list)
-        for i in range(200):
-            sku = f"CL-{i}"
-            owner = cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), cluster.nodes[0])
-            if len(skus_of[owner]) < 2:
-                skus_of[owner].append(sku)
-        assert all(len(skus_of[p]) == 2 for p in ports)
+        skus_of = two_skus_per_master(cluster, ports)
         node_of = {sku: port for port, skus in skus_of.items() for sku in skus}
         ids = {sku: ids_on(masters[port], f"cl-{sku}") for sku, port in node_of.items()}
         loaded = dict.fromkeys(node_of, 100_000)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         proc = await start_serve(serve_env(settings, port), tmp_path / "serve.log")
-        answers: list[Answer] = []
-        bodies: dict[str, dict[str, Any]] = {}
-        connector = aiohttp.TCPConnector(limit=64)
-        async with aiohttp.ClientSession(connector=connector) as http:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
             await put_stock(http, base, loaded)
-            stop = asyncio.Event()
-            skus = list(node_of)
-
-            async def worker(w: int) -> None:
-                i = w
-                while not stop.is_set() and len(answers) < MAX_REQUESTS:
-                    sku = skus[i % len(skus)]
-                    i += 1
-                    order_id = next(ids[sku])
-                    body = bodies[order_id] = reserve_body(order_id, [(sku, 1)], 600)
-                    started = time.monotonic()
-                    try:
-                        status, reply = await call(
-                            http, "POST", f"{base}/v1/reservations", json=body
-                        )
-                        answers.append(
-                            Answer(sku, order_id, started, status, reply.get("error", ""))
-                        )
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        answers.append(Answer(sku, order_id, started, 0, repr(exc)))
-                    if answers[-1].status != 201:
-                        await asyncio.sleep(0.05)
-
-            load = [asyncio.create_task(worker(w)) for w in range(24)]
+            shop = Shop(http, base, ids)
+            load = [asyncio.create_task(shop.worker(w)) for w in range(24)]
             await asyncio.sleep(1.5)
-            # The outage lasts until the service was seen answering it: the victim's
-            # replica may not fail over before (else, on a loaded machine, redis-py's
-            # retries may outlast a quick failover and no request ever sees it).
-            replica = cluster.node(masters[victim]["replicas"][0])
-            cli(replica.port, "config", "set", "cluster-replica-no-failover", "yes")
-            cluster.node(victim).kill()
-            killed_at = time.monotonic()
-            seen_at = None
-            deadline = killed_at + 30
-            while time.monotonic() < deadline and len(answers) < MAX_REQUESTS:
-                if any(a.status == 503 and node_of[a.sku] == victim for a in answers):
-                    seen_at = time.monotonic()
-                    break
-                await asyncio.sleep(0.1)
-            cli(replica.port, "config", "set", "cluster-replica-no-failover", "no")
-            recovered_at = None
-            deadline = time.monotonic() + 40
-            while time.monotonic() < deadline and len(answers) < MAX_REQUESTS:
-                since = {a.sku for a in answers if a.started > killed_at and a.status in (200, 201)}
-                if since >= set(skus_of[victim]):
-                    recovered_at = time.monotonic()
-                    break
-                await asyncio.sleep(0.1)
+            killed_at, seen_at, recovered_at = await lose_master(
+                cluster, masters, victim, shop, node_of, set(skus_of[victim])
+            )
             await asyncio.sleep(1.0)  # some more load on the recovered cluster
-            stop.set()
+            shop.stop.set()
             await asyncio.gather(*load)
+            answers = shop.answers
             by_status = Counter((node_of[a.sku] == victim, a.status, a.error) for a in answers)
             assert seen_at is not None, f"the outage was never seen (no 503): {by_status}"
             assert recovered_at is not None, f"the lost slots never came back: {by_status}"
             assert proc.poll() is None, "stock serve died"
             promoted = cluster.topology(cluster.node(entry))
             assert victim not in promoted and len(promoted) == 3
-
-            # Answers during the outage: 201 or 503 unavailable, nothing else; the other
-            # masters' slots kept working.
-            # (200: redis-py re-sent a call whose reply was lost; the script replayed it.)
-            wrong = [a for a in answers if a.status not in (200, 201, 503)]
-            assert wrong == [], wrong[:5]
-            assert {a.error for a in answers if a.status == 503} == {"unavailable"}
-            others = [a for a in answers if node_of[a.sku] != victim]
-            assert [a for a in others if a.status not in (200, 201)] == []
+            check_outage_answers(answers, node_of, victim)
             _, text = await call_text(http, f"{base}/metrics")
             redis_errors = metric(text, "stock_redis_errors_total")
             assert redis_errors > 0
-
-            # The client retries every order answered 503 (same request), and every 201
-            # the failover lost (the replica had not received it yet): made again.
-            states = await order_states(http, base, bodies)
-            lost = [a for a in answers if a.status == 201 and states[a.order_id] is None]
-            unanswered = [a for a in answers if a.status == 503]
-            retried = Counter()
-            deadline = time.monotonic() + 30
-            for a in unanswered + lost:
-                status, _reply, _n = await retry_until_definite(
-                    http, f"{base}/v1/reservations", bodies[a.order_id], deadline
-                )
-                retried[status] += 1
-            assert set(retried) <= {200, 201}, retried
-            states = await order_states(http, base, bodies)
-            assert all(s is not None and s["status"] == "reserved" for s in states.values()), (
-                "an order is not reserved after its retry"
-            )
+            lost, retried, states = await retry_unanswered_and_lost(shop)
             reserved, sold = holdings(states)
             client = connect(settings)
             try:
-                counters = await levels(client, settings, skus)
+                counters = await levels(client, settings, list(node_of))
             finally:
                 await client.aclose()
             checks = check_conservation(counters, loaded)
@@ -205,6 +123,135 @@ async def test_cluster_master_lost_during_http_load(tmp_path: Path) -> None:
         f" stock_redis_errors_total {redis_errors:.0f}; acknowledged then lost in the"
         f" failover {len(lost)}; retries {dict(retried)}; {checks} invariant checks"
     )
+
+
+def lossy_cluster(tmp_path: Path) -> Cluster:
+    """3 masters, a replica each; without full coverage, the masters left keep
+    serving their slots while one is lost (the default, yes, stops the whole
+    cluster until the failover)."""
+    return Cluster(
+        tmp_path / "cluster",
+        masters=3,
+        replicas=1,
+        options=("--cluster-require-full-coverage", "no"),
+    ).start()
+
+
+def two_skus_per_master(cluster: Cluster, ports: list[int]) -> dict[int, list[str]]:
+    """Master port -> two SKUs whose hashes it holds."""
+    skus_of: dict[int, list[str]] = defaultdict(list)
+    for i in range(200):
+        sku = f"CL-{i}"
+        owner = cluster.owner(key_slot(keys.sku_key(sku, BUCKETS).encode()), cluster.nodes[0])
+        if len(skus_of[owner]) < 2:
+            skus_of[owner].append(sku)
+    assert all(len(skus_of[p]) == 2 for p in ports)
+    return skus_of
+
+
+class Shop:
+    """Buyers under load: one-unit reserves round the SKUs, every answer kept."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, base: str, ids: dict[str, Iterator[str]]
+    ) -> None:
+        self.http, self.base, self.ids = http, base, ids
+        self.skus = list(ids)
+        self.answers: list[Answer] = []
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.stop = asyncio.Event()
+
+    async def worker(self, w: int) -> None:
+        answers, skus, i = self.answers, self.skus, w
+        while not self.stop.is_set() and len(answers) < MAX_REQUESTS:
+            sku = skus[i % len(skus)]
+            i += 1
+            order_id = next(self.ids[sku])
+            body = self.bodies[order_id] = reserve_body(order_id, [(sku, 1)], 600)
+            started = time.monotonic()
+            try:
+                status, reply = await call(
+                    self.http, "POST", f"{self.base}/v1/reservations", json=body
+                )
+                answers.append(Answer(sku, order_id, started, status, reply.get("error", "")))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                answers.append(Answer(sku, order_id, started, 0, repr(exc)))
+            if answers[-1].status != 201:
+                await asyncio.sleep(0.05)
+
+
+async def lose_master(
+    cluster: Cluster,
+    masters: dict[int, Any],
+    victim: int,
+    shop: Shop,
+    node_of: dict[str, int],
+    victim_skus: set[str],
+) -> tuple[float, float | None, float | None]:
+    """SIGKILL ``victim``; its replica may fail over only once the service was seen
+    answering the outage (503). Returns when it was killed, when the outage was seen
+    and when every SKU of the victim was served again (None: never)."""
+    answers = shop.answers
+    # The outage lasts until the service was seen answering it: the victim's
+    # replica may not fail over before (else, on a loaded machine, redis-py's
+    # retries may outlast a quick failover and no request ever sees it).
+    replica = cluster.node(masters[victim]["replicas"][0])
+    cli(replica.port, "config", "set", "cluster-replica-no-failover", "yes")
+    cluster.node(victim).kill()
+    killed_at = time.monotonic()
+    seen_at = None
+    deadline = killed_at + 30
+    while time.monotonic() < deadline and len(answers) < MAX_REQUESTS:
+        if any(a.status == 503 and node_of[a.sku] == victim for a in answers):
+            seen_at = time.monotonic()
+            break
+        await asyncio.sleep(0.1)
+    cli(replica.port, "config", "set", "cluster-replica-no-failover", "no")
+    recovered_at = None
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and len(answers) < MAX_REQUESTS:
+        since = {a.sku for a in answers if a.started > killed_at and a.status in (200, 201)}
+        if since >= victim_skus:
+            recovered_at = time.monotonic()
+            break
+        await asyncio.sleep(0.1)
+    return killed_at, seen_at, recovered_at
+
+
+def check_outage_answers(answers: list[Answer], node_of: dict[str, int], victim: int) -> None:
+    """Answers during the outage: 201 or 503 unavailable, nothing else; the other
+    masters' slots kept working.
+    (200: redis-py re-sent a call whose reply was lost; the script replayed it.)"""
+    wrong = [a for a in answers if a.status not in (200, 201, 503)]
+    assert wrong == [], wrong[:5]
+    assert {a.error for a in answers if a.status == 503} == {"unavailable"}
+    others = [a for a in answers if node_of[a.sku] != victim]
+    assert [a for a in others if a.status not in (200, 201)] == []
+
+
+async def retry_unanswered_and_lost(
+    shop: Shop,
+) -> tuple[list[Answer], Counter[int], dict[str, Any]]:
+    """The client retries every order answered 503 (same request), and every 201
+    the failover lost (the replica had not received it yet): made again. Returns
+    the lost answers, the retries' statuses and every order's state after."""
+    http, base, bodies, answers = shop.http, shop.base, shop.bodies, shop.answers
+    states = await order_states(http, base, bodies)
+    lost = [a for a in answers if a.status == 201 and states[a.order_id] is None]
+    unanswered = [a for a in answers if a.status == 503]
+    retried: Counter[int] = Counter()
+    deadline = time.monotonic() + 30
+    for a in unanswered + lost:
+        status, _reply, _n = await retry_until_definite(
+            http, f"{base}/v1/reservations", bodies[a.order_id], deadline
+        )
+        retried[status] += 1
+    assert set(retried) <= {200, 201}, retried
+    states = await order_states(http, base, bodies)
+    assert all(s is not None and s["status"] == "reserved" for s in states.values()), (
+        "an order is not reserved after its retry"
+    )
+    return lost, retried, states
 
 
 MAX_REQUESTS = 60_000

@@ -18,10 +18,11 @@ and scripts ran on the new master after NOSCRIPT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     ADMIN,
     call,
     call_text,
@@ -53,8 +54,8 @@ from tests.drills import (
     serve_env,
     serving,
 )
-from tests.postgres import Postgres
-from tests.servers import Cluster, ServerProcess, cli, cluster_cli, node_id, wait_agreed
+from tests.support.postgres import Postgres
+from tests.support.servers import Cluster, ServerProcess, cli, cluster_cli, node_id, wait_agreed
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -250,157 +251,42 @@ async def test_live_resharding_under_http_load(
     cluster = Cluster(tmp_path / "cluster", masters=3).start()
     extra = cluster.spare(tmp_path / "node-new")
     entry = cluster.nodes[0]
-    ports = [n.port for n in cluster.nodes]
     settings = Settings(redis_url=entry.url, redis_cluster=True, buckets=BUCKETS)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     load, stop = Load(), asyncio.Event()
     redis = connect(settings)
     started = time.monotonic()
-    phases: list[str] = []
-
-    def mark(phase: str) -> None:
-        phases.append(
-            f"{phase} {time.monotonic() - started:.1f} s ({load.requests} requests,"
-            f" {load.resent} resent)"
-        )
-        print(f"  {phases[-1]}", flush=True)
-
+    mark = functools.partial(print_phase, load, started)
     try:
         async with (
             serving(serve_env(settings, port, dsn), tmp_path / "serve.log") as proc,
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS * 2)) as http,
         ):
             await put_stock(http, base, dict.fromkeys(SKUS, UNITS))
-            ids = [node_id(p) for p in ports]
             moving = {b for b, slot in bucket_slots().items() if slot in lowest(cluster, entry)}
             await fill(redis, moving)
             async with clients_running(http, base, load, stop) as clients:
                 await asyncio.sleep(2)
-
-                # A 4th master joins and SLOTS slots move to it, under load.
-                new = f"127.0.0.1:{extra.port}"
-                at = f"127.0.0.1:{entry.port}"
-                new_id = node_id(extra.port)
-                await asyncio.to_thread(cluster_cli, "add-node", new, at)
-                await asyncio.to_thread(wait_agreed, [*ports, extra.port])
-                mark("joined")
-                await reshard(at, f"{ids[1]},{ids[2]}", new_id, SLOTS)
-                mark("moved out")
-                moved_slots = slots_of(cluster, entry, extra.port)
-                moved = {b for b, slot in bucket_slots().items() if slot in moved_slots}
-                assert moved == moving and moved, (moved, moving)
-                moved_skus = [s for s in SKUS if keys.bucket_of(s, BUCKETS) in moved]
-                assert moved_skus, "no SKU lives in a moved bucket"
-                seq_in = await seqs(redis, settings)
-                requests_in = load.requests
-                await asyncio.sleep(4)  # load on the new master: its events, its expiries
-                seq_out = await seqs(redis, settings)
-                mark("on the new master")
-
-                # ... and every slot moves back; the node leaves.
-                await reshard(at, new_id, ids[1], SLOTS // 2)  # its lowest half
-                await reshard(at, new_id, ids[2], SLOTS // 2)
-                mark("moved back")
-                info_new = cli(extra.port, "info", "everything")
-                assert slots_of(cluster, entry, extra.port) == set()
-                await asyncio.to_thread(cluster_cli, "del-node", at, new_id)
-                await asyncio.to_thread(wait_agreed, ports)
-                mark("removed")
+                moves = await move_out_and_back(cluster, extra, redis, settings, load, mark)
+                assert moves.buckets == moving and moving, (moves.buckets, moving)
                 await asyncio.sleep(2)
                 stop.set()
                 await asyncio.gather(*clients)
                 assert proc.poll() is None, "stock serve died"
                 moving_s = time.monotonic() - started
                 mark("load stopped")
-
-            # No 500, nothing but definite answers (each 503 was retried to one).
-            assert load.errors == [], load.errors[:10]
-            # A planned reshard is absorbed by the service's own retries: no request
-            # answered 503, and no background loop or undo failed.
-            unavailable = dict(load.retried) | {"adjust": load.answers["adjust", 503]}
-            assert sum(unavailable.values()) == 0, f"answered 503: {unavailable}"
-            log = (tmp_path / "serve.log").read_text().splitlines()
-            failed = [line for line in log if " ERROR " in line]
-            assert failed == [], failed[:10]
-            assert set(load.answers) <= {
-                ("reserve", 200),
-                ("reserve", 201),
-                ("reserve", 409),
-                ("confirm", 200),
-                ("release", 200),
-                ("adjust", 200),
-                ("adjust", 503),
-                ("adjust", 0),
-            }, load.answers
-
-            # The short reservations expire (the reaper follows the moved buckets).
-            late = [o for o, want in load.expect.items() if want == "expired"]
-            deadline = time.monotonic() + 20
-            while late and time.monotonic() < deadline:
-                states = await order_states(http, base, late)
-                late = [o for o in late if (states[o] or {}).get("status") != "expired"]
-                await asyncio.sleep(0.5 if late else 0)
-            states = await order_states(http, base, load.expect)
-            wrong = {
-                o: (want, states[o] and states[o]["status"])
-                for o, want in load.expect.items()
-                if (states[o] or {}).get("status") != want
-            }
-            assert wrong == {}, list(wrong.items())[:10]
-            expired_moved = [
-                o
-                for o, want in load.expect.items()
-                if want == "expired" and set(load.items[o]) & set(moved_skus)
-            ]
-            assert expired_moved, "no short reservation in a moved bucket"
-
+            check_answers(load, tmp_path / "serve.log")
+            states, expired_moved = await short_ones_expired(http, base, load, moves.skus)
             mark("expired")
             _, text = await call_text(http, f"{base}/metrics")
             redis_errors = metric(text, "stock_redis_errors_total")
-
             # The writer followed: PostgreSQL == Redis, and the moved SKUs' events of
             # their time on the new master (their expiries too) are in the ledger.
             checks = await pg_checks(redis, settings, dsn, SKUS)
             mark("postgres")
-            pg = await asyncpg.connect(dsn)
-            try:
-                rows = await pg.fetch(
-                    "SELECT sku, op, seq FROM stock_ledger WHERE sku = ANY($1::text[])",
-                    moved_skus,
-                )
-                adjusts = await pg.fetch(
-                    "SELECT sku, qty, reason FROM stock_ledger WHERE op = 'adjust'"
-                )
-            finally:
-                await pg.close()
-
-            # Each adjust applied at most once, every one answered 200 exactly once;
-            # the conservation law counts the applied deltas.
-            applied = Counter(r["reason"] for r in adjusts)
-            assert [r for r, n in applied.items() if n > 1] == [], "an adjust applied twice"
-            ok = {r for r, status in load.adjusted.items() if status == 200}
-            assert ok <= set(applied) <= set(load.adjusted), ok - set(applied)
-            loaded = dict.fromkeys(SKUS, UNITS)
-            for r in adjusts:
-                loaded[r["sku"]] += r["qty"]
-            reserved, sold = holdings(states)
-            counters = await levels(redis, settings, SKUS)
-            checks += check_conservation(counters, loaded) + len(applied)
-            checks += check_holders(counters, reserved, sold) + len(states)
-            there = [r for r in rows if seq_in[r["sku"]] < r["seq"] <= seq_out[r["sku"]]]
-            assert len(there) == sum(seq_out[s] - seq_in[s] for s in moved_skus) > 0
-            assert any(r["op"] == "expire" for r in rows), "no expiry of a moved bucket"
-            checks += 2
-
-            # NOSCRIPT on the new master healed: scripts ran there.
-            stats = info_fields(info_new)
-            evalsha = stats.get("cmdstat_evalsha", "calls=0").split(",")[0]
-            assert int(evalsha.split("=")[1]) > 0, "no script ran on the new master"
-            assert errorstats(info_new).get("NOSCRIPT", 0) > 0, "no NOSCRIPT on the new master"
-            replies = Counter(errorstats(info_new))
-            for p in ports:
-                replies.update(errorstats(cli(p, "info", "errorstats")))
+            checks += await check_ledger(dsn, redis, settings, load, states, moves)
+            evalsha, replies = scripts_healed(moves.info_new, [n.port for n in cluster.nodes])
     finally:
         stop.set()
         await redis.aclose()
@@ -409,11 +295,167 @@ async def test_live_resharding_under_http_load(
         print(f"\n  stock serve log: {tmp_path / 'serve.log'}")
     print(
         f"\n  live resharding: {load.requests} HTTP requests from {CLIENTS} clients over"
-        f" {moving_s:.1f} s ({requests_in} before the slots reached the new master);"
-        f" {len(moved_slots)} slots moved to a 4th master and back ({len(moved)} of"
-        f" {BUCKETS} buckets, {len(moved_skus)} SKUs); answers {dict(load.answers)};"
+        f" {moving_s:.1f} s ({moves.requests_in} before the slots reached the new master);"
+        f" {len(moves.slots)} slots moved to a 4th master and back ({len(moves.buckets)} of"
+        f" {BUCKETS} buckets, {len(moves.skus)} SKUs); answers {dict(load.answers)};"
         f" answered 503 then retried {dict(load.retried)} ({load.resent} resends);"
         f" stock_redis_errors_total {redis_errors:.0f}; new master: {evalsha},"
         f" error replies of the 4 nodes {dict(replies)}; {len(expired_moved)} short"
         f" reservations of moved buckets expired; {checks} invariant checks"
     )
+
+
+def print_phase(load: Load, started: float, phase: str) -> None:
+    """A phase's time since ``started`` and the load's requests so far."""
+    line = f"{phase} {time.monotonic() - started:.1f} s ({load.requests} requests,"
+    print(f"  {line} {load.resent} resent)", flush=True)
+
+
+@dataclass
+class Moves:
+    """What moved to the 4th master: its slots, buckets and SKUs; the SKUs' seqs when
+    they arrived and when they left; the requests before; its INFO before it left."""
+
+    slots: set[int]
+    buckets: set[int]
+    skus: list[str]
+    seq_in: dict[str, int]
+    seq_out: dict[str, int]
+    requests_in: int
+    info_new: str
+
+
+async def move_out_and_back(
+    cluster: Cluster,
+    extra: ServerProcess,
+    redis: Any,
+    settings: Settings,
+    load: Load,
+    mark: Callable[[str], None],
+) -> Moves:
+    """A 4th master joins and SLOTS slots move to it, under load; then every slot
+    moves back and the node leaves."""
+    entry = cluster.nodes[0]
+    ports = [n.port for n in cluster.nodes]
+    ids = [node_id(p) for p in ports]
+    new = f"127.0.0.1:{extra.port}"
+    at = f"127.0.0.1:{entry.port}"
+    new_id = node_id(extra.port)
+    await asyncio.to_thread(cluster_cli, "add-node", new, at)
+    await asyncio.to_thread(wait_agreed, [*ports, extra.port])
+    mark("joined")
+    await reshard(at, f"{ids[1]},{ids[2]}", new_id, SLOTS)
+    mark("moved out")
+    moved_slots = slots_of(cluster, entry, extra.port)
+    moved = {b for b, slot in bucket_slots().items() if slot in moved_slots}
+    moved_skus = [s for s in SKUS if keys.bucket_of(s, BUCKETS) in moved]
+    assert moved_skus, "no SKU lives in a moved bucket"
+    seq_in = await seqs(redis, settings)
+    requests_in = load.requests
+    await asyncio.sleep(4)  # load on the new master: its events, its expiries
+    seq_out = await seqs(redis, settings)
+    mark("on the new master")
+
+    await reshard(at, new_id, ids[1], SLOTS // 2)  # its lowest half
+    await reshard(at, new_id, ids[2], SLOTS // 2)
+    mark("moved back")
+    info_new = cli(extra.port, "info", "everything")
+    assert slots_of(cluster, entry, extra.port) == set()
+    await asyncio.to_thread(cluster_cli, "del-node", at, new_id)
+    await asyncio.to_thread(wait_agreed, ports)
+    mark("removed")
+    return Moves(moved_slots, moved, moved_skus, seq_in, seq_out, requests_in, info_new)
+
+
+def check_answers(load: Load, serve_log: Path) -> None:
+    """No 500, nothing but definite answers (each 503 was retried to one). A planned
+    reshard is absorbed by the service's own retries: no request answered 503, and
+    no background loop or undo failed."""
+    assert load.errors == [], load.errors[:10]
+    unavailable = dict(load.retried) | {"adjust": load.answers["adjust", 503]}
+    assert sum(unavailable.values()) == 0, f"answered 503: {unavailable}"
+    failed = [line for line in serve_log.read_text().splitlines() if " ERROR " in line]
+    assert failed == [], failed[:10]
+    assert set(load.answers) <= {
+        ("reserve", 200),
+        ("reserve", 201),
+        ("reserve", 409),
+        ("confirm", 200),
+        ("release", 200),
+        ("adjust", 200),
+        ("adjust", 503),
+        ("adjust", 0),
+    }, load.answers
+
+
+async def short_ones_expired(
+    http: aiohttp.ClientSession, base: str, load: Load, moved_skus: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """The short reservations expire (the reaper follows the moved buckets); every
+    order ends as expected. Returns the orders' states and the expired ones of
+    moved buckets."""
+    late = [o for o, want in load.expect.items() if want == "expired"]
+    deadline = time.monotonic() + 20
+    while late and time.monotonic() < deadline:
+        states = await order_states(http, base, late)
+        late = [o for o in late if (states[o] or {}).get("status") != "expired"]
+        await asyncio.sleep(0.5 if late else 0)
+    states = await order_states(http, base, load.expect)
+    wrong = {
+        o: (want, states[o] and states[o]["status"])
+        for o, want in load.expect.items()
+        if (states[o] or {}).get("status") != want
+    }
+    assert wrong == {}, list(wrong.items())[:10]
+    expired_moved = [
+        o
+        for o, want in load.expect.items()
+        if want == "expired" and set(load.items[o]) & set(moved_skus)
+    ]
+    assert expired_moved, "no short reservation in a moved bucket"
+    return states, expired_moved
+
+
+async def check_ledger(
+    dsn: str, redis: Any, settings: Settings, load: Load, states: dict[str, Any], moves: Moves
+) -> int:
+    """Each adjust applied at most once, every one answered 200 exactly once; the
+    conservation law counts the applied deltas; the moved SKUs' events of their
+    time on the new master, an expiry among them, are in the ledger."""
+    pg = await asyncpg.connect(dsn)
+    try:
+        rows = await pg.fetch(
+            "SELECT sku, op, seq FROM stock_ledger WHERE sku = ANY($1::text[])", moves.skus
+        )
+        adjusts = await pg.fetch("SELECT sku, qty, reason FROM stock_ledger WHERE op = 'adjust'")
+    finally:
+        await pg.close()
+    applied = Counter(r["reason"] for r in adjusts)
+    assert [r for r, n in applied.items() if n > 1] == [], "an adjust applied twice"
+    ok = {r for r, status in load.adjusted.items() if status == 200}
+    assert ok <= set(applied) <= set(load.adjusted), ok - set(applied)
+    loaded = dict.fromkeys(SKUS, UNITS)
+    for r in adjusts:
+        loaded[r["sku"]] += r["qty"]
+    reserved, sold = holdings(states)
+    counters = await levels(redis, settings, SKUS)
+    checks = check_conservation(counters, loaded) + len(applied)
+    checks += check_holders(counters, reserved, sold) + len(states)
+    seq_in, seq_out = moves.seq_in, moves.seq_out
+    there = [r for r in rows if seq_in[r["sku"]] < r["seq"] <= seq_out[r["sku"]]]
+    assert len(there) == sum(seq_out[s] - seq_in[s] for s in moves.skus) > 0
+    assert any(r["op"] == "expire" for r in rows), "no expiry of a moved bucket"
+    return checks + 2
+
+
+def scripts_healed(info_new: str, ports: list[int]) -> tuple[str, Counter[str]]:
+    """NOSCRIPT on the new master healed: scripts ran there. Returns its EVALSHA
+    calls and the error replies of the 4 nodes."""
+    stats = info_fields(info_new)
+    evalsha = stats.get("cmdstat_evalsha", "calls=0").split(",")[0]
+    assert int(evalsha.split("=")[1]) > 0, "no script ran on the new master"
+    assert errorstats(info_new).get("NOSCRIPT", 0) > 0, "no NOSCRIPT on the new master"
+    replies = Counter(errorstats(info_new))
+    for p in ports:
+        replies.update(errorstats(cli(p, "info", "errorstats")))
+    return evalsha, replies

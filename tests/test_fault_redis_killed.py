@@ -1,7 +1,7 @@
 """Drill: Redis (AOF, ``appendfsync everysec``) SIGKILLed during reserves and
 restarted, then an emulated host crash (the AOF's unsynced tail cut).
 
-Bounded in requests and time; ends with the invariants of tests/drills.py."""
+Bounded in requests and time; ends with the invariants of tests/support/drills.py."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from stock.core.errors import InsufficientStock, NotFound, Unavailable
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.drills import (
+from tests.support.drills import (
     check_conservation,
     check_holders,
     levels,
     stream_matches_counters,
 )
-from tests.servers import ServerProcess, aof_on_disk
+from tests.support.servers import AOF_EVERYSEC, ServerProcess, aof_on_disk
 
 pytestmark = pytest.mark.faults
 
@@ -61,17 +61,11 @@ class Tally:
         return sum(o.kind == kind for o in self.outcomes.values())
 
 
+Orders = dict[str, list[tuple[str, int]]]
+
+
 async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> None:
-    server = ServerProcess(
-        tmp_path / "aof",
-        None,
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--auto-aof-rewrite-percentage",
-        "0",
-    ).start()
+    server = aof_server(tmp_path / "aof")
     settings = Settings(redis_url=server.url, buckets=BUCKETS)
     rng = random.Random(71)
     skus = [f"AOF-{i}" for i in range(4)]
@@ -86,60 +80,18 @@ async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> N
         for sku, units in loaded.items():
             await engine.set_stock(sku, units)
         await aof_on_disk(client)  # the load itself is on disk
-        tally = Tally()
-        queue = list(orders)
-
-        async def reserve(order_id: str) -> Outcome:
-            items = [{"sku": s, "qty": q} for s, q in orders[order_id]]
-            try:
-                result = await asyncio.wait_for(engine.reserve(order_id, items, ttl_s=600), 10)
-                return Outcome("ok", result.replay, time.monotonic())
-            except InsufficientStock:
-                return Outcome("refused")
-            except (RedisError, OSError, TimeoutError, Unavailable):
-                return Outcome("failed")
-
-        async def worker() -> None:
-            while queue:
-                order_id = queue.pop()
-                outcome = tally.outcomes[order_id] = await reserve(order_id)
-                if outcome.kind == "failed":
-                    await asyncio.sleep(0.1)  # a buyer whose checkout failed: next one
-
-        load = [asyncio.create_task(worker()) for _ in range(50)]
-        kills: list[float] = []
-        cut_bytes = 0
-        for threshold in (*KILL_AT, HOST_CRASH_AT):  # mid-load (bounded: 3000 orders)
-            while tally.count("ok") < threshold and queue:
-                await asyncio.sleep(0.005)
-            host_crash = threshold == HOST_CRASH_AT
-            if host_crash:
-                aof = newest_incr_aof(server.workdir)
-                durable, durable_at = aof.stat().st_size, time.monotonic()
-                await asyncio.sleep(HOST_CRASH_WINDOW_S)
-            server.kill()
-            kills.append(time.monotonic())
-            if host_crash:
-                cut_bytes = aof.stat().st_size - durable
-                with aof.open("r+b") as f:
-                    f.truncate(durable)  # possibly mid-transaction: the loader drops it
-            await asyncio.sleep(0.5)
-            server.start()  # same port, same dir: loads the AOF (a torn tail is dropped)
+        buyers = Buyers(engine, orders)
+        load = [asyncio.create_task(buyers.worker()) for _ in range(50)]
+        kills, cut_bytes, durable_at = await kill_during_load(server, buyers)
         await asyncio.gather(*load)
         await client.aclose()  # a fresh client: the pool may hold connections of the old one
         client = connect(settings)
         engine = StockEngine(client, settings)
+        tally = buyers.tally
         acked = [o for o, out in tally.outcomes.items() if out.kind == "ok"]
         failed = [o for o, out in tally.outcomes.items() if out.kind == "failed"]
 
-        # What the restarted Redis kept.
-        kept: dict[str, bool] = {}
-        for order_id in acked:
-            try:
-                await engine.get_order(order_id)
-                kept[order_id] = True
-            except NotFound:
-                kept[order_id] = False
+        kept = await what_redis_kept(engine, acked)
         lost = [o for o in acked if not kept[o]]
         lost_in_host_crash = [
             o for o in lost if kills[-2] < tally.outcomes[o].acked_at <= kills[-1]
@@ -151,45 +103,11 @@ async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> N
         checks = check_conservation(counters, loaded)
         checks += await stream_matches_counters(client, settings, skus)
 
-        # The client retries every order whose answer failed, and every acknowledged
-        # one that Redis lost (a lost reservation is simply made again).
-        replays = completed = refused = 0
-        deadline = time.monotonic() + 30
-        for order_id in failed + lost:
-            items = [{"sku": s, "qty": q} for s, q in orders[order_id]]
-            while True:
-                try:
-                    result = await engine.reserve(order_id, items, ttl_s=600)
-                    replays += result.replay
-                    completed += not result.replay
-                    break
-                except InsufficientStock:
-                    refused += 1
-                    break
-                except (RedisError, OSError, Unavailable):
-                    assert time.monotonic() < deadline, order_id
-                    await asyncio.sleep(0.1)
-        assert replays + completed + refused == len(failed) + len(lost)
-        # An acknowledged order Redis kept replays (the same answer, nothing changes).
-        for order_id in acked[:100]:
-            if kept[order_id]:
-                items = [{"sku": s, "qty": q} for s, q in orders[order_id]]
-                assert (await engine.reserve(order_id, items, ttl_s=600)).replay
-                checks += 1
-
+        replays, completed, refused = await retry_failed_and_lost(engine, orders, failed + lost)
+        checks += await kept_orders_replay(engine, orders, acked[:100], kept)
         counters = await levels(client, settings, skus)
         checks += check_conservation(counters, loaded)
-        held: dict[str, int] = Counter()
-        for order_id in orders:
-            try:
-                order = await engine.get_order(order_id)
-            except NotFound:
-                continue
-            states = {line.state for line in order["lines"]}
-            assert states == {"reserved"}, (order_id, order)
-            for line in order["lines"]:
-                held[line.sku] += line.qty
-        checks += check_holders(counters, held)
+        checks += check_holders(counters, await held_units(engine, orders))
         checks += await stream_matches_counters(client, settings, skus)
     finally:
         await client.aclose()
@@ -205,3 +123,129 @@ async def test_redis_aof_everysec_sigkilled_during_reserves(tmp_path: Path) -> N
         f" retries: {replays} replayed, {completed} made again/completed, {refused} refused;"
         f" {checks} invariant checks"
     )
+
+
+def aof_server(workdir: Path) -> ServerProcess:
+    """valkey-server with AOF, ``appendfsync everysec``, no rewrite, started."""
+    return ServerProcess(workdir, None, *AOF_EVERYSEC).start()
+
+
+def items_of(orders: Orders, order_id: str) -> list[dict[str, object]]:
+    return [{"sku": s, "qty": q} for s, q in orders[order_id]]
+
+
+class Buyers:
+    """Workers that reserve the orders from a queue, each outcome in ``tally``."""
+
+    def __init__(self, engine: StockEngine, orders: Orders) -> None:
+        self.engine, self.orders = engine, orders
+        self.tally = Tally()
+        self.queue = list(orders)
+
+    async def reserve(self, order_id: str) -> Outcome:
+        items = items_of(self.orders, order_id)
+        try:
+            result = await asyncio.wait_for(self.engine.reserve(order_id, items, ttl_s=600), 10)
+            return Outcome("ok", result.replay, time.monotonic())
+        except InsufficientStock:
+            return Outcome("refused")
+        except (RedisError, OSError, TimeoutError, Unavailable):
+            return Outcome("failed")
+
+    async def worker(self) -> None:
+        while self.queue:
+            order_id = self.queue.pop()
+            outcome = self.tally.outcomes[order_id] = await self.reserve(order_id)
+            if outcome.kind == "failed":
+                await asyncio.sleep(0.1)  # a buyer whose checkout failed: next one
+
+
+async def kill_during_load(server: ServerProcess, buyers: Buyers) -> tuple[list[float], int, float]:
+    """SIGKILL valkey-server at each of KILL_AT acknowledged reserves, then emulate
+    a host crash at HOST_CRASH_AT (the AOF cut back to its size HOST_CRASH_WINDOW_S
+    earlier); each time restarted on the same port and dir. Returns the kills' times,
+    the bytes cut and when the cut point was taken."""
+    kills: list[float] = []
+    cut_bytes, durable_at = 0, 0.0
+    for threshold in (*KILL_AT, HOST_CRASH_AT):  # mid-load (bounded: 3000 orders)
+        while buyers.tally.count("ok") < threshold and buyers.queue:
+            await asyncio.sleep(0.005)
+        host_crash = threshold == HOST_CRASH_AT
+        if host_crash:
+            aof = newest_incr_aof(server.workdir)
+            durable, durable_at = aof.stat().st_size, time.monotonic()
+            await asyncio.sleep(HOST_CRASH_WINDOW_S)
+        server.kill()
+        kills.append(time.monotonic())
+        if host_crash:
+            cut_bytes = aof.stat().st_size - durable
+            with aof.open("r+b") as f:
+                f.truncate(durable)  # possibly mid-transaction: the loader drops it
+        await asyncio.sleep(0.5)
+        server.start()  # same port, same dir: loads the AOF (a torn tail is dropped)
+    return kills, cut_bytes, durable_at
+
+
+async def what_redis_kept(engine: StockEngine, acked: list[str]) -> dict[str, bool]:
+    """Which acknowledged orders the restarted Redis still has."""
+    kept: dict[str, bool] = {}
+    for order_id in acked:
+        try:
+            await engine.get_order(order_id)
+            kept[order_id] = True
+        except NotFound:
+            kept[order_id] = False
+    return kept
+
+
+async def retry_failed_and_lost(
+    engine: StockEngine, orders: Orders, order_ids: list[str]
+) -> tuple[int, int, int]:
+    """The client retries every order whose answer failed, and every acknowledged
+    one that Redis lost (a lost reservation is simply made again): (replays,
+    completed, refused)."""
+    replays = completed = refused = 0
+    deadline = time.monotonic() + 30
+    for order_id in order_ids:
+        while True:
+            try:
+                result = await engine.reserve(order_id, items_of(orders, order_id), ttl_s=600)
+                replays += result.replay
+                completed += not result.replay
+                break
+            except InsufficientStock:
+                refused += 1
+                break
+            except (RedisError, OSError, Unavailable):
+                assert time.monotonic() < deadline, order_id
+                await asyncio.sleep(0.1)
+    assert replays + completed + refused == len(order_ids)
+    return replays, completed, refused
+
+
+async def kept_orders_replay(
+    engine: StockEngine, orders: Orders, acked: list[str], kept: dict[str, bool]
+) -> int:
+    """An acknowledged order Redis kept replays (the same answer, nothing changes)."""
+    checks = 0
+    for order_id in acked:
+        if kept[order_id]:
+            items = items_of(orders, order_id)
+            assert (await engine.reserve(order_id, items, ttl_s=600)).replay
+            checks += 1
+    return checks
+
+
+async def held_units(engine: StockEngine, orders: Orders) -> Counter[str]:
+    """The units every order still holds, by SKU (every line RESERVED)."""
+    held: Counter[str] = Counter()
+    for order_id in orders:
+        try:
+            order = await engine.get_order(order_id)
+        except NotFound:
+            continue
+        states = {line.state for line in order["lines"]}
+        assert states == {"reserved"}, (order_id, order)
+        for line in order["lines"]:
+            held[line.sku] += line.qty
+    return held

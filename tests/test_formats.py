@@ -14,7 +14,7 @@ from stock.core.formats import Line
 from stock.core.validate import Item
 from stock.redis.client import connect
 from stock.redis.scripts import with_lib
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 
 # A probe: _lib.lua's readers answer the fields of KEYS[1]'s value; its writers set it.
 PROBE = with_lib("""
@@ -35,6 +35,9 @@ elseif what == 'read_copy' then
   return {kind, spec}
 elseif what == 'write_copy' then
   redis.call('SET', key, copy_value(ARGV[2], ARGV[3]))
+elseif what == 'constants' then
+  return {RESERVED, CONFIRMED, RELEASED, EXPIRED, CANCELLED, ABORTED, DONE,
+    TOMBSTONE_RELEASED, TOMBSTONE_CANCELLED}
 elseif what == 'read_spec' then
   local out = {}
   for _, item in ipairs(read_spec(redis.call('GET', key))) do
@@ -146,3 +149,10 @@ def test_the_state_tables_are_one() -> None:
     )
     assert set(formats.STATE_AFTER.values()) == set(formats.STATE_NAMES.values())
     assert formats.state_name("gone") == formats.UNKNOWN
+
+
+async def test_lua_names_the_states_and_phases_as_formats_does(probe: Any) -> None:
+    """_lib.lua's named constants (the state letters, the phases) are formats.py's."""
+    f = formats
+    states = [f.RESERVED, f.CONFIRMED, f.RELEASED, f.EXPIRED, f.CANCELLED, f.ABORTED]
+    assert await probe("constants") == [*states, f.DONE, *f.TOMBSTONES]

@@ -16,7 +16,7 @@ from stock.http.admission import QueueDelay
 from stock.http.api import FRONT
 from stock.redis.client import connect
 from tests.conftest import BUCKETS, flush
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 from tests.test_front import TOKEN, app_client, order, put
 
 

@@ -1,6 +1,6 @@
 """The Docker image, built from the project's Dockerfile and run for real.
 
-Base images come from tests/docker_env.py (debootstrap, no registry). The image
+Base images come from tests/support/docker_env.py (debootstrap, no registry). The image
 runs with its own entrypoint on the host network against a valkey-server and a
 PostgreSQL listening on loopback TCP, as a user's would against theirs.
 """
@@ -22,9 +22,10 @@ import pytest
 
 from persist.migrate import migrate
 from stock.app.embedded import free_port
-from tests import docker_env
-from tests.docker_env import docker
-from tests.servers import ServerProcess, cleanup, cli
+from tests.support import docker_env
+from tests.support.docker_env import docker
+from tests.support.poll import until
+from tests.support.servers import ServerProcess, cleanup, cli
 
 pytestmark = pytest.mark.docker
 
@@ -153,17 +154,16 @@ def state(container: str, field: str) -> str:
 
 
 async def wait_for(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
-        while True:
+
+        async def answers() -> bool:
             try:
                 async with http.get(url) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, f"{url} never answered 200"
-            await asyncio.sleep(0.2)
+                return False
+
+        await until(answers, timeout, f"{url} answering 200", every_s=0.2)
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
@@ -202,7 +202,7 @@ async def test_image_serves_as_non_root_and_stops_gracefully(
         status, body = await call(http, "POST", f"{base}/v1/reservations/img-1/confirm")
         assert (status, body["status"]) == (200, "confirmed")
         _, stock = await call(http, "GET", f"{base}/v1/stock/IMG")
-        assert stock == {"sku": "IMG", "available": 48, "reserved": 0, "sold": 2}
+        assert stock == {"sku": "IMG", "available": 48, "reserved": 0, "sold": 2, "shards": 1}
     await wait_pg_sold(postgres.url, "IMG", 2)
     await wait_healthy(name, timeout=40)
     await stop_with_requests_in_flight(name, base, valkey)

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests import servers
-from tests.service import wait_ready
+from tests.support import servers
+from tests.support.service import wait_ready
 
 TOKEN = "metrics-token"
 REQUESTS = 60

@@ -1,5 +1,5 @@
 """Model-based tests: hypothesis drives the real engine on real Redis (standalone and
-cluster) and a pure-Python model (tests/model.py) side by side.
+cluster) and a pure-Python model (tests/support/model.py) side by side.
 
 After every step the counters, every order's lines and the event streams must
 agree with the model; every refusal must be exactly the model's error class.
@@ -45,7 +45,7 @@ from stock.core.errors import (
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.model import EXPIRED, RESERVED, Outcome, StockModel
+from tests.support.model import EXPIRED, RESERVED, Outcome, StockModel
 
 T = TypeVar("T")
 

@@ -13,7 +13,9 @@ from stock.core.errors import InsufficientStock, NotFound
 from stock.core.formats import RESERVED, items_spec, parse_line
 from stock.core.validate import Item
 from stock.loops.reaper import Reaper
+from stock.orders.cluster import ClusterOrders
 from stock.orders.engine import StockEngine
+from stock.redis.line_layout import LineCall, OfKind
 from tests.conftest import BUCKETS
 
 
@@ -88,22 +90,22 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
     """What a reserve leaves when its process dies after the first bucket group: that
     group's lines (RESERVED, beside the bucket's copy of the order) and no directory."""
     spec = items_spec(items)
-    await engine.core.group_call(
-        "reserve",
+    call = LineCall(
         order_id=order_id,
-        group=[items[0]],
+        purpose=OfKind("reserve"),
+        items=[items[0]],
         spec=spec,
         ttl_ms=1000,
         may_create=True,
-        order_kind="reserve",
         tag="crashed",
     )
+    await engine.core.group_call("reserve", call)
 
 
 async def test_crash_between_groups_then_retry_completes(
     engine: StockEngine, spread: list[str]
 ) -> None:
-    engine.cluster = True  # force the group-by-group path on standalone too
+    engine.orders = ClusterOrders(engine.core)  # the group-by-group path on standalone too
     items = [Item(s, 2) for s in spread]
     await crash_after_first_group(engine, "half", items)
     # only lines with an expiry are left: each held line is in its bucket's due index
@@ -122,7 +124,7 @@ async def test_crash_between_groups_then_retry_completes(
 async def test_crash_between_groups_reaper_returns_stock(
     engine: StockEngine, spread: list[str]
 ) -> None:
-    engine.cluster = True
+    engine.orders = ClusterOrders(engine.core)
     items = [Item(s, 2) for s in spread]
     await crash_after_first_group(engine, "half", items)
     await asyncio.sleep(1.05)

@@ -19,7 +19,7 @@ from stock.app.wiring import create_app
 from stock.app.wiring import openapi_document as spec
 from stock.core.config import Settings
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 
 TOKEN = "fuzz-token"
 # No webhook routes: a made-up subscription would make a dispatcher POST to made-up

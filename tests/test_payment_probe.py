@@ -4,7 +4,6 @@ answers per order: paid, pending, unpaid, 404, slow, 500; and one that refuses."
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +18,8 @@ from stock.core.config import Settings
 from stock.loops.payment_probe import PaymentProbe, status_url
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
-from tests.payment_service import PaymentService
+from tests.support.payment_service import PaymentService
+from tests.support.poll import until
 
 
 @dataclass
@@ -80,15 +80,6 @@ async def decision_lags_ms(redis: Any, settings: Settings, sku: str) -> dict[str
     return lags
 
 
-async def wait_for(check: Any, timeout: float) -> float:
-    """Poll ``check()`` until true; returns the seconds it took, fails after ``timeout``."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
 async def state_of(engine: StockEngine, order_id: str) -> str:
     return str((await engine.get_order(order_id))["lines"][0].state)
 
@@ -108,7 +99,7 @@ async def test_paid_confirmed_unpaid_and_404_expired_at_expiry(
     running, probes = await start_reapers(engine, s)
     try:
         await asyncio.sleep(1.0)
-        await wait_for(lambda: _all_decided(engine, ["paid", "unpaid", "gone"]), timeout=10.0)
+        await until(lambda: _all_decided(engine, ["paid", "unpaid", "gone"]))
     finally:
         await stop_reapers(running, probes)
     lags = await decision_lags_ms(engine.redis, settings, "A")
@@ -147,12 +138,12 @@ async def test_undecided_held_asked_again_then_grace_exhausted(
 
     try:
         # asked at expiry, then again (within 2 s); still held then, well within the grace
-        await wait_for(asked_again, timeout=10.0)
+        await until(asked_again)
         assert await state_of(engine, "o1") == "reserved"
         assert (await engine.get_stock("A")).reserved == 3  # the stock is still held
         first, again = payments.asked_at["o1"][:2]
         assert again - first < 2.0 + 0.5, again - first  # the first retry within 2 s (+ a pass)
-        await wait_for(lambda: _all_decided(engine, ["o1"]), timeout=10.0)
+        await until(lambda: _all_decided(engine, ["o1"]))
     finally:
         await stop_reapers(running, probes)
     assert await state_of(engine, "o1") == "expired"
@@ -177,9 +168,9 @@ async def test_refused_connection_holds_then_expires(
         return bool(errors._value.get() >= 1)
 
     try:
-        await wait_for(refused, timeout=10.0)  # asked at expiry: refused, so held
+        await until(refused)  # asked at expiry: refused, so held
         assert await state_of(engine, "o1") == "reserved"
-        await wait_for(lambda: _all_decided(engine, ["o1"]), timeout=10.0)
+        await until(lambda: _all_decided(engine, ["o1"]))
     finally:
         await stop_reapers(running, probes)
     assert await state_of(engine, "o1") == "expired"
@@ -200,7 +191,7 @@ async def test_hanging_service_never_delays_other_orders(
         await asyncio.sleep(0.3)
         for order_id in others:
             await engine.reserve(order_id, [{"sku": "A", "qty": 1}], ttl_s=1)
-        await wait_for(lambda: _all_decided(engine, others), timeout=10.0)
+        await until(lambda: _all_decided(engine, others))
     finally:
         await stop_reapers(running, probes)
     lags = await decision_lags_ms(engine.redis, settings, "A")
@@ -223,7 +214,7 @@ async def test_one_decision_per_line_with_several_reapers(
     running, probes = await start_reapers(engine, s, count=3)
     try:
         await asyncio.sleep(1.0)
-        await wait_for(lambda: _all_decided(engine, orders), timeout=10.0)
+        await until(lambda: _all_decided(engine, orders))
         await asyncio.sleep(0.5)  # room for a second, wrong decision to show
     finally:
         await stop_reapers(running, probes)

@@ -23,7 +23,7 @@ from stock.core.config import Settings
 from stock.redis.client import connect
 from stock.redis.cluster_pipeline import _parse_error
 from stock.redis.pipeline import AutoPipeline, streams
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from stock.core.errors import NotFound, OrderClosed, StockError
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 
 END = "counted"
 

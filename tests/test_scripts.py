@@ -24,7 +24,7 @@ from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from stock.redis.scripts import load_sources, raise_for
 from tests.conftest import BUCKETS
-from tests.servers import ServerProcess, script_sha
+from tests.support.servers import ServerProcess, script_sha
 
 
 async def test_noscript_recovery_after_script_flush(engine: StockEngine) -> None:
@@ -185,10 +185,19 @@ def test_an_unknown_reply_code_is_a_typed_error(reply: list[Any]) -> None:
     assert repr(reply[0]) in caught.value.message
 
 
-async def test_a_busy_order_record_is_unavailable(engine: StockEngine) -> None:
-    """order.lua's BUSY (a 'pending' record of an earlier version, its lease running)
-    reaches the caller as Unavailable, through the real script."""
-    lease = "tok@99999999999999"
-    await engine.redis.set(keys.order_key("old"), f"reserve|pending|{lease}|A:1")
-    with pytest.raises(Unavailable, match="busy"):
-        await engine.release("old")
+async def test_the_order_lock_script(engine: StockEngine) -> None:
+    """lua/lock.lua: one holder at a time; take, keep and drop are idempotent for
+    their holder (a call whose reply was lost is resent) and refuse any other."""
+    key = keys.order_lock_key("lk-1")
+
+    async def call(mode: str, token: str, ms: int = 10_000) -> int:
+        return int(await engine.scripts("lock", [key], [mode, token, ms]))
+
+    assert (await call("take", "a"), await call("take", "a"), await call("take", "b")) == (1, 1, 0)
+    assert (await call("keep", "b"), await call("drop", "b")) == (0, 0)
+    assert await call("keep", "a", 50_000) == 1
+    assert 40_000 < await engine.redis.pttl(key) <= 50_000
+    assert (await call("drop", "a"), await call("drop", "a")) == (1, 0)
+    assert await engine.redis.exists(key) == 0
+    assert await call("take", "b", 100) == 1
+    assert 0 < await engine.redis.pttl(key) <= 100

@@ -20,10 +20,7 @@ Registered by ``setup_console``, from ``stock.app.wiring.create_app``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -32,10 +29,13 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from persist import ops
-from stock.core import validate
+from stock.app.database import DATABASE
+from stock.core import keys, validate
 from stock.core.errors import InvalidRequest, NotFound, Unavailable
 from stock.http import api
 from stock.http.api import ENGINE, METRICS, SETTINGS, admin, iso_ms, json_body, json_response
+from stock.http.metrics import Metrics
+from stock.orders.engine import StockEngine
 
 log = logging.getLogger("stock.app.console")
 
@@ -55,69 +55,44 @@ HEADERS = {
 GAUGE_PERIOD_S = 1.0
 RECONCILE_EVERY = 2  # read the reconcile record every this many periods
 
+# $1: the SKU's shard names (one for an ordinary SKU; DESIGN §12), whose seqs are
+# their own: newest first by server time, then seq
 _LEDGER = """
-SELECT id, order_id, op, qty, at_ms, available, reserved, sold, seq, reason
+SELECT id, order_id, op, qty, at_ms, available, reserved, sold, seq, reason, sku
 FROM stock_ledger
-WHERE sku = $1 AND id > (SELECT coalesce(max(id), 0) FROM stock_ledger) - $3
-ORDER BY seq DESC, id DESC
+WHERE sku = ANY($1::text[]) AND id > (SELECT coalesce(max(id), 0) FROM stock_ledger) - $3
+ORDER BY at_ms DESC, seq DESC, id DESC
 LIMIT $2
 """
 
 
-class _Pool:
-    """A small asyncpg pool, opened on first use (most processes never need it)."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> asyncpg.Pool | None:
-        if not self.dsn:
-            return None
-        async with self._lock:
-            if self.pool is None:
-                self.pool = await asyncpg.create_pool(
-                    self.dsn, min_size=0, max_size=2, timeout=2, command_timeout=5
-                )
-        return self.pool
-
-    async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-
-
-POOL = web.AppKey("console_pool", _Pool)
-
-
-def _static(name: str) -> bytes:
+def static_file(name: str) -> bytes:
+    """A file of ``stock/static/`` (the console's, the index's, the API reference's)."""
     return (resources.files("stock") / "static" / name).read_bytes()
 
 
 async def page(request: web.Request) -> web.Response:
-    return web.Response(body=_static("console.html"), content_type="text/html", headers=HEADERS)
+    return web.Response(body=static_file("console.html"), content_type="text/html", headers=HEADERS)
 
 
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise NotFound(f"no console file {name!r}")
-    return web.Response(body=_static(name), content_type=ASSETS[name], headers=HEADERS)
+    return web.Response(body=static_file(name), content_type=ASSETS[name], headers=HEADERS)
 
 
 @admin
 async def ledger(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    raw = request.query.get("limit", "50")
-    if not raw.isdigit():
-        raise InvalidRequest(f"limit must be an integer 1 to {LEDGER_MAX}", field="limit")
-    limit = validate.int_in(int(raw), "limit", 1, LEDGER_MAX)
-    pool = await request.app[POOL].get()
+    limit = validate.query_int(request.query.get("limit", "50"), "limit", 1, LEDGER_MAX)
+    pool = request.app[DATABASE].pool
     if pool is None:
         raise NotFound("the ledger needs PostgreSQL (STOCK_DATABASE_URL)")
     try:
         async with pool.acquire(timeout=2) as conn:
-            rows = await conn.fetch(_LEDGER, sku, limit, LEDGER_WINDOW)
+            names = await request.app[ENGINE].shard_names(sku)
+            rows = await conn.fetch(_LEDGER, names, limit, LEDGER_WINDOW, timeout=5)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         log.warning("ledger of %s: PostgreSQL error: %s", sku, exc)
         raise Unavailable("ledger store unavailable, retry shortly") from None
@@ -138,6 +113,7 @@ async def ledger(request: web.Request) -> web.Response:
                 )
             },
             "at": iso_ms(row["at_ms"]),
+            **({"shard": keys.base_sku(row["sku"])[1]} if len(names) > 1 else {}),
         }
         for row in rows
     ]
@@ -147,7 +123,7 @@ async def ledger(request: web.Request) -> web.Response:
 @admin
 async def health(request: web.Request) -> web.Response:
     app = request.app
-    pool = await app[POOL].get()
+    pool = app[DATABASE].pool
     registry = app[METRICS].all_processes()  # the payment probe's counts of every worker
     body = await ops.health(app[ENGINE].redis, app[SETTINGS], pool, registry)
     return json_response(body)
@@ -175,31 +151,34 @@ def _order_action(op: str) -> Any:
     return handler
 
 
-async def _gauges(app: web.Application, stop: asyncio.Event) -> None:
+class Gauges:
     """Keep this process's gauges fresh: in multiprocess mode a scrape reaches one
-    worker, so each one refreshes its own; and the last reconcile's drift."""
-    metrics, tick = app[METRICS], 0
-    while not stop.is_set():
+    worker, so each one refreshes its own; and the last reconcile's drift. One
+    ``step`` a period, run by ``stock/app/lifecycle.py`` under its supervisor."""
+
+    def __init__(self, metrics: Metrics, engine: StockEngine) -> None:
+        self.metrics = metrics
+        self.engine = engine
+        self.tick = 0
+
+    async def step(self) -> bool:
+        metrics, self.tick = self.metrics, self.tick + 1
         try:
             if metrics.multiprocess:
                 metrics.refresh()
-            engine = app.get(ENGINE)
-            if tick % RECONCILE_EVERY == 0 and engine is not None:
-                record = await ops.last_reconcile(engine.redis)
+            if (self.tick - 1) % RECONCILE_EVERY == 0:
+                record = await ops.last_reconcile(self.engine.redis)
                 if record is not None:
                     metrics.reconcile_drifting.set(float(record.get("drifting", 0)))
                     metrics.reconcile_at.set(float(record.get("at_ms", 0)) / 1000)
         except (RedisError, OSError):
             pass  # Redis away: the gauges keep their last values
-        except Exception:  # a bad record, a client failure: keep the loop alive
-            log.exception("console gauges: refresh failed")
-        tick += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), GAUGE_PERIOD_S)
+        return False
 
 
 def setup_console(app: web.Application) -> None:
-    """Add the console's page, files and admin routes, and its small background task."""
+    """Add the console's page, files and admin routes (its gauges loop is the
+    lifecycle's: ``Gauges``)."""
     r = app.router
     r.add_get("/console", page)
     r.add_get("/console/{name}", asset)
@@ -207,14 +186,3 @@ def setup_console(app: web.Application) -> None:
     r.add_get("/v1/admin/health", health)
     for op in ("confirm", "release", "cancel"):
         r.add_post(f"/v1/admin/orders/{{order_id}}/{op}", _order_action(op))
-    app[POOL] = _Pool(app[SETTINGS].database_url)
-
-    async def background(app: web.Application) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        task = asyncio.create_task(_gauges(app, stop), name="console-gauges")
-        yield
-        stop.set()
-        await asyncio.gather(task, return_exceptions=True)
-        await app[POOL].close()
-
-    app.cleanup_ctx.append(background)

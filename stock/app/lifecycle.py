@@ -1,11 +1,15 @@
 """What an API process runs besides its handlers, opened and closed with the app.
 
-``running`` opens the Redis client and the engine, starts the reaper and the
-writer as supervised loops (``stock/loops/supervise.py``), opens the readiness pool
-that ``/readyz`` checks PostgreSQL over, and registers the metrics that mirror
-them; on the way out it stops the loops (cancelling one stuck in a pass after
-``LOOP_STOP_S``) and closes everything it opened. ``stock/http/api.py`` enters it
-from the app's ``cleanup_ctx``; ``stock/app/serve.py`` runs the app.
+``running`` is the one owner of the process's background loops and pool. It opens
+the Redis client and the engine and the process's one PostgreSQL pool
+(``stock/app/database.py``), and starts every loop under the same supervisor
+(``stock/loops/supervise.py``: restarted if it ends, counted in
+``stock_loop_restarts``): the reaper (whose passes run the payment probes), the
+writer, the webhook dispatcher and the console's gauges; it registers the metrics
+that mirror them. On the way out it stops the loops (cancelling one stuck in a
+pass after ``LOOP_STOP_S``) and closes everything it opened, the pool last.
+``stock/app/wiring.py`` enters it from the app's ``cleanup_ctx``;
+``stock/app/serve.py`` runs the app.
 """
 
 from __future__ import annotations
@@ -13,23 +17,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
+from stock.app.console import GAUGE_PERIOD_S, Gauges
+from stock.app.database import Database
 from stock.core.config import Settings
 from stock.http.metrics import Metrics
 from stock.loops.payment_probe import PaymentProbe
 from stock.loops.reaper import Reaper, expiry_lag_s
 from stock.loops.soldout import SoldOut
-from stock.loops.supervise import supervise
+from stock.loops.supervise import run_loop, supervise
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 
 log = logging.getLogger("stock.app.lifecycle")
 
-LOOP_STOP_S = 15  # how long the reaper and the writer get to stop (the writer flushes)
+LOOP_STOP_S = 15  # how long the loops get to stop (the writer flushes)
 
 
 @dataclass(eq=False)
@@ -38,8 +46,9 @@ class Background:
 
     engine: StockEngine
     reaper: Reaper | None = None
+    database: Database | None = None
     writer: Any = None  # persist.writer.Writer, with STOCK_DATABASE_URL
-    readiness_pool: Any = None  # an asyncpg pool of one connection, with the writer
+    dispatcher: Any = None  # persist.dispatcher.Dispatcher, beside the writer
     payment_probe: PaymentProbe | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -48,7 +57,7 @@ class Background:
         parts = {
             "reaper": self.reaper,
             "writer": self.writer,
-            "readiness_pool": self.readiness_pool,
+            "webhooks": self.dispatcher,
             "payment_probe": self.payment_probe,
         }
         return {name: part for name, part in parts.items() if part is not None}
@@ -59,13 +68,16 @@ async def running(
     settings: Settings,
     metrics: Metrics,
     soldout: SoldOut | None,
+    database: Database,
     *,
     run_reaper: bool,
     run_writer: bool,
+    webhook_counters: dict[str, Counter] | None = None,
 ) -> AsyncIterator[Background]:
-    """The engine, and the reaper and the writer running, until the block ends."""
+    """The engine, the pool, and the loops running, until the block ends. The
+    writer and the dispatcher run with ``run_writer`` and a database."""
     client = connect(settings)
-    parts = Background(StockEngine(client, settings))
+    parts = Background(StockEngine(client, settings), database=database)
     parts.engine.retry.on_retry = metrics.redis_errors.inc
     # On a cluster the reaper and the writer get their own client: when a node is
     # lost, redis-py's cluster pipelines (the reaper's and writer's rounds over every
@@ -74,10 +86,14 @@ async def running(
     other = connect(settings) if settings.redis_cluster else client
     stop = asyncio.Event()
     try:
+        await database.open()
+        gauges = Gauges(metrics, parts.engine).step
+        _supervised(parts, "console-gauges", gauges, GAUGE_PERIOD_S, stop, metrics)
         if run_reaper:
             _start_reaper(parts, other if other is not client else None, metrics, soldout, stop)
-        if run_writer and settings.database_url:
-            await _start_writer(parts, other, settings, metrics, stop)
+        if run_writer and database.pool is not None:
+            _start_writer(parts, other, settings, metrics, stop)
+            _start_dispatcher(parts, settings, metrics, stop, webhook_counters or {})
         yield parts
     finally:
         stop.set()
@@ -98,8 +114,34 @@ async def _stop(parts: Background) -> None:
         await asyncio.gather(*parts.tasks, return_exceptions=True)
     if parts.payment_probe is not None:
         await parts.payment_probe.aclose()
-    if parts.readiness_pool is not None:
-        await parts.readiness_pool.close()
+    if parts.database is not None:
+        await parts.database.close()
+
+
+def _supervised(
+    parts: Background,
+    name: str,
+    step: Callable[[], Awaitable[bool]],
+    idle_s: float,
+    stop: asyncio.Event,
+    metrics: Metrics,
+) -> None:
+    """``step`` as a pass loop (``run_loop``: errors counted, ``idle_s`` between
+    passes) under the supervisor."""
+    loop = functools.partial(run_loop, name, step, stop, idle_s=idle_s, counters=metrics)
+    _task(parts, name, loop, stop, metrics)
+
+
+def _task(
+    parts: Background,
+    name: str,
+    loop: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    metrics: Metrics,
+) -> None:
+    """``loop`` under the supervisor (restarted if it ends, counted), as a task."""
+    task = asyncio.create_task(supervise(name, loop, stop, counters=metrics), name=name)
+    parts.tasks.append(task)
 
 
 def _start_reaper(
@@ -126,28 +168,19 @@ def _start_reaper(
         metrics.reaper_batch.set(reaper.stats.last_batch)
 
     metrics.on_scrape(refresh)
-    loop = functools.partial(reaper.run, stop, metrics)
-    task = asyncio.create_task(supervise("reaper", loop, stop, counters=metrics), name="reaper")
-    parts.tasks.append(task)
+    _task(parts, "reaper", functools.partial(reaper.run, stop, metrics), stop, metrics)
+    # the sharded SKUs' rebalancer (DESIGN §12) runs where the reaper does
+    _task(parts, "rebalancer", functools.partial(engine.sharded.run, stop), stop, metrics)
 
 
-async def _start_writer(
+def _start_writer(
     parts: Background, client: Any, settings: Settings, metrics: Metrics, stop: asyncio.Event
 ) -> None:
-    import asyncpg
-
     from persist.writer import Writer
 
-    writer = parts.writer = Writer(client, settings, settings.database_url)
-    # /readyz checks PostgreSQL over this one connection (opened at its first use; the
-    # writer's own is busy with its transactions).
-    parts.readiness_pool = await asyncpg.create_pool(
-        settings.database_url,
-        min_size=0,
-        max_size=1,
-        max_inactive_connection_lifetime=0,
-        timeout=2,
-    )
+    assert parts.database is not None
+    pool = parts.database.pool
+    writer = parts.writer = Writer(client, settings, settings.database_url, pool=pool)
     counted = quarantined = 0
 
     def refresh() -> None:
@@ -163,9 +196,33 @@ async def _start_writer(
         counted = max(counted, writer.stats.pg_errors)
 
     metrics.on_scrape(refresh)
-    loop = functools.partial(writer.run, stop, metrics)
-    task = asyncio.create_task(supervise("writer", loop, stop, counters=metrics), name="writer")
-    parts.tasks.append(task)
+    _task(parts, "writer", functools.partial(writer.run, stop, metrics), stop, metrics)
+
+
+def _start_dispatcher(
+    parts: Background,
+    settings: Settings,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    counters: dict[str, Counter],
+) -> None:
+    """The webhook dispatcher, on the process's pool; its counts mirrored in
+    ``counters`` (``delivered``, ``failed``) at each scrape."""
+    from persist.dispatcher import Dispatcher
+
+    assert parts.database is not None
+    pool = parts.database.pool
+    dispatcher = parts.dispatcher = Dispatcher(settings, settings.database_url, pool=pool)
+    counted = dict.fromkeys(counters, 0)
+
+    def refresh() -> None:
+        for name, counter in counters.items():
+            now = getattr(dispatcher.stats, name)
+            counter.inc(max(0, now - counted[name]))
+            counted[name] = max(counted[name], now)
+
+    metrics.on_scrape(refresh)
+    _task(parts, "webhooks", functools.partial(dispatcher.run, stop), stop, metrics)
 
 
 async def measure_expiry_lag(reaper: Reaper, settings: Settings, metrics: Metrics) -> None:
@@ -181,16 +238,3 @@ async def measure_expiry_lag(reaper: Reaper, settings: Settings, metrics: Metric
         log.warning("metrics: expiry lag not measured: %r", exc)
         return
     metrics.expiry_lag.set(lag)
-
-
-async def postgres_check(pool: Any) -> str:
-    """SELECT 1 on the process's readiness pool (one connection, kept open: opened
-    again only after it broke, never once per request): ``ok`` or the error."""
-    import asyncpg
-
-    try:
-        async with asyncio.timeout(2):
-            await pool.fetchval("SELECT 1")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        return f"error: {exc or type(exc).__name__}"
-    return "ok"

@@ -1,55 +1,37 @@
-"""The webhook admin routes (DESIGN §11) and the dispatcher of ``stock serve``.
+"""The webhook admin routes (DESIGN §11) and their metrics.
 
 Every route is admin and needs PostgreSQL (503 ``unavailable`` without
-``STOCK_DATABASE_URL`` or while it is unreachable). The pool is opened at the
-first call, so the API starts while PostgreSQL is away.
+``STOCK_DATABASE_URL`` or while it is unreachable), over the process's pool
+(``stock/app/database.py``). The dispatcher of ``stock serve`` runs in
+``stock/app/lifecycle.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 from prometheus_client import Counter
 from yarl import URL
 
 from persist import webhooks
-from stock.core.errors import InvalidRequest, NotFound, Unavailable
-from stock.http.api import BACKGROUND, METRICS, SETTINGS, admin, json_body, json_response, require
+from stock.app.database import DATABASE
+from stock.core.errors import InvalidRequest, NotFound
+from stock.http.api import METRICS, admin, json_body, json_response, require
 
 MAX_URL = 2048
 MAX_SECRET = 256
 
 
-@dataclass
-class _Db:
-    """The API's PostgreSQL pool, opened at first use."""
-
-    dsn: str
-    pool: asyncpg.Pool | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    async def run(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
-        if not self.dsn:
-            raise Unavailable("webhooks need PostgreSQL: set STOCK_DATABASE_URL")
-        try:
-            async with self.lock:
-                if self.pool is None:
-                    self.pool = await asyncpg.create_pool(
-                        self.dsn, min_size=0, max_size=4, timeout=5
-                    )
-            async with self.pool.acquire(timeout=5) as conn:
-                return await call(conn)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise Unavailable(f"PostgreSQL unavailable: {type(exc).__name__}") from exc
+# The webhooks' counters (exported, as 0, by every process, for the alert): the
+# lifecycle's dispatcher counts into them (``stock/app/lifecycle.py``).
+COUNTERS = web.AppKey("webhook_counters", dict)
 
 
-DB = web.AppKey("webhooks_db", _Db)
+async def _run(request: web.Request, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    return await request.app[DATABASE].run(call, "webhooks")
 
 
 def validate_subscription(body: dict[str, Any]) -> tuple[str, list[str], str]:
@@ -90,13 +72,13 @@ async def create_webhook(request: web.Request) -> web.Response:
     url, events, secret = validate_subscription(
         await json_body(request, {"url", "events", "secret"})
     )
-    created = await request.app[DB].run(lambda c: webhooks.subscribe(c, url, events, secret))
+    created = await _run(request, lambda c: webhooks.subscribe(c, url, events, secret))
     return json_response(created, 201)
 
 
 @admin
 async def list_webhooks(request: web.Request) -> web.Response:
-    found = await request.app[DB].run(webhooks.subscriptions)
+    found = await _run(request, webhooks.subscriptions)
     for sub in found:
         sub["created_at"] = sub["created_at"].isoformat()
     return json_response({"webhooks": found})
@@ -105,7 +87,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
 @admin
 async def delete_webhook(request: web.Request) -> web.Response:
     sub = _subscription_id(request)
-    if not await request.app[DB].run(lambda c: webhooks.unsubscribe(c, sub)):
+    if not await _run(request, lambda c: webhooks.unsubscribe(c, sub)):
         raise NotFound("no such webhook")
     return web.Response(status=204)
 
@@ -123,7 +105,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
             return None
         return await webhooks.deliveries(conn, sub, state)
 
-    rows = await request.app[DB].run(read)
+    rows = await _run(request, read)
     if rows is None:
         raise NotFound("no such webhook")
     return json_response({"deliveries": [_delivery(r) for r in rows]})
@@ -144,10 +126,8 @@ def _delivery(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def setup_webhooks(app: web.Application, run_dispatcher: bool) -> None:
-    """Add the /v1/webhooks routes, their metrics, and (with PostgreSQL) a dispatcher."""
-    settings = app[SETTINGS]
-    app[DB] = _Db(settings.database_url)
+def setup_webhooks(app: web.Application) -> None:
+    """Add the /v1/webhooks routes and their metrics (the dispatcher is the lifecycle's)."""
     r = app.router
     r.add_post("/v1/webhooks", create_webhook)
     r.add_get("/v1/webhooks", list_webhooks)
@@ -164,40 +144,4 @@ def setup_webhooks(app: web.Application, run_dispatcher: bool) -> None:
             registry=registry,
         ),
     }
-    dispatch = run_dispatcher and bool(settings.database_url)
-    app.cleanup_ctx.append(_lifetime(dispatch, counters))
-
-
-def _lifetime(
-    dispatch: bool, counters: dict[str, Counter]
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        from persist.dispatcher import Dispatcher
-
-        stop, task = asyncio.Event(), None
-        if dispatch:
-            dispatcher = Dispatcher(app[SETTINGS], app[SETTINGS].database_url)
-            app[BACKGROUND]["webhooks"] = dispatcher
-            _watch(app, dispatcher, counters)
-            task = asyncio.create_task(dispatcher.run(stop), name="webhooks")
-        yield
-        stop.set()
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
-        db = app[DB]
-        if db.pool is not None:
-            await db.pool.close()
-
-    return lifetime
-
-
-def _watch(app: web.Application, dispatcher: Any, counters: dict[str, Counter]) -> None:
-    counted = dict.fromkeys(counters, 0)
-
-    def refresh() -> None:
-        for name, counter in counters.items():
-            now = getattr(dispatcher.stats, name)
-            counter.inc(max(0, now - counted[name]))
-            counted[name] = max(counted[name], now)
-
-    app[METRICS].on_scrape(refresh)
+    app[COUNTERS] = counters

@@ -17,7 +17,9 @@ from aiohttp import web
 
 from stock.app import lifecycle
 from stock.app.console import setup_console
-from stock.app.webhooks_api import setup_webhooks
+from stock.app.database import DATABASE, Database, postgres_check
+from stock.app.pages import setup_pages
+from stock.app.webhooks_api import COUNTERS, setup_webhooks
 from stock.app.webhooks_spec import paths as webhook_paths
 from stock.core.config import Settings
 from stock.http.api import (
@@ -45,19 +47,25 @@ def create_app(
     """The service app; its Redis client, engine, reaper and writer open and close with it."""
     app = create_api(settings)
     app[OPENAPI] = openapi_document()
+    database = app[DATABASE] = Database(settings.database_url)  # opened by the lifecycle
     setup_console(app)  # the console and its admin routes (DESIGN §11)
-    setup_webhooks(app, run_dispatcher=run_writer)  # routes, and the dispatcher with PostgreSQL
+    setup_pages(app)  # / (an index) and /docs (the API reference)
+    setup_webhooks(app)  # the webhook routes and their counters
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with lifecycle.running(
-            settings, app[METRICS], app[SOLDOUT], run_reaper=run_reaper, run_writer=run_writer
+            settings,
+            app[METRICS],
+            app[SOLDOUT],
+            database,
+            run_reaper=run_reaper,
+            run_writer=run_writer,
+            webhook_counters=app[COUNTERS],
         ) as parts:
             app[ENGINE] = parts.engine
             app[BACKGROUND].update(parts.named())
-            if parts.readiness_pool is not None:
-                app[READY_CHECKS]["postgres"] = functools.partial(
-                    lifecycle.postgres_check, parts.readiness_pool
-                )
+            if parts.writer is not None:  # (as before: checked where the writer runs)
+                app[READY_CHECKS]["postgres"] = functools.partial(postgres_check, database)
             if parts.reaper is not None:
                 app[BEFORE_SCRAPE].append(
                     functools.partial(

@@ -111,6 +111,7 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "rate_limit_per_customer": ("STOCK_RATE_LIMIT_PER_CUSTOMER", _rate),
     "rate_limit_per_address": ("STOCK_RATE_LIMIT_PER_ADDRESS", _rate),
     "soldout_cache_ms": ("STOCK_SOLDOUT_CACHE_MS", _int_in(0, 60_000)),
+    "max_shards": ("STOCK_MAX_SHARDS", _int_in(1, 1024)),
 }
 
 
@@ -156,7 +157,7 @@ class Settings:
     redis_migration_wait_s: float = 5.0
     request_timeout_s: float = 8.0
     # API requests in flight per process before 503 overloaded (0 = no limit); why
-    # 256: README, STOCK_MAX_INFLIGHT (DESIGN §10)
+    # 256: docs/configuration.md, STOCK_MAX_INFLIGHT (DESIGN §10)
     max_inflight: int = 256
     # new reserves and deducts are shed while requests wait longer than this (the
     # least latency over 100 ms, as CoDel measures a standing queue); 0 = off
@@ -164,6 +165,7 @@ class Settings:
     rate_limit_per_customer: str = ""  # e.g. 20/second; empty = off (DESIGN §10)
     rate_limit_per_address: str = ""
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
+    max_shards: int = 64  # the most shards of one SKU (DESIGN §12)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -11,8 +11,7 @@ through a real script. The event format lives in ``persist/events.py``
   may be empty, a customer id may hold ``|`` (so it comes last).
 - **order record** (``stock:order:{<order_id>}``): ``kind|phase|owner|items``;
   kind ``reserve`` or ``deduct``; phase ``done``, on a cluster's directory also a
-  TCC tombstone (``released``, ``cancelled``: no items) or ``pending`` (a record
-  of an earlier version, owner ``token@lease_ms``); owner a set of tokens
+  TCC tombstone (``released``, ``cancelled``: no items); owner a set of tokens
   ``token,token`` (a cluster's single-group deduct) or empty.
 - **items spec**: ``sku:qty,sku:qty`` sorted, the canonical text of an order's
   items (compared to detect order_conflict). A SKU may hold ``:``, not ``,``.
@@ -56,6 +55,10 @@ STATE_AFTER = {
     "expire": "expired",
 }
 ORDER_KINDS = ("reserve", "deduct")  # an order record's kind: the op that created it
+# the reason of a cluster's multi-group deduct's hold events (reserve.lua, DEDUCT_HOLD in
+# lua/_lib.lua): the writer records such a line's kind as ``deduct`` although its first
+# event is a ``reserve``, so that ``stock resync`` restores the order as a deduct
+DEDUCT_HOLD = "deduct-hold"
 DONE = "done"  # an order record's phase once its lines are there
 TOMBSTONES = ("released", "cancelled")  # a TCC tombstone's phase (no items)
 

@@ -137,3 +137,42 @@ def sku_of_key(key: str) -> str:
 def reconcile_key() -> str:
     """The outcome of the last ``stock reconcile`` (JSON), read by the health route."""
     return f"{PREFIX}:reconcile:last"
+
+
+# -- sharded SKUs (lua/README.md "Sharded SKUs") ------------------------------------
+# Shard 0 of SKU ``s`` is ``s`` itself; shard i > 0 is the SKU name ``s#i`` (a SKU
+# never contains ``#``, DESIGN §6), an ordinary SKU of its own bucket.
+SHARD_SEP = "#"
+
+
+def shard_sku(sku: str, index: int) -> str:
+    return sku if index == 0 else f"{sku}{SHARD_SEP}{index}"
+
+
+def base_sku(name: str) -> tuple[str, int]:
+    """The SKU and shard index of a shard's SKU name (``s`` -> (s, 0))."""
+    sku, sep, index = name.partition(SHARD_SEP)
+    return sku, int(index) if sep else 0
+
+
+def shards_key() -> str:
+    """The registry of sharded SKUs: hash sku -> ``shards|span|lmod|limited``."""
+    return f"{PREFIX}:shards"
+
+
+def moves_key(sku: str, index: int, buckets: int) -> str:
+    """A shard's moves in flight out of it: hash move id -> ``dest|qty|ms``."""
+    name = shard_sku(sku, index)
+    return f"{bucket_tag(bucket_of(name, buckets))}:moves:{name}"
+
+
+def move_marker_key(sku: str, index: int, buckets: int, move_id: str) -> str:
+    """The destination's proof that a move was credited (idempotent by move id)."""
+    name = shard_sku(sku, index)
+    return f"{bucket_tag(bucket_of(name, buckets))}:movein:{move_id}"
+
+
+def with_shards(skus: list[str], known: list[str]) -> list[str]:
+    """``skus`` and the shards (``s#i``) of each among the names ``known``."""
+    wanted = set(skus)
+    return sorted(wanted | {n for n in known if base_sku(n)[0] in wanted})

@@ -117,9 +117,14 @@ def admin(handler: Handler) -> Handler:
 # -- handlers ------------------------------------------------------------------
 
 
-def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
-    """Counters read or written by a call sent at monotonic time ``sent``."""
+def _counters(
+    request: web.Request, counters: Any, sent: float, shards: int | None = None
+) -> web.Response:
+    """Counters read or written by a call sent at monotonic time ``sent`` (with the
+    SKU's shard count on the stock routes, DESIGN §12)."""
     body = counters.as_dict()
+    if shards is not None:
+        body["shards"] = shards
     if min(body["available"], body["reserved"], body["sold"]) < 0:
         request.app[METRICS].oversell.inc()
     soldout = request.app[SOLDOUT]
@@ -131,16 +136,34 @@ def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
 async def get_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
     sent = time.monotonic()
-    return _counters(request, await request.app[ENGINE].get_stock(sku), sent)
+    counters, shards = await request.app[ENGINE].stock_view(sku)
+    return _counters(request, counters, sent, shards)
 
 
 @admin
 async def put_stock(request: web.Request) -> web.Response:
+    """``available`` and/or ``shards`` (DESIGN §12: ``{"shards": k}`` alone changes
+    only the shards)."""
     sku = validate.sku(request.match_info["sku"])
-    body = await json_body(request, {"available", "reason"})
-    available = validate.int_in(require(body, "available"), "available", 0, 10**12)
+    body = await json_body(request, {"available", "reason", "shards"})
+    engine = request.app[ENGINE]
+    if "shards" not in body:
+        require(body, "available")
+    shards = body.get("shards")
+    if shards is not None or "shards" in body:
+        shards = validate.int_in(shards, "shards", 1, engine.settings.max_shards)
+    available = body.get("available")
+    if available is not None or "available" in body:
+        available = validate.int_in(available, "available", 0, 10**12)
     reason, sent = _reason(body), time.monotonic()
-    return _counters(request, await request.app[ENGINE].set_stock(sku, available, reason), sent)
+    written = None
+    if available is not None:
+        written = await engine.set_stock(sku, available, reason)
+    if shards is not None:
+        await engine.set_shards(sku, shards)
+    counters, now = await engine.stock_view(sku)
+    # available alone: the counters the set wrote (atomic with it), as before
+    return _counters(request, written if shards is None and written else counters, sent, now)
 
 
 @admin
@@ -207,7 +230,7 @@ async def create_reservation(request: web.Request) -> web.Response:
     customer = body.get("customer_id")  # the engine validates it, order_id and items
     engine = app[ENGINE]
     if app[SOLDOUT] is not None:
-        items, refusal = _sold_out(request, "reserve", order_id, items, customer)
+        items, refusal = await _sold_out(request, "reserve", order_id, items, customer)
         if refusal is not None:
             return refusal
     return await order_op(
@@ -221,7 +244,7 @@ async def create_deduction(request: web.Request) -> web.Response:
     customer = body.get("customer_id")
     engine = request.app[ENGINE]
     if request.app[SOLDOUT] is not None:
-        items, refusal = _sold_out(request, "deduct", order_id, items, customer)
+        items, refusal = await _sold_out(request, "deduct", order_id, items, customer)
         if refusal is not None:
             return refusal
     return await order_op(request, "deduct", lambda: engine.deduct(order_id, items, customer), 201)
@@ -246,18 +269,20 @@ async def get_limits(request: web.Request) -> web.Response:
     return json_response({"sku": sku, "per_customer": limit})
 
 
-def _sold_out(
+async def _sold_out(
     request: web.Request, op: str, order_id: Any, raw_items: Any, customer: Any
 ) -> tuple[list[Item], web.Response | None]:
     """The sold-out fast path: the items validated as the engine does, and a 409
     insufficient_stock answered from this process's memory when one of them was seen
-    at 0 within STOCK_SOLDOUT_CACHE_MS (None: ask Redis)."""
+    at 0 within STOCK_SOLDOUT_CACHE_MS (None: ask Redis). A retry of an order that
+    exists (it sold before the SKU ran out) is asked of Redis, so that it gets its
+    replay (DESIGN §3): one GET of the order's record per answer from memory."""
     validate.order_id(order_id)
     items = validate.items(raw_items)
     if customer is not None:
         validate.customer_id(customer)
     short = request.app[SOLDOUT].short(items)  # type: ignore[union-attr]
-    if not short:
+    if not short or await request.app[ENGINE].known_order(order_id):
         return items, None
     request.app[METRICS].outcome(op, InsufficientStock.code)
     request.app[METRICS].soldout_fast.inc()
@@ -299,7 +324,7 @@ async def cancel(request: web.Request) -> web.Response:
 async def get_reservation(request: web.Request) -> web.Response:
     order = await request.app[ENGINE].get_order(_path_order(request))
     states = {line.state for line in order["lines"]}
-    if order["phase"] in ("pending", "released", "cancelled") and not order["lines"]:
+    if order["phase"] in ("released", "cancelled") and not order["lines"]:
         status = order["phase"]  # a TCC tombstone: released or cancelled before its try
     else:
         status = states.pop() if len(states) == 1 else "mixed"

@@ -50,8 +50,14 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 LIMITS = _obj(["sku", "per_customer"], sku=SKU, per_customer=LIMIT)
+SHARDS = {"type": "integer", "minimum": 1, "maximum": 1024}  # DESIGN §12
 COUNTERS = _obj(
-    ["sku", "available", "reserved", "sold"], sku=SKU, available=COUNT, reserved=COUNT, sold=COUNT
+    ["sku", "available", "reserved", "sold"],
+    sku=SKU,
+    available=COUNT,
+    reserved=COUNT,
+    sold=COUNT,
+    shards=SHARDS,
 )
 LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"})
 ORDER = _obj(
@@ -121,14 +127,6 @@ def _op(
 
 def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """The document; ``extra_paths`` are routes the app layer adds (webhooks)."""
-    order_ref = {"$ref": "#/components/schemas/Order"}
-    counters = {"200": _json(COUNTERS, "the SKU's counters")}
-    reserved = {"201": _json(order_ref, "reserved"), "200": _json(order_ref, "replay")}
-    sold = {"201": _json(order_ref, "sold"), "200": _json(order_ref, "replay")}
-    done = {"200": _json(order_ref, "done (or a replay)")}
-    new_order = {"order_id": ORDER_ID, "items": ITEMS, "customer_id": CUSTOMER}
-    limits = {"200": _json(LIMITS, "the SKU's per-customer limit (null: none)")}
-    big = [409, 413]
     return {
         "openapi": "3.0.3",
         "info": {"title": "stock", "version": "1", "description": "Inventory deduction on Redis"},
@@ -136,72 +134,101 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "schemas": {"Error": ERROR, "Order": ORDER},
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {
-            "/v1/stock/{sku}": {
-                "get": _op("A SKU's counters", counters, [404], params=["sku"]),
-                "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
-                           body=_obj(["available"], available=AMOUNT,
-                                     reason=REASON)),
-            },
-            "/v1/stock/{sku}/adjust": {
-                "post": _op("Add or take stock", counters, [409, 413], admin=True,
-                            params=["sku"], body=_obj(
-                                ["delta"], delta=DELTA,
-                                reason=REASON,
-                                expected_available={**AMOUNT, "nullable": True})),
-            },
-            "/v1/stock/{sku}/limits": {
-                "get": _op("A SKU's per-customer limit", limits, [], admin=True, params=["sku"]),
-                "put": _op("Set or remove (null) a SKU's per-customer limit", limits, [404, 413],
-                           admin=True, params=["sku"],
-                           body=_obj(["per_customer"], per_customer=LIMIT)),
-            },
-            "/v1/stock/{sku}/ledger": {"get": _ledger_op()},  # the console's (stock.app.console)
-            "/v1/admin/health": {"get": _health_op()},
-            **{f"/v1/admin/orders/{{order_id}}/{op}": {"post": _admin_order_op(op)}
-               for op in ("confirm", "release", "cancel")},
-            "/v1/reservations": {
-                "post": _op("Reserve stock for an order", reserved, big,
-                            body=_obj(["order_id", "items"], **new_order, ttl_s=TTL)),
-            },
-            "/v1/reservations/{order_id}": {
-                "get": _op("An order's lines", {"200": _json(ORDER_VIEW, "the order")}, [404],
-                           params=["order_id"]),
-            },
-            "/v1/reservations/{order_id}/confirm": {
-                "post": _op("Confirm (sell) a reservation", done, [404, 409],
-                            params=["order_id"]),
-            },
-            "/v1/reservations/{order_id}/release": {
-                "post": _op("Release a reservation", done, [404, 409], params=["order_id"]),
-            },
-            "/v1/reservations/{order_id}/extend": {
-                "post": _op("Extend a reservation", done, [404, 409, 413], params=["order_id"],
-                            body=_obj(["ttl_s"], ttl_s=TTL)),
-            },
-            "/v1/deductions": {
-                "post": _op("Buy now: reserve and confirm at once", sold, big,
-                            body=_obj(["order_id", "items"], **new_order)),
-            },
-            "/v1/orders/{order_id}/cancel": {
-                "post": _op("Cancel a confirmed order", done, [404, 409], admin=True,
-                            params=["order_id"]),
-            },
-            **(extra_paths or {}),
-            "/healthz": {"get": {"summary": "Liveness",
-                                 "responses": {"200": _json({"type": "object"}, "alive")}}},
-            "/readyz": {"get": {"summary": "Readiness (Redis, PostgreSQL where the writer runs)",
-                                "responses": {"200": _json({"type": "object"}, "ready"),
-                                              "503": _json({"type": "object"}, "not ready")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "text", "content": {"text/plain": {"schema": {
-                    "type": "string"}}}}}}},
-            "/console": {"get": {"summary": "The operator console (one HTML page)", "responses": {
-                "200": {"description": "HTML", "content": {"text/html": {"schema": {
-                    "type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This description", "responses": {
-                "200": _json({"type": "object"}, "OpenAPI 3")}}},
+        "paths": {**_stock_paths(), **_order_paths(), **(extra_paths or {}), **_service_paths()},
+    }
+
+
+def _stock_paths() -> dict[str, Any]:
+    """A SKU's counters and limits, and the console's admin routes."""
+    counters = {"200": _json(COUNTERS, "the SKU's counters")}
+    limits = {"200": _json(LIMITS, "the SKU's per-customer limit (null: none)")}
+    return {
+        "/v1/stock/{sku}": {
+            "get": _op("A SKU's counters", counters, [404], params=["sku"]),
+            "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
+                       body=_obj([], available=AMOUNT, shards=SHARDS,
+                                 reason=REASON)),
         },
+        "/v1/stock/{sku}/adjust": {
+            "post": _op("Add or take stock", counters, [409, 413], admin=True,
+                        params=["sku"], body=_obj(
+                            ["delta"], delta=DELTA,
+                            reason=REASON,
+                            expected_available={**AMOUNT, "nullable": True})),
+        },
+        "/v1/stock/{sku}/limits": {
+            "get": _op("A SKU's per-customer limit", limits, [], admin=True, params=["sku"]),
+            "put": _op("Set or remove (null) a SKU's per-customer limit", limits, [404, 413],
+                       admin=True, params=["sku"],
+                       body=_obj(["per_customer"], per_customer=LIMIT)),
+        },
+        "/v1/stock/{sku}/ledger": {"get": _ledger_op()},  # the console's (stock.app.console)
+        "/v1/admin/health": {"get": _health_op()},
+        **{f"/v1/admin/orders/{{order_id}}/{op}": {"post": _admin_order_op(op)}
+           for op in ("confirm", "release", "cancel")},
+    }  # fmt: skip
+
+
+def _order_paths() -> dict[str, Any]:
+    """Reserve, deduct and an order's transitions."""
+    order_ref, big = {"$ref": "#/components/schemas/Order"}, [409, 413]
+    new_order = {"order_id": ORDER_ID, "items": ITEMS, "customer_id": CUSTOMER}
+    reserved = {"201": _json(order_ref, "reserved"), "200": _json(order_ref, "replay")}
+    sold = {"201": _json(order_ref, "sold"), "200": _json(order_ref, "replay")}
+    done = {"200": _json(order_ref, "done (or a replay)")}
+    return {
+        "/v1/reservations": {
+            "post": _op("Reserve stock for an order", reserved, big,
+                        body=_obj(["order_id", "items"], **new_order, ttl_s=TTL)),
+        },
+        "/v1/reservations/{order_id}": {
+            "get": _op("An order's lines", {"200": _json(ORDER_VIEW, "the order")}, [404],
+                       params=["order_id"]),
+        },
+        "/v1/reservations/{order_id}/confirm": {
+            "post": _op("Confirm (sell) a reservation", done, [404, 409],
+                        params=["order_id"]),
+        },
+        "/v1/reservations/{order_id}/release": {
+            "post": _op("Release a reservation", done, [404, 409], params=["order_id"]),
+        },
+        "/v1/reservations/{order_id}/extend": {
+            "post": _op("Extend a reservation", done, [404, 409, 413], params=["order_id"],
+                        body=_obj(["ttl_s"], ttl_s=TTL)),
+        },
+        "/v1/deductions": {
+            "post": _op("Buy now: reserve and confirm at once", sold, big,
+                        body=_obj(["order_id", "items"], **new_order)),
+        },
+        "/v1/orders/{order_id}/cancel": {
+            "post": _op("Cancel a confirmed order", done, [404, 409], admin=True,
+                        params=["order_id"]),
+        },
+    }  # fmt: skip
+
+
+def _service_paths() -> dict[str, Any]:
+    """Health, readiness, metrics, the pages and this document."""
+    return {
+        "/healthz": {"get": {"summary": "Liveness",
+                             "responses": {"200": _json({"type": "object"}, "alive")}}},
+        "/readyz": {"get": {"summary": "Readiness (Redis, PostgreSQL where the writer runs)",
+                            "responses": {"200": _json({"type": "object"}, "ready"),
+                                          "503": _json({"type": "object"}, "not ready")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+            "200": {"description": "text", "content": {"text/plain": {"schema": {
+                "type": "string"}}}}}}},
+        "/console": {"get": {"summary": "The operator console (one HTML page)", "responses": {
+            "200": {"description": "HTML", "content": {"text/html": {"schema": {
+                "type": "string"}}}}}}},
+        "/": {"get": {"summary": "An index: links to the console and the API reference",
+                      "responses": {"200": {"description": "HTML", "content": {
+                          "text/html": {"schema": {"type": "string"}}}}}}},
+        "/docs": {"get": {"summary": "The API reference (renders this description)",
+                          "responses": {"200": {"description": "HTML", "content": {
+                              "text/html": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"summary": "This description", "responses": {
+            "200": _json({"type": "object"}, "OpenAPI 3")}}}
     }  # fmt: skip
 
 
@@ -215,6 +242,7 @@ LEDGER_ROW = _obj(
     reserved={"type": "integer"},
     sold={"type": "integer"},
     seq={"type": "integer"},
+    shard={"type": "integer", "minimum": 0},  # a sharded SKU's shard (DESIGN §12)
     reason={"type": "string"},
     at={**EXPIRES, "nullable": True},
 )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from stock.core import keys
 from stock.core.validate import Item
 
 MAX_SKUS = 100_000  # sold-out SKUs remembered; past it the expired ones are dropped
@@ -65,6 +66,7 @@ class SoldOut:
             self.seen(item["sku"], int(item["available"]), sent)
 
     def back(self, skus: Iterable[str]) -> None:
-        """Stock of ``skus`` came back through this process (release, cancel, expiry)."""
+        """Stock of ``skus`` came back through this process (release, cancel, expiry);
+        a sharded SKU's shard (``s#i``, the reaper's name for it) counts as its SKU."""
         for sku in skus:
-            self.until.pop(sku, None)
+            self.until.pop(keys.base_sku(sku)[0], None)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from stock.core.validate import Item
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult, order_result
-from stock.redis.scripts import FROM_RECORD, WITH_RECORD, line_call, parse_lines
+from stock.redis.line_layout import FROM_RECORD, WITH_RECORD, LineCall, OfKind, line_call
+from stock.redis.scripts import parse_lines
 
 
 class StandaloneOrders:
@@ -22,18 +23,17 @@ class StandaloneOrders:
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
     ) -> OrderResult:
         c = self.core
-        keys_, args = line_call(
-            buckets=c.settings.buckets,
-            retention_ms=c.retention_ms,
-            mode=WITH_RECORD,
+        call = LineCall(
             order_id=order_id,
+            purpose=OfKind(op),
+            mode=WITH_RECORD,
             items=items,
             spec=spec,
             ttl_ms=ttl_ms,
             may_create=True,
-            order_kind=op,
             customer=customer,
         )
+        keys_, args = line_call(call, buckets=c.settings.buckets, retention_ms=c.retention_ms)
         reply = parse_lines(await c.scripts(op, keys_, args), order_id)
         return order_result(order_id, op, reply)
 
@@ -43,13 +43,7 @@ class StandaloneOrders:
         # One round trip: the script reads the order record and builds its lines'
         # keys itself (standalone only).
         c = self.core
-        keys_, args = line_call(
-            buckets=c.settings.buckets,
-            retention_ms=c.retention_ms,
-            mode=FROM_RECORD,
-            order_id=order_id,
-            ttl_ms=ttl_ms,
-            reason=reason,
-        )
+        call = LineCall(order_id, None, mode=FROM_RECORD, ttl_ms=ttl_ms, reason=reason)
+        keys_, args = line_call(call, buckets=c.settings.buckets, retention_ms=c.retention_ms)
         reply = await c.scripts(op, keys_, args)
         return order_result(order_id, op, parse_lines(reply, order_id))

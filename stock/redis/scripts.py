@@ -12,15 +12,14 @@ the script and calls again on NOSCRIPT (after a restart, failover or SCRIPT FLUS
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, NoReturn
 
 from redis.asyncio import RedisCluster
 
-from stock.core import keys
 from stock.core.errors import (
     FenceBusy,
     FenceLost,
@@ -38,7 +37,6 @@ from stock.core.errors import (
     UnknownReply,
 )
 from stock.core.formats import state_name
-from stock.core.validate import Item
 from stock.redis.cluster_pipeline import ClusterBatch
 from stock.redis.pipeline import AutoPipeline, evalsha
 
@@ -50,17 +48,12 @@ OTHER_OPS = (
     "defer",
     "limits",
     "order",
+    "lock",
     "resync",
     "writer_ack",
+    "shard_move",  # sharded SKUs: stock/orders/sharded.py
 )
 RESYNC_OPS = ("fence", "resync_order")  # persist/fences.py, persist/resync.py
-
-# The line call's mode (ARGV[1] of lua/_lib.lua): which order key comes first.
-Mode = Literal["1", "r", "b", "0"]
-WITH_RECORD: Final = "1"  # the order record (standalone reserve, deduct)
-FROM_RECORD: Final = "r"  # the order record, the lines read from it (standalone transitions)
-WITH_COPY: Final = "b"  # the bucket's copy of the order (a cluster group)
-NO_ORDER_KEY: Final = "0"  # none (a cluster hold and its undo)
 
 
 def _lua_dir() -> Path:
@@ -167,6 +160,12 @@ def raise_for(reply: Sequence[Any], order_id: str = "", script: str = "a script"
             f"SKU {rest[0]!r} has a per-customer limit: customer_id is required",
             field="customer_id",
         )
+    if code == "REHOME":  # a sharded SKU's customer lives in another shard (sharded.py)
+        raise Unavailable(
+            f"SKU {rest[0]!r}: the customer's home shard is {rest[1]}; retry",
+            sku=str(rest[0]),
+            home=int(rest[1]),
+        )
     if code == "STALE":
         raise StaleStock("available differs from expected_available", available=int(rest[0]))
     raise UnknownReply(
@@ -187,56 +186,11 @@ def parse_lines(reply: Sequence[Any], order_id: str, script: str = "a line scrip
     return LinesReply(replay=reply[0] == "REPLAY", expires_ms=int(reply[1]), lines=lines)
 
 
-def line_call(
-    *,
-    buckets: int,
-    retention_ms: int,
-    mode: Mode,
-    order_id: str,
-    items: Sequence[Item] = (),
-    spec: str = "",
-    ttl_ms: int = 0,
-    may_create: bool = False,
-    order_kind: str = "",
-    hold_for: str = "",
-    undo_holds: bool = False,
-    tag: str = "",
-    reason: str = "",
-    customer: str = "",
-) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV in the line call layout of ``lua/_lib.lua``.
-
-    ``mode``: which order key comes first (``WITH_RECORD``, ``FROM_RECORD``,
-    ``WITH_COPY``, ``NO_ORDER_KEY``). ``may_create``: new lines may be made (reserve,
-    deduct). One ARGV slot says, by script, one of three things; give exactly one
-    (none with ``FROM_RECORD``: the record's kind counts): ``order_kind``, the
-    order's kind ``reserve``/``deduct`` (reserve, deduct, confirm, release, extend,
-    cancel, and the undo of an attempt's lines); ``hold_for``, the step a hold
-    prepares (``hold.lua``: ``confirm``, ``release``, ``extend``); ``undo_holds``,
-    the undo of a hold's changes (``abort.lua``) instead of an attempt's lines.
-    ``tag``: the calling attempt's or hold's token on a cluster; ``reason``: the
-    events' reason; ``customer``: the buyer of new lines (per-customer limits)."""
-    meant = [m for m in (order_kind, hold_for, "hold" if undo_holds else "") if m]
-    if len(meant) != (0 if mode == FROM_RECORD else 1):
-        raise ValueError(f"one of order_kind, hold_for, undo_holds for mode {mode!r}")
-    keys_: list[str] = []
-    if mode in (WITH_RECORD, FROM_RECORD):
-        keys_.append(keys.order_key(order_id))
-    elif mode == WITH_COPY:
-        keys_.append(keys.order_copy_key(keys.bucket_of(items[0].sku, buckets), order_id))
-    args: list[Any] = [mode, order_id, ttl_ms, retention_ms, "1" if may_create else "0", spec]
-    args += [meant[0] if meant else "", tag, reason, customer]  # ARGV[7..10]
-    if mode == FROM_RECORD:  # the script finds the lines (standalone only)
-        return keys_, [*args, buckets, keys.PREFIX]
-    for item in items:
-        keys_.extend(keys.line_keys(item.sku, order_id, buckets))
-        args.extend(item)
-    return keys_, args
-
-
 def merge_replies(outcomes: Sequence[Any]) -> LinesReply:
     """One reply for the bucket groups of one order: a replay only if every group was."""
     replies = [o for o in outcomes if isinstance(o, LinesReply)]
+    if len(replies) == 1:  # a single-group order
+        return replies[0]
     return LinesReply(
         replay=all(r.replay for r in replies),
         expires_ms=max(r.expires_ms for r in replies),
@@ -289,8 +243,6 @@ def parse_commit(reply: Sequence[Any], order_id: str) -> bool:
         )
     if code == "LATE":
         raise Unavailable(f"order {order_id!r} took too long and was undone; retry")
-    if code == "BUSY":
-        raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
     raise_for(reply, order_id, "order.lua")  # CONFLICT, or a code it does not know
 
 
@@ -313,8 +265,6 @@ def parse_tomb(reply: Sequence[Any], order_id: str, state: str) -> Tomb:
         return Tomb(exists=False, new=True, state=state)
     if code == "TOMBSTONE":
         return Tomb(exists=False, new=False, state=str(reply[1]))
-    if code == "BUSY":
-        raise Unavailable(f"order {order_id!r} is busy; retry", order_id=order_id)
     raise_for(reply, order_id, "order.lua")
 
 
@@ -369,18 +319,23 @@ class Scripts:
         else:
             self.pipeline = self._auto = AutoPipeline(client)
 
-    async def __call__(
+    def __call__(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, once: bool = False
-    ) -> Any:
-        """Run script ``name``. With ``once`` the call is never sent a second time: on
-        a cluster a call whose reply was lost (a timeout, a dropped connection) is
-        resent through redis-py, which is harmless for the idempotent order scripts
-        but would apply a non-idempotent one (``adjust``) twice; the caller hears
-        the error instead and the outcome stays the caller's to check."""
+    ) -> Awaitable[Any]:
+        """Run script ``name`` (await the result). With ``once`` the call is never sent
+        a second time: on a cluster a call whose reply was lost (a timeout, a dropped
+        connection) is resent through redis-py, which is harmless for the idempotent
+        order scripts but would apply a non-idempotent one (``adjust``) twice; the
+        caller hears the error instead and the outcome stays the caller's to check.
+
+        A plain function returning the call's awaitable, not a coroutine of its own
+        (each level of coroutines is paid again at every wait for a reply). On a
+        cluster the call is sent at once (``ClusterBatch.call``): several calls made
+        one after the other, then awaited, travel together."""
         script = self._scripts[name]
         if self._auto is not None:
-            return await evalsha(self._auto, script.sha, _SOURCES[name], list(keys), list(args))
+            return evalsha(self._auto, script.sha, _SOURCES[name], list(keys), list(args))
         assert self._batch is not None
-        keys, args = list(keys), list(args)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         fallback = None if once else (lambda: script(keys=keys, args=args))
-        return await self._batch.evalsha(script.sha, _SOURCES[name], keys, args, fallback)
+        return self._batch.call(keys[0], command, fallback, _SOURCES[name])

@@ -1,5 +1,5 @@
 """The persistence tests' helpers; the PostgreSQL server and its per-test database
-come from ``tests.postgres`` (a plugin of the top conftest)."""
+come from ``tests.support.postgres`` (a plugin of the top conftest)."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from tests.persist.conftest import WRITER_COMMAND
-from tests.persist.helpers import mixed_load, sku_names, stock_up, wait_persisted
-from tests.postgres import Postgres
+from tests.support.persistence import mixed_load, sku_names, stock_up, wait_persisted
+from tests.support.postgres import Postgres
 
 pytestmark = pytest.mark.faults
 

@@ -23,7 +23,7 @@ from stock.core.errors import NotFound, Unavailable
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
 from tests.conftest import flush
-from tests.persist.helpers import drain
+from tests.support.persistence import drain
 
 
 def one(sku: str, qty: int = 1) -> list[dict[str, Any]]:

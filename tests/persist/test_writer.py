@@ -15,7 +15,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.loops.reaper import Reaper
 from stock.orders.engine import StockEngine
-from tests.persist.helpers import mixed_load, sku_names, stock_up, wait_persisted
+from tests.support.persistence import mixed_load, sku_names, stock_up, wait_persisted
 
 
 async def test_migrate_twice_and_concurrently(dsn: str, pg: asyncpg.Connection) -> None:

@@ -232,19 +232,28 @@ async def aof_on_disk(client: Any, timeout: float = 10) -> None:
     assert info["aof_last_bgrewrite_status"] == "ok", info
 
 
+# AOF on, fsynced once a second, never rewritten (the AOF drills cut its tail)
+AOF_EVERYSEC = (
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--auto-aof-rewrite-percentage",
+    "0",
+)
 FSYNC_SHIM = Path(__file__).with_name("fsync_log.c")
 
 
 def fsync_shim_env(workdir: Path) -> dict[str, str]:
     """The environment of a server whose fsyncs are logged to ``fsync.log`` and slowed
     by the milliseconds in ``fsync.delay`` (both in its own directory, which is its
-    working directory): tests/fsync_log.c, compiled into ``workdir``. Skips the test
+    working directory): tests/support/fsync_log.c, compiled into ``workdir``. Skips the test
     where there is no C compiler."""
     import pytest
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        pytest.skip("no C compiler for the fsync shim (tests/fsync_log.c)")
+        pytest.skip("no C compiler for the fsync shim (tests/support/fsync_log.c)")
     shim = workdir / "fsync_log.so"
     subprocess.run(
         [compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(FSYNC_SHIM), "-ldl"],
@@ -282,8 +291,8 @@ EARLY_FSYNC = (
 
 NO_WAITAOF = (
     "this server has no WAITAOF (Redis 7.0; it came in 7.2): the writer falls back to WAIT"
-    " on a replica or warns (README, durability), so a host crash of a master without a"
-    " replica can leave PostgreSQL ahead of it"
+    " on a replica or warns (docs/persistence.md, durability), so a host crash of a master"
+    " without a replica can leave PostgreSQL ahead of it"
 )
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests.servers import stock_env
+from tests.support.servers import stock_env
 
 TOKEN = "service-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,13 +109,3 @@ async def pipeline(
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-
-
-async def until(check: Callable[[], bool], within_s: float, what: str) -> float:
-    """Wait for ``check`` to hold; returns the seconds it took (fails after ``within_s``)."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"not within {within_s} s: {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started

@@ -20,8 +20,8 @@ import asyncpg
 from persist.events import named
 from stock.core import keys
 from stock.core.config import Settings
-from tests.persist.helpers import wait_persisted
-from tests.servers import stock_env
+from tests.support.persistence import wait_persisted
+from tests.support.servers import stock_env
 
 TOKEN = "drill-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

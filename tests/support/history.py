@@ -1,9 +1,11 @@
 """Record a history of concurrent operations against the live HTTP API, while `stock
-serve` processes are SIGKILLed and restarted, for tests/linearizability.py to check.
+serve` processes are SIGKILLed and restarted, for tests/support/linearizability.py to check.
 
 Two API processes stand behind the client (each request goes to either, as a load
 balancer would send it). Buyers run checkout sessions (reserve or deduct one SKU,
-then confirm, release, extend, cancel, sometimes twice or concurrently), readers
+then confirm, release, extend, cancel, sometimes twice or concurrently; or two
+attempts of one order id at once, often with other items or kinds; or a try and its
+TCC cancel at once), readers
 read the counters, an admin adjusts stock, and a killer SIGKILLs each process once
 mid-run and starts it again. Every call is an :class:`Op` with its invoke and return
 times; a timeout, a reset or refused connection, or a 5xx is an unknown outcome, and
@@ -26,8 +28,9 @@ import aiohttp
 
 from stock.app.embedded import free_port
 from stock.core.config import Settings
-from tests import servers
-from tests.linearizability import Op, Result
+from tests.support import servers
+from tests.support.linearizability import Op, Result
+from tests.support.service import wait_ready
 
 TOKEN = "history-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,19 +56,9 @@ class Api:
         self.procs[i] = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
 
     async def ready(self, i: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while True:
-                proc = self.procs[i]
-                assert proc is not None and proc.poll() is None, "stock serve exited"
-                try:
-                    async with http.get(f"{self.bases[i]}/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "stock serve never became ready"
-                await asyncio.sleep(0.05)
+        proc = self.procs[i]
+        assert proc is not None, "stock serve was not started"
+        await wait_ready(self.bases[i], proc, timeout)
 
     def kill(self, i: int) -> None:
         proc = self.procs[i]
@@ -104,7 +97,7 @@ def request_of(kind: str, sku: str, order: str, qty: int) -> tuple[str, str, Any
 
 
 def normalize(kind: str, status: int, body: Any) -> Result | None:
-    """The answer as tests/linearizability.py compares it; None when unknown (5xx)."""
+    """The answer as tests/support/linearizability.py compares it; None when unknown (5xx)."""
     if status >= 500:
         return None
     if status in (200, 201):
@@ -129,6 +122,7 @@ class Recorder:
     bases: list[str]
     rng: random.Random
     ops: list[Op] = field(default_factory=list)
+    interleave: float = 1.0  # share of racing attempts and try/cancel races (0: none)
     timeout: aiohttp.ClientTimeout = field(default_factory=lambda: aiohttp.ClientTimeout(total=3))
 
     async def call(self, kind: str, sku: str, order: str = "", qty: int = 0) -> Result | None:
@@ -181,9 +175,37 @@ class Workload:
     cap: int = 300  # operations per SKU (the checker's search grows with the history)
     seed: int = 1
     kills: bool = True  # SIGKILL and restart each API process once
+    interleave: float = 1.0  # sessions racing attempts of one order id or try and cancel
+
+
+async def _race(rec: Recorder, sku: str, order: str) -> None:
+    """Two attempts of one order id at once (a double submit, two tabs), often with other
+    items or of the other kind: exactly one order may exist, a loser's 409 names it."""
+    first = (rec.rng.choice(("reserve", "deduct")), rec.rng.choice((1, 2)))
+    second = rec.rng.choice([first, (first[0], 3 - first[1]), ("deduct", first[1])])
+    if second == first == ("deduct", first[1]):
+        second = ("reserve", first[1])
+    await asyncio.gather(*(rec.retrying(kind, sku, order, qty) for kind, qty in (first, second)))
+
+
+async def _try_and_cancel(rec: Recorder, sku: str, order: str) -> None:
+    """TCC: a try and its cancel at once (the coordinator timed the try out): an empty
+    rollback leaves a tombstone and the hanging try is refused, never a hold."""
+    kind = rec.rng.choice(("reserve", "deduct"))
+    undo = "release" if kind == "reserve" else "cancel"
+
+    async def late_try() -> None:
+        await asyncio.sleep(rec.rng.uniform(0.0, 0.01))
+        await rec.retrying(kind, sku, order, rec.rng.choice((1, 2)))
+
+    await asyncio.gather(late_try(), rec.retrying(undo, sku, order))
 
 
 async def _session(rec: Recorder, sku: str, order: str) -> None:
+    odd = rec.rng.random()
+    if odd < 0.3 * rec.interleave:
+        await (_race if odd < 0.15 * rec.interleave else _try_and_cancel)(rec, sku, order)
+        return
     kind = "deduct" if rec.rng.random() < 0.25 else "reserve"
     qty = rec.rng.choice((1, 1, 2, 3))
     result = await rec.retrying(kind, sku, order, qty)
@@ -236,7 +258,7 @@ async def record(settings: Settings, w: Workload) -> tuple[list[Op], Api]:
             await api.ready(i)
         connector = aiohttp.TCPConnector(limit=100)
         async with aiohttp.ClientSession(connector=connector) as http:
-            rec = Recorder(http, api.bases, random.Random(w.seed))
+            rec = Recorder(http, api.bases, random.Random(w.seed), interleave=w.interleave)
             for sku in w.skus:
                 answer = await rec.call("adjust", sku, qty=w.stock)  # a new SKU: 0 + stock
                 assert answer == ("ok", w.stock, 0, 0), answer

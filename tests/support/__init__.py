@@ -1,0 +1,1 @@
+"""What the tests share: servers, drills, receivers, the poll helper, models."""
