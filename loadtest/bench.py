@@ -64,8 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reaper-skus", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=["cluster", "front", "hot"],
-        help="run rows alone (7: cluster; 8-9: sold out, overload; 10: hot SKU)",
+        choices=["cluster", "front", "hot", "http"],
+        help="run rows alone (7: cluster; 8-9: sold out, overload; 10: hot SKU; 1-3: HTTP)",
     )
     return parser.parse_args()
 
@@ -116,6 +116,25 @@ def run_rows(args: argparse.Namespace) -> Report:
     return report
 
 
+def run_http(args: argparse.Namespace) -> int:
+    """``--only http``: rows 1-3 (with 3d-3f, the request layer) on their own valkey."""
+    if not tools_present():
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="stock-bench-http-"))
+    valkey = Valkey(workdir / "valkey", None, *BENCH_AOF).start()
+    settings = Settings(redis_url=valkey.url, redis_max_connections=max(128, 2 * args.concurrency))
+    report = Report()
+    try:
+        rows_raw_library(report, settings, valkey.port, args)
+        rows_http(report, settings, args)
+    finally:
+        valkey.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_table(report, args)
+    print(summary_line(report.summary), flush=True)
+    return 0
+
+
 def main() -> int:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     args = parse_args()
@@ -128,6 +147,8 @@ def main() -> int:
 
         bench_hot.run(args.concurrency, min(args.seconds, 2.0), args.repeat)
         return 0
+    if args.only == "http":
+        return run_http(args)
     if args.only == "cluster":
         from loadtest import bench_cluster
 
