@@ -249,7 +249,7 @@ def add_front_rows(report: Report, settings: Settings, args: Any) -> None:
     rows_overload(report, settings, args)
 
 
-DEFAULTS = "defaults (STOCK_MAX_INFLIGHT=256, STOCK_QUEUE_TARGET_MS=50)"
+DEFAULTS = "defaults (STOCK_MAX_INFLIGHT=256, STOCK_QUEUE_TARGET_MS=200)"
 FIXED = f"STOCK_MAX_INFLIGHT={OVERLOAD_LIMIT}, no queue target"
 SETUPS = {
     "capacity": ("9a. at capacity", 1, DEFAULTS),

@@ -161,7 +161,7 @@ class Settings:
     max_inflight: int = 256
     # new reserves and deducts are shed while requests wait longer than this (the
     # least latency over 100 ms, as CoDel measures a standing queue); 0 = off
-    queue_target_ms: int = 50
+    queue_target_ms: int = 200
     rate_limit_per_customer: str = ""  # e.g. 20/second; empty = off (DESIGN §10)
     rate_limit_per_address: str = ""
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
