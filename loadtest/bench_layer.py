@@ -100,14 +100,19 @@ def _api_handler(settings: Settings, validating: bool) -> tuple[web.Application,
 
 
 async def measure(n: int, rate_limit: str = "") -> dict[str, float]:
-    """µs per request: ``api`` (engine stub answering at once), ``bare``, and the
-    difference ``layer``; with ``rate_limit``, ``limited`` (a limit per customer and
-    per address) and ``ratelimit`` (its cost per request)."""
+    """µs per request: ``api`` (engine stub answering at once), ``bare``, the
+    difference ``layer`` and ``shed`` (a reserve answered 503 overloaded); with
+    ``rate_limit``, ``limited`` (a limit per customer and per address) and
+    ``ratelimit`` (its cost per request)."""
     settings = Settings()
     app, handler = _api_handler(settings, validating=False)
     bare = await _time(bare_app.reserve, _requests(bare_app.make_app(), n), 201)
     api = await _time(handler, _requests(app, n), 201)
-    result = {"api": api, "bare": bare, "layer": api - bare}
+    front = app[FRONT]
+    front.limit = 0  # every reserve shed: what a 503 costs our layer (aiohttp's own aside)
+    shed = await _time(handler, _requests(app, n), 503)
+    front.limit = Settings().max_inflight
+    result = {"api": api, "bare": bare, "layer": api - bare, "shed": shed}
     if rate_limit:
         app[RATE_LIMITS] = RateLimits(rate_limit, rate_limit)
         limited = await _time(handler, _requests(app, n), 201)

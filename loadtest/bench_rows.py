@@ -95,10 +95,12 @@ def row_request_layer(report: Report, http: dict[str, list[float]]) -> None:
     inproc = [run_async(measure(20_000, rate_limit="1000000000/second")) for _ in range(3)]
     layer = median(r["layer"] for r in inproc)
     limit = median(r["ratelimit"] for r in inproc)
+    shed = median(r["shed"] for r in inproc)
     report.summary["ratelimit_us"] = limit
     note = (
         "POST /v1/reservations through the front on prepared requests, engine stubbed, "
-        "minus the bare handler the same way (loadtest/bench_layer.py); median of 3"
+        "minus the bare handler the same way (loadtest/bench_layer.py); median of 3; "
+        f"a shed reserve (503 overloaded) costs the layer {shed:.1f} µs"
     )
     report.add("3e. request layer in one process", layer, "µs", note)
     note = "a per-customer and a per-address limit on, against off, same harness; median of 3"
