@@ -30,6 +30,7 @@ from stock.errors import InsufficientStock, InvalidRequest, StockError
 from stock.front import Front, Handler
 from stock.front import error_response as error_response  # re-exported (console)
 from stock.front import json_response as json_response
+from stock.locations import Locations
 from stock.metrics import Metrics
 from stock.openapi import spec as openapi_spec
 from stock.soldout import SoldOut
@@ -86,8 +87,20 @@ def order_body(result: OrderResult, with_expiry: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"order_id": result.order_id, "status": result.status}
     if with_expiry:
         body["expires_at"] = iso_ms(result.expires_ms)
-    body["items"] = [{"sku": line.sku, "qty": line.qty} for line in result.lines]
+    body["items"] = [_item(line.sku, line.qty, line.allocations) for line in result.lines]
     return body
+
+
+def _item(sku: str, qty: int, allocations: str) -> dict[str, Any]:
+    """An answered item; on a SKU with locations its ``allocations`` (DESIGN §13)."""
+    if not allocations:
+        return {"sku": sku, "qty": qty}
+    parts = (part.rpartition(":") for part in allocations.split(","))
+    return {
+        "sku": sku,
+        "qty": qty,
+        "allocations": [{"location": n, "qty": int(q)} for n, _, q in parts],
+    }
 
 
 def admin(handler: Handler) -> Handler:
@@ -109,9 +122,14 @@ def admin(handler: Handler) -> Handler:
 # -- handlers ------------------------------------------------------------------
 
 
-def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
-    """Counters read or written by a call sent at monotonic time ``sent``."""
+def _counters(
+    request: web.Request, counters: Any, sent: float, located: dict[str, Any] | None = None
+) -> web.Response:
+    """Counters read or written by a call sent at monotonic time ``sent``; ``located``:
+    a SKU's ``in_transit``, ``locations`` and ``allocation`` (DESIGN §13)."""
     body = counters.as_dict()
+    if located:
+        body.update(located)
     if min(body["available"], body["reserved"], body["sold"]) < 0:
         request.app[METRICS].oversell.inc()
     soldout = request.app[SOLDOUT]
@@ -123,7 +141,8 @@ def _counters(request: web.Request, counters: Any, sent: float) -> web.Response:
 async def get_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
     sent = time.monotonic()
-    return _counters(request, await request.app[ENGINE].get_stock(sku), sent)
+    counters, located = await Locations(request.app[ENGINE]).view(sku)
+    return _counters(request, counters, sent, located)
 
 
 @admin
@@ -138,7 +157,7 @@ async def put_stock(request: web.Request) -> web.Response:
 @admin
 async def adjust_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    body = await json_body(request, {"delta", "reason", "expected_available"})
+    body = await json_body(request, {"delta", "reason", "expected_available", "location"})
     delta = validate.int_in(require(body, "delta"), "delta", -(10**12), 10**12)
     if delta == 0:
         raise InvalidRequest("delta must not be 0", field="delta")
@@ -146,6 +165,11 @@ async def adjust_stock(request: web.Request) -> web.Response:
     if expected is not None:
         expected = validate.int_in(expected, "expected_available", 0, 10**12)
     reason, sent = _reason(body), time.monotonic()
+    if "location" in body:  # a SKU with locations (DESIGN §13)
+        where = validate.location(body["location"])
+        located = Locations(request.app[ENGINE])
+        counters = await located.adjust(sku, where, delta, expected, reason)
+        return _counters(request, counters, sent, await located.read(sku))
     counters = await request.app[ENGINE].adjust(sku, delta, expected, reason)
     return _counters(request, counters, sent)
 
@@ -365,7 +389,10 @@ def create_app(
     from stock.console import setup_console  # the console and its admin routes (DESIGN §11)
 
     setup_console(app)
+    from stock.locations_api import add_routes as add_location_routes
     from stock.webhooks_api import setup_webhooks
+
+    add_location_routes(app)  # DESIGN §13
 
     setup_webhooks(app, run_dispatcher=run_writer)  # routes, and the dispatcher with PostgreSQL
 
