@@ -17,6 +17,7 @@ lint: install
 	$(BIN)/ruff check stock persist tests loadtest
 	$(BIN)/ruff format --check stock persist tests loadtest
 	$(BIN)/mypy stock persist
+	$(BIN)/lint-imports
 
 # the console's browser test drives Debian's Chromium; the alert rules are checked
 # with promtool (Debian's prometheus package). Installed here when missing (as root).

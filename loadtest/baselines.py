@@ -29,12 +29,12 @@ from loadtest.bench_support import (
     set_hot,
 )
 from loadtest.common import stop_process
-from stock.client import connect
-from stock.config import Settings
-from stock.embedded import free_port, stock_env
-from stock.engine import StockEngine
-from stock.pipeline import MAX_BATCH
-from stock.scripts import load_sources
+from stock.app.embedded import free_port, stock_env
+from stock.core.config import Settings
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
+from stock.redis.pipeline import MAX_BATCH
+from stock.redis.scripts import load_sources
 
 PIPELINE = MAX_BATCH  # redis-benchmark -P: the auto-pipeline's batch size
 
@@ -155,12 +155,12 @@ def bench_http(
     runs alternating; req/s samples by server."""
     env = stock_env(settings)
     servers = {
-        "api": [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"],
+        "api": [sys.executable, "-m", "stock.app.cli", "serve", "--no-writer", "--no-reaper"],
         "bare": [sys.executable, "-m", "loadtest.bare_app"],
         "api2": [
             sys.executable,
             "-m",
-            "stock.cli",
+            "stock.app.cli",
             "serve",
             "--no-writer",
             "--no-reaper",

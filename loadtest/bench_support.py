@@ -16,12 +16,12 @@ import redis as redis_sync
 import uvloop
 
 from loadtest.common import stop_process, wait_http
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.formats import items_spec
-from stock.scripts import WITH_RECORD, line_call
-from stock.validate import Item
+from stock.core.config import Settings
+from stock.core.formats import items_spec
+from stock.core.validate import Item
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
+from stock.redis.scripts import WITH_RECORD, line_call
 
 HOT = "HOT-1"
 BIG_STOCK = 10**12

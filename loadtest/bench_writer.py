@@ -33,9 +33,9 @@ from persist import webhooks
 from persist.events import encode
 from persist.migrate import migrate
 from persist.writer import Writer
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
+from stock.core import keys
+from stock.core.config import Settings
+from stock.redis.client import connect
 
 FILL_CHUNK = 5_000
 
@@ -168,7 +168,7 @@ def main() -> None:
         _runs(settings, args)
         return
     from loadtest.common import BENCH_AOF
-    from stock.embedded import Valkey, start_postgres
+    from stock.app.embedded import Valkey, start_postgres
 
     workdir = Path(tempfile.mkdtemp(prefix="stock-bench-"))
     valkey = Valkey(workdir / "valkey", None, *BENCH_AOF)

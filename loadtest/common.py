@@ -1,6 +1,6 @@
 """What the load test and the benchmarks share: child processes and the machine.
 
-Their servers come from ``stock.embedded``, as in ``stock dev`` and the tests.
+Their servers come from ``stock.app.embedded``, as in ``stock dev`` and the tests.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from stock.embedded import AOF_EVERYSEC
+from stock.app.embedded import AOF_EVERYSEC
 
 
 def wait_http(url: str, proc: subprocess.Popen[Any] | None, timeout: float = 30.0) -> None:

@@ -245,7 +245,7 @@ def reconcile_lost_callbacks(
     export = workdir / "payments.csv"
     export.write_text("order_id,status\n" + "".join(f"{o},paid\n" for o in lost))
     env = dict(os.environ, STOCK_REDIS_URL=service.redis_url, STOCK_DATABASE_URL=service.dsn)
-    command = [sys.executable, "-m", "stock.cli", "reconcile-payments", str(export), "--json"]
+    command = [sys.executable, "-m", "stock.app.cli", "reconcile-payments", str(export), "--json"]
     runs = [
         subprocess.run(
             [*command, "--repair"],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.common import stop_process, wait_http
-from stock.embedded import free_port
+from stock.app.embedded import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -56,7 +56,16 @@ def start_dev(workdir: Path) -> Service:
         env.pop(name, None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stock.cli", "dev", "--port", str(port), "--admin-token", token],
+            [
+                sys.executable,
+                "-m",
+                "stock.app.cli",
+                "dev",
+                "--port",
+                str(port),
+                "--admin-token",
+                token,
+            ],
             cwd=ROOT,
             env=env,
             stdout=out,

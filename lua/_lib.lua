@@ -2,7 +2,7 @@
 -- to every script before it is loaded, so each script stays one EVALSHA.
 --
 -- The value formats (the line, the order record, the bucket's copy of an
--- order, the items spec) and the state codes mirror stock/formats.py, the one
+-- order, the items spec) and the state codes mirror stock/core/formats.py, the one
 -- place in Python that knows them: keep the two in step (read_line/line_value,
 -- read_record/record_value, read_copy/copy_value, read_spec;
 -- tests/test_formats.py runs a round trip through a real script).
@@ -20,7 +20,7 @@
 --   ARGV[4] retention_ms how long a terminal line is kept for replays
 --   ARGV[5] may_create  '1' when new lines may be created (reserve/deduct)
 --   ARGV[6] items_spec  canonical 'sku:qty,...' of the whole order
---   ARGV[7] one slot, three meanings, by script (line_call in stock/scripts.py
+--   ARGV[7] one slot, three meanings, by script (line_call in stock/redis/scripts.py
 --           names each): the order's kind, 'reserve' or 'deduct' (reserve,
 --           deduct, confirm, release, extend, cancel, and abort of an attempt:
 --           call.kind); the step a hold prepares, 'confirm', 'release' or
@@ -35,7 +35,7 @@
 -- Mode 'r' (standalone only): KEYS = {order record}; ARGV[6] and ARGV[7] are
 --   '' (the record's items and kind count), ARGV[11] the number of buckets,
 --   ARGV[12] the key prefix ('stock'); no pairs. The script reads the record and
---   builds each line's four keys as stock/keys.py does (line_item): keys a
+--   builds each line's four keys as stock/core/keys.py does (line_item): keys a
 --   script does not declare, which only a standalone server allows.
 --
 -- A line is a string 'state|qty|expires_ms', 'state|qty|expires_ms|tag' or
@@ -50,7 +50,7 @@
 -- several calls, the tag is the set of attempts that created or replayed the
 -- line (has_tag, add_tag), so that a failed attempt never undoes a line
 -- another attempt also holds (abort.lua).
--- Replies (stock/scripts.py turns each into a result or a typed error):
+-- Replies (stock/redis/scripts.py turns each into a result or a typed error):
 --   {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, allocations, ...}
 --   (allocations 'location:qty,...' on a SKU with locations, else '')
 --   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
@@ -180,7 +180,7 @@ local function bucket_of(sku, buckets)
   return crc % buckets
 end
 
--- One line's item with its four keys, named as stock/keys.py line_keys names them:
+-- One line's item with its four keys, named as stock/core/keys.py line_keys names them:
 -- '<prefix>:{b<bucket>}:sku:<sku>', ':line:<sku>|<order_id>', ':due', ':events'.
 local function line_item(prefix, buckets, sku, qty, order_id)
   local tag = prefix .. ':{b' .. string.format('%d', bucket_of(sku, buckets)) .. '}:'

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import sys
 
-from stock.client import connect
-from stock.config import Settings
+from stock.core.config import Settings
+from stock.redis.client import connect
 
 COMMANDS = ("migrate", "writer", "resync", "reconcile", "reconcile-payments", "webhooks")
 
@@ -89,7 +89,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _writer(client: object, settings: Settings) -> None:
     from persist.writer import Writer
-    from stock.supervise import stop_on_signals, supervise
+    from stock.loops.supervise import stop_on_signals, supervise
 
     stop = stop_on_signals()
     writer = Writer(client, settings, settings.database_url)
@@ -100,8 +100,8 @@ async def _reconcile_payments(args: argparse.Namespace, client: object, settings
     from pathlib import Path
 
     from persist.payments import parse_time, reconcile_payments
-    from stock.engine import StockEngine
-    from stock.errors import InvalidRequest
+    from stock.core.errors import InvalidRequest
+    from stock.orders.engine import StockEngine
 
     try:
         since = parse_time(args.since) if args.since else None
@@ -122,6 +122,6 @@ async def _reconcile_payments(args: argparse.Namespace, client: object, settings
 
 async def _webhooks(settings: Settings) -> None:
     from persist.dispatcher import Dispatcher
-    from stock.supervise import stop_on_signals
+    from stock.loops.supervise import stop_on_signals
 
     await Dispatcher(settings, settings.database_url).run(stop_on_signals())

@@ -33,8 +33,8 @@ import asyncpg
 import orjson
 
 from persist.webhooks import data
-from stock.config import Settings
-from stock.supervise import Backoff
+from stock.core.config import Settings
+from stock.loops.supervise import Backoff
 
 log = logging.getLogger("persist.dispatcher")
 

@@ -59,8 +59,8 @@ from redis.exceptions import (
     TimeoutError as ReplyTimeout,
 )
 
-from stock.client import connect
-from stock.config import Settings
+from stock.core.config import Settings
+from stock.redis.client import connect
 
 log = logging.getLogger("persist.writer")
 

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from persist import webhooks
-from stock.formats import ORDER_KINDS, STATE_AFTER
+from stock.core.formats import ORDER_KINDS, STATE_AFTER
 
 # An event's values in the order of its "e" field, then its reason and customer.
 FIELD_ORDER = ("op", "qty", "available", "reserved", "sold", "seq", "at", "exp", "sku", "order",

@@ -21,10 +21,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from stock import keys
-from stock.config import Settings
-from stock.errors import FenceLost, UnknownReply
-from stock.scripts import Scripts, parse_fence
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import FenceLost, UnknownReply
+from stock.redis.scripts import Scripts, parse_fence
 
 log = logging.getLogger("persist.fences")
 
@@ -42,7 +42,7 @@ class Fences:
 
     async def _call(self, mode: str, skus: Iterable[str]) -> None:
         """One fence.lua call per bucket (its keys share a slot), concurrently; then the
-        first failure is raised (FenceBusy, FenceLost: ``stock.errors``)."""
+        first failure is raised (FenceBusy, FenceLost: ``stock.core.errors``)."""
         groups: dict[int, list[str]] = defaultdict(list)
         for sku in skus:
             groups[keys.bucket_of(sku, self.settings.buckets)].append(sku)

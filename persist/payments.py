@@ -38,8 +38,8 @@ from typing import TextIO
 import asyncpg
 import orjson
 
-from stock.engine import StockEngine
-from stock.errors import InvalidRequest, NotFound, StockError, StoreUnavailable
+from stock.core.errors import InvalidRequest, NotFound, StockError, StoreUnavailable
+from stock.orders.engine import StockEngine
 
 REASON = "reconcile-payments"
 STATUSES = ("paid", "refunded", "failed")

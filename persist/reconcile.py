@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
+from persist.ops import record_reconcile
 from persist.snapshot import (
     Levels,
     RedisSku,
@@ -25,8 +26,7 @@ from persist.snapshot import (
     redis_skus,
     unflushed,
 )
-from stock.config import Settings
-from stock.ops import record_reconcile
+from stock.core.config import Settings
 
 RECHECK_PAUSE_S = 0.5
 

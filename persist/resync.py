@@ -47,10 +47,10 @@ from persist import snapshot
 from persist.events import LINES_UPSERT, Event
 from persist.fences import Fences
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
-from stock import keys
-from stock.config import Settings
-from stock.errors import FenceError
-from stock.formats import (
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import FenceError
+from stock.core.formats import (
     ABORTED,
     RESERVED,
     STATE_AFTER,
@@ -59,8 +59,8 @@ from stock.formats import (
     items_spec,
     order_record,
 )
-from stock.scripts import Scripts, expect_ok, parse_resync
-from stock.validate import Item
+from stock.core.validate import Item
+from stock.redis.scripts import Scripts, expect_ok, parse_resync
 
 CHUNK = 200
 
@@ -270,7 +270,7 @@ class Resync:
         seqs: list[int | BaseException] = await asyncio.gather(*writes, return_exceptions=True)
         done = [(p, s) for p, s in zip(plans, seqs, strict=True) if isinstance(s, int)]
         await self._supersede([p for p, _ in done], [s for _, s in done])
-        for seq in seqs:  # FenceLost: the fence ended before the write (stock.errors)
+        for seq in seqs:  # FenceLost: the fence ended before the write (stock.core.errors)
             if isinstance(seq, BaseException):
                 raise seq
 

@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from persist.events import Event, parse_event, read_offsets
-from stock import keys
-from stock.config import Settings
+from stock.core import keys
+from stock.core.config import Settings
 
 SCAN_CHUNK = 10_000
 

@@ -24,7 +24,7 @@ the pending list instead of skipping past the entries the other one took.
 
 **PostgreSQL down.** The round fails, the batch is dropped from memory (it is
 still pending in Redis), the writer backs off with jitter (logging once per
-state change; ``stock.supervise.run_loop``) and re-reads the pending entries
+state change; ``stock.loops.supervise.run_loop``) and re-reads the pending entries
 when PostgreSQL is back.
 """
 
@@ -44,10 +44,10 @@ from redis.exceptions import RedisError, ResponseError
 from persist.durable_read import DurableReads, StreamRead, entries_of
 from persist.events import Chunk, StreamId, apply_batch, decode, prepare, read_offsets
 from persist.quarantine import POISON_ERRORS, screened
-from stock import keys
-from stock.config import Settings
-from stock.scripts import Scripts
-from stock.supervise import LoopCounters, run_loop
+from stock.core import keys
+from stock.core.config import Settings
+from stock.loops.supervise import LoopCounters, run_loop
+from stock.redis.scripts import Scripts
 
 log = logging.getLogger("persist.writer")
 
@@ -328,7 +328,7 @@ class Writer:
     async def run(self, stop: asyncio.Event, counters: LoopCounters | None = None) -> None:
         """Flush until ``stop`` is set. Any error of a round is logged and counted, the
         round's state dropped, and the writer backs off and goes on
-        (``stock.supervise.run_loop``); a graceful stop flushes what is waiting."""
+        (``stock.loops.supervise.run_loop``); a graceful stop flushes what is waiting."""
         idle = self.settings.writer_interval_ms / 1000
         try:
             healthy = await run_loop(

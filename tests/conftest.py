@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from redis.asyncio import RedisCluster
 
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
+from stock.core.config import Settings
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.servers import Cluster, ServerProcess
 
 # PostgreSQL (an embedded server per session, a migrated database per test), a fake

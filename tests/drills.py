@@ -18,8 +18,8 @@ import aiohttp
 import asyncpg
 
 from persist.events import named
-from stock import keys
-from stock.config import Settings
+from stock.core import keys
+from stock.core.config import Settings
 from tests.persist.helpers import wait_persisted
 from tests.servers import stock_env
 
@@ -113,7 +113,7 @@ async def start_serve(
     answers."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stock.cli", "serve"],
+            [sys.executable, "-m", "stock.app.cli", "serve"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
 from tests import servers
 from tests.linearizability import Op, Result
 
@@ -49,7 +49,7 @@ class Api:
 
     def start(self, i: int) -> None:
         env = servers.stock_env(self.settings, self.ports[i], "", TOKEN)
-        command = [sys.executable, "-m", "stock.cli", "serve", "--no-writer"]
+        command = [sys.executable, "-m", "stock.app.cli", "serve", "--no-writer"]
         self.procs[i] = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
 
     async def ready(self, i: int, timeout: float = 30) -> None:

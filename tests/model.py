@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stock.errors import (
+from stock.core.errors import (
     InsufficientStock,
     InvalidTransition,
     NotFound,

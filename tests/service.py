@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
 from tests.servers import stock_env
 
 TOKEN = "service-token"
@@ -50,7 +50,7 @@ async def serving(
     """``stock serve *args`` on a free port: its base URL and process once ready;
     SIGTERM after, and it must exit 0."""
     port = free_port()
-    command = [sys.executable, "-m", "stock.cli", "serve", *args]
+    command = [sys.executable, "-m", "stock.app.cli", "serve", *args]
     proc = subprocess.Popen(command, env=stock_env(settings, port, dsn, TOKEN))
     base = f"http://127.0.0.1:{port}"
     try:

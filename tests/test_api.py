@@ -11,10 +11,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from stock import keys
-from stock.api import ENGINE, create_app
-from stock.config import Settings
-from stock.reaper import Reaper
+from stock.app.wiring import create_app
+from stock.core import keys
+from stock.core.config import Settings
+from stock.http.api import ENGINE
+from stock.loops.reaper import Reaper
 from tests.conftest import flush
 
 TOKEN = "s3cret-token"

@@ -19,8 +19,8 @@ import asyncpg
 import psutil
 import pytest
 
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
 from tests.service import ADMIN, serving, wait_ready
 
 
@@ -110,7 +110,7 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCK_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stock.cli", "dev", "--port", str(port)],
+        [sys.executable, "-m", "stock.app.cli", "dev", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -14,11 +14,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Connection
 from redis.exceptions import RedisError
 
-from stock.api import ENGINE, create_app
-from stock.client import ClientFailure, raised_in_redis_client
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import StoreUnavailable
+from stock.app.wiring import create_app
+from stock.core.config import Settings
+from stock.core.errors import StoreUnavailable
+from stock.http.api import ENGINE
+from stock.orders.engine import StockEngine
+from stock.redis.client import ClientFailure, raised_in_redis_client
 from tests.conftest import flush
 
 TOKEN = "s3cret-token"

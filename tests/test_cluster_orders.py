@@ -22,11 +22,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
 
-from stock import formats, keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import (
+from stock.core import formats, keys
+from stock.core.config import Settings
+from stock.core.errors import (
     InsufficientStock,
     InvalidTransition,
     NotFound,
@@ -34,8 +32,10 @@ from stock.errors import (
     ReservationExpired,
     Unavailable,
 )
-from stock.formats import parse_line
-from stock.reaper import Reaper
+from stock.core.formats import parse_line
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS, flush
 from tests.servers import Cluster
 from tests.test_multibucket import skus_on_distinct_nodes
@@ -188,15 +188,15 @@ async def test_tombstone_in_the_directory_wins_over_a_reserve(
 
 CHILD = """
 import asyncio, json, sys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
+from stock.redis.client import connect
+from stock.core.config import Settings
+from stock.orders.engine import StockEngine
 
 async def main():
     settings = Settings(redis_url=sys.argv[1], redis_cluster=True, buckets=int(sys.argv[2]))
     client = connect(settings)
     engine = StockEngine(client, settings)
-    engine.deduct_hold_ms = 1000
+    engine.core.deduct_hold_ms = 1000
     try:  # every command once, so the client knows them before a node stops
         await engine.deduct("warm-up", [{"sku": "NO-STOCK", "qty": 1}])
     except Exception:
@@ -333,7 +333,7 @@ async def test_deduct_stalled_past_its_hold_is_undone_not_half_sold(
 ) -> None:
     """Attempt A stalls in its last group longer than its hold; a copy B of
     the request is refused meanwhile and undoes; A resumes: all or nothing is sold."""
-    engine.deduct_hold_ms = 600
+    engine.core.deduct_hold_ms = 600
 
     async def stall(name: str, keys_: list[str], args: list[Any]) -> None:
         if name in ("reserve", "deduct") and touches(spread[2], keys_):
@@ -343,7 +343,7 @@ async def test_deduct_stalled_past_its_hold_is_undone_not_half_sold(
     attempt_a = asyncio.create_task(engine.deduct("st", order_items(spread)))
     await asyncio.sleep(0.8)
     copy = StockEngine(engine.redis, engine.settings)
-    copy.deduct_hold_ms = 600
+    copy.core.deduct_hold_ms = 600
     await copy.set_stock(spread[2], 0)
     with pytest.raises(InsufficientStock):
         await copy.deduct("st", order_items(spread))

@@ -1,4 +1,4 @@
-"""The cluster's per-node auto-pipelines (stock/cluster_pipeline.py) on real 3-master
+"""The cluster's per-node auto-pipelines (stock/redis/cluster_pipeline.py) on real 3-master
 clusters: calls batched per node, NOSCRIPT on one node, a slot migrated mid-run
 (ASK, TRYAGAIN, MOVED), a slot split longer than redis-py waits, a lost reply, a
 paused node."""
@@ -19,12 +19,12 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stock import keys
-from stock.client import connect
-from stock.cluster_pipeline import ClusterBatch, NodePipeline
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import StoreUnavailable
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import StoreUnavailable
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
+from stock.redis.cluster_pipeline import ClusterBatch, NodePipeline
 from tests.conftest import BUCKETS, flush
 from tests.servers import Cluster, cli, script_sha
 

@@ -20,11 +20,9 @@ from typing import Any
 import pytest
 
 from persist.events import named
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import OrderResult, StockEngine
-from stock.errors import (
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import (
     InsufficientStock,
     InvalidTransition,
     NotFound,
@@ -32,7 +30,9 @@ from stock.errors import (
     ReservationExpired,
     StockError,
 )
-from stock.reaper import Reaper
+from stock.loops.reaper import Reaper
+from stock.orders.engine import OrderResult, StockEngine
+from stock.redis.client import connect
 
 SKUS = ["A", "X", "B", "C"]  # A and X share a bucket; B and C are elsewhere
 INITIAL = 150

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from stock import keys
-from stock.config import Settings
-from stock.errors import ConfigError, StockError
-from stock.formats import items_spec, parse_spec
-from stock.scripts import NO_ORDER_KEY, WITH_COPY, line_call
-from stock.validate import Item
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import ConfigError, StockError
+from stock.core.formats import items_spec, parse_spec
+from stock.core.validate import Item
+from stock.redis.scripts import NO_ORDER_KEY, WITH_COPY, line_call
 
 
 def test_defaults_match_design() -> None:

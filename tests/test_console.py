@@ -18,9 +18,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from persist.reconcile import reconcile
-from stock import keys
-from stock.api import ENGINE, create_app
-from stock.config import Settings
+from stock.app.wiring import create_app
+from stock.core import keys
+from stock.core.config import Settings
+from stock.http.api import ENGINE
 from tests.conftest import flush
 from tests.payment_service import PaymentService
 

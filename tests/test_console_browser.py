@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
-from stock.config import Settings
+from stock.core.config import Settings
 from tests.service import ADMIN, TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stock.config import Settings
+from stock.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

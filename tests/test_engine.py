@@ -9,11 +9,9 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import (
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import (
     InsufficientStock,
     InvalidRequest,
     InvalidTransition,
@@ -24,7 +22,9 @@ from stock.errors import (
     StoreUnavailable,
     Unavailable,
 )
-from stock.reaper import Reaper
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 
 
@@ -285,7 +285,7 @@ async def test_a_lost_adjust_reply_is_not_applied_twice(
     resends: tests/test_pipeline.py.)"""
     if not settings.redis_cluster:
         pytest.skip("the reply is lost inside the cluster's per-node pipeline")
-    from stock.cluster_pipeline import NodePipeline
+    from stock.redis.cluster_pipeline import NodePipeline
 
     send = NodePipeline.execute
     lost: list[Any] = []

@@ -28,11 +28,11 @@ from redis.exceptions import RedisError
 
 from persist.snapshot import redis_levels
 from persist.writer import Writer
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import StockError
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import StockError
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.persist.helpers import sku_names, stock_up, wait_persisted
 from tests.servers import (

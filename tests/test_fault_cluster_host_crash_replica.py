@@ -33,10 +33,10 @@ from redis.exceptions import RedisError
 
 from persist.durable_read import WAIT, DurableReads
 from persist.writer import Writer
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
+from stock.core import keys
+from stock.core.config import Settings
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.persist.helpers import sku_names, stock_up, wait_persisted
 from tests.servers import Cluster, ServerProcess, cli

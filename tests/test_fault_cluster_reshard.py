@@ -32,10 +32,10 @@ import asyncpg
 import pytest
 from redis.crc import key_slot
 
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core import keys
+from stock.core.config import Settings
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.drills import (
     ADMIN,

@@ -14,8 +14,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
 from tests.drills import (
     call,
     call_text,

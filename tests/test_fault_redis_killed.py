@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from redis.exceptions import RedisError
 
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import InsufficientStock, NotFound, Unavailable
+from stock.core.config import Settings
+from stock.core.errors import InsufficientStock, NotFound, Unavailable
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.drills import (
     check_conservation,

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from stock.client import connect
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.drills import (
     call,

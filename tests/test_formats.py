@@ -1,4 +1,4 @@
-"""``stock/formats.py`` and ``lua/_lib.lua`` agree: each value built on one side is
+"""``stock/core/formats.py`` and ``lua/_lib.lua`` agree: each value built on one side is
 read back on the other, through a real script on a real server."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from stock import formats
-from stock.client import connect
-from stock.config import Settings
-from stock.formats import Line
-from stock.scripts import with_lib
-from stock.validate import Item
+from stock.core import formats
+from stock.core.config import Settings
+from stock.core.formats import Line
+from stock.core.validate import Item
+from stock.redis.client import connect
+from stock.redis.scripts import with_lib
 from tests.servers import ServerProcess
 
 # A probe: _lib.lua's readers answer the fields of KEYS[1]'s value; its writers set it.

@@ -15,12 +15,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from stock.api import FRONT, SOLDOUT, create_app
-from stock.client import connect
-from stock.config import Settings
-from stock.embedded import free_port
-from stock.soldout import SoldOut
-from stock.validate import Item
+from stock.app.embedded import free_port
+from stock.app.wiring import create_app
+from stock.core.config import Settings
+from stock.core.validate import Item
+from stock.http.api import FRONT, SOLDOUT
+from stock.loops.soldout import SoldOut
+from stock.redis.client import connect
 from tests import servers
 from tests.conftest import BUCKETS, flush
 from tests.servers import ServerProcess
@@ -136,7 +137,9 @@ def other_process(base: Settings, clean: Any) -> Iterator[str]:
     """``stock serve`` as another process with the fast path on (1 s)."""
     port = free_port()
     env = servers.stock_env(base, port, "", TOKEN, STOCK_SOLDOUT_CACHE_MS="1000")
-    proc = subprocess.Popen([sys.executable, "-m", "stock.cli", "serve", "--no-reaper"], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stock.app.cli", "serve", "--no-reaper"], env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         servers_wait(url, proc)

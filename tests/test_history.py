@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from stock import keys
-from stock.config import Settings
+from stock.core import keys
+from stock.core.config import Settings
 from tests.history import Workload, record
 from tests.linearizability import by_sku, check
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from persist.migrate import migrate
-from stock.embedded import free_port
+from stock.app.embedded import free_port
 from tests import docker_env
 from tests.docker_env import docker
 from tests.servers import ServerProcess, cleanup, cli

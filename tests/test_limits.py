@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from stock import keys
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import InvalidRequest, LimitExceeded, NotFound
-from stock.reaper import Reaper
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import InvalidRequest, LimitExceeded, NotFound
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 
 
 def one(sku: str, qty: int = 1) -> list[dict[str, Any]]:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from stock.engine import StockEngine
-from stock.errors import InsufficientStock, InvalidRequest, OrderConflict
-from stock.locations import Locations
-from stock.validate import Item
+from stock.core.errors import InsufficientStock, InvalidRequest, OrderConflict
+from stock.core.validate import Item
+from stock.orders.engine import StockEngine
+from stock.orders.locations import Locations
 from tests.test_engine import expire_now
 
 

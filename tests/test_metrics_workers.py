@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
 from tests import servers
 from tests.service import wait_ready
 
@@ -47,7 +47,9 @@ async def test_one_scrape_covers_every_worker(settings: Settings, dsn: str, redi
     env = servers.stock_env(settings, port, dsn, TOKEN)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     dirs_before = set(Path(tempfile.gettempdir()).glob("stock-metrics-*"))
-    proc = subprocess.Popen([sys.executable, "-m", "stock.cli", "serve", "--workers", "2"], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stock.app.cli", "serve", "--workers", "2"], env=env
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(base, proc)

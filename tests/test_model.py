@@ -32,11 +32,9 @@ from hypothesis.stateful import (
 from redis.asyncio import RedisCluster
 
 from persist.events import named
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import (
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import (
     InsufficientStock,
     InvalidTransition,
     NotFound,
@@ -44,7 +42,9 @@ from stock.errors import (
     ReservationExpired,
     StockError,
 )
-from stock.reaper import Reaper
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.model import EXPIRED, RESERVED, Outcome, StockModel
 
 T = TypeVar("T")

@@ -18,8 +18,8 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from stock.api import create_app
-from stock.config import Settings
+from stock.app.wiring import create_app
+from stock.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

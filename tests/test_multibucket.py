@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from redis.asyncio import RedisCluster
 
-from stock import keys
-from stock.engine import StockEngine
-from stock.errors import InsufficientStock, NotFound
-from stock.formats import RESERVED, items_spec, parse_line
-from stock.reaper import Reaper
-from stock.validate import Item
+from stock.core import keys
+from stock.core.errors import InsufficientStock, NotFound
+from stock.core.formats import RESERVED, items_spec, parse_line
+from stock.core.validate import Item
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 from tests.conftest import BUCKETS
 
 
@@ -88,7 +88,7 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
     """What a reserve leaves when its process dies after the first bucket group: that
     group's lines (RESERVED, beside the bucket's copy of the order) and no directory."""
     spec = items_spec(items)
-    await engine._group_call(
+    await engine.core.group_call(
         "reserve",
         order_id=order_id,
         group=[items[0]],

@@ -14,10 +14,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from stock.api import create_app
-from stock.config import Settings
-from stock.embedded import free_port
-from stock.openapi import spec
+from stock.app.embedded import free_port
+from stock.app.wiring import create_app
+from stock.app.wiring import openapi_document as spec
+from stock.core.config import Settings
 from tests.conftest import BUCKETS
 from tests.servers import ServerProcess
 

@@ -13,12 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from persist.events import decode
-from stock import keys
-from stock.config import Settings
-from stock.embedded import free_port
-from stock.engine import StockEngine
-from stock.payment_probe import PaymentProbe, status_url
-from stock.reaper import Reaper
+from stock.app.embedded import free_port
+from stock.core import keys
+from stock.core.config import Settings
+from stock.loops.payment_probe import PaymentProbe, status_url
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 from tests.payment_service import PaymentService
 
 

@@ -19,10 +19,10 @@ from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.cluster import PRIMARY
 from redis.exceptions import AskError, MovedError, ResponseError, TimeoutError
 
-from stock.client import connect
-from stock.cluster_pipeline import _parse_error
-from stock.config import Settings
-from stock.pipeline import AutoPipeline, streams
+from stock.core.config import Settings
+from stock.redis.client import connect
+from stock.redis.cluster_pipeline import _parse_error
+from stock.redis.pipeline import AutoPipeline, streams
 from tests.servers import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ async def test_no_server_fails_every_caller() -> None:
         await redis.aclose()
 
 
-# -- what the pipelines rely on in redis-py (no public seam: stock/pipeline.py) --------
+# -- what the pipelines rely on in redis-py (no public seam: stock/redis/pipeline.py) --------
 
 
 def test_redis_py_is_a_version_the_pipelines_were_checked_with() -> None:
@@ -186,7 +186,7 @@ async def test_an_open_connection_lends_its_streams(client: Any) -> None:
 
 
 def test_the_cluster_client_parts_the_batch_uses() -> None:
-    """stock/cluster_pipeline.py borrows a node's connections, routes by the client's
+    """stock/redis/cluster_pipeline.py borrows a node's connections, routes by the client's
     slot map, tells it of a MOVED, and parses error replies as redis-py does."""
     used = {
         ClusterNode: ("acquire_connection", "release", "disconnect_if_needed"),
@@ -205,7 +205,7 @@ def test_the_cluster_client_parts_the_batch_uses() -> None:
         assert inspect.iscoroutinefunction(awaited), awaited
     for plain in (ClusterNode.acquire_connection, NodesManager.get_node, NodesManager.set_nodes):
         assert not inspect.iscoroutinefunction(plain), plain
-    # stock.client adds a master it has not seen (the target of an ASK) as move_slot does
+    # stock.redis.client adds a master it has not seen (the target of an ASK) as move_slot does
     manager = NodesManager([ClusterNode("127.0.0.1", 7000)], False, {"decode_responses": True})
     assert manager.get_node("127.0.0.1", 7001) is None
     node = ClusterNode("127.0.0.1", 7001, PRIMARY, **manager.connection_kwargs)

@@ -9,12 +9,13 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from persist.events import named
-from stock import keys
-from stock.api import BACKGROUND, ENGINE, create_app
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.reaper import Reaper
+from stock.app.wiring import create_app
+from stock.core import keys
+from stock.core.config import Settings
+from stock.http.api import BACKGROUND, ENGINE
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import NotFound, OrderClosed, StockError
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import NotFound, OrderClosed, StockError
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.conftest import BUCKETS
 from tests.servers import ServerProcess
 

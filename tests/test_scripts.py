@@ -11,18 +11,18 @@ import pytest
 import redis as redis_sync
 
 from persist.events import named
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import (
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import (
     InsufficientStock,
     InvalidTransition,
     OrderConflict,
     StockError,
     Unavailable,
 )
-from stock.scripts import load_sources, raise_for
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
+from stock.redis.scripts import load_sources, raise_for
 from tests.conftest import BUCKETS
 from tests.servers import ServerProcess, script_sha
 
@@ -70,7 +70,7 @@ def test_lua_buckets_and_keys_agree_with_keys_py(
     standalone_server: ServerProcess, buckets: int
 ) -> None:
     """The standalone transitions build their lines' keys in Lua (mode 'r'): the
-    CRC-32 bucket and the four key names are those of stock/keys.py, for every SKU."""
+    CRC-32 bucket and the four key names are those of stock/core/keys.py, for every SKU."""
     skus = some_skus()
     lib = load_sources()["confirm"].partition("-- confirm.lua")[0]
     client = redis_sync.Redis(port=standalone_server.port, decode_responses=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from stock.metrics import Metrics
-from stock.supervise import Backoff, run_loop, supervise
+from stock.http.metrics import Metrics
+from stock.loops.supervise import Backoff, run_loop, supervise
 
 
 def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:

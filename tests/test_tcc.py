@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import InvalidTransition, OrderClosed, StockError
-from stock.reaper import Reaper
+from stock.core.config import Settings
+from stock.core.errors import InvalidTransition, OrderClosed, StockError
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 
 
 def one(sku: str, qty: int = 1) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
-from stock.config import Settings
+from stock.core.config import Settings
 
 
 @pytest.fixture
@@ -26,4 +26,4 @@ def psettings(settings: Settings, dsn: str) -> Settings:
     return replace(settings, database_url=dsn, writer_batch=500, writer_interval_ms=20)
 
 
-WRITER_COMMAND = [sys.executable, "-m", "stock.cli", "writer"]
+WRITER_COMMAND = [sys.executable, "-m", "stock.app.cli", "writer"]

@@ -9,11 +9,11 @@ from typing import Any
 import asyncpg
 
 from persist.snapshot import redis_levels
-from stock import keys
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import StockError
-from stock.formats import STATE_NAMES, parse_line
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import StockError
+from stock.core.formats import STATE_NAMES, parse_line
+from stock.orders.engine import StockEngine
 
 
 def sku_names(count: int) -> list[str]:

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from persist.dispatcher import Dispatcher
 from persist.writer import Writer
-from stock.config import Settings
-from stock.embedded import free_port
+from stock.app.embedded import free_port
+from stock.core.config import Settings
 
 
 @dataclass

@@ -22,10 +22,10 @@ from redis.exceptions import RedisError
 
 from persist import durable_read
 from persist.writer import CONSUMER, GROUP, Writer
-from stock import keys
-from stock.client import connect
-from stock.config import Settings
-from stock.engine import StockEngine
+from stock.core import keys
+from stock.core.config import Settings
+from stock.orders.engine import StockEngine
+from stock.redis.client import connect
 from tests.servers import EARLY_FSYNC, ServerProcess, confirms_fsync_early, fsync_shim_env
 
 REDIS7 = os.environ.get("STOCK_TEST_REDIS7", "/usr/bin/redis-server")

@@ -13,10 +13,10 @@ import asyncpg
 import pytest
 
 from persist.writer import GROUP, Writer
-from stock import keys
-from stock.config import Settings
-from stock.embedded import stock_env
-from stock.engine import StockEngine
+from stock.app.embedded import stock_env
+from stock.core import keys
+from stock.core.config import Settings
+from stock.orders.engine import StockEngine
 from tests.persist.conftest import WRITER_COMMAND
 from tests.persist.helpers import mixed_load, sku_names, stock_up, wait_persisted
 from tests.postgres import Postgres

@@ -16,12 +16,12 @@ import pytest
 
 from persist.fences import Fences
 from persist.resync import Resync, resync
-from stock import keys
-from stock.config import Settings
-from stock.embedded import stock_env
-from stock.engine import StockEngine
-from stock.errors import NotFound, Unavailable
-from stock.reaper import Reaper
+from stock.app.embedded import stock_env
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import NotFound, Unavailable
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 from tests.conftest import flush
 from tests.persist.helpers import drain
 
@@ -62,7 +62,7 @@ async def test_killed_resync_fence_runs_out(
     await drain(redis, psettings, dsn)
     await engine.reserve("late", one("A"))  # unflushed: the resync waits for it, fenced
     env = stock_env(psettings, STOCK_FENCE_TTL_S="1")
-    command = [sys.executable, "-m", "stock.cli", "resync", "--wait", "60", "A"]
+    command = [sys.executable, "-m", "stock.app.cli", "resync", "--wait", "60", "A"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
         await _until_fenced(redis, psettings, "A")
@@ -97,7 +97,7 @@ async def test_concurrent_resyncs_do_not_unfence_each_other(
     with pytest.raises(Unavailable):  # the first one's fence still holds
         await engine.reserve("o1", one("A"))
     assert status == 3 and "fenced by another resync" in out.getvalue(), out.getvalue()
-    from stock.errors import FenceBusy
+    from stock.core.errors import FenceBusy
 
     with pytest.raises(FenceBusy):  # the typed error under the exit status
         await Resync(redis, psettings, pg).run(["A"])

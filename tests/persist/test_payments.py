@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from persist.payments import REASON, reconcile_payments
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.errors import InvalidRequest
-from stock.reaper import Reaper
+from stock.core.config import Settings
+from stock.core.errors import InvalidRequest
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 from tests.persist.helpers import drain
 
 

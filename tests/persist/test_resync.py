@@ -15,14 +15,14 @@ import pytest
 from persist.fences import Fences
 from persist.reconcile import reconcile
 from persist.resync import resync
-from stock import keys
-from stock.config import Settings
-from stock.embedded import stock_env
-from stock.engine import StockEngine
-from stock.errors import FenceBusy, FenceLost, LimitExceeded, Unavailable, UnknownReply
-from stock.formats import parse_line
-from stock.reaper import Reaper
-from stock.scripts import Scripts
+from stock.app.embedded import stock_env
+from stock.core import keys
+from stock.core.config import Settings
+from stock.core.errors import FenceBusy, FenceLost, LimitExceeded, Unavailable, UnknownReply
+from stock.core.formats import parse_line
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
+from stock.redis.scripts import Scripts
 from tests.conftest import flush
 from tests.persist.helpers import drain, wait_persisted
 
@@ -252,7 +252,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-WRITER_PREFIX = [sys.executable, "-m", "stock.cli"]
+WRITER_PREFIX = [sys.executable, "-m", "stock.app.cli"]
 
 
 @pytest.mark.parametrize("settings", ["standalone"], indirect=True)

@@ -16,10 +16,10 @@ import pytest
 
 from persist import webhooks
 from persist.dispatcher import Dispatcher
-from stock.config import Settings
-from stock.embedded import stock_env
-from stock.engine import StockEngine
-from stock.errors import StockError
+from stock.app.embedded import stock_env
+from stock.core.config import Settings
+from stock.core.errors import StockError
+from stock.orders.engine import StockEngine
 from tests.conftest import BUCKETS
 from tests.persist.conftest import WRITER_COMMAND
 from tests.persist.receivers import Receiver, pipeline, receiving, until

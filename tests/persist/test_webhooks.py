@@ -21,10 +21,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from persist import webhooks
 from persist.dispatcher import Dispatcher
 from persist.migrate import migration_files
-from stock.api import create_app
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.reaper import Reaper
+from stock.app.wiring import create_app
+from stock.core.config import Settings
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 from tests.conftest import BUCKETS
 from tests.persist.receivers import Receiver, pipeline, receiving, until
 from tests.servers import ServerProcess

@@ -11,10 +11,10 @@ import asyncpg
 from persist.events import encode
 from persist.migrate import migrate, migration_files
 from persist.writer import Writer
-from stock import keys
-from stock.config import Settings
-from stock.engine import StockEngine
-from stock.reaper import Reaper
+from stock.core import keys
+from stock.core.config import Settings
+from stock.loops.reaper import Reaper
+from stock.orders.engine import StockEngine
 from tests.persist.helpers import mixed_load, sku_names, stock_up, wait_persisted
 
 

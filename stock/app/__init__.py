@@ -1,0 +1,1 @@
+"""Where stock and persist meet: the process lifecycle, console, webhooks, CLI, dev, serve."""

@@ -1,0 +1,73 @@
+"""The whole service app: the API, the console and the webhooks, with the process's
+resources (Redis client, engine, reaper, writer) opened and closed with it.
+
+``stock.http.api.create_api`` knows the routes; this module plugs in what needs
+PostgreSQL or the process's loops: the readiness check of the pool, the scrape
+hook that measures the expiry lag, the console's and the webhooks' routes and
+their part of the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from stock.app import lifecycle
+from stock.app.console import setup_console
+from stock.app.webhooks_api import setup_webhooks
+from stock.app.webhooks_spec import paths as webhook_paths
+from stock.core.config import Settings
+from stock.http.api import (
+    BACKGROUND,
+    BEFORE_SCRAPE,
+    ENGINE,
+    FRONT,
+    METRICS,
+    OPENAPI,
+    READY_CHECKS,
+    SOLDOUT,
+    create_api,
+)
+from stock.http.locations_api import add_routes as add_location_routes
+from stock.http.openapi import spec
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document of the whole service (the API and the webhooks)."""
+    return spec(webhook_paths())
+
+
+def create_app(
+    settings: Settings, *, run_reaper: bool = True, run_writer: bool = True
+) -> web.Application:
+    """The service app; its Redis client, engine, reaper and writer open and close with it."""
+    app = create_api(settings)
+    app[OPENAPI] = openapi_document()
+    setup_console(app)  # the console and its admin routes (DESIGN §11)
+    add_location_routes(app)  # stock per location, allocation, transfers (DESIGN §13)
+    setup_webhooks(app, run_dispatcher=run_writer)  # routes, and the dispatcher with PostgreSQL
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        async with lifecycle.running(
+            settings, app[METRICS], app[SOLDOUT], run_reaper=run_reaper, run_writer=run_writer
+        ) as parts:
+            app[ENGINE] = parts.engine
+            app[BACKGROUND].update(parts.named())
+            if parts.readiness_pool is not None:
+                app[READY_CHECKS]["postgres"] = functools.partial(
+                    lifecycle.postgres_check, parts.readiness_pool
+                )
+            if parts.reaper is not None:
+                app[BEFORE_SCRAPE].append(
+                    functools.partial(
+                        lifecycle.measure_expiry_lag, parts.reaper, settings, app[METRICS]
+                    )
+                )
+            yield
+
+    app.cleanup_ctx.append(resources)
+    app[FRONT].wrap_routes(app)  # last: every route added above
+    return app

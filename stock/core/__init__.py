@@ -1,0 +1,1 @@
+"""The pure floor: errors, settings, validation, key layout and value formats (no I/O)."""

@@ -1,0 +1,1 @@
+"""The HTTP API: routes, the request front, metrics and the OpenAPI document (no SQL)."""

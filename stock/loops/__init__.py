@@ -1,0 +1,1 @@
+"""Background work: supervision, the reaper, the payment probe, the sold-out cache."""

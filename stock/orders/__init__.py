@@ -1,0 +1,1 @@
+"""What the stock operations mean: the engine and its standalone and cluster paths."""

@@ -1,0 +1,123 @@
+"""The parts every order path shares: the client, the scripts, the order record.
+
+``OrderCore`` is what the engine and both backends (``stock/orders/standalone.py``,
+``stock/orders/cluster.py``) hold: the Redis client and its scripts, the settings,
+the in-flight bound of a cluster, and the few calls they all make (read an order's
+record, call a script on one bucket group). Neither backend reaches into the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from stock.core import formats, keys, validate
+from stock.core.config import Settings
+from stock.core.errors import NotFound, OrderClosed
+from stock.core.validate import Item
+from stock.redis.scripts import WITH_COPY, LinesReply, Mode, Scripts, line_call, parse_lines
+
+T = TypeVar("T")
+
+
+class OrderCore:
+    """The client, scripts and settings of one engine, and the calls its paths share."""
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.cluster = settings.redis_cluster
+        self.scripts = Scripts(client)
+        self.retention_ms = settings.retention_s * 1000
+        self.deduct_hold_ms = 10_000  # a cluster deduct's holds, until it is confirmed
+        # redis-py's cluster pools fail instead of waiting when they run dry: bound
+        # the operations in flight so a stampede queues here. (Standalone calls
+        # share an auto-pipeline and a blocking pool, which queue by themselves.)
+        self.inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
+
+    async def outside(self, waiting: Awaitable[T]) -> T:
+        """Await ``waiting`` without holding an in-flight slot (the caller holds one on
+        a cluster): a wait must not keep other operations out."""
+        if self.inflight is None:
+            return await waiting
+        self.inflight.release()
+        try:
+            return await waiting
+        finally:
+            await asyncio.shield(self.inflight.acquire())
+
+    async def pause(self, seconds: float) -> None:
+        await self.outside(asyncio.sleep(seconds))
+
+    async def record(self, order_id: str, lifetime_ms: int = 0) -> tuple[str, str, list[Item]]:
+        """The order's kind, phase and items. On a cluster with ``lifetime_ms`` (a
+        transition) the directory's lifetime is extended to it in the same call."""
+        validate.order_id(order_id)
+        okey = keys.order_key(order_id)
+        if self.cluster and lifetime_ms:
+            found = await self.scripts("order", [okey], ["read", lifetime_ms])
+            raw = found[0] if found else None
+        elif self.scripts.pipeline is not None:  # ride the (per-node) auto-pipeline
+            raw = await self.scripts.pipeline.execute("GET", okey)
+        else:
+            raw = await self.redis.get(okey)
+        if raw is None:
+            raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
+        record = formats.parse_record(raw)
+        if record.phase in formats.TOMBSTONES:
+            raise OrderClosed(f"order {order_id!r} was {record.phase}", state=record.phase)
+        if record.phase != formats.DONE:  # a 'pending' record of an earlier version
+            raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
+        return record.kind, record.phase, formats.parse_spec(record.spec)
+
+    async def hmget(self, key: str, *fields: str) -> list[str | None]:
+        """HMGET, through the (per-node) auto-pipeline."""
+        if self.scripts.pipeline is not None:
+            return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
+        return list(await self.redis.hmget(key, *fields))
+
+    async def group_call(
+        self,
+        op: str,
+        *,
+        order_id: str,
+        group: list[Item],
+        spec: str,
+        mode: Mode = WITH_COPY,
+        ttl_ms: int = 0,
+        may_create: bool = False,
+        order_kind: str = "",
+        hold_for: str = "",
+        undo_holds: bool = False,
+        tag: str = "",
+        reason: str = "",
+        customer: str = "",
+    ) -> LinesReply:
+        """Script ``op`` on one bucket group on a cluster (``line_call`` in
+        ``stock/redis/scripts.py`` names the arguments); by default the call carries the
+        bucket's copy of the order."""
+        keys_, args = line_call(
+            buckets=self.settings.buckets,
+            retention_ms=self.retention_ms,
+            mode=mode,
+            order_id=order_id,
+            items=group,
+            spec=spec,
+            ttl_ms=ttl_ms,
+            may_create=may_create,
+            order_kind=order_kind,
+            hold_for=hold_for,
+            undo_holds=undo_holds,
+            tag=tag,
+            reason=reason,
+            customer=customer,
+        )
+        return parse_lines(await self.scripts(op, keys_, args), order_id)
+
+    def groups(self, items: Sequence[Item]) -> list[list[Item]]:
+        by_bucket: dict[int, list[Item]] = defaultdict(list)
+        for item in items:
+            by_bucket[keys.bucket_of(item.sku, self.settings.buckets)].append(item)
+        return list(by_bucket.values())

@@ -1,0 +1,243 @@
+"""What the stock operations mean (DESIGN §3): the only caller of the scripts.
+
+Standalone Redis: every key lives on one server, so each operation is one
+script call that also reads or writes the order record, and a multi-item
+order is atomic as a whole.
+
+Redis Cluster: an order is one script call per bucket group plus its
+directory on the order's own node (``stock/orders/cluster.py``, design in
+``lua/README.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from stock.core import formats, keys, validate
+from stock.core.config import Settings
+from stock.core.errors import NotFound, OrderClosed, store_boundary
+from stock.core.formats import STATE_AFTER, items_spec
+from stock.orders.backend import Backend
+from stock.orders.cluster import ClusterOrders
+from stock.orders.core import OrderCore
+from stock.orders.results import OrderResult
+from stock.orders.standalone import StandaloneOrders
+from stock.redis.client import RetryOnce, retried_once
+from stock.redis.scripts import Counters, LineResult, parse_counters, parse_limit, parse_tomb
+
+log = logging.getLogger("stock.orders.engine")
+
+TOMBSTONES = {op: STATE_AFTER[op] for op in ("release", "cancel")}  # TCC: the state each leaves
+
+__all__ = ["OrderResult", "StockEngine"]
+
+
+class StockEngine:
+    """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock.
+
+    The backend (standalone or cluster) is chosen once, here; both share one
+    ``OrderCore``. A RedisError that escapes a public operation is raised as
+    StoreUnavailable (``store_boundary``), the RedisError its ``__cause__``."""
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.core = core = OrderCore(client, settings)
+        self.redis = client
+        self.settings = settings
+        self.cluster = settings.redis_cluster
+        self.scripts = core.scripts
+        self.retention_ms = core.retention_ms
+        self.orders: Backend = ClusterOrders(core) if self.cluster else StandaloneOrders(core)
+        self.retry = RetryOnce()  # order operations are idempotent by order_id
+
+    async def ping(self) -> bool:
+        """Whether Redis answers (readiness), over the connections already held."""
+        return bool(await self.redis.ping())
+
+    # -- stock levels -------------------------------------------------------
+
+    @store_boundary
+    async def set_stock(self, sku: str, available: int, reason: str = "") -> Counters:
+        validate.sku(sku)
+        validate.int_in(available, "available", 0, 10**12)
+        bucket = keys.bucket_of(sku, self.settings.buckets)
+        reply = await self.scripts(
+            "set",
+            [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
+            [sku, available, reason],
+        )
+        return parse_counters(reply, sku)
+
+    @store_boundary
+    async def adjust(
+        self, sku: str, delta: int, expected_available: int | None = None, reason: str = ""
+    ) -> Counters:
+        validate.sku(sku)
+        validate.int_in(delta, "delta", -(10**12), 10**12)
+        if expected_available is not None:
+            validate.int_in(expected_available, "expected_available", 0, 10**12)
+        bucket = keys.bucket_of(sku, self.settings.buckets)
+        expected = "" if expected_available is None else expected_available
+        reply = await self.scripts(
+            "adjust",
+            [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
+            [sku, delta, expected, reason],
+            once=True,  # a delta applied twice would be a unit made or lost
+        )
+        return parse_counters(reply, sku)
+
+    @store_boundary
+    async def get_stock(self, sku: str) -> Counters:
+        validate.sku(sku)
+        values = await self.core.hmget(
+            keys.sku_key(sku, self.settings.buckets), "available", "reserved", "sold"
+        )
+        if values[0] is None:
+            raise NotFound(f"unknown SKU {sku!r}", sku=sku)
+        return Counters(sku, *(int(v or 0) for v in values))
+
+    # -- orders -------------------------------------------------------------
+
+    @store_boundary
+    async def reserve(
+        self,
+        order_id: str,
+        items: Sequence[Any],
+        ttl_s: int | None = None,
+        customer_id: str | None = None,
+    ) -> OrderResult:
+        ttl = self.settings.reservation_ttl_s if ttl_s is None else validate.ttl_s(ttl_s)
+        return await self._acquire("reserve", order_id, items, ttl * 1000, customer_id)
+
+    @store_boundary
+    async def deduct(
+        self, order_id: str, items: Sequence[Any], customer_id: str | None = None
+    ) -> OrderResult:
+        return await self._acquire("deduct", order_id, items, 0, customer_id)
+
+    @store_boundary
+    async def set_limit(self, sku: str, per_customer: int | None) -> int | None:
+        """A SKU's per-customer purchase limit; ``None`` removes it (DESIGN §9)."""
+        validate.sku(sku)
+        if per_customer is not None:
+            validate.int_in(per_customer, "per_customer", 1, 1_000_000)
+        bucket = keys.bucket_of(sku, self.settings.buckets)
+        reply = await self.scripts(
+            "limits",
+            [keys.sku_key(sku, self.settings.buckets), keys.events_key(bucket)],
+            [sku, "" if per_customer is None else per_customer],
+        )
+        return parse_limit(reply, sku)
+
+    @store_boundary
+    async def get_limit(self, sku: str) -> int | None:
+        validate.sku(sku)
+        (limit,) = await self.core.hmget(keys.sku_key(sku, self.settings.buckets), "limit")
+        return None if limit is None else int(limit)
+
+    @store_boundary
+    async def confirm(self, order_id: str, reason: str = "") -> OrderResult:
+        """``reason`` goes to the ledger (``payment-probe``, ``reconcile-payments``)."""
+        return await self._transition("confirm", order_id, 0, reason)
+
+    @store_boundary
+    async def release(self, order_id: str, reason: str = "") -> OrderResult:
+        return await self._transition("release", order_id, 0, reason)
+
+    @store_boundary
+    async def cancel(self, order_id: str, reason: str = "") -> OrderResult:
+        return await self._transition("cancel", order_id, 0, reason)
+
+    @store_boundary
+    async def extend(self, order_id: str, ttl_s: int) -> OrderResult:
+        return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
+
+    @store_boundary
+    async def get_order(self, order_id: str) -> dict[str, Any]:
+        """The order's kind, phase and each line's state, qty and expiry; a TCC
+        tombstone has phase ``released`` or ``cancelled`` and no lines."""
+        try:
+            kind, phase, items = await self.core.record(order_id)
+        except OrderClosed as closed:
+            return {
+                "order_id": order_id,
+                "kind": "reserve",
+                "phase": closed.details["state"],
+                "lines": [],
+            }
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
+        values = await pipe.execute()
+        lines = []
+        for item, raw in zip(items, values, strict=True):
+            line = formats.parse_line(raw) if raw else None
+            state = formats.state_name(line.state) if line else formats.UNKNOWN
+            lines.append(LineResult(item.sku, state, item.qty, line.expires_ms if line else 0))
+        return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
+
+    # -- internals ----------------------------------------------------------
+
+    @retried_once
+    async def _acquire(
+        self,
+        op: str,
+        order_id: str,
+        raw_items: Sequence[Any],
+        ttl_ms: int,
+        customer_id: str | None = None,
+    ) -> OrderResult:
+        if self.core.inflight is None:
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
+        async with self.core.inflight:
+            return await self._acquire_now(op, order_id, raw_items, ttl_ms, customer_id)
+
+    async def _acquire_now(
+        self,
+        op: str,
+        order_id: str,
+        raw_items: Sequence[Any],
+        ttl_ms: int,
+        customer_id: str | None = None,
+    ) -> OrderResult:
+        validate.order_id(order_id)
+        items = validate.items(raw_items)
+        customer = "" if customer_id is None else validate.customer_id(customer_id)
+        spec = items_spec(items)
+        return await self.orders.acquire(op, order_id, items, spec, ttl_ms, customer)
+
+    @retried_once
+    async def _transition(
+        self, op: str, order_id: str, ttl_ms: int, reason: str = ""
+    ) -> OrderResult:
+        if self.core.inflight is None:
+            return await self._transition_now(op, order_id, ttl_ms, reason)
+        async with self.core.inflight:
+            return await self._transition_now(op, order_id, ttl_ms, reason)
+
+    async def _transition_now(
+        self, op: str, order_id: str, ttl_ms: int, reason: str = ""
+    ) -> OrderResult:
+        validate.order_id(order_id)
+        try:
+            return await self._transition_known(op, order_id, ttl_ms, reason)
+        except (NotFound, OrderClosed):
+            if op not in TOMBSTONES:
+                raise
+        # TCC: a release or cancel of an order never reserved (the cancel overtook
+        # its try) succeeds with no items and leaves a tombstone that refuses the try.
+        reply = await self.scripts(
+            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.retention_ms]
+        )
+        tomb = parse_tomb(reply, order_id, TOMBSTONES[op])
+        if tomb.exists:  # the try committed meanwhile: the normal way, once
+            return await self._transition_known(op, order_id, ttl_ms, reason)
+        if tomb.state != TOMBSTONES[op]:
+            raise OrderClosed(f"order {order_id!r} was {tomb.state}", state=tomb.state)
+        return OrderResult(order_id, STATE_AFTER[op], not tomb.new, 0, [])
+
+    async def _transition_known(
+        self, op: str, order_id: str, ttl_ms: int, reason: str
+    ) -> OrderResult:
+        return await self.orders.transition(op, order_id, ttl_ms, reason)

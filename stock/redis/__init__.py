@@ -1,0 +1,1 @@
+"""Talking to Redis: the client, the auto-pipelines, the scripts and their replies."""
