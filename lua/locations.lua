@@ -88,7 +88,7 @@ if op == 'send' then
   redis.call('HSET', KEYS[3], 'transit', L.transit)
   redis.call('HSET', KEYS[4], id, from .. '|' .. to .. '|' .. qty .. '|T|' .. ARGV[7])
   commit(KEYS[1], KEYS[2], {op = 'transfer', sku = sku, order = id, qty = qty, reason = ARGV[7],
-    loc = loc_part(from, -qty, at)}, c, now)
+    loc = loc_part(from, -qty, at) .. ',' .. to .. ':' .. qty}, c, now)  -- to: where it goes
   return {'OK', 'T', from, to, qty}
 end
 
