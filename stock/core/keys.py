@@ -119,6 +119,11 @@ def locations_key(sku: str, buckets: int) -> str:
     return f"{bucket_tag(bucket_of(sku, buckets))}:loc:{sku}"
 
 
+def alloc_key(sku: str, order_id: str, buckets: int) -> str:
+    """A line's allocations on a SKU with locations (``lua/_loc.lua``), beside the line."""
+    return f"{bucket_tag(bucket_of(sku, buckets))}:alloc:{line_member(sku, order_id)}"
+
+
 def transfers_key(sku: str, buckets: int) -> str:
     """A SKU's transfers between its locations (``lua/locations.lua``)."""
     return f"{bucket_tag(bucket_of(sku, buckets))}:xfer:{sku}"

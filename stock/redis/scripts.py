@@ -54,7 +54,7 @@ OTHER_OPS = (
     "writer_ack",
     "locations",  # a SKU's locations, allocation strategy, transfers (DESIGN §13)
 )
-RESYNC_OPS = ("fence", "resync_order")  # persist/fences.py, persist/resync.py
+RESYNC_OPS = ("fence", "resync_order", "resync_locations")  # persist/fences.py, persist/resync.py
 
 # The line call's mode (ARGV[1] of lua/_lib.lua): which order key comes first.
 Mode = Literal["1", "r", "b", "0"]
