@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import asyncpg
 
 from persist.ops import record_reconcile
+from persist.reconcile_locations import location_drifts
 from persist.snapshot import (
     Levels,
     RedisSku,
@@ -94,10 +95,15 @@ async def reconcile(
     conn = await asyncpg.connect(dsn)
     try:
         checked, drifts = await find_drift(client, conn, settings, skus)
+        located = await location_drifts(client, conn, settings, skus)  # DESIGN §13
+        if located:  # as for SKUs: read again once after a pause (live traffic)
+            await asyncio.sleep(RECHECK_PAUSE_S)
+            located = await location_drifts(client, conn, settings, skus)
     finally:
         await conn.close()
-    await record_reconcile(client, checked, [d.text() for d in drifts], whole=skus is None)
-    for drift in drifts:
-        print(drift.text(), file=out)
+    texts = [d.text() for d in drifts] + located
+    await record_reconcile(client, checked, texts, whole=skus is None)
+    for text in texts:
+        print(text, file=out)
     print(f"reconcile: {checked} SKUs checked, {len(drifts)} drifting", file=out)
-    return 1 if drifts else 0
+    return 1 if texts else 0

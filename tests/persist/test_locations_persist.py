@@ -10,6 +10,7 @@ import asyncpg
 
 from persist.reconcile import reconcile
 from persist.resync import resync
+from stock.core import keys
 from stock.core.config import Settings
 from stock.core.validate import Item
 from stock.orders.engine import StockEngine
@@ -84,3 +85,17 @@ async def test_resync_after_redis_loss_gives_back_locations_and_transfers(
     }
     await drain(redis, psettings, dsn)
     assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
+
+
+async def test_reconcile_per_location(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    dsn = psettings.database_url
+    await _shop(engine)
+    await drain(redis, psettings, dsn)
+    assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    await redis.hset(keys.locations_key("W", psettings.buckets), "@berlin", "1,2,0,0")
+    out = io.StringIO()
+    assert await reconcile(redis, psettings, dsn, ["W"], out=out) == 1
+    assert "drift W@berlin: redis 1/2/0/0, postgres 0/3/0/0" in out.getvalue()
+    assert "drift W: its locations sum to (2, 3, 1), its totals are (1, 4, 1)" in out.getvalue()
