@@ -24,3 +24,6 @@ CREATE TABLE IF NOT EXISTS stock_location_levels (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (sku, location)
 );
+
+-- A webhook's data.location: the locations of an order event of a SKU with locations.
+ALTER TABLE webhook_deliveries ADD COLUMN IF NOT EXISTS location text;

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from persist import webhooks
 from persist.reconcile import reconcile
 from persist.resync import resync
 from stock.core import keys
@@ -99,3 +100,16 @@ async def test_reconcile_per_location(
     assert await reconcile(redis, psettings, dsn, ["W"], out=out) == 1
     assert "drift W@berlin: redis 1/2/0/0, postgres 0/3/0/0" in out.getvalue()
     assert "drift W: its locations sum to (2, 3, 1), its totals are (1, 4, 1)" in out.getvalue()
+
+
+async def test_webhook_data_names_the_location(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    await webhooks.subscribe(pg, "http://127.0.0.1:9/hook", ["order.confirmed"], "s3cret")
+    await _shop(engine)
+    await engine.confirm("held")
+    await drain(redis, psettings, psettings.database_url)
+    rows = await pg.fetch(
+        "SELECT * FROM webhook_deliveries WHERE type = 'order.confirmed' ORDER BY seq"
+    )
+    assert [webhooks.data(r).get("location") for r in rows] == ["paris", "berlin,paris"]
