@@ -32,12 +32,13 @@ from stock.http.api import (
     create_api,
 )
 from stock.http.locations_api import add_routes as add_location_routes
+from stock.http.locations_spec import paths as location_paths
 from stock.http.openapi import spec
 
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of the whole service (the API and the webhooks)."""
-    return spec(webhook_paths())
+    return spec({**webhook_paths(), **location_paths()})
 
 
 def create_app(

@@ -15,7 +15,15 @@ ITEM = {
     "type": "object",
     "required": ["sku", "qty"],
     "additionalProperties": False,
-    "properties": {"sku": SKU, "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY}},
+    "properties": {
+        "sku": SKU,
+        "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY},
+        "location": {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9._-]{1,64}$",
+            "description": "served from this location or refused (a SKU with locations)",
+        },
+    },
 }
 ITEMS = {
     "type": "array",
@@ -29,6 +37,7 @@ TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
 CUSTOMER = {**ORDER_ID, "description": "the buyer; required for a SKU with a per-customer limit"}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 1_000_000, "nullable": True}
 EXPIRES = {"type": "string", "format": "date-time"}
+LOCATION = {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"}
 REASON = {"type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
 
 ERRORS = {
@@ -50,10 +59,37 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 LIMITS = _obj(["sku", "per_customer"], sku=SKU, per_customer=LIMIT)
-COUNTERS = _obj(
-    ["sku", "available", "reserved", "sold"], sku=SKU, available=COUNT, reserved=COUNT, sold=COUNT
+PLACE = _obj(
+    ["available", "reserved", "sold", "in_transit"],
+    available=COUNT,
+    reserved=COUNT,
+    sold=COUNT,
+    in_transit=COUNT,
 )
-LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"})
+ALLOCATION = {
+    "type": "object",
+    "properties": {
+        "strategy": {"type": "string", "enum": ["priority", "most_available"]},
+        "order": {"type": "array", "items": {"type": "string"}},
+        "split": {"type": "boolean"},
+    },
+}
+COUNTERS = _obj(
+    ["sku", "available", "reserved", "sold"],
+    sku=SKU,
+    available=COUNT,
+    reserved=COUNT,
+    sold=COUNT,
+    in_transit={**COUNT, "description": "a SKU with locations: units between two of them"},
+    locations={"type": "object", "additionalProperties": PLACE},
+    allocation=ALLOCATION,
+)
+ALLOCATIONS = {
+    "type": "array",
+    "items": _obj(["location", "qty"], location={"type": "string"}, qty={"type": "integer"}),
+    "description": "a SKU with locations: where the line's units are",
+}
+LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"}, allocations=ALLOCATIONS)
 ORDER = _obj(
     ["order_id", "status", "items"],
     order_id=ORDER_ID,
@@ -148,7 +184,8 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
                             params=["sku"], body=_obj(
                                 ["delta"], delta=DELTA,
                                 reason=REASON,
-                                expected_available={**AMOUNT, "nullable": True})),
+                                expected_available={**AMOUNT, "nullable": True},
+                                location=LOCATION)),
             },
             "/v1/stock/{sku}/limits": {
                 "get": _op("A SKU's per-customer limit", limits, [], admin=True, params=["sku"]),
