@@ -61,8 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reaper-skus", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=["cluster", "front"],
-        help="run rows alone (7: cluster; 8-9: sold out, overload)",
+        choices=["cluster", "front", "locations"],
+        help="run rows alone (7: cluster; 8-9: sold out, overload; 10: locations)",
     )
     return parser.parse_args()
 
@@ -100,6 +100,9 @@ def run_rows(args: argparse.Namespace) -> Report:
         from loadtest.bench_front import add_front_rows
 
         add_front_rows(report, settings, args)  # 8. sold-out fast path, 9. overload
+        from loadtest import bench_locations
+
+        bench_locations.add_row(report, settings, args)  # 10. a SKU with 8 locations
     finally:
         if postgres is not None:
             postgres.cleanup()
@@ -115,6 +118,10 @@ def main() -> int:
         from loadtest.bench_front import run_alone
 
         return run_alone(args)
+    if args.only == "locations":
+        from loadtest import bench_locations
+
+        return bench_locations.run_alone(args)
     if args.only == "cluster":
         from loadtest import bench_cluster
 

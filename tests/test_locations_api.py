@@ -80,6 +80,11 @@ async def test_allocation_strategy_and_pinned_items(api: Client) -> None:
     assert body["items"] == [{"sku": "S", "available": 3, "location": "paris"}]
     bad = await reserve(api, "o3", [{"sku": "S", "qty": 1, "location": "a b"}])
     assert bad.status == 400 and (await bad.json())["field"] == "items[0].location"
+    read = await (await api.get("/v1/reservations/o1")).json()
+    assert read["items"][0]["allocations"] == [
+        {"location": "berlin", "qty": 1},
+        {"location": "paris", "qty": 2},
+    ]
     confirmed = await api.post("/v1/reservations/o1/confirm")
     assert (await confirmed.json())["items"][0]["allocations"] == [
         {"location": "berlin", "qty": 1},

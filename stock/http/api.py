@@ -311,8 +311,7 @@ async def get_reservation(request: web.Request) -> web.Response:
         status = states.pop() if len(states) == 1 else "mixed"
     items = [
         {
-            "sku": line.sku,
-            "qty": line.qty,
+            **_item(line.sku, line.qty, line.allocations),
             "state": line.state,
             "expires_at": iso_ms(line.expires_ms),
         }

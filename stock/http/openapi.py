@@ -110,6 +110,7 @@ ORDER_VIEW = _obj(
             qty={"type": "integer"},
             state={"type": "string"},
             expires_at={**EXPIRES, "nullable": True},
+            allocations=ALLOCATIONS,
         ),
     },
 )

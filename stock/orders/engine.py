@@ -169,12 +169,15 @@ class StockEngine:
         pipe = self.redis.pipeline(transaction=False)
         for item in items:
             pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
+            pipe.get(keys.alloc_key(item.sku, order_id, self.settings.buckets))  # locations
         values = await pipe.execute()
         lines = []
-        for item, raw in zip(items, values, strict=True):
+        for item, raw, placed in zip(items, values[::2], values[1::2], strict=True):
             line = formats.parse_line(raw) if raw else None
             state = formats.state_name(line.state) if line else formats.UNKNOWN
-            lines.append(LineResult(item.sku, state, item.qty, line.expires_ms if line else 0))
+            allocations = placed.partition("|")[2] if placed else ""  # 'pin|location:qty,...'
+            expires = line.expires_ms if line else 0
+            lines.append(LineResult(item.sku, state, item.qty, expires, allocations))
         return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
 
     # -- internals ----------------------------------------------------------
