@@ -25,17 +25,27 @@ end
 local function loc_key(k_sku) return key_beside(k_sku, ':sku:', ':loc:') end
 local function alloc_key(k_line) return key_beside(k_line, ':line:', ':alloc:') end
 
+-- A location's counters are parsed when first used (a reserve on a SKU with many
+-- locations usually touches one): L.at[name] parses L.at[0][name] through a metatable.
+local LAZY = {__index = function(at, name)
+  local v = at[0][name]
+  if not v then return nil end
+  local a, r, s, t = string.match(v, '^(-?%d+),(-?%d+),(-?%d+),(-?%d+)$')
+  local c = {a = tonumber(a), r = tonumber(r), s = tonumber(s), t = tonumber(t)}
+  rawset(at, name, c)
+  return c
+end}
+
 local function read_locs(k)
   local raw = redis.call('HGETALL', k)
   if #raw == 0 then return nil end
-  local L = {key = k, at = {}, names = {}, strategy = 'priority', order = {}, split = false,
-             transit = 0}
+  local L = {key = k, at = setmetatable({[0] = {}}, LAZY), names = {}, strategy = 'priority',
+             order = {}, split = false, transit = 0}
   for i = 1, #raw, 2 do
     local f, v = raw[i], raw[i + 1]
     if string.sub(f, 1, 1) == '@' then
-      local a, r, s, t = string.match(v, '^(-?%d+),(-?%d+),(-?%d+),(-?%d+)$')
       local name = string.sub(f, 2)
-      L.at[name] = {a = tonumber(a), r = tonumber(r), s = tonumber(s), t = tonumber(t)}
+      L.at[0][name] = v
       L.names[#L.names + 1] = name
     elseif f == 'strategy' then L.strategy = v
     elseif f == 'order' then
@@ -74,7 +84,7 @@ local function candidates(L)
   end
   local seen = {}
   for _, n in ipairs(L.order) do
-    if L.at[n] and not seen[n] then
+    if L.at[0][n] and not seen[n] then  -- known, not parsed yet
       out[#out + 1], seen[n] = n, true
     end
   end
