@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from stock.core import keys
 from stock.core.errors import InsufficientStock, InvalidRequest, OrderConflict
 from stock.core.validate import Item
 from stock.orders.engine import StockEngine
@@ -149,3 +150,45 @@ async def test_transfer_retried_and_received_twice_moves_units_once(engine: Stoc
     assert view is not None and view["in_transit"] == 0
     assert places(view) == {"berlin": (2, 0, 0, 0), "paris": (4, 0, 0, 0)}
     assert (await engine.get_stock("L6")).available == 6
+
+
+def other_bucket_sku(engine: StockEngine, sku: str) -> str:
+    """A SKU in another bucket than ``sku`` (another cluster node's group, mostly)."""
+    buckets = engine.settings.buckets
+    return next(
+        name
+        for name in (f"P{i}" for i in range(100))
+        if keys.bucket_of(name, buckets) != keys.bucket_of(sku, buckets)
+    )
+
+
+async def test_multi_group_order_late_confirm_retakes_where_the_strategy_finds(
+    engine: StockEngine,
+) -> None:
+    locs = await located(engine, "L7", berlin=2, paris=2)
+    await locs.set_allocation("L7", "priority", ["berlin", "paris"], False)
+    plain = other_bucket_sku(engine, "L7")
+    await engine.set_stock(plain, 5)
+    first = await engine.reserve("m1", [Item("L7", 2), Item(plain, 1)], 1)
+    placed = {line.sku: line.allocations for line in first.lines}
+    assert placed == {"L7": "berlin:2", plain: ""}
+    await expire_now(engine, "m1")
+    await locs.adjust("L7", "berlin", -2)  # berlin is empty now: the strategy finds paris
+    late = await engine.confirm("m1")
+    assert {line.sku: line.allocations for line in late.lines} == {"L7": "paris:2", plain: ""}
+    assert places(await locs.read("L7")) == {"berlin": (0, 0, 0, 0), "paris": (0, 0, 2, 0)}
+    cancelled = await engine.cancel("m1")
+    assert {line.sku: line.allocations for line in cancelled.lines}["L7"] == "paris:2"
+    assert places(await locs.read("L7")) == {"berlin": (0, 0, 0, 0), "paris": (2, 0, 0, 0)}
+
+
+async def test_first_location_adopts_the_skus_open_lines(engine: StockEngine) -> None:
+    await engine.set_stock("L8", 5)
+    await engine.reserve("before", [Item("L8", 2)], 60)
+    locs = await located(engine, "L8", berlin=3)
+    assert places(await locs.read("L8")) == {"berlin": (3, 2, 0, 0)}
+    released = await engine.release("before")
+    assert released.lines[0].allocations == "berlin:2"
+    assert places(await locs.read("L8")) == {"berlin": (5, 0, 0, 0)}
+    counters = await engine.get_stock("L8")
+    assert (counters.available, counters.reserved, counters.sold) == (5, 0, 0)
