@@ -3,11 +3,12 @@
 An event is one entry of a bucket stream (``stock:{b<n>}:events``), written by
 ``lua/_lib.lua``'s ``append_event``: op, qty, the counters after the
 change, the SKU's ``seq``, server time ``at`` (ms), line expiry ``exp`` (ms, 0
-if none), sku, order, reason and customer. The entry has one field ``e``, those
-values but the reason and the customer joined by ``|`` in ``FIELD_ORDER`` (so it
+if none), sku, order, reason, customer and loc. The entry has one field ``e``, those
+values but the reason, the customer and loc joined by ``|`` in ``FIELD_ORDER`` (so it
 ends with the line's expiry index member ``sku|order_id``; an order id may
 itself contain ``|``, a SKU never does), a field ``reason`` only when there is
-one and a field ``customer`` only when the line has a buyer. ``decode`` is the
+one, a field ``customer`` only when the line has a buyer and a field ``loc`` only on
+a SKU with locations (``persist/locations.py``). ``decode`` is the
 one place in Python that reads that format (``encode`` writes it, for tests and
 benchmarks). ``apply_batch`` writes a batch in one transaction: it
 COPYs the events into a session table (``writer_batch``), and from there
