@@ -90,7 +90,7 @@ async def test_split_lines_confirmed_and_released_keep_each_location_exact(
 
 async def test_expiry_returns_units_where_they_came_from(engine: StockEngine) -> None:
     locs = await located(engine, "L3", berlin=2, paris=2)
-    await locs.set_allocation("L3", "most_available", None, True)
+    await locs.set_allocation("L3", "most_available", [], True)
     await engine.reserve("x", [Item("L3", 3)], 1)
     assert places(await locs.read("L3")) == {"berlin": (0, 2, 0, 0), "paris": (1, 1, 0, 0)}
     await expire_now(engine, "x")

@@ -55,6 +55,7 @@ async def test_allocation_strategy_and_pinned_items(api: Client) -> None:
     for body, field in (
         ({"strategy": "nearest"}, "strategy"),
         ({"strategy": "priority", "order": "berlin"}, "order"),
+        ({"strategy": "priority", "order": None}, "order"),
         ({"strategy": "most_available", "split": "yes"}, "split"),
     ):
         refused = await api.put(url, json=body, headers=ADMIN)

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from stock.core import validate
+from stock.core.errors import InvalidRequest
 from stock.http.api import ENGINE, admin, json_body, json_response, require
 from stock.orders.locations import Locations
 
@@ -42,8 +43,10 @@ async def put_allocation(request: web.Request) -> web.Response:
     sku = _sku(request)
     body = await json_body(request, {"strategy", "order", "split"})
     strategy = require(body, "strategy")
+    if "order" in body and body["order"] is None:
+        raise InvalidRequest("order must be a list of locations", field="order")
     answer = await locations(request).set_allocation(
-        sku, strategy, body.get("order"), body.get("split", False)
+        sku, strategy, body.get("order", []), body.get("split", False)
     )
     return json_response(answer)
 

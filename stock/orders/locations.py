@@ -164,7 +164,7 @@ def _allocation(strategy: Any, order: Any, split: Any) -> list[str]:
         raise InvalidRequest("strategy must be priority or most_available", field="strategy")
     if not isinstance(split, bool):
         raise InvalidRequest("split must be true or false", field="split")
-    if order is None:
+    if order is None:  # none given: the locations by name
         order = []
     if not isinstance(order, list) or len(order) > 256:
         raise InvalidRequest("order must be a list of locations", field="order")
