@@ -2,7 +2,7 @@
 # Build: docker build -t stock .
 # Run:   docker run -e STOCK_REDIS_URL=redis://redis:6379/0 \
 #          -e STOCK_DATABASE_URL=postgresql://stock:stock@postgres/stock -p 8080:8080 stock
-# Every setting is a STOCK_* environment variable (README, "Configuration").
+# Every setting is a STOCK_* environment variable (docs/configuration.md).
 
 FROM python:3.11-slim AS build
 WORKDIR /src

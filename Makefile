@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: install
-	$(BIN)/ruff check stock persist tests loadtest
-	$(BIN)/ruff format --check stock persist tests loadtest
+	$(BIN)/ruff check stock persist tests loadtest docs
+	$(BIN)/ruff format --check stock persist tests loadtest docs
 	$(BIN)/mypy stock persist
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet  # docs/: a broken link or a missing page fails
 
 # the console's browser test drives Debian's Chromium; the alert rules are checked
 # with promtool (Debian's prometheus package). Installed here when missing (as root).

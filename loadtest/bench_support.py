@@ -104,7 +104,7 @@ def reserve_builder(engine: StockEngine) -> ReserveCall:
         items = [Item(sku, qty)]
         keys_, args = line_call(
             buckets=engine.settings.buckets,
-            retention_ms=engine.retention_ms,
+            retention_ms=engine.core.retention_ms,
             mode=WITH_RECORD,
             order_id=order_id,
             items=items,

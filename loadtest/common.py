@@ -48,7 +48,8 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> N
         proc.wait(10)
 
 
-# the benchmarks' valkey-server: AOF every second as in ``stock dev``, no rewrite mid-run
+# the benchmarks' valkey-server: AOF every second (as in production; ``stock dev`` fsyncs
+# every write), no rewrite mid-run
 BENCH_AOF = (*AOF_EVERYSEC, "--auto-aof-rewrite-percentage", "0")
 
 

@@ -1,0 +1,1 @@
+"""PostgreSQL: migrations, the writer, resync, reconcile, webhooks (on stock's lower floors)."""

@@ -9,7 +9,7 @@ events are written in halves under savepoints until each bad one is alone; the
 bad ones go to ``event_quarantine`` with their raw form (read again from the
 stream, where they still are) and the error, the others land as usual, and the
 stream offsets move past all of them. Quarantined events can be read, fixed and
-replayed by hand (README, Runbook).
+replayed by hand (docs/runbook.md, "A quarantined event").
 """
 
 from __future__ import annotations

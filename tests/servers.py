@@ -282,8 +282,8 @@ EARLY_FSYNC = (
 
 NO_WAITAOF = (
     "this server has no WAITAOF (Redis 7.0; it came in 7.2): the writer falls back to WAIT"
-    " on a replica or warns (README, durability), so a host crash of a master without a"
-    " replica can leave PostgreSQL ahead of it"
+    " on a replica or warns (docs/persistence.md, durability), so a host crash of a master"
+    " without a replica can leave PostgreSQL ahead of it"
 )
 
 

@@ -137,6 +137,12 @@ async def test_dev_serves_and_leaves_nothing_behind(
     before_banner = output.split("stock dev is serving")[0].strip().splitlines()
     assert len(before_banner) <= 8, before_banner  # the line, and one per migration
     assert "Running commandline" not in output and "\nstdout:" not in output, output
+    # the first screen names the console and the API reference, and greets nobody
+    # with a durability warning about a host crash (its Redis needs no wait)
+    banner = output.split("stock dev is serving")[1]
+    assert f"http://127.0.0.1:{port}/console" in banner, banner
+    assert f"http://127.0.0.1:{port}/docs" in banner, banner
+    assert "host crash" not in output and "WARNING" not in output, output
     workdir = re.search(r"host=(/\S+?)/pgdata", output)
     assert workdir, output
     leftovers = [

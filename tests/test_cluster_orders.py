@@ -428,7 +428,7 @@ async def expire_line(engine: StockEngine, sku: str, order_id: str) -> None:
     await engine.scripts(
         "expire",
         [lk.due, lk.events, lk.sku, lk.line],
-        [engine.retention_ms, "", keys.line_member(sku, order_id)],
+        [engine.core.retention_ms, "", keys.line_member(sku, order_id)],
     )
 
 

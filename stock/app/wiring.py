@@ -17,6 +17,7 @@ from aiohttp import web
 
 from stock.app import lifecycle
 from stock.app.console import setup_console
+from stock.app.pages import setup_pages
 from stock.app.webhooks_api import setup_webhooks
 from stock.app.webhooks_spec import paths as webhook_paths
 from stock.core.config import Settings
@@ -49,6 +50,7 @@ def create_app(
     app[OPENAPI] = openapi_document()
     setup_console(app)  # the console and its admin routes (DESIGN §11)
     add_location_routes(app)  # stock per location, allocation, transfers (DESIGN §13)
+    setup_pages(app)  # / (an index) and /docs (the API reference)
     setup_webhooks(app, run_dispatcher=run_writer)  # routes, and the dispatcher with PostgreSQL
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

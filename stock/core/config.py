@@ -139,7 +139,7 @@ class Settings:
     redis_migration_wait_s: float = 5.0
     request_timeout_s: float = 8.0
     # API requests in flight per process before 503 overloaded (0 = no limit); why
-    # 256: README, STOCK_MAX_INFLIGHT (DESIGN §10)
+    # 256: docs/configuration.md, STOCK_MAX_INFLIGHT (DESIGN §10)
     max_inflight: int = 256
     soldout_cache_ms: int = 0  # sold-out fast path (DESIGN §10); 0 = off
 

@@ -151,7 +151,7 @@ class Metrics:
         self._outcome_children: dict[tuple[str, str], Any] = {}
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one HTTP request (label lookups cached: README, http/bare)."""
+        """Count one HTTP request (label lookups cached: docs/performance.md, http/bare)."""
         key = (route, method, str(status))
         children = self._children.get(key)
         if children is None:

@@ -237,6 +237,12 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "/console": {"get": {"summary": "The operator console (one HTML page)", "responses": {
                 "200": {"description": "HTML", "content": {"text/html": {"schema": {
                     "type": "string"}}}}}}},
+            "/": {"get": {"summary": "An index: links to the console and the API reference",
+                          "responses": {"200": {"description": "HTML", "content": {
+                              "text/html": {"schema": {"type": "string"}}}}}}},
+            "/docs": {"get": {"summary": "The API reference (renders this description)",
+                              "responses": {"200": {"description": "HTML", "content": {
+                                  "text/html": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This description", "responses": {
                 "200": _json({"type": "object"}, "OpenAPI 3")}}},
         },

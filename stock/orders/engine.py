@@ -25,7 +25,14 @@ from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult
 from stock.orders.standalone import StandaloneOrders
 from stock.redis.client import RetryOnce, retried_once
-from stock.redis.scripts import Counters, LineResult, parse_counters, parse_limit, parse_tomb
+from stock.redis.scripts import (
+    Counters,
+    LineResult,
+    Scripts,
+    parse_counters,
+    parse_limit,
+    parse_tomb,
+)
 
 log = logging.getLogger("stock.orders.engine")
 
@@ -43,13 +50,23 @@ class StockEngine:
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.core = core = OrderCore(client, settings)
-        self.redis = client
         self.settings = settings
         self.cluster = settings.redis_cluster
-        self.scripts = core.scripts
-        self.retention_ms = core.retention_ms
         self.orders: Backend = ClusterOrders(core) if self.cluster else StandaloneOrders(core)
         self.retry = RetryOnce()  # order operations are idempotent by order_id
+
+    @property
+    def redis(self) -> Any:
+        return self.core.redis
+
+    @property
+    def scripts(self) -> Scripts:
+        """The script runner every path calls through (a test may wrap it)."""
+        return self.core.scripts
+
+    @scripts.setter
+    def scripts(self, runner: Scripts) -> None:
+        self.core.scripts = runner
 
     async def ping(self) -> bool:
         """Whether Redis answers (readiness), over the connections already held."""
@@ -231,7 +248,7 @@ class StockEngine:
         # TCC: a release or cancel of an order never reserved (the cancel overtook
         # its try) succeeds with no items and leaves a tombstone that refuses the try.
         reply = await self.scripts(
-            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.retention_ms]
+            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.core.retention_ms]
         )
         tomb = parse_tomb(reply, order_id, TOMBSTONES[op])
         if tomb.exists:  # the try committed meanwhile: the normal way, once

@@ -12,7 +12,7 @@ are independent.
 
 Writing a full batch at once, rather than at the end of the tick, lets Redis
 work on it while this process is still waking the callers of the replies
-before it: client and server overlap instead of taking turns (README, "What the
+before it: client and server overlap instead of taking turns (docs/performance.md, "What the
 profiles and CPU counters say", has the figures).
 
 redis-py opens and authenticates the connection (and gives it back to the pool
@@ -44,7 +44,7 @@ import hiredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 # Small batches keep Redis busy while this process handles the replies of the last
-# one: 8 served HTTP best (README, "What the profiles and CPU counters say").
+# one: 8 served HTTP best (docs/performance.md, "What the profiles and CPU counters say").
 MAX_BATCH = 8
 DEFAULT_TIMEOUT_S = 10.0  # when the client has no socket_timeout
 READ_SIZE = 1 << 16

@@ -4,7 +4,7 @@ Redis 7.2+ and Valkey: WAITAOF (the events are fsynced in the AOF), also for pen
 entries another connection read. Redis 7.0 has no WAITAOF: with replicas the writer
 WAITs for one (the events are on another machine); with ``appendfsync always`` every
 reply already follows its fsync; otherwise it warns once that a host crash can lose
-about a second of events PostgreSQL already has (README, "Persistence").
+about a second of events PostgreSQL already has (docs/persistence.md, "Durability").
 """
 
 from __future__ import annotations

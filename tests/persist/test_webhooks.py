@@ -290,13 +290,13 @@ async def test_served_app_dispatches_and_counts(redis: Any, hsettings: Settings)
 
 
 def readme_receiver() -> dict[str, Any]:
-    """The receiver example of the README, run as written (its secret swapped)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    """The receiver example of docs/console-webhooks.md, run as written (its secret swapped)."""
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "console-webhooks.md").read_text()
     start = readme.index("A receiver that verifies the signature")
     code = readme[readme.index("```python\n", start) + 10 : readme.index("```\n", start + 50)]
     code = code.replace('SECRET = b"s3cret"', f"SECRET = {SECRET.encode()!r}")
     scope: dict[str, Any] = {"__name__": "readme_receiver"}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/console-webhooks.md", "exec"), scope)
     return scope
 
 
