@@ -165,7 +165,7 @@ _LINE_OPS = ", ".join(f"'{op}'" for op in STATE_AFTER)
 # with the highest seq of a SKU or line in the batch is its latest.
 _LEDGER_COLUMNS = BATCH_COLUMNS[:-1]
 # the ledger's location: the names of the locations an event touched ('berlin,paris')
-_LOCATION_NAMES = "nullif(regexp_replace(loc, ':[^,]*', '', 'g'), '')"
+_LOCATION_NAMES = "CASE WHEN loc <> '' THEN regexp_replace(loc, ':[^,]*', '', 'g') END"
 _FROM_BATCH = f"""
 INSERT INTO stock_ledger ({", ".join(_LEDGER_COLUMNS).replace("loc", "location")})
 SELECT {

@@ -40,7 +40,9 @@ ON CONFLICT (sku, location) DO UPDATE SET available = excluded.available,
 WHERE excluded.seq > l.seq;
 """
 # 'name:qty:a:r:s:t,...' -> 'name:qty,...' (NULL when the SKU has no locations)
-LINE_ALLOCATIONS = r"nullif(regexp_replace(loc, '(:-?[0-9]+){4}(,|$)', '\2', 'g'), '')"
+LINE_ALLOCATIONS = (
+    r"CASE WHEN loc <> '' THEN regexp_replace(loc, '(:-?[0-9]+){4}(,|$)', '\2', 'g') END"
+)
 
 
 async def pg_locations(conn: asyncpg.Connection, skus: list[str]) -> dict[str, dict[str, Any]]:
