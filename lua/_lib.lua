@@ -60,8 +60,8 @@
 --   mode 'r' also: {'NOORDER'} (no record)  {'CLOSED', state} (a TCC tombstone)
 
 -- Locations (DESIGN §13): hooks that lua/_loc.lua (loaded right after this
--- file) fills in; run_lines, expire.lua, set.lua and adjust.lua call them. A
--- SKU without locations costs one HGETALL of a missing key per line.
+-- file) fills in; run_lines and expire.lua call them for a SKU whose hash says
+-- it has locations (read_sku: 'located').
 local loc = {}
 
 local function now_ms()
@@ -79,18 +79,21 @@ local function fence_until(v)
   return 0
 end
 
+-- 'locs' is set once the SKU has locations (_loc.lua): a plain SKU's scripts then
+-- never look for its locations hash.
 local function read_sku(key, customer)
   local v
   if customer and customer ~= '' then
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
-      'c:' .. customer)
+      'locs', 'c:' .. customer)
   else
-    v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit')
+    v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
+      'locs')
   end
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          limit = tonumber(v[6]), held = tonumber(v[7]) or 0}
+          limit = tonumber(v[6]), located = v[7] ~= false, held = tonumber(v[8]) or 0}
 end
 
 -- A customer's units of a SKU held or bought: moved by delta, the field

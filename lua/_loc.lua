@@ -1,6 +1,7 @@
 -- _loc.lua: locations (DESIGN §13). scripts.py loads it right after _lib.lua,
 -- so every script carries it and fills _lib.lua's hooks (loc.plan, loc.apply,
--- loc.expire, loc.has). Design and key layout: lua/README.md, "Locations".
+-- loc.expire) for a SKU whose hash has the flag 'locs' (read_sku). Design and
+-- key layout: lua/README.md, "Locations".
 --
 -- A SKU's locations live in one hash beside its counters, in its bucket:
 --   <prefix>:{b<n>}:loc:<sku>   fields '@<location>' = 'a,r,s,t' (available,
@@ -178,7 +179,7 @@ end
 -- recorded allocations. Returns an error reply, or nil.
 function loc.plan(call, p)
   local it = p.it
-  local L = locs_of(call, it.k_sku)
+  local L = p.c.located and locs_of(call, it.k_sku)
   if not L then
     if it.pin and it.pin ~= '' then return {'NOLOCATION', it.sku, it.pin} end
     return nil
@@ -223,8 +224,8 @@ end
 
 -- expire.lua, per expired line: its units go back where they came from.
 -- cache: the script's table of locations per SKU key. Returns the 'loc' field.
-function loc.expire(cache, k_sku, k_line, qty, retention_ms)
-  local L = locs_of(cache, k_sku)
+function loc.expire(cache, c, k_sku, k_line, qty, retention_ms)
+  local L = c.located and locs_of(cache, k_sku)
   if not L then return nil end
   local rec = read_alloc(k_line, L, qty)
   local k = alloc_key(k_line)
@@ -232,7 +233,3 @@ function loc.expire(cache, k_sku, k_line, qty, retention_ms)
   return move(L, rec.allocs, qty, -qty, 0)
 end
 
--- set.lua, adjust.lua: the SKU's stock is per location (use the location routes).
-function loc.has(k_sku)
-  return redis.call('EXISTS', loc_key(k_sku)) == 1
-end

@@ -45,7 +45,7 @@ for i = 3, #ARGV do
         customer = line.customer}), 'PXAT', until_ms)
       count_customer(k_sku, line.customer, -q)
       leaving[#leaving + 1] = member
-      local locs = loc.expire(located, k_sku, k_line, q, tonumber(ARGV[1]))  -- back where it was
+      local locs = loc.expire(located, c, k_sku, k_line, q, tonumber(ARGV[1]))  -- where it was
       append_event(KEYS[2], 'expire', member, q, line.exp, c, now, reason, line.customer, locs)
       if not c.dirty then
         c.dirty = true

@@ -23,13 +23,14 @@
 local sku, op = ARGV[1], ARGV[2]
 local c = read_sku(KEYS[1])
 if c.fenced then return {'UNAVAILABLE', sku} end
-local L = locs_of({}, KEYS[1])
+local L = c.located and locs_of({}, KEYS[1]) or nil
 local now = now_ms()
 
 local function place(name)  -- a location, created empty (the first one adopts the SKU)
   if not L then
     L = {key = KEYS[3], at = {}, names = {}, order = {}, transit = 0, home = name}
     redis.call('HSET', KEYS[3], 'home', name)
+    redis.call('HSET', KEYS[1], 'locs', 1)  -- read_sku: the line scripts look at KEYS[3]
     L.at[name] = {a = c.a, r = c.r, s = c.s, t = 0}
   end
   if not L.at[name] then L.at[name] = {a = 0, r = 0, s = 0, t = 0} end

@@ -9,7 +9,8 @@
 -- 'from|to|qty|state|reason'; then per line two values: state, allocations
 -- ('location:qty,...'; '' drops the record). A RESERVED line's record has no
 -- expiry, a terminal one's the retention window.
--- The two hashes become exactly this (k = 0: the SKU has no locations).
+-- The two hashes become exactly this, and the SKU hash's 'locs' flag says whether
+-- there are any (k = 0: the SKU has no locations).
 -- Returns {'OK'} or {'NOTFENCED', key} (resync.lua). No event: PostgreSQL is where
 -- these values come from.
 local c = read_sku(KEYS[1])
@@ -19,7 +20,9 @@ if not c.fenced or string.sub(c.fence, 1, #mine) ~= mine then
 end
 redis.call('DEL', KEYS[2], KEYS[3])
 local k = tonumber(ARGV[6])
+if k == 0 then redis.call('HDEL', KEYS[1], 'locs') end
 if k > 0 then
+  redis.call('HSET', KEYS[1], 'locs', 1)  -- read_sku: the SKU has locations
   local strategy, order, split = string.match(ARGV[3], '^([^;]*);([^;]*);([^;]*)$')
   if strategy then
     redis.call('HSET', KEYS[2], 'strategy', strategy, 'order', order, 'split', split)

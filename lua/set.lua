@@ -6,7 +6,7 @@
 -- Events: op=set with qty = the change of available (may be 0 or negative).
 local c = read_sku(KEYS[1])
 if c.fenced then return {'UNAVAILABLE', ARGV[1]} end
-if loc.has(KEYS[1]) then return {'LOCATED', ARGV[1]} end  -- set per location (locations.lua)
+if c.located then return {'LOCATED', ARGV[1]} end  -- set per location (locations.lua)
 local target = tonumber(ARGV[2])
 local delta = target - c.a
 c.a = target

@@ -12,7 +12,8 @@ key                                             type    holds
                                                         seq (per-SKU event number),
                                                         fenced (token@until_ms),
                                                         limit, c:<customer> (units
-                                                        held or bought)
+                                                        held or bought), locs (1:
+                                                        the SKU has locations)
 ``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms|``
                                                         ``tag|customer``
 ``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored
