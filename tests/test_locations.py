@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from stock.core import keys
-from stock.core.errors import InsufficientStock, InvalidRequest, OrderConflict
+from stock.core.errors import InsufficientStock, InvalidRequest, LimitExceeded, OrderConflict
 from stock.core.validate import Item
 from stock.orders.engine import StockEngine
 from stock.orders.locations import Locations
@@ -192,3 +192,16 @@ async def test_first_location_adopts_the_skus_open_lines(engine: StockEngine) ->
     assert places(await locs.read("L8")) == {"berlin": (5, 0, 0, 0)}
     counters = await engine.get_stock("L8")
     assert (counters.available, counters.reserved, counters.sold) == (5, 0, 0)
+
+
+async def test_per_customer_limit_counts_across_locations(engine: StockEngine) -> None:
+    await located(engine, "L9", berlin=5, paris=5)
+    await engine.set_limit("L9", 2)
+    await engine.reserve("c1", [{"sku": "L9", "qty": 1, "location": "berlin"}], 60, "cust")
+    await engine.reserve("c2", [{"sku": "L9", "qty": 1, "location": "paris"}], 60, "cust")
+    with pytest.raises(LimitExceeded) as refused:
+        await engine.reserve("c3", [{"sku": "L9", "qty": 1, "location": "paris"}], 60, "cust")
+    assert refused.value.details["items"] == [{"sku": "L9", "limit": 2, "held": 2}]
+    await engine.release("c1")  # a unit back at berlin, and back in the allowance
+    done = await engine.reserve("c3", [{"sku": "L9", "qty": 1}], 60, "cust")
+    assert done.lines[0].allocations == "berlin:1"
