@@ -9,7 +9,8 @@
 --     'most_available'), 'order' ('berlin,paris': priority order), 'split'
 --     ('1': one line may take units from several locations), 'home' (the first
 --     location: a line made before the SKU had locations is allocated there),
---     'transit' (units in transit, all origins)
+--     'transit' (units in transit, all origins), 'cands' (the priority order of
+--     every location, kept by refresh_cands: a reserve walks it, sorts nothing)
 -- and each line's allocations beside the line, with the line's lifetime:
 --   <prefix>:{b<n>}:alloc:<sku>|<order_id>   'pin|location:qty,location:qty'
 --     (pin: the location the item named, '' for none)
@@ -26,16 +27,43 @@ end
 local function loc_key(k_sku) return key_beside(k_sku, ':sku:', ':loc:') end
 local function alloc_key(k_line) return key_beside(k_line, ':line:', ':alloc:') end
 
--- A location's counters are parsed when first used (a reserve on a SKU with many
--- locations usually touches one): L.at[name] parses L.at[0][name] through a metatable.
+local function parse_at(v)
+  local a, r, s, t = string.match(v, '^(-?%d+),(-?%d+),(-?%d+),(-?%d+)$')
+  return {a = tonumber(a), r = tonumber(r), s = tonumber(s), t = tonumber(t)}
+end
+
+-- read_locs (every location, for locations.lua and most_available): a location's
+-- counters are parsed when first used, from L.at[0][name] through a metatable.
 local LAZY = {__index = function(at, name)
   local v = at[0][name]
   if not v then return nil end
-  local a, r, s, t = string.match(v, '^(-?%d+),(-?%d+),(-?%d+),(-?%d+)$')
-  local c = {a = tonumber(a), r = tonumber(r), s = tonumber(s), t = tonumber(t)}
+  local c = parse_at(v)
   rawset(at, name, c)
   return c
 end}
+
+-- The line scripts' view (open_locs): nothing read until used; L.at[name] is one
+-- HGET of that location (a reserve on a SKU with many locations usually reads one),
+-- loc_meta one HMGET of the strategy, split, priority list and home.
+local FETCH = {__index = function(at, name)
+  local v = redis.call('HGET', at[0], '@' .. name)
+  if not v then return nil end
+  local c = parse_at(v)
+  rawset(at, name, c)
+  return c
+end}
+
+local function open_locs(k)
+  return {key = k, at = setmetatable({[0] = k}, FETCH)}
+end
+
+local function loc_meta(L)
+  if L.strategy == nil then
+    local v = redis.call('HMGET', L.key, 'strategy', 'split', 'cands', 'home')
+    L.strategy, L.split, L.cands, L.home = v[1] or 'priority', v[2] == '1', v[3] or '', v[4]
+  end
+  return L
+end
 
 local function read_locs(k)
   local raw = redis.call('HGETALL', k)
@@ -105,8 +133,21 @@ local function allocate(L, qty, pin)
     if a < qty then return nil, a .. '@' .. pin end
     return {{pin, qty}}
   end
-  local names, best, left, allocs = candidates(L), 0, qty, {}
-  for _, n in ipairs(names) do
+  loc_meta(L)
+  local names  -- an iterator over the candidates, in the strategy's order
+  if L.strategy == 'most_available' then
+    local full = read_locs(L.key)  -- every location (parsed into L.at as used)
+    for name, v in pairs(full.at[0]) do
+      if rawget(L.at, name) == nil then rawset(L.at, name, parse_at(v)) end
+    end
+    full.at = L.at
+    local list, i = candidates(full), 0
+    names = function() i = i + 1; return list[i] end
+  else
+    names = string.gmatch(L.cands, '[^,]+')  -- priority: precomputed (refresh_cands)
+  end
+  local best, left, allocs = 0, qty, {}
+  for n in names do
     local a = L.at[n].a
     if not L.split then
       if a >= qty then return {{n, qty}} end
@@ -131,21 +172,33 @@ end
 -- locations: all of it at the SKU's first location.
 local function read_alloc(k_line, L, qty)
   local v = redis.call('GET', alloc_key(k_line))
-  if not v then return {pin = '', allocs = {{L.home or L.names[1], qty}}} end
+  if not v then return {pin = '', allocs = {{loc_meta(L).home, qty}}} end
   local pin, rest = string.match(v, '^([^|]*)|(.*)$')
   local allocs = {}
   for n, q in string.gmatch(rest, '([^:,]+):(%d+)') do allocs[#allocs + 1] = {n, tonumber(q)} end
   return {pin = pin, allocs = allocs}
 end
 
-local function locs_of(call, k_sku)
+local function locs_of(call, k_sku)  -- a SKU with locations (its 'locs' flag)
   call.locs = call.locs or {}
   local L = call.locs[k_sku]
   if L == nil then
-    L = read_locs(loc_key(k_sku)) or false
+    L = open_locs(loc_key(k_sku))
     call.locs[k_sku] = L
   end
   return L
+end
+
+-- The priority list 'cands' of the locations hash k (candidates, priority): kept
+-- whenever a location appears or the strategy changes (locations.lua,
+-- resync_locations.lua), so that a reserve walks it without sorting anything.
+local function refresh_cands(k)
+  local full = read_locs(k)
+  if not full then return end
+  local strategy = full.strategy
+  full.strategy = 'priority'
+  redis.call('HSET', k, 'cands', table.concat(candidates(full), ','))
+  full.strategy = strategy
 end
 
 local function sign(d, q)

@@ -23,7 +23,8 @@
 local sku, op = ARGV[1], ARGV[2]
 local c = read_sku(KEYS[1])
 if c.fenced then return {'UNAVAILABLE', sku} end
-local L = c.located and locs_of({}, KEYS[1]) or nil
+local L = c.located and read_locs(KEYS[3]) or nil
+local created = false  -- a new location: the priority list is refreshed (refresh_cands)
 local now = now_ms()
 
 local function place(name)  -- a location, created empty (the first one adopts the SKU)
@@ -31,9 +32,11 @@ local function place(name)  -- a location, created empty (the first one adopts t
     L = {key = KEYS[3], at = {}, names = {}, order = {}, transit = 0, home = name}
     redis.call('HSET', KEYS[3], 'home', name)
     redis.call('HSET', KEYS[1], 'locs', 1)  -- read_sku: the line scripts look at KEYS[3]
-    L.at[name] = {a = c.a, r = c.r, s = c.s, t = 0}
+    L.at[name], created = {a = c.a, r = c.r, s = c.s, t = 0}, true
   end
-  if not L.at[name] then L.at[name] = {a = 0, r = 0, s = 0, t = 0} end
+  if not L.at[name] then
+    L.at[name], created = {a = 0, r = 0, s = 0, t = 0}, true
+  end
   return L.at[name]
 end
 
@@ -53,6 +56,7 @@ if op == 'set' or op == 'adjust' then
   end
   at.a, c.a = at.a + delta, c.a + delta
   save(name)
+  if created then refresh_cands(KEYS[3]) end
   commit(KEYS[1], KEYS[2], {op = op, sku = sku, qty = delta, reason = ARGV[op == 'set' and 5 or 6],
     loc = loc_part(name, delta, at)}, c, now)
   return {'OK', c.a, c.r, c.s}
@@ -62,6 +66,7 @@ if not L then return {'NOLOCATION', sku, ''} end
 
 if op == 'allocation' then
   redis.call('HSET', KEYS[3], 'strategy', ARGV[3], 'order', ARGV[4], 'split', ARGV[5])
+  refresh_cands(KEYS[3])
   commit(KEYS[1], KEYS[2], {op = 'allocation', sku = sku, qty = 0,
     reason = ARGV[3] .. ';' .. ARGV[4] .. ';' .. ARGV[5]}, c, now)
   return {'OK'}
@@ -100,6 +105,7 @@ if op == 'receive' then
   src.t, dst.a, c.a, L.transit = src.t - x.qty, dst.a + x.qty, c.a + x.qty, L.transit - x.qty
   save(x.from)
   save(x.to)
+  if created then refresh_cands(KEYS[3]) end
   redis.call('HSET', KEYS[3], 'transit', L.transit)
   redis.call('HSET', KEYS[4], id, (string.gsub(v, '|T|', '|D|', 1)))
   commit(KEYS[1], KEYS[2], {op = 'receive', sku = sku, order = id, qty = x.qty,

@@ -187,6 +187,9 @@ async def test_first_location_adopts_the_skus_open_lines(engine: StockEngine) ->
     await engine.reserve("before", [Item("L8", 2)], 60)
     locs = await located(engine, "L8", berlin=3)
     assert places(await locs.read("L8")) == {"berlin": (3, 2, 0, 0)}
+    fresh = await engine.reserve("after", [Item("L8", 1)], 60)  # one location, no strategy
+    assert fresh.lines[0].allocations == "berlin:1"
+    await engine.release("after")
     released = await engine.release("before")
     assert released.lines[0].allocations == "berlin:2"
     assert places(await locs.read("L8")) == {"berlin": (5, 0, 0, 0)}
