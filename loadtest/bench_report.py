@@ -20,20 +20,34 @@ GOALS = {  # issue 16
     "soldout/bare": (0.8, ">="),
     "locations/plain": (0.8, ">="),  # issue 24
     "overload_p99/capacity_p99": (3.0, "<="),
+    "cluster_cpu/standalone_cpu": (1.5, "<="),  # issue 23: the worse of 1- and 2-item
 }
 # the summary line's keys, in order, and how each is printed
 SUMMARY = {
     "library/raw": "{:.2f}", "http/bare": "{:.2f}", "library/pg": "{:.1f}",
     "bytes/reservation": "{:.0f}", "reaper/s": "{:.0f}", "writer/s": "{:.0f}",
     "cluster/standalone": "{:.2f}", "soldout/bare": "{:.2f}",
-    "overload_p99/capacity_p99": "{:.2f}", "locations/plain": "{:.2f}",
+    "overload_p99/capacity_p99": "{:.2f}", "cluster_cpu/standalone_cpu": "{:.2f}",
+    "locations/plain": "{:.2f}",
 }  # fmt: skip
 
 
 def summary_line(summary: dict[str, float]) -> str:
-    """``bench: key=value ...``; a key whose row did not run shows ``n/a``."""
-    parts = [f"{k}={f.format(summary[k]) if k in summary else 'n/a'}" for k, f in SUMMARY.items()]
+    """``bench: key=value (met) ...``; a key whose row did not run shows ``n/a``."""
+    parts = []
+    for key, form in SUMMARY.items():
+        if key not in summary:
+            parts.append(f"{key}=n/a")
+            continue
+        verdict = f" ({'met' if met(key, summary[key]) else 'NOT met'})" if key in GOALS else ""
+        parts.append(f"{key}={form.format(summary[key])}{verdict}")
     return "bench: " + " ".join(parts)
+
+
+def met(key: str, value: float) -> bool:
+    """Whether ``value`` meets the goal of ``key`` (``GOALS``)."""
+    goal, sense = GOALS[key]
+    return value >= goal if sense == ">=" else value <= goal
 
 
 @dataclass
@@ -96,5 +110,5 @@ def print_table(report: Report, args: argparse.Namespace) -> None:
             print(f"goal {name} {sense} {goal}: not measured in this run")
             continue
         value = report.summary[name]
-        met = value >= goal if sense == ">=" else value <= goal
-        print(f"goal {name} {sense} {goal}: {'met' if met else 'NOT met'} ({_fmt(value)})")
+        verdict = "met" if met(name, value) else "NOT met"
+        print(f"goal {name} {sense} {goal}: {verdict} ({_fmt(value)})")

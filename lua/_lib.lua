@@ -319,8 +319,15 @@ end
 -- 'token,token,...' (at most TAGS_MAX; a full set takes no more). An undo
 -- (abort.lua) takes its own token out and deletes the line only when no token
 -- is left: a line that any other attempt touched, one that committed the order
--- among them, stays.
+-- among them, stays. A transition that leaves a line RESERVED (extend.lua,
+-- hold.lua's undo, resync.lua) only runs on a committed order: it writes the
+-- element COMMITTED into the set, which no attempt owns, so no later attempt's
+-- undo ever deletes the line (a hold's 'H<token>:<expiry>' element is no
+-- attempt's either).
 local TAGS_MAX = 8
+local UNDO_HOLD = 'undo-hold'  -- the reason of abort.lua's events undoing a hold
+local DEDUCT_HOLD = 'deduct-hold'  -- reason of a multi-group deduct's holds (formats.py)
+local COMMITTED = '*'
 
 local function has_tag(tags, tag)
   if not tags or tags == '' then return false end

@@ -15,22 +15,32 @@
 -- 'hold' (undo_holds; mode '0'): a hold's changes (hold.lua; ARGV[8] the
 --   hold's token). Lines tagged 'E'..token go back to EXPIRED (reserved -= qty,
 --   available += qty; event op=expire); lines tagged 'H'..token..':'..expiry
---   get their previous expiry back (event op=extend).
+--   get their previous expiry back (event op=extend). Their events carry the
+--   reason 'undo-hold' (UNDO_HOLD in _lib.lua, persist/webhooks.py: no second
+--   reservation.expired for a line that expired before the hold).
 -- Returns OK, REPLAY, TRANSITION (the line moved on), UNAVAILABLE.
 -- Events: op=abort, one per removed line.
 local call = parse_call()
 local undo_holds = call.kind == 'hold'  -- ARGV[7]: else the order's kind
-if undo_holds then call.kind = nil end
+if undo_holds then
+  call.kind = nil
+  -- the reason UNDO_HOLD marks these events: a line put back to EXPIRED was reported
+  -- expired once already (the webhooks offer no second reservation.expired for it)
+  call.reason = UNDO_HOLD
+end
 
 local function decide(it, line)
   if undo_holds then
-    if line and line.state == 'R' and line.tag == 'E' .. call.tag then
+    -- (an attempt's token may have joined the hold's element since: a late replay)
+    if line and line.state == 'R' and has_tag(line.tag, 'E' .. call.tag) then
       return {state = 'E', qty = line.qty, exp = line.exp, dr = -line.qty, da = line.qty,
               op = 'expire'}
     end
-    local before = line and line.state == 'R' and string.match(line.tag, '^H' .. call.tag .. ':(%d+)$')
-    if before then
-      return {state = 'R', qty = line.qty, exp = tonumber(before), op = 'extend'}
+    local before = line and line.state == 'R'
+      and string.match(',' .. line.tag .. ',', ',H' .. call.tag .. ':(%d+),')
+    if before then  -- a committed order's line: it stays one (COMMITTED)
+      return {state = 'R', qty = line.qty, exp = tonumber(before), op = 'extend',
+              tag = COMMITTED}
     end
     return {replay = true, state = line and line.state or '-', qty = 0, exp = 0}
   end

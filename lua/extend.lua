@@ -16,7 +16,8 @@ local function decide(it, line, c, now)
   if call.kind == 'deduct' then return nil, {'TRANSITION', it.sku, 'C'} end  -- (release.lua)
   local exp = now + call.ttl
   if line.exp > exp then exp = line.exp end  -- never shorter than it was
-  return {state = 'R', qty = line.qty, exp = exp}
+  -- a committed order's line: no attempt's undo deletes it (COMMITTED, _lib.lua)
+  return {state = 'R', qty = line.qty, exp = exp, tag = COMMITTED}
 end
 
 return run_lines(call, 'extend', decide)

@@ -8,8 +8,10 @@
 -- set (add_tag), new or replayed, so that another, failing attempt of the same
 -- order never undoes a line this one holds. With ARGV[7] kind 'deduct' this is the first step of a cluster
 -- deduct: the lines are held (RESERVED, ttl = the hold; a hold of an earlier
--- attempt is joined and held anew, event op=extend), and a line already
--- CONFIRMED by this deduct is a replay.
+-- attempt is joined and held anew, event op=extend), a hold that ran out before the
+-- settle (EXPIRED: a committed deduct's retry) is re-acquired if the stock allows
+-- (event op=reserve; else INSUFFICIENT), and a line already CONFIRMED by this
+-- deduct is a replay.
 -- Returns OK (new lines), REPLAY (every line already RESERVED, or CONFIRMED
 -- for a deduct, with the same qty), INSUFFICIENT (sku, available per short
 -- line), CONFLICT (the order holds other items or is of the other kind),
@@ -19,19 +21,27 @@ local call = parse_call()
 local refused = open_order(call) or open_copy(call)
 if refused then return refused end
 local done_state = call.kind == 'deduct' and 'C' or 'R'
+-- a cluster deduct's holds say so in their events' reason: PostgreSQL then knows the
+-- line's order kind (the writer reads it; stock resync restores the order as a deduct)
+if call.kind == 'deduct' and call.copy_key then call.reason = DEDUCT_HOLD end
 
 local function decide(it, line, c, now)
   if line then
     if line.qty ~= it.qty then return nil, {'CONFLICT', call.kind} end
     call.saw_line = true
     local tags = line.tag
-    if line.state == 'R' and call.tag ~= '' and call.copy == 'same' then
+    if (line.state == 'R' or line.state == 'E') and call.tag ~= '' and call.copy == 'same' then
       tags = add_tag(line.tag, call.tag)
     end
     if line.state == 'R' and call.kind == 'deduct' and call.copy == 'same' then
       -- a deduct's hold joined by a retry: held anew for the retry's settle
       return {state = 'R', qty = line.qty, exp = math.max(line.exp, now + call.ttl),
               tag = tags, op = 'extend'}
+    elseif line.state == 'E' and call.kind == 'deduct' and call.copy == 'same' then
+      -- a committed deduct's hold that ran out before its settle: re-acquired if the
+      -- stock allows (else the retry is refused short and undoes the order)
+      return {state = 'R', qty = line.qty, exp = now + call.ttl, tag = tags, op = 'reserve',
+              da = -line.qty, dr = line.qty, short = c.a < line.qty}
     elseif line.state == 'R' or line.state == done_state then
       return {replay = true, state = line.state, qty = line.qty, exp = line.exp, tag = tags,
               restamp = tags ~= line.tag}

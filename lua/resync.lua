@@ -44,7 +44,9 @@ for i = 0, (#ARGV - base) / 5 - 1 do
   local at = base + 5 * i
   local order_id, state, qty, exp = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
   local k_line, member = KEYS[4 + i], ARGV[1] .. '|' .. order_id
-  local value = line_value({state = state, qty = qty, exp = exp, customer = ARGV[at + 5]})
+  -- a RESERVED line restored with its order's record: no attempt's undo deletes it
+  local tag = state == 'R' and COMMITTED or nil
+  local value = line_value({state = state, qty = qty, exp = exp, customer = ARGV[at + 5]}, tag)
   if state == 'R' then
     redis.call('SET', k_line, value)
     redis.call('ZADD', KEYS[2], exp, member)

@@ -35,7 +35,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     payments = commands.add_parser(
         "reconcile-payments", help="compare a payment channel's CSV export with the orders"
     )
-    payments.add_argument("file", metavar="FILE", help="CSV with columns order_id and status")
+    payments.add_argument(
+        "file", metavar="FILE", help="CSV with columns order_id, status and optionally time"
+    )
     payments.add_argument("--repair", action="store_true", help="confirm or cancel what is off")
     payments.add_argument("--since", metavar="T", help="ISO 8601: sales from T must be in FILE")
     payments.add_argument("--until", metavar="T", help="ISO 8601: sales before T must be in FILE")

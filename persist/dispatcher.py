@@ -7,8 +7,9 @@ also fences the outcome (a row claimed again after a lost lease is not
 overwritten by the first claimer). The POST carries ``X-Stock-Event-Id`` and
 ``X-Stock-Signature: sha256=<HMAC-SHA256 of the body>``; a 2xx answer marks the
 row delivered. Anything else retries after ``base * 2^(attempts-1)`` seconds (at
-most 5 minutes), the last try at the end of the retry window, after which the
-row is ``failed``. A dispatcher that dies mid-send leaves a ``sending`` row that
+most 5 minutes), the last try at the end of the retry window (``webhook_retry_s``
+from the row's ``enqueued_at``, the writer's insert, not the event's time), after
+which the row is ``failed``. A dispatcher that dies mid-send leaves a ``sending`` row that
 is claimed again when its lease ends, so it goes out again with the same id.
 
 A slow receiver holds only its own rows: at most ``PER_SUBSCRIPTION`` requests

@@ -14,7 +14,9 @@ before its wait, a connection that broke): WAITAOF would then return at once. An
 ``XAUTOCLAIM ... COUNT 1 JUSTID`` before it (the entry stays with the same consumer)
 is a write that follows the delivery, so the wait covers the pending entries too.
 
-**What a read waits for**, decided per node at its first read (``_decide``): WAITAOF
+**What a read waits for**, decided per node at its first read (``_decide``; made
+again after the node's round trip failed or its wait timed out, and when a replica
+attached later: see ``persist.durable_wait``): WAITAOF
 where the server has it (Redis 7.2+, Valkey) and can confirm an fsync. Redis 7.0 and
 7.1 have no WAITAOF, ``appendfsync no`` never confirms an fsync, and Valkey (every
 release so far) confirms one it has not done under ``everysec`` (redis/redis#13793,
@@ -23,8 +25,8 @@ for a replica when the node has one, and else a warning is logged once (WAITAOF 
 kept where it exists: it is right on a server with the fix). Under
 ``appendfsync always`` every reply follows its fsync. Where the node has a replica
 the reads also ``WAIT 1`` for it (``WAITAOF+WAIT``): a failover promotes the
-replica, and what it lacks is lost however well the master fsynced. Without AOF
-there is nothing to wait for.
+replica, and what it lacks is lost however well the master fsynced; with AOF off
+the reads WAIT for the replica alone, and without either there is nothing to wait for.
 
 **Moved slots, failed nodes.** A bucket whose read answered MOVED, ASK, TRYAGAIN or
 CLUSTERDOWN was not read there (the command did not run): redis-py's slot map is
@@ -42,7 +44,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +52,6 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
-    RedisError,
     ResponseError,
     SlotNotCoveredError,
     TryAgainError,
@@ -59,13 +60,13 @@ from redis.exceptions import (
     TimeoutError as ReplyTimeout,
 )
 
+from persist.durable_wait import NO_WAIT, WAIT, WAITAOF, check_synced, config_pairs, online_replicas
 from stock.core.config import Settings
 from stock.redis.client import connect
 
 log = logging.getLogger("persist.writer")
 
 WAITAOF_MS = 2000  # how long a read waits for Redis to fsync what it returned
-WAITAOF, WAIT, NO_WAIT = "WAITAOF", "WAIT", ""  # or both: "WAITAOF+WAIT"
 EARLY_S = 0.6  # two write + WAITAOF pairs under everysec answered faster: no fsyncs
 REFRESH_S = 1.0  # at most one slot map reload per this long after a node failed
 # Replies after which a bucket was not read (the command did not run there): read again.
@@ -189,14 +190,21 @@ class DurableReads:
                     r.start,
                 )
             )
+        commands.append(("ROLE",))  # a replica attached later? (persist.durable_wait)
         waits = wait.split("+") if wait else []
         if WAITAOF in waits:
             commands.append(("WAITAOF", 1, 0, WAITAOF_MS))
         if WAIT in waits:
             commands.append(("WAIT", 1, WAITAOF_MS))
         replies = await self._round_trip(node, commands, waits=bool(wait))
-        for each in reversed(waits):
-            _check_synced(each, replies.pop())
+        synced = [replies.pop() for _ in waits][::-1]
+        if WAIT not in waits and online_replicas(replies.pop()):
+            log.info("writer: %s has a replica now: its reads will WAIT for it", name)
+            self.waits.pop(name, None)  # decided again next round, which reads them again
+            result.skipped.update(r.bucket for r in reads)
+            return
+        for each, reply in zip(waits, synced, strict=True):
+            check_synced(each, reply)
         at = 0
         for r in reads:
             own = 3 if r.start == "0" and wait else 2
@@ -211,7 +219,6 @@ class DurableReads:
     async def _decide(self, node: Any, key: str) -> str:
         """What reads from one node wait for (see the module's docstring); ``key``:
         a stream of that node with the writer's group, for ``_confirms_unsynced``."""
-        name = _name(node)
 
         async def send(*command: Any) -> Any:
             (reply,) = await self._round_trip(node, [command])
@@ -219,44 +226,53 @@ class DurableReads:
                 raise reply
             return reply
 
+        found = re.search(r"connected_slaves:(\d+)", str(await send("INFO", "replication")))
+        replica = bool(found and int(found.group(1)) > 0)
+        local, unsafe = await self._local_wait(node, key, send, replica)
+        if replica:
+            # A failover promotes the replica: what it lacks is lost however well the
+            # master fsynced (or without AOF), so the reads wait for it too.
+            return f"{local}+{WAIT}" if local else WAIT
+        if unsafe:
+            log.warning(
+                "writer: %s %s and has no replica: a host crash can lose up to about a "
+                "second of events that PostgreSQL already has; set appendfsync always, add "
+                "a replica, or use Redis 8.0+ with appendfsync everysec",
+                _name(node),
+                unsafe,
+            )
+        return local
+
+    async def _local_wait(
+        self, node: Any, key: str, send: Callable[..., Awaitable[Any]], replica: bool
+    ) -> tuple[str, str]:
+        """WAITAOF or NO_WAIT, and why a host crash can still lose events that
+        PostgreSQL has ("" when it cannot, or without AOF: nothing to wait for; with a
+        replica the reads WAIT for it and the fsync probe is not needed)."""
         try:
-            policy = _pairs(await send("CONFIG", "GET", "appendfsync")).get("appendfsync")
-            if _pairs(await send("CONFIG", "GET", "appendonly")).get("appendonly") != "yes":
-                return NO_WAIT
+            policy = config_pairs(await send("CONFIG", "GET", "appendfsync")).get("appendfsync")
+            if config_pairs(await send("CONFIG", "GET", "appendonly")).get("appendonly") != "yes":
+                return NO_WAIT, ""
         except ResponseError:
-            return NO_WAIT  # CONFIG refused (managed Redis)
+            return NO_WAIT, ""  # CONFIG refused (managed Redis)
         try:
             await send("WAITAOF", 0, 0, 1)
             has_waitaof = policy != "no"
         except ResponseError as exc:
             if "unknown command" not in str(exc).lower():
-                return NO_WAIT
+                return NO_WAIT, ""
             has_waitaof = False
         local = WAITAOF if has_waitaof else NO_WAIT
-        early = has_waitaof and policy == "everysec" and await self._confirms_unsynced(node, key)
-        replicas = re.search(r"connected_slaves:(\d+)", str(await send("INFO", "replication")))
-        if replicas and int(replicas.group(1)) > 0:
-            # A failover promotes the replica: what it lacks is lost however well the
-            # master fsynced, so the reads wait for it too (on another machine).
-            return f"{local}+{WAIT}" if local else WAIT
-        if policy == "always" or (has_waitaof and not early):
-            return local
-        reason = (
-            "confirms fsyncs it has not done (WAITAOF under appendfsync everysec: "
-            "redis/redis#13793, not fixed in Valkey)"
-            if early
-            else "has no WAITAOF (Redis 7.2+)"
-            if policy != "no"
-            else "never confirms an fsync"
-        )
-        log.warning(
-            "writer: %s %s and has no replica: a host crash can lose up to about a second "
-            "of events that PostgreSQL already has; set appendfsync always, add a replica, "
-            "or use Redis 8.0+ with appendfsync everysec",
-            name,
-            reason,
-        )
-        return WAITAOF if has_waitaof else NO_WAIT
+        if policy == "always" or replica:
+            return local, ""
+        if has_waitaof and policy == "everysec" and await self._confirms_unsynced(node, key):
+            return local, (
+                "confirms fsyncs it has not done (WAITAOF under appendfsync everysec: "
+                "redis/redis#13793, not fixed in Valkey)"
+            )
+        if has_waitaof:
+            return local, ""
+        return local, "has no WAITAOF (Redis 7.2+)" if policy != "no" else "never confirms an fsync"
 
     async def _confirms_unsynced(self, node: Any, key: str) -> bool:
         """Whether the node answers WAITAOF 1 0 before the fsync: of three writes each
@@ -362,21 +378,3 @@ def _raw(response: Any, **options: Any) -> Any:
 
 def _name(node: Any) -> str:
     return "Redis" if node is None else str(node.name)
-
-
-def _check_synced(wait: str, synced: Any) -> None:
-    """Raise unless the wait's reply says the reads are fsynced (WAITAOF: [local,
-    replicas]) or on a replica (WAIT: replicas)."""
-    if not isinstance(synced, Exception):
-        done = synced if wait == WAIT else synced[0]
-        if int(done) >= 1:
-            return
-    where = "fsynced by Redis" if wait == WAITAOF else "on a replica"
-    raise RedisError(f"events not yet {where} ({wait}: {synced!r})")
-
-
-def _pairs(reply: Any) -> dict[str, Any]:
-    """A raw CONFIG GET reply: RESP3 map or RESP2 flat list."""
-    if isinstance(reply, dict):
-        return {str(k): v for k, v in reply.items()}
-    return {str(k): v for k, v in zip(reply[::2], reply[1::2], strict=True)}

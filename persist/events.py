@@ -37,7 +37,7 @@ import asyncpg
 
 from persist import webhooks
 from persist.locations import LINE_ALLOCATIONS, LOCATION_LEVELS
-from stock.core.formats import ORDER_KINDS, STATE_AFTER
+from stock.core.formats import DEDUCT_HOLD, ORDER_KINDS, STATE_AFTER
 
 # An event's values in the order of its "e" field, then its reason, customer and loc
 # (a SKU with locations, DESIGN §13: 'name:qty:available:reserved:sold:in_transit,...').
@@ -270,8 +270,9 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
             op, kind = values[0], ""
             if op in STATE_AFTER:  # a line's event
                 line = values[9] + "|" + values[8]
-                if op in ORDER_KINDS:
-                    kinds[line] = kind = op
+                if op in ORDER_KINDS:  # (a cluster deduct's hold: a reserve, by reason)
+                    kind = "deduct" if values[10] == DEDUCT_HOLD else op
+                    kinds[line] = kind
                 else:
                     kind = kinds.get(line, "")
             out.append("\t".join(values) + tail + entry_id + "\t" + kind + "\n")

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from stock.core import keys
 from stock.core.config import Settings
+from stock.redis.client import typed
 
 RECONCILE_DRIFTS_KEPT = 50  # drift lines kept in the record (the count is always whole)
 WRITER_LOCK = 0x5704  # persist.writer.WRITER_LOCK (first key of its advisory locks)
@@ -132,10 +133,10 @@ async def health(client: Any, settings: Settings, pool: Any, registry: Any) -> d
         "buckets": settings.buckets,
     }
     now_ms = 0
-    try:
-        now_ms = await server_ms(client)
-        body["expiry_lag_s"] = await expiry_lag_s(client, settings, now_ms)
-        body["reconcile"] = await last_reconcile(client)
+    try:  # (typed: a failure inside redis-py is a RedisError too)
+        now_ms = await typed(server_ms(client), "health")
+        body["expiry_lag_s"] = await typed(expiry_lag_s(client, settings, now_ms), "health")
+        body["reconcile"] = await typed(last_reconcile(client), "health")
     except (RedisError, OSError) as exc:
         body["redis"] = _error(exc)
     if pool is None:
@@ -144,7 +145,8 @@ async def health(client: Any, settings: Settings, pool: Any, registry: Any) -> d
         async with pool.acquire(timeout=2) as conn:
             body["writer"] = await writer_buckets(conn, settings)
             if now_ms:
-                body["flush_lag_s"] = await flush_lag_s(client, settings, conn, now_ms)
+                lag = flush_lag_s(client, settings, conn, now_ms)
+                body["flush_lag_s"] = await typed(lag, "health")
         body["postgres"] = "ok"
     except RedisError as exc:
         body["redis"] = _error(exc)

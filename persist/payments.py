@@ -1,10 +1,17 @@
 """Payment reconciliation (``stock reconcile-payments``, DESIGN §9).
 
 A payment channel's CSV export (a header row; columns ``order_id`` and
-``status`` with ``paid``, ``refunded`` or ``failed``; other columns ignored) is
-compared with the orders' lines: Redis for orders it still holds (live ones,
-and finished ones within the retention window), else PostgreSQL's
-``reservation_lines``. Each order of the file gets one outcome:
+``status`` with ``paid``, ``refunded`` or ``failed``, optionally ``time`` in
+ISO 8601; other columns ignored) is compared with the orders' lines: Redis for
+orders it still holds (live ones, and finished ones within the retention
+window), else PostgreSQL's ``reservation_lines``.
+
+An order with several rows gets one payment status (``settle``): its rows in
+the order of their times (the file's order without a ``time`` column, and for
+equal times), the last ``paid`` or ``refunded`` wins; ``failed`` counts only
+when there is neither (a failed try undoes no payment). Deciding per row
+instead made run 1 confirm a paid-then-refunded order and run 2 cancel it.
+Each order of the file gets one outcome:
 
 | payment | lines | outcome | ``--repair`` |
 |---|---|---|---|
@@ -29,9 +36,9 @@ import asyncio
 import csv
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -47,6 +54,7 @@ CHUNK = 1000  # orders looked up together
 CONCURRENCY = 64  # Redis lookups and repairs in flight
 PROGRESS_S = 2.0
 REPAIRED = ("confirmed", "cancelled")  # the actions that settle a finding
+_NO_TIME = datetime.min.replace(tzinfo=UTC)  # (an export without a time column)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +67,10 @@ class Finding:
         return self.outcome != "ok" and self.action not in REPAIRED
 
 
-def read_export(path: Path) -> Iterator[tuple[int, str, str]]:
-    """(line number, order_id, status) per data row; a bad row is an InvalidRequest
-    naming its line, so an operator's wrong file stops before anything changes."""
+def read_export(path: Path) -> Iterator[tuple[int, str, str, datetime | None]]:
+    """(line number, order_id, status, time or None) per data row; a bad row is an
+    InvalidRequest naming its line, so an operator's wrong file stops before
+    anything changes."""
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames or []
@@ -76,7 +85,26 @@ def read_export(path: Path) -> Iterator[tuple[int, str, str]]:
                     f"{path}:{reader.line_num}: need an order_id and a status of "
                     f"{'/'.join(STATUSES)}, got {row.get('order_id')!r}, {row.get('status')!r}"
                 )
-            yield reader.line_num, order_id, status
+            at = None
+            if "time" in fields:
+                try:
+                    at = parse_time((row.get("time") or "").strip())
+                except InvalidRequest as exc:
+                    raise InvalidRequest(f"{path}:{reader.line_num}: {exc.message}") from None
+            yield reader.line_num, order_id, status, at
+
+
+def settle(rows: Iterable[tuple[int, str, str, datetime | None]]) -> list[tuple[str, str]]:
+    """(order_id, status) once per order, in the order of first appearance: of its
+    rows by time (then line), the last ``paid``/``refunded``, else ``failed``."""
+    by_order: dict[str, list[tuple[datetime, int, str]]] = {}
+    for line, order_id, status, at in rows:
+        by_order.setdefault(order_id, []).append((at or _NO_TIME, line, status))
+    settled = []
+    for order_id, its in by_order.items():
+        money = [status for _, _, status in sorted(its) if status != "failed"]
+        settled.append((order_id, money[-1] if money else "failed"))
+    return settled
 
 
 def summarise(states: list[str]) -> str:
@@ -193,15 +221,14 @@ async def reconcile_payments(
     progress: TextIO = sys.stderr,
 ) -> int:
     """Print the findings; returns 1 when anything needs a person, else 0."""
-    rows = list(read_export(path))  # the whole file is checked before anything changes
+    rows = settle(read_export(path))  # the whole file is checked before anything changes
     conn = await asyncpg.connect(dsn)
     try:
         reconciler = PaymentReconciler(engine, conn, repair)
         findings: list[Finding] = []
         started = last = time.monotonic()
         for start in range(0, len(rows), CHUNK):
-            chunk = [(order_id, status) for _, order_id, status in rows[start : start + CHUNK]]
-            findings.extend(await reconciler.check(chunk))
+            findings.extend(await reconciler.check(rows[start : start + CHUNK]))
             if time.monotonic() - last >= PROGRESS_S:
                 last = time.monotonic()
                 print(
@@ -210,7 +237,7 @@ async def reconcile_payments(
                     file=progress,
                 )
         if since is not None or until is not None:
-            seen = {order_id for _, order_id, _ in rows}
+            seen = {order_id for order_id, _ in rows}
             findings.extend(await reconciler.absent_sales(seen, since, until))
     finally:
         await conn.close()
@@ -243,8 +270,6 @@ def _print(findings: list[Finding], as_json: bool, out: TextIO) -> None:
 
 def parse_time(text: str) -> datetime:
     """ISO 8601; a time without a zone is UTC."""
-    from datetime import UTC
-
     try:
         value = datetime.fromisoformat(text)
     except ValueError:

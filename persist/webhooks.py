@@ -6,7 +6,9 @@ so a delivery exists exactly when its event is durable: a batch that rolls back
 offers nothing, and a batch applied once offers once.
 
 - ``order.confirmed`` (confirm, deduct), ``order.cancelled``,
-  ``reservation.expired``: one per event (one order line).
+  ``reservation.expired``: one per event (one order line), except the
+  ``expire`` of an undone multi-node hold (reason ``undo-hold``: that line was
+  offered expired already).
 - ``stock.sold_out`` / ``stock.back_in_stock``: an event whose ``available`` is 0
   where the SKU's previous event (in the batch, else ``stock_levels``) had more,
   or the other way round (a SKU never seen counts as 0).
@@ -35,6 +37,9 @@ EVENT_TYPES = (
 )
 STATES = ("pending", "sending", "delivered", "failed", "superseded")
 
+# abort.lua's reason for undoing a refused multi-node hold (lua/_lib.lua UNDO_HOLD):
+# its ``expire`` puts back a line whose expiry was offered already
+UNDO_HOLD = "undo-hold"
 _ORDER_TYPES = "'{order.confirmed,order.cancelled,reservation.expired}'::text[]"
 _STOCK_TYPES = "'{stock.sold_out,stock.back_in_stock}'::text[]"
 _COLUMNS = (
@@ -57,6 +62,7 @@ FROM (
         WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
     FROM writer_batch b
     WHERE b.op IN ('confirm', 'deduct', 'cancel', 'expire')
+      AND NOT (b.op = 'expire' AND b.reason = '{UNDO_HOLD}')
       AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE events && {_ORDER_TYPES})
 ) AS e
 JOIN webhook_subscriptions s ON e.type = any(s.events)

@@ -3,7 +3,9 @@ serve` processes are SIGKILLed and restarted, for tests/linearizability.py to ch
 
 Two API processes stand behind the client (each request goes to either, as a load
 balancer would send it). Buyers run checkout sessions (reserve or deduct one SKU,
-then confirm, release, extend, cancel, sometimes twice or concurrently), readers
+then confirm, release, extend, cancel, sometimes twice or concurrently; or two
+attempts of one order id at once, often with other items or kinds; or a try and its
+TCC cancel at once), readers
 read the counters, an admin adjusts stock, and a killer SIGKILLs each process once
 mid-run and starts it again. Every call is an :class:`Op` with its invoke and return
 times; a timeout, a reset or refused connection, or a 5xx is an unknown outcome, and
@@ -129,6 +131,7 @@ class Recorder:
     bases: list[str]
     rng: random.Random
     ops: list[Op] = field(default_factory=list)
+    interleave: float = 1.0  # share of racing attempts and try/cancel races (0: none)
     timeout: aiohttp.ClientTimeout = field(default_factory=lambda: aiohttp.ClientTimeout(total=3))
 
     async def call(self, kind: str, sku: str, order: str = "", qty: int = 0) -> Result | None:
@@ -181,9 +184,37 @@ class Workload:
     cap: int = 300  # operations per SKU (the checker's search grows with the history)
     seed: int = 1
     kills: bool = True  # SIGKILL and restart each API process once
+    interleave: float = 1.0  # sessions racing attempts of one order id or try and cancel
+
+
+async def _race(rec: Recorder, sku: str, order: str) -> None:
+    """Two attempts of one order id at once (a double submit, two tabs), often with other
+    items or of the other kind: exactly one order may exist, a loser's 409 names it."""
+    first = (rec.rng.choice(("reserve", "deduct")), rec.rng.choice((1, 2)))
+    second = rec.rng.choice([first, (first[0], 3 - first[1]), ("deduct", first[1])])
+    if second == first == ("deduct", first[1]):
+        second = ("reserve", first[1])
+    await asyncio.gather(*(rec.retrying(kind, sku, order, qty) for kind, qty in (first, second)))
+
+
+async def _try_and_cancel(rec: Recorder, sku: str, order: str) -> None:
+    """TCC: a try and its cancel at once (the coordinator timed the try out): an empty
+    rollback leaves a tombstone and the hanging try is refused, never a hold."""
+    kind = rec.rng.choice(("reserve", "deduct"))
+    undo = "release" if kind == "reserve" else "cancel"
+
+    async def late_try() -> None:
+        await asyncio.sleep(rec.rng.uniform(0.0, 0.01))
+        await rec.retrying(kind, sku, order, rec.rng.choice((1, 2)))
+
+    await asyncio.gather(late_try(), rec.retrying(undo, sku, order))
 
 
 async def _session(rec: Recorder, sku: str, order: str) -> None:
+    odd = rec.rng.random()
+    if odd < 0.3 * rec.interleave:
+        await (_race if odd < 0.15 * rec.interleave else _try_and_cancel)(rec, sku, order)
+        return
     kind = "deduct" if rec.rng.random() < 0.25 else "reserve"
     qty = rec.rng.choice((1, 1, 2, 3))
     result = await rec.retrying(kind, sku, order, qty)
@@ -236,7 +267,7 @@ async def record(settings: Settings, w: Workload) -> tuple[list[Op], Api]:
             await api.ready(i)
         connector = aiohttp.TCPConnector(limit=100)
         async with aiohttp.ClientSession(connector=connector) as http:
-            rec = Recorder(http, api.bases, random.Random(w.seed))
+            rec = Recorder(http, api.bases, random.Random(w.seed), interleave=w.interleave)
             for sku in w.skus:
                 answer = await rec.call("adjust", sku, qty=w.stock)  # a new SKU: 0 + stock
                 assert answer == ("ok", w.stock, 0, 0), answer

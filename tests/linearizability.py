@@ -21,8 +21,10 @@ operation                                  answers
 =========================================  ===============================================
 ``read``, ``adjust`` (``qty`` = delta)     ``("ok", available, reserved, sold)``
 ``reserve``, ``deduct``                    ``("created",)`` (201), ``("replay",)`` (200)
-``confirm``, ``release``, ``cancel``,      ``("ok",)`` (200, a replay included)
-``extend``
+``confirm``, ``release``, ``cancel``,      ``("ok",)`` (200, a replay included; a release
+``extend``                                 or cancel of no order leaves a TCC tombstone
+                                           that refuses the order id's try, confirm and
+                                           extend: ``invalid_transition``)
 refusals                                   ``("insufficient_stock", available)``,
                                            ``("invalid_transition", state)``,
                                            ``("order_conflict",)``, ``("not_found",)``,
@@ -37,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from tests.model import ACQUIRED, EXPIRED, TRANSITIONS
+from tests.model import ACQUIRED, EXPIRED, TOMBSTONES, TRANSITIONS
 
 Result = tuple[object, ...]
 
@@ -58,8 +60,11 @@ class Op:
         return f"{what} -> {self.result if self.result is not None else '?'}"
 
 
+TOMB = "tomb"  # a Line's kind for a TCC tombstone (a release or cancel of no order)
+
+
 class Line(NamedTuple):
-    kind: str  # reserve or deduct
+    kind: str  # reserve or deduct, or TOMB (state: released or cancelled, qty 0)
     qty: int
     state: str  # a state name of tests.model
 
@@ -89,6 +94,10 @@ def answer(state: State, op: Op, index: int) -> tuple[Result, State]:
             return ("insufficient_stock", a), state
         return ("ok", a + op.qty, r, s), state._replace(available=a + op.qty)
     line = state.lines[index]
+    if line is not None and line.kind == TOMB:  # a hanging try, confirm or extend: refused
+        if TOMBSTONES.get(op.kind) == line.state:
+            return ("ok",), state  # a retried cancel replays
+        return ("invalid_transition", line.state), state
     if op.kind in ACQUIRED:
         target = ACQUIRED[op.kind]
         if line is not None:
@@ -103,6 +112,8 @@ def answer(state: State, op: Op, index: int) -> tuple[Result, State]:
         new = Line(op.kind, op.qty, target)
         return ("created",), state.put(index, new, -op.qty, held, op.qty - held)
     if line is None:
+        if op.kind in TOMBSTONES:  # TCC empty rollback: the cancel overtook its try
+            return ("ok",), state.put(index, Line(TOMB, 0, TOMBSTONES[op.kind]))
         return ("not_found",), state
     table = TRANSITIONS[op.kind]
     if line.state not in table:
@@ -124,7 +135,18 @@ def step(state: State, op: Op, index: int) -> State | None:
     result, after = answer(state, op, index)
     if op.result is None:
         return after if after != state else None
-    return after if result == op.result else None
+    if result == op.result:
+        return after
+    line = state.lines[index] if index >= 0 else None
+    if (  # a cluster runs a try's groups before it reads the tombstone: short wins
+        line is not None
+        and line.kind == TOMB
+        and op.kind in ACQUIRED
+        and op.result == ("insufficient_stock", state.available)
+        and state.available < op.qty
+    ):
+        return state
+    return None
 
 
 @dataclass

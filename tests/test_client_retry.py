@@ -137,3 +137,47 @@ async def test_the_api_answers_as_before(api: TestClient[Any, Any]) -> None:
     assert (bug.status, (await bug.json())["error"]) == (500, "internal")
     again = await api.post("/v1/reservations/rt-4/confirm")
     assert (again.status, (await again.json())["status"]) == (200, "confirmed")
+
+
+async def test_any_operation_failed_inside_redis_py_is_typed(
+    engine: StockEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only the retried order operations: a read that failed inside redis-py
+    leaves the engine as StoreUnavailable (the boundary is typed, so the API's front
+    classifies by type and walks no traceback); our own bug stays what it is."""
+    await engine.set_stock("RT-E", 5)
+
+    async def failing(*args: Any) -> Any:
+        await fail_inside_redis_py()
+
+    monkeypatch.setattr(engine.core, "hmget", failing)
+    with pytest.raises(StoreUnavailable) as caught:
+        await engine.get_stock("RT-E")
+    assert isinstance(caught.value.__cause__, ClientFailure)
+    assert isinstance(caught.value.__cause__.__cause__, AttributeError)
+
+    async def buggy(*args: Any) -> Any:
+        await our_own_bug()
+
+    monkeypatch.setattr(engine.core, "hmget", buggy)
+    with pytest.raises(AttributeError, match="a bug of the service"):
+        await engine.get_stock("RT-E")
+
+
+async def test_readiness_and_health_type_a_failure_inside_redis_py(
+    api: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routes that call Redis outside the engine say "error" (503 unready, the
+    health's redis field) for a failure inside redis-py, as for a RedisError."""
+    engine = api.app[ENGINE]  # type: ignore[index]
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        await fail_inside_redis_py()
+
+    monkeypatch.setattr(engine.redis, "ping", failing)
+    ready = await api.get("/readyz")
+    assert (ready.status, (await ready.json())["redis"][:6]) == (503, "error:")
+    monkeypatch.setattr(engine.redis, "time", failing)
+    health = await api.get("/v1/admin/health", headers=ADMIN)
+    assert health.status == 200, await health.text()
+    assert (await health.json())["redis"].startswith("error:")

@@ -21,12 +21,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stock.core import keys
 from stock.core.config import Settings
-from stock.core.errors import StoreUnavailable
+from stock.core.errors import InsufficientStock, StoreUnavailable
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
 from stock.redis.cluster_pipeline import ClusterBatch, NodePipeline
 from tests.conftest import BUCKETS, flush
 from tests.servers import Cluster, cli, script_sha
+from tests.test_multibucket import skus_on_distinct_nodes
 
 SKUS = [f"S{i:02d}" for i in range(32)]
 
@@ -101,6 +102,35 @@ async def test_concurrent_calls_travel_in_batches_per_node(
     stocks = [await engine.get_stock(sku) for sku in SKUS]
     assert sum(s.reserved for s in stocks) == 600
     assert sum(s.available for s in stocks) == 1000 * len(SKUS) - 600
+
+
+async def test_a_multi_node_order_makes_no_task_per_group(on_cluster: StockEngine) -> None:
+    """A reserve over three masters (three bucket groups, then the order's directory)
+    sends its group calls at once and waits for their replies without a task each
+    (issue 23: a task per group call was a good part of the cluster client's CPU);
+    a refused group still undoes the others."""
+    engine = on_cluster
+    skus = skus_on_distinct_nodes(engine.redis)
+    for sku in skus:
+        await engine.set_stock(sku, 5)
+    await engine.reserve("warm", one(skus[0]))  # scripts loaded, connections open
+    loop = asyncio.get_running_loop()
+    made: list[Any] = []
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(counting)
+    try:
+        result = await engine.reserve("three", [{"sku": s, "qty": 1} for s in skus])
+        assert result.status == "reserved" and len(result.lines) == 3
+        assert made == []
+        with pytest.raises(InsufficientStock):
+            await engine.reserve("short", [{"sku": s, "qty": 4 + (s == skus[1])} for s in skus])
+    finally:
+        loop.set_task_factory(None)
+    assert [(await engine.get_stock(s)).available for s in skus] == [3, 4, 4]
 
 
 async def test_noscript_after_script_flush_on_one_node(

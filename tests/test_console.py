@@ -168,10 +168,14 @@ async def test_health_and_ledger_without_postgres(bare: TestClient[Any, Any]) ->
     assert health["payment_probe"] is None  # no probe in this build yet
     ledger = await bare.get("/v1/stock/A/ledger", headers=ADMIN)
     assert (ledger.status, (await ledger.json())["error"]) == (404, "not_found")
-    for bad in ("0", "501", "x", "-1"):
+    # "²" and a full-width 1 are str.isdigit(); a 5000-digit int() raises: each one a 400 too
+    for bad in ("0", "501", "x", "-1", "%C2%B2", "%EF%BC%91", "9" * 5000, "%FF", "", " 5"):
         answer = await bare.get(f"/v1/stock/A/ledger?limit={bad}", headers=ADMIN)
         body = await answer.json()
         assert (answer.status, body["error"], body["field"]) == (400, "invalid_request", "limit")
+    for good in ("050", "0" * 5000 + "1"):  # leading zeros: a valid limit (404: no PostgreSQL)
+        answer = await bare.get(f"/v1/stock/A/ledger?limit={good}", headers=ADMIN)
+        assert answer.status == 404, good[-5:]
     assert (await bare.get("/v1/stock/bad sku/ledger", headers=ADMIN)).status == 400
 
 

@@ -284,3 +284,26 @@ async def test_fast_path_keeps_validation_and_deducts(base: Settings, clean: Any
         assert (await api.post("/v1/deductions", json=order("d2"))).status == 201
     finally:
         await api.close()
+
+
+@pytest.mark.parametrize("op", ["deductions", "reservations"])
+async def test_a_retry_that_sold_replays_while_its_sku_is_sold_out(
+    base: Settings, clean: Any, op: str
+) -> None:
+    """The order took the last unit, another buyer was refused (HOT remembered sold out):
+    a retry of the order gets its replay (200), not a 409 from memory (issue 20 item 8)."""
+    api = await app_client(replace(base, soldout_cache_ms=5000))
+    try:
+        await put(api, "", "HOT", 1)
+        assert (await api.post(f"/v1/{op}", json=order("sold"))).status == 201
+        assert (await api.post(f"/v1/{op}", json=order("late"))).status == 409
+        memory = api.app[SOLDOUT]
+        assert memory is not None and memory.short([Item("HOT", 1)])
+        retry = await api.post(f"/v1/{op}", json=order("sold"))
+        assert retry.status == 200, await retry.text()
+        assert (await api.post(f"/v1/{op}", json=order("other"))).status == 409
+        text = await (await api.get("/metrics")).text()
+        found = re.search(r"^stock_soldout_fast_answers_total (\S+)$", text, re.M)
+        assert found and float(found.group(1)) == 1  # "other" only: from memory
+    finally:
+        await api.close()

@@ -140,3 +140,43 @@ def test_a_few_hundred_concurrent_operations_check_quickly() -> None:
     print(f"{len(history)} operations checked in {elapsed:.3f} s, {verdict.explored} states")
     assert verdict.ok, verdict.explain()
     assert elapsed < 5.0
+
+
+def test_tcc_tombstone_refuses_the_hanging_try() -> None:
+    """A cancel that overtook its try leaves a tombstone: the try is refused; a try that
+    held stock although it was refused (its hold seen by a read) is not linearizable."""
+    good = [
+        op("release", 0, 1, OK, "t1"),
+        op("reserve", 2, 3, ("invalid_transition", "released"), "t1", 1),
+        op("cancel", 4, 5, ("invalid_transition", "released"), "t1"),
+        op("release", 6, 7, OK, "t1"),
+        read(8, 9, 5),
+    ]
+    assert check(good, available=5).ok
+    held = [
+        op("release", 0, 1, OK, "t1"),
+        op("reserve", 2, 6, ("invalid_transition", "released"), "t1", 1),
+        read(3, 4, 4, 1, 0),  # the refused try's hold, seen
+    ]
+    assert not check(held, available=5).ok
+    raced = [  # try and cancel at once: either order, each answer fits one
+        op("deduct", 0, 5, CREATED, "t2", 1),
+        op("cancel", 1, 4, OK, "t2"),
+        read(6, 7, 5, 0, 0),
+    ]
+    assert check(raced, available=5).ok
+
+
+def test_racing_attempts_of_one_order_id_both_refused_is_rejected() -> None:
+    """A reserve and a deduct of one order id at once: one wins; both order_conflict is a
+    conflict with an order that never existed."""
+    both = [
+        op("reserve", 0, 5, ("order_conflict",), "o1", 1),
+        op("deduct", 1, 4, ("order_conflict",), "o1", 1),
+    ]
+    assert not check(both, available=5).ok
+    one = [
+        op("reserve", 0, 5, ("order_conflict",), "o1", 1),
+        op("deduct", 1, 4, CREATED, "o1", 1),
+    ]
+    assert check(one, available=5).ok

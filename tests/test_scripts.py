@@ -192,3 +192,21 @@ async def test_a_busy_order_record_is_unavailable(engine: StockEngine) -> None:
     await engine.redis.set(keys.order_key("old"), f"reserve|pending|{lease}|A:1")
     with pytest.raises(Unavailable, match="busy"):
         await engine.release("old")
+
+
+async def test_the_order_lock_script(engine: StockEngine) -> None:
+    """lua/lock.lua: one holder at a time; take, keep and drop are idempotent for
+    their holder (a call whose reply was lost is resent) and refuse any other."""
+    key = keys.order_lock_key("lk-1")
+
+    async def call(mode: str, token: str, ms: int = 10_000) -> int:
+        return int(await engine.scripts("lock", [key], [mode, token, ms]))
+
+    assert (await call("take", "a"), await call("take", "a"), await call("take", "b")) == (1, 1, 0)
+    assert (await call("keep", "b"), await call("drop", "b")) == (0, 0)
+    assert await call("keep", "a", 50_000) == 1
+    assert 40_000 < await engine.redis.pttl(key) <= 50_000
+    assert (await call("drop", "a"), await call("drop", "a")) == (1, 0)
+    assert await engine.redis.exists(key) == 0
+    assert await call("take", "b", 100) == 1
+    assert 0 < await engine.redis.pttl(key) <= 100

@@ -109,10 +109,7 @@ async def asset(request: web.Request) -> web.Response:
 @admin
 async def ledger(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    raw = request.query.get("limit", "50")
-    if not raw.isdigit():
-        raise InvalidRequest(f"limit must be an integer 1 to {LEDGER_MAX}", field="limit")
-    limit = validate.int_in(int(raw), "limit", 1, LEDGER_MAX)
+    limit = validate.query_int(request.query.get("limit", "50"), "limit", 1, LEDGER_MAX)
     pool = await request.app[POOL].get()
     if pool is None:
         raise NotFound("the ledger needs PostgreSQL (STOCK_DATABASE_URL)")

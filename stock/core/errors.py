@@ -2,19 +2,12 @@
 API error code (and a few more specific ones of those), and ``ConfigError``.
 
 A script's reply code becomes one of these in ``stock/redis/scripts.py``; a RedisError
-that escapes the engine becomes ``StoreUnavailable`` with the RedisError as its
-``__cause__`` (``raise ... from exc``)."""
+(or a failure inside redis-py) that escapes the engine becomes ``StoreUnavailable``
+with the RedisError as its ``__cause__`` (``stock.redis.client.store_boundary``)."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
-
-from redis.exceptions import RedisError
-
-P = ParamSpec("P")
-T = TypeVar("T")
+from typing import Any
 
 
 class StockError(Exception):
@@ -90,20 +83,6 @@ class StoreUnavailable(Unavailable):
 
     def __init__(self, message: str = MESSAGE, **details: Any) -> None:
         super().__init__(message, **details)
-
-
-def store_boundary(call: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """``call`` with a RedisError that escapes it raised as StoreUnavailable (the
-    engine's public operations: the boundary of the Redis client)."""
-
-    @functools.wraps(call)
-    async def bounded(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await call(*args, **kwargs)
-        except RedisError as exc:
-            raise StoreUnavailable() from exc
-
-    return bounded
 
 
 class UnknownReply(Unavailable):

@@ -56,6 +56,10 @@ STATE_AFTER = {
     "expire": "expired",
 }
 ORDER_KINDS = ("reserve", "deduct")  # an order record's kind: the op that created it
+# the reason of a cluster's multi-group deduct's hold events (reserve.lua, DEDUCT_HOLD in
+# lua/_lib.lua): the writer records such a line's kind as ``deduct`` although its first
+# event is a ``reserve``, so that ``stock resync`` restores the order as a deduct
+DEDUCT_HOLD = "deduct-hold"
 DONE = "done"  # an order record's phase once its lines are there
 TOMBSTONES = ("released", "cancelled")  # a TCC tombstone's phase (no items)
 

@@ -71,6 +71,15 @@ def int_in(value: Any, field: str, low: int, high: int) -> int:
     return int(value)
 
 
+def query_int(raw: str, field: str, low: int, high: int) -> int:
+    """An integer query value: ASCII digits only (``"²".isdigit()`` is true and
+    ``int("²")`` raises; ``int()`` takes full-width digits, signs and spaces), a few of them."""
+    digits = raw.lstrip("0") or "0"  # (int() refuses more than 4300 digits, zeros too)
+    if not raw.isascii() or not raw.isdigit() or len(digits) > len(str(high)):
+        raise InvalidRequest(f"{field} must be an integer from {low} to {high}", field=field)
+    return int_in(int(digits), field, low, high)
+
+
 def ttl_s(value: Any, field: str = "ttl_s") -> int:
     return int_in(value, field, 1, MAX_TTL_S)
 

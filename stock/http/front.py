@@ -30,7 +30,6 @@ from redis.exceptions import RedisError
 
 from stock.core.errors import StockError, StoreUnavailable
 from stock.http.metrics import Metrics
-from stock.redis.client import raised_in_redis_client
 
 log = logging.getLogger("stock.http.api")
 
@@ -65,7 +64,9 @@ def overloaded() -> web.Response:
 def error_for(
     request: web.Request, exc: Exception, metrics: Metrics, max_body: int
 ) -> web.Response:
-    """The answer to a handler's exception."""
+    """The answer to a handler's exception, by its type alone: a failure inside
+    redis-py leaves the client layer typed (``stock.redis.client.store_boundary``, ``typed``),
+    anything untyped is a bug (500)."""
     if isinstance(exc, StoreUnavailable | RedisError | OSError):  # the engine's, or raw
         metrics.redis_errors.inc()
         log.warning("Redis error on %s %s: %s", request.method, request.path, exc.__cause__ or exc)
@@ -85,10 +86,6 @@ def error_for(
         return response
     if isinstance(exc, web.HTTPException):
         return error_response("invalid_request", exc.status, exc.reason)
-    if raised_in_redis_client(exc):  # (an operation the client layer does not retry)
-        metrics.redis_errors.inc()
-        log.warning("Redis client failure on %s %s: %r", request.method, request.path, exc)
-        return error_response("unavailable", 503, StoreUnavailable.MESSAGE)
     log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response("internal", 500, "internal error")
 

@@ -64,15 +64,18 @@ class Reaper:
         now = await self.server_ms()
         batch = self.settings.reaper_batch
         buckets = list(range(self.settings.buckets))
-        pipe = self.redis.pipeline(transaction=False)
+        # Through the scripts' (per-node) auto-pipeline, one batch per node: an ASK
+        # during a slot migration is followed there on one connection (redis-py's own
+        # pipeline sends ASKING apart and could end in "TTL exhausted").
+        read, reads = self.scripts.pipeline.execute, []
         for bucket in buckets:
             limit = batch * HOT_CALLS if bucket in self._hot else batch
             due_key = keys.due_key(bucket)
-            pipe.zrange(due_key, 0, 0, withscores=True)  # the oldest line, for the lag
-            pipe.zrangebyscore(due_key, "-inf", now, 0, limit)  # (scores cost a float each)
-        replies = await pipe.execute()
-        heads, due_lists = replies[0::2], replies[1::2]
-        oldest = min((head[0][1] for head in heads if head), default=now)
+            reads.append(read("ZRANGE", due_key, 0, 0, "WITHSCORES"))  # the oldest, for the lag
+            reads.append(read("ZRANGEBYSCORE", due_key, "-inf", now, "LIMIT", 0, limit))
+        replies = await asyncio.gather(*reads)
+        heads, due_lists = replies[0::2], [[str(m) for m in due] for due in replies[1::2]]
+        oldest = min((_score(head) for head in heads if head), default=now)
         self.stats.expiry_lag_s = max(0.0, (now - oldest) / 1000)
         self._hot = {b for b, due in zip(buckets, due_lists, strict=True) if len(due) >= batch}
         step = self._expire if self.probe is None else self._claim
@@ -140,6 +143,13 @@ class Reaper:
         self.stats.errors += 1
         self._hot.clear()
         return dependency(exc)
+
+
+def _score(head: list[Any]) -> float:
+    """The score of a raw ZRANGE ... WITHSCORES reply of one member: RESP2
+    ``[member, score]``, RESP3 ``[[member, score]]``."""
+    first = head[0]
+    return float(first[1] if isinstance(first, list) else head[1])
 
 
 async def expiry_lag_s(client: Any, buckets: int) -> float:

@@ -25,17 +25,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import random
+from typing import Any
 
-from stock.core import keys
-from stock.core.errors import StockError
+from stock.core import formats, keys
+from stock.core.errors import OrderConflict, ReservationExpired, StockError
 from stock.core.validate import Item
-from stock.orders.cluster_transitions import ClusterTransitions, apply_to_groups, is_refusal
+from stock.orders.cluster_transitions import (
+    RETRIES,
+    ClusterTransitions,
+    apply_to_groups,
+    is_refusal,
+    unsell,
+)
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult, order_result
 from stock.redis.scripts import LinesReply, merge_failures, merge_replies, parse_commit
 
 log = logging.getLogger("stock.orders.cluster")
+
+CONFLICT_TRIES = 5  # tries of an acquire whose conflict no committed order explains
 
 
 class ClusterOrders:
@@ -51,28 +60,60 @@ class ClusterOrders:
     async def acquire(
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str = ""
     ) -> OrderResult:
+        """``_acquire_once``, again while a conflict came from an attempt that did not
+        commit: a bucket's copy is written before the directory, so two attempts of
+        one ``order_id`` with other items can each meet the other's copy in some
+        bucket and both undo. Only the directory decides: a conflict with an order it
+        holds is answered; else (the other attempt undoes or is still deciding) this
+        one tries again after a random pause, so exactly one wins and a loser's 409
+        describes an order that exists (the last try answers the conflict anyway:
+        a crashed attempt's lines and copy stay until they expire)."""
+        for attempt in range(CONFLICT_TRIES):
+            try:
+                return await self._acquire_once(op, order_id, items, spec, ttl_ms, customer)
+            except OrderConflict:
+                if attempt == CONFLICT_TRIES - 1 or await self._other_order(order_id, op, spec):
+                    raise
+            await self.core.pause(random.uniform(0.0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _other_order(self, order_id: str, op: str, spec: str) -> bool:
+        """Whether the directory holds a committed order of the id with another kind or
+        other items (a conflict that is final). A single-group deduct's directory (one
+        with owners) is opened before its script runs, which may yet refuse and drop
+        it: final only once its line is there."""
+        core = self.core
+        found = await core.scripts("order", [keys.order_key(order_id)], ["read", 0])
+        if not found:
+            return False
+        record = formats.parse_record(found[0])
+        if record.phase != formats.DONE or (record.kind, record.spec) == (op, spec):
+            return False
+        if not record.owner:
+            return True
+        first = formats.parse_spec(record.spec)[0]
+        line = keys.line_keys(first.sku, order_id, core.settings.buckets).line
+        return bool(await core.redis.exists(line))
+
+    async def _acquire_once(
+        self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str
+    ) -> OrderResult:
         """Every bucket group, then the directory; a deduct then settles its holds."""
-        e, token = self.core, secrets.token_hex(6)
+        e, token = self.core, self.core.token()
         hold_ms = e.deduct_hold_ms if op == "deduct" else ttl_ms
         groups = e.groups(items)
         if op == "deduct" and len(groups) == 1:
             return await self._deduct_one(order_id, groups[0], spec, token, customer)
-        outcomes = await asyncio.gather(
-            *(
-                e.group_call(
-                    "reserve",
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    ttl_ms=hold_ms,
-                    may_create=True,
-                    order_kind=op,
-                    tag=token,
-                    customer=customer,
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
+        outcomes = await e.group_calls(
+            "reserve",
+            groups,
+            order_id=order_id,
+            spec=spec,
+            ttl_ms=hold_ms,
+            may_create=True,
+            order_kind=op,
+            tag=token,
+            customer=customer,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:  # a refused group changed nothing; any other may have applied
@@ -83,6 +124,8 @@ class ClusterOrders:
                 op,
                 token,
             )
+            if op == "deduct":  # a committed deduct that cannot complete: undo all of it
+                await unsell(self.core, order_id, groups, outcomes, spec, op, op)
             raise merge_failures(failures)
         replies: list[LinesReply] = [o for o in outcomes if isinstance(o, LinesReply)]
         # A deduct's directory must come with half its holds left for the settle: a
@@ -145,9 +188,14 @@ class ClusterOrders:
             if any(ln.state != "confirmed" for ln in r.lines)
         }
         done = {i: r for i, r in enumerate(held) if i not in todo}
-        await apply_to_groups(
-            self.core, order_id, "confirm", todo, done, spec=spec, order_kind="deduct"
-        )
+        try:
+            await apply_to_groups(
+                self.core, order_id, "confirm", todo, done, spec=spec, order_kind="deduct"
+            )
+        except ReservationExpired as late:  # a hold ran out and its stock went: undo all
+            outcomes = [done.get(i, late) for i in range(len(groups))]
+            await unsell(self.core, order_id, groups, outcomes, spec, "deduct", "deduct")
+            raise
         replay = all(r.replay for r in held) and all(r.replay for r in done.values())
         return [LinesReply(replay, done[i].expires_ms, done[i].lines) for i in range(len(groups))]
 
@@ -156,21 +204,35 @@ class ClusterOrders:
     ) -> None:
         """This attempt lets go of its lines in ``groups`` (``abort.lua``: its token
         leaves each line's tag set; a line nobody else holds is deleted). Every group
-        that may have applied is given, so a lost reply is undone too. A failed undo
-        leaves lines with an expiry: the reaper returns them."""
-        e = self.core
-        undone = await asyncio.gather(
-            *(
-                e.group_call(
-                    "abort", order_id=order_id, group=g, spec=spec, order_kind=order_kind, tag=token
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
-        )
-        for problem in undone:
-            if isinstance(problem, BaseException):
-                log.error("order %r: undo failed, the lines expire: %r", order_id, problem)
+        that may have applied is given, so a lost reply is undone too. A group whose
+        undo failed without a refusal is undone again (it is idempotent), ``RETRIES``
+        times: a hanging try's holds must not outlive its refusal. An undo that still
+        fails leaves lines with an expiry: the reaper returns them."""
+        e, todo = self.core, list(groups)
+        for attempt in range(RETRIES + 1):
+            undone = await asyncio.gather(
+                *(
+                    e.group_call(
+                        "abort",
+                        order_id=order_id,
+                        group=g,
+                        spec=spec,
+                        order_kind=order_kind,
+                        tag=token,
+                    )
+                    for g in todo
+                ),
+                return_exceptions=True,
+            )
+            failed = [(g, o) for g, o in zip(todo, undone, strict=True) if not _undone(o)]
+            todo = [g for g, _o in failed]
+            if not todo:
+                return
+            if attempt == RETRIES:
+                for _g, problem in failed:
+                    log.error("order %r: undo failed, the lines expire: %r", order_id, problem)
+                return
+            await e.pause(0.05 * (attempt + 1))
 
     # -- confirm, release, extend, cancel --------------------------------------------------
 
@@ -179,3 +241,8 @@ class ClusterOrders:
     ) -> OrderResult:
         """Confirm, release, extend or cancel: ``stock/orders/cluster_transitions.py``."""
         return await self.transitions.transition(op, order_id, ttl_ms, reason)
+
+
+def _undone(outcome: Any) -> bool:
+    """An undo that ran, or was refused (a line moved on, a fenced SKU): not again."""
+    return not isinstance(outcome, BaseException) or is_refusal(outcome)

@@ -30,7 +30,7 @@ from typing import Any
 from redis.exceptions import LockNotOwnedError
 
 from stock.core import keys
-from stock.core.errors import StockError, Unavailable
+from stock.core.errors import InsufficientStock, ReservationExpired, StockError, Unavailable
 from stock.core.formats import items_spec
 from stock.core.validate import Item
 from stock.orders.core import OrderCore
@@ -116,13 +116,13 @@ class ClusterTransitions:
         """A multi-node transition under the order's lock: holds, the lock re-checked,
         then the operation on every group."""
         e, todo, done = self.core, dict(enumerate(groups)), dict[int, LinesReply]()
-        lock = e.redis.lock(keys.order_lock_key(order_id), timeout=LOCK_TIMEOUT_S)
+        lock = OrderLock(e, order_id)
         await self._lock(order_id, lock)
         lost = False
         try:
             # (a deduct's lines cannot be released or extended: no holds for those)
             if op == "confirm" or (op in ("release", "extend") and order_kind != "deduct"):
-                token = await self._hold_all(order_id, groups, spec, op)
+                token = await self._hold_all(order_id, groups, spec, op, order_kind)
                 try:
                     await lock.reacquire()  # still ours, and for the whole second step
                 except LockNotOwnedError as exc:
@@ -155,7 +155,9 @@ class ClusterTransitions:
             await self.core.pause(delay)
             delay = min(delay * 2, 0.1)
 
-    async def _hold_all(self, order_id: str, groups: list[list[Item]], spec: str, op: str) -> str:
+    async def _hold_all(
+        self, order_id: str, groups: list[list[Item]], spec: str, op: str, order_kind: str
+    ) -> str:
         """Before a multi-node confirm, release or extend: every group's lines get
         time enough that the reaper cannot expire some of them half-way (a confirm
         also re-acquires expired lines, ``hold.lua``), or nothing changes (every
@@ -181,6 +183,8 @@ class ClusterTransitions:
         if failures:
             maybe = [g for g, h in zip(groups, held, strict=True) if not is_refusal(h)]
             await self._unhold(order_id, maybe, spec, token)
+            if op == "confirm":  # a late confirm that cannot complete: none of it stays
+                await unsell(self.core, order_id, groups, held, spec, op, order_kind)
             raise merge_failures(failures)
         return token
 
@@ -206,6 +210,35 @@ class ClusterTransitions:
                 log.error("order %r: undoing a hold failed, it expires: %r", order_id, problem)
 
 
+class OrderLock:
+    """The order's Redis lock (``lua/lock.lua``), called through the order scripts:
+    on a cluster the per-node batch follows an ASK with ASKING on the same connection.
+    (redis-py's Lock took redis-py's own ASK path, which sends ASKING on another
+    connection: during a long slot migration its calls ended in "TTL exhausted".)"""
+
+    def __init__(self, core: OrderCore, order_id: str) -> None:
+        self.core, self.key = core, keys.order_lock_key(order_id)
+        self.token = secrets.token_hex(8)
+        self.lifetime_ms = int(LOCK_TIMEOUT_S * 1000)
+
+    async def _call(self, mode: str) -> bool:
+        args = [mode, self.token, self.lifetime_ms]
+        return int(await self.core.scripts("lock", [self.key], args)) == 1
+
+    async def acquire(self, blocking: bool = False) -> bool:
+        """Taken (or ours already: the call is idempotent); never waits."""
+        return await self._call("take")
+
+    async def reacquire(self) -> None:
+        """Its lifetime set again, or LockNotOwnedError (it ran out under us)."""
+        if not await self._call("keep"):
+            raise LockNotOwnedError("the order's lock is no longer held by this call")
+
+    async def release(self) -> None:
+        if not await self._call("drop"):
+            raise LockNotOwnedError("the order's lock ran out before its release")
+
+
 async def apply_to_groups(
     core: OrderCore,
     order_id: str,
@@ -226,20 +259,14 @@ async def apply_to_groups(
     e = core
     for attempt in range(retries + 1):
         pending = list(todo.items())
-        outcomes = await asyncio.gather(
-            *(
-                e.group_call(
-                    op,
-                    order_id=order_id,
-                    group=g,
-                    spec=spec,
-                    ttl_ms=ttl_ms,
-                    order_kind=order_kind,
-                    reason=reason,
-                )
-                for _, g in pending
-            ),
-            return_exceptions=True,
+        outcomes = await e.group_calls(
+            op,
+            [g for _, g in pending],
+            order_id=order_id,
+            spec=spec,
+            ttl_ms=ttl_ms,
+            order_kind=order_kind,
+            reason=reason,
         )
         failures = []
         for (i, _g), outcome in zip(pending, outcomes, strict=True):
@@ -261,6 +288,43 @@ async def apply_to_groups(
             failures[0],
         )
         await e.pause(0.05 * (attempt + 1))
+
+
+async def unsell(
+    core: OrderCore,
+    order_id: str,
+    groups: list[list[Item]],
+    outcomes: list[Any],
+    spec: str,
+    op: str,
+    order_kind: str,
+) -> None:
+    """A committed deduct's retry, or a confirm, that cannot complete because a
+    group's stock went (its hold ran out and the reaper expired it, then the stock
+    was sold): the groups already CONFIRMED by an earlier, cut attempt are cancelled
+    (``cancel.lua``, reason ``undo-<op>``), so the order is done on every group or
+    on none, never half sold. Only on a short refusal: any other failure leaves a
+    retry to complete the order."""
+    short = (InsufficientStock, ReservationExpired)
+    if not any(isinstance(o, short) for o in outcomes):
+        return
+    sold = {
+        i: g
+        for i, (g, o) in enumerate(zip(groups, outcomes, strict=True))
+        if isinstance(o, LinesReply) and o.lines and all(ln.state == "confirmed" for ln in o.lines)
+    }
+    if sold:
+        log.warning("order %r: %s cannot complete, %d groups undone", order_id, op, len(sold))
+        await apply_to_groups(
+            core,
+            order_id,
+            "cancel",
+            sold,
+            {},
+            spec=spec,
+            order_kind=order_kind,
+            reason=f"undo-{op}",
+        )
 
 
 @dataclass

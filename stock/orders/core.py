@@ -9,6 +9,7 @@ record, call a script on one bucket group). Neither backend reaches into the eng
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
@@ -20,6 +21,24 @@ from stock.core.validate import Item
 from stock.redis.scripts import WITH_COPY, LinesReply, Mode, Scripts, line_call, parse_lines
 
 T = TypeVar("T")
+
+
+class InFlight(asyncio.Semaphore):
+    """The cluster's bound on operations in flight: an ``asyncio.Semaphore`` whose
+    uncontended ``async with`` takes a slot at once (Python 3.11's ``acquire``
+    first scans the waiters with a generator, on every order)."""
+
+    async def __aenter__(self) -> None:
+        if self._value > 0 and not self._waiters:
+            self._value -= 1
+            return
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._waiters:
+            self.release()
+        else:
+            self._value += 1
 
 
 class OrderCore:
@@ -35,7 +54,7 @@ class OrderCore:
         # redis-py's cluster pools fail instead of waiting when they run dry: bound
         # the operations in flight so a stampede queues here. (Standalone calls
         # share an auto-pipeline and a blocking pool, which queue by themselves.)
-        self.inflight = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
+        self.inflight = InFlight(settings.redis_max_connections) if self.cluster else None
 
     async def outside(self, waiting: Awaitable[T]) -> T:
         """Await ``waiting`` without holding an in-flight slot (the caller holds one on
@@ -47,6 +66,14 @@ class OrderCore:
             return await waiting
         finally:
             await asyncio.shield(self.inflight.acquire())
+
+    @staticmethod
+    def token() -> str:
+        """An attempt's token on a cluster (the tag of its lines): 48 random bits, as
+        ``secrets.token_hex(6)`` but without a system call per order. The tokens
+        only tell attempts apart, they guard nothing: ``random`` (seeded from the
+        OS, seeded again in a forked child) is enough."""
+        return f"{random.getrandbits(48):012x}"
 
     async def pause(self, seconds: float) -> None:
         await self.outside(asyncio.sleep(seconds))
@@ -72,18 +99,32 @@ class OrderCore:
             raise NotFound(f"unknown order {order_id!r}", order_id=order_id)
         return record.kind, record.phase, formats.parse_spec(record.spec)
 
+    async def get(self, key: str) -> str | None:
+        """GET through the (per-node) auto-pipeline: on a cluster, an ASK is followed
+        there on one connection (redis-py's own path can end in "TTL exhausted")."""
+        pipe = self.scripts.pipeline
+        raw = await (pipe.execute("GET", key) if pipe is not None else self.redis.get(key))
+        return None if raw is None else str(raw)
+
     async def hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
         if self.scripts.pipeline is not None:
             return list(await self.scripts.pipeline.execute("HMGET", key, *fields))
         return list(await self.redis.hmget(key, *fields))
 
-    async def group_call(
+    async def group_call(self, op: str, *, group: list[Item], **call: Any) -> LinesReply:
+        """Script ``op`` on one bucket group on a cluster (``group_calls``)."""
+        (outcome,) = await self.group_calls(op, [group], **call)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def group_calls(
         self,
         op: str,
+        groups: Sequence[list[Item]],
         *,
         order_id: str,
-        group: list[Item],
         spec: str,
         mode: Mode = WITH_COPY,
         ttl_ms: int = 0,
@@ -94,29 +135,52 @@ class OrderCore:
         tag: str = "",
         reason: str = "",
         customer: str = "",
-    ) -> LinesReply:
-        """Script ``op`` on one bucket group on a cluster (``line_call`` in
-        ``stock/redis/scripts.py`` names the arguments); by default the call carries the
-        bucket's copy of the order."""
-        keys_, args = line_call(
-            buckets=self.settings.buckets,
-            retention_ms=self.retention_ms,
-            mode=mode,
-            order_id=order_id,
-            items=group,
-            spec=spec,
-            ttl_ms=ttl_ms,
-            may_create=may_create,
-            order_kind=order_kind,
-            hold_for=hold_for,
-            undo_holds=undo_holds,
-            tag=tag,
-            reason=reason,
-            customer=customer,
-        )
-        return parse_lines(await self.scripts(op, keys_, args), order_id)
+    ) -> list[LinesReply | BaseException]:
+        """Script ``op`` on each bucket group at once on a cluster (``line_call`` in
+        ``stock/redis/scripts.py`` names the arguments; by default the call carries
+        the bucket's copy of the order): each group's reply or its error, in order,
+        as ``asyncio.gather(..., return_exceptions=True)`` but with no task per
+        group: on a cluster each call is sent when it is made (``Scripts``), so
+        awaiting them one by one waits for the slowest only. (Only the rare
+        redirections and retries of a call, ``ClusterBatch.follow``, wait their
+        turn behind the groups before it.)"""
+        calls = [
+            line_call(
+                buckets=self.settings.buckets,
+                retention_ms=self.retention_ms,
+                mode=mode,
+                order_id=order_id,
+                items=group,
+                spec=spec,
+                ttl_ms=ttl_ms,
+                may_create=may_create,
+                order_kind=order_kind,
+                hold_for=hold_for,
+                undo_holds=undo_holds,
+                tag=tag,
+                reason=reason,
+                customer=customer,
+            )
+            for group in groups
+        ]
+        sent = [self.scripts(op, keys_, args) for keys_, args in calls]  # all at once
+        outcomes: list[LinesReply | BaseException] = []
+        for i, call in enumerate(sent):
+            try:
+                outcomes.append(parse_lines(await call, order_id))
+            except asyncio.CancelledError:
+                for unread in sent[i + 1 :]:
+                    close = getattr(unread, "close", None)
+                    if close is not None:
+                        close()  # the reply is nobody's
+                raise
+            except Exception as exc:  # a refusal (StockError), or the call failed
+                outcomes.append(exc)
+        return outcomes
 
     def groups(self, items: Sequence[Item]) -> list[list[Item]]:
+        if len(items) == 1:  # most orders
+            return [[items[0]]]
         by_bucket: dict[int, list[Item]] = defaultdict(list)
         for item in items:
             by_bucket[keys.bucket_of(item.sku, self.settings.buckets)].append(item)

@@ -11,20 +11,21 @@ directory on the order's own node (``stock/orders/cluster.py``, design in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from stock.core import formats, keys, validate
 from stock.core.config import Settings
-from stock.core.errors import NotFound, OrderClosed, store_boundary
+from stock.core.errors import NotFound, OrderClosed
 from stock.core.formats import STATE_AFTER, items_spec
 from stock.orders.backend import Backend
 from stock.orders.cluster import ClusterOrders
 from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult
 from stock.orders.standalone import StandaloneOrders
-from stock.redis.client import RetryOnce, retried_once
+from stock.redis.client import RetryOnce, retried_once, store_boundary, typed
 from stock.redis.scripts import (
     Counters,
     LineResult,
@@ -36,6 +37,7 @@ from stock.redis.scripts import (
 
 log = logging.getLogger("stock.orders.engine")
 
+TOMB_TRIES = 5  # a release/cancel's waits for the line of an order that is there
 TOMBSTONES = {op: STATE_AFTER[op] for op in ("release", "cancel")}  # TCC: the state each leaves
 
 __all__ = ["OrderResult", "StockEngine"]
@@ -45,8 +47,9 @@ class StockEngine:
     """Reserve, confirm, release, extend, deduct, cancel, set and adjust stock.
 
     The backend (standalone or cluster) is chosen once, here; both share one
-    ``OrderCore``. A RedisError that escapes a public operation is raised as
-    StoreUnavailable (``store_boundary``), the RedisError its ``__cause__``."""
+    ``OrderCore``. A RedisError (or a failure inside redis-py) that escapes a public
+    operation is raised as StoreUnavailable (``store_boundary``), the RedisError its
+    ``__cause__``."""
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.core = core = OrderCore(client, settings)
@@ -70,7 +73,7 @@ class StockEngine:
 
     async def ping(self) -> bool:
         """Whether Redis answers (readiness), over the connections already held."""
-        return bool(await self.redis.ping())
+        return bool(await typed(self.redis.ping(), "readiness"))
 
     # -- stock levels -------------------------------------------------------
 
@@ -171,6 +174,16 @@ class StockEngine:
         return await self._transition("extend", order_id, validate.ttl_s(ttl_s) * 1000)
 
     @store_boundary
+    async def known_order(self, order_id: str) -> bool:
+        """Whether ``order_id`` has a record (an order, or a TCC tombstone): one GET.
+        The sold-out fast path asks it before refusing a reserve or deduct from memory,
+        so that a retry of an order that did sell gets its replay."""
+        okey = keys.order_key(validate.order_id(order_id))
+        if self.scripts.pipeline is not None:  # ride the (per-node) auto-pipeline
+            return await self.scripts.pipeline.execute("GET", okey) is not None
+        return await self.redis.get(okey) is not None
+
+    @store_boundary
     async def get_order(self, order_id: str) -> dict[str, Any]:
         """The order's kind, phase and each line's state, qty and expiry; a TCC
         tombstone has phase ``released`` or ``cancelled`` and no lines."""
@@ -183,11 +196,11 @@ class StockEngine:
                 "phase": closed.details["state"],
                 "lines": [],
             }
-        pipe = self.redis.pipeline(transaction=False)
+        found = []
         for item in items:
-            pipe.get(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
-            pipe.get(keys.alloc_key(item.sku, order_id, self.settings.buckets))  # locations
-        values = await pipe.execute()
+            found.append(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
+            found.append(keys.alloc_key(item.sku, order_id, self.settings.buckets))  # locations
+        values = await asyncio.gather(*(self.core.get(key) for key in found))
         lines = []
         for item, raw, placed in zip(items, values[::2], values[1::2], strict=True):
             line = formats.parse_line(raw) if raw else None
@@ -240,22 +253,29 @@ class StockEngine:
         self, op: str, order_id: str, ttl_ms: int, reason: str = ""
     ) -> OrderResult:
         validate.order_id(order_id)
-        try:
-            return await self._transition_known(op, order_id, ttl_ms, reason)
-        except (NotFound, OrderClosed):
-            if op not in TOMBSTONES:
-                raise
-        # TCC: a release or cancel of an order never reserved (the cancel overtook
-        # its try) succeeds with no items and leaves a tombstone that refuses the try.
-        reply = await self.scripts(
-            "order", [keys.order_key(order_id)], ["tomb", TOMBSTONES[op], self.core.retention_ms]
-        )
-        tomb = parse_tomb(reply, order_id, TOMBSTONES[op])
-        if tomb.exists:  # the try committed meanwhile: the normal way, once
-            return await self._transition_known(op, order_id, ttl_ms, reason)
-        if tomb.state != TOMBSTONES[op]:
-            raise OrderClosed(f"order {order_id!r} was {tomb.state}", state=tomb.state)
-        return OrderResult(order_id, STATE_AFTER[op], not tomb.new, 0, [])
+        for attempt in range(TOMB_TRIES + 1):
+            try:
+                return await self._transition_known(op, order_id, ttl_ms, reason)
+            except (NotFound, OrderClosed):
+                if op not in TOMBSTONES or attempt == TOMB_TRIES:
+                    raise  # (the last: a directory a crashed deduct left without its line)
+            # TCC: a release or cancel of an order never reserved (the cancel overtook
+            # its try) succeeds with no items and leaves a tombstone that refuses the try.
+            reply = await self.scripts(
+                "order",
+                [keys.order_key(order_id)],
+                ["tomb", TOMBSTONES[op], self.core.retention_ms],
+            )
+            tomb = parse_tomb(reply, order_id, TOMBSTONES[op])
+            if not tomb.exists:
+                if tomb.state != TOMBSTONES[op]:
+                    raise OrderClosed(f"order {order_id!r} was {tomb.state}", state=tomb.state)
+                return OrderResult(order_id, STATE_AFTER[op], not tomb.new, 0, [])
+            # The try committed meanwhile (the normal way, again), or, on a cluster, a
+            # single-group deduct's directory is there before its line (or its refused
+            # script is about to drop it): a moment later it is one or the other.
+            await self.core.pause(0.01 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _transition_known(
         self, op: str, order_id: str, ttl_ms: int, reason: str

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from stock.core import keys, validate
-from stock.core.errors import InvalidRequest, NotFound, OrderConflict, store_boundary
+from stock.core.errors import InvalidRequest, NotFound, OrderConflict
 from stock.orders.engine import StockEngine
+from stock.redis.client import store_boundary
 from stock.redis.scripts import Counters, parse_counters, raise_for
 
 STRATEGIES = ("priority", "most_available")

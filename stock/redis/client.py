@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import redis
@@ -19,7 +19,7 @@ from redis.cluster import PRIMARY
 from redis.exceptions import ConnectionError, RedisError
 
 from stock.core.config import Settings
-from stock.core.errors import StockError
+from stock.core.errors import StockError, StoreUnavailable
 
 log = logging.getLogger("stock.redis.client")
 T = TypeVar("T")
@@ -191,6 +191,33 @@ def _client_failure(exc: Exception) -> bool:
     if isinstance(exc, StockError | RedisError | OSError):
         return False
     return raised_in_redis_client(exc)
+
+
+async def typed(call: Awaitable[T], what: str) -> T:
+    """``call``, a failure inside redis-py raised as ClientFailure (a RedisError): the
+    client's boundary for calls that are not retried (the engine's reads and admin
+    writes, readiness, health), so what leaves it is a RedisError or our own bug."""
+    try:
+        return await call
+    except Exception as exc:
+        if not _client_failure(exc):
+            raise
+        raise ClientFailure(f"{what}: Redis client failure: {exc!r}") from exc
+
+
+def store_boundary(call: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``call`` with a RedisError (a ClientFailure too: ``typed``) that escapes it
+    raised as StoreUnavailable (the engine's public operations: the boundary of the
+    Redis client); the API's front then answers by the error's type alone."""
+
+    @functools.wraps(call)
+    async def bounded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await typed(call(*args, **kwargs), call.__name__)
+        except RedisError as exc:
+            raise StoreUnavailable() from exc
+
+    return bounded
 
 
 class _Retrying(Protocol):

@@ -35,10 +35,12 @@ resending would only wait again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from binascii import crc_hqx
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
 from redis._parsers.base import BaseParser
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -56,6 +58,8 @@ from stock.redis.pipeline import MAX_BATCH, AutoPipeline
 # not run where it was sent (redirections too many in a row, a slot uncovered, the
 # cluster down), or the connection failed (maybe sent, maybe not).
 _RESEND = (AskError, ClusterDownError, SlotNotCoveredError, ConnectionError)
+# What ``follow`` handles after a call sent at once failed (``ClusterBatch.call``).
+_FOLLOWED = (*_RESEND, TryAgainError, NoScriptError)
 
 Fallback = Callable[[], Awaitable[Any]]
 
@@ -63,6 +67,17 @@ MAX_REDIRECTS = 5  # MOVED/ASK followed in a row (between TRYAGAIN pauses) for o
 MIGRATION_WAIT_S = 5.0  # TRYAGAIN waited out per call, when the client does not say
 TRYAGAIN_FIRST_S = 0.01  # the first pause after a TRYAGAIN, doubling ...
 TRYAGAIN_MAX_S = 0.2  # ... up to this
+
+
+def slot_of(key: str) -> int:
+    """``key``'s hash slot, as ``redis.crc.key_slot`` of the encoded key computes it
+    (a hash tag's braces are ASCII, so the tag is the same in text and in UTF-8)."""
+    start = key.find("{")
+    if start > -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return crc_hqx(key.encode(), 0) % REDIS_CLUSTER_HASH_SLOTS
 
 
 def _parse_error(message: str) -> Exception:
@@ -97,6 +112,46 @@ class NodePipeline(AutoPipeline):
 
     async def _return(self, conn: Any) -> None:
         self.node.release(conn)
+
+
+class Pending:
+    """A call of ``ClusterBatch.call``, already sent to ``node`` (None when the slot
+    map did not cover its slot): awaited for its outcome, its reply or
+    ``ClusterBatch.follow``'s when it did not run there; ``close`` when it will not
+    be awaited (its reply is nobody's)."""
+
+    __slots__ = ("batch", "command", "fallback", "key", "node", "reply", "source")
+
+    def __init__(
+        self,
+        batch: ClusterBatch,
+        node: Any,
+        reply: asyncio.Future[Any] | None,
+        key: str,
+        command: Sequence[Any],
+        fallback: Fallback | None,
+        source: str,
+    ) -> None:
+        self.batch, self.node, self.reply, self.key = batch, node, reply, key
+        self.command, self.fallback, self.source = command, fallback, source
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """(A generator, not a coroutine: one level less at every wait.)"""
+        reply = self.reply
+        if reply is not None:
+            try:
+                return (yield from reply.__await__())
+            except _FOLLOWED as exc:
+                followed = self.batch.follow(
+                    self.key, self.command, self.fallback, self.source, self.node, exc
+                )
+                return (yield from followed.__await__())
+        followed = self.batch.follow(self.key, self.command, self.fallback, self.source)
+        return (yield from followed.__await__())
+
+    def close(self) -> None:
+        if self.reply is not None:
+            self.reply.add_done_callback(_ignore_result)
 
 
 class ClusterBatch:
@@ -157,8 +212,32 @@ class ClusterBatch:
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         return await self.call(keys[0], command, fallback, source)
 
-    async def call(
+    def call(
         self, key: str, command: Sequence[Any], fallback: Fallback | None, source: str = ""
+    ) -> Pending:
+        """Send ``command`` now to the node of ``key``'s slot by the client's slot map
+        (no coroutine, no redis-py call); await the result for its reply, the
+        replies that say it did not run there followed (``follow``, which also
+        routes a call whose slot the map does not cover: not loaded yet, or a node
+        lost). Sent at once, so that the calls of one order made one after the
+        other travel in the same batches without a task each."""
+        nodes = self.client.nodes_manager.slots_cache.get(slot_of(key))
+        if not nodes:
+            return Pending(self, None, None, key, command, fallback, source)
+        node = nodes[0]
+        pipe = self._pipes.get(node.name)
+        if pipe is None or pipe.node is not node:
+            pipe = self.pipe_for(node)
+        return Pending(self, node, pipe.execute(*command), key, command, fallback, source)
+
+    async def follow(
+        self,
+        key: str,
+        command: Sequence[Any],
+        fallback: Fallback | None,
+        source: str = "",
+        node: Any = None,
+        failed: BaseException | None = None,
     ) -> Any:
         """Send ``command`` to the node of ``key``'s slot, following the replies that
         say it did not run there: MOVED (the slot map is told) and ASK (ASKING first,
@@ -167,14 +246,23 @@ class ClusterBatch:
         an uncovered slot (the slot map reloaded), tried again with a growing pause
         for ``migration_wait_s``. These are followed for ``once`` calls too: nothing
         ran. Any other failure in ``_RESEND`` goes to ``fallback`` (redis-py's path),
-        or to the caller when there is none."""
+        or to the caller when there is none. ``failed``: how the call already sent
+        to ``node`` (by ``call``) failed, followed first (NOSCRIPT: sent again
+        there, the script loaded)."""
         client = self.client
-        if client.get_default_node() is None:  # no slot map yet
-            await client.initialize()
-        node, asking, hops = client.get_node_from_key(key), False, 0
+        if node is None:
+            if client.get_default_node() is None:  # no slot map yet
+                await client.initialize()
+            node = client.get_node_from_key(key)
+        asking, hops = False, 0
         waited, pause = 0.0, TRYAGAIN_FIRST_S
+        if isinstance(failed, NoScriptError):
+            failed = None  # nothing ran: _send loads the script and sends again
         while True:
             try:
+                if failed is not None:
+                    first, failed = failed, None
+                    raise first
                 return await self._send(self.pipe_for(node), command, source, asking)
             except MovedError as exc:  # (a subclass of AskError)
                 hops += 1

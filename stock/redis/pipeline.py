@@ -6,9 +6,10 @@ read wake-up and several layers of per-reply bookkeeping. Here the calls share
 one connection, borrowed from the client's pool for as long as it works,
 pipelined: each call is packed by hiredis and queued; the queue is written at
 the end of the event-loop tick, or as soon as it holds ``max_batch`` calls, and
-a reader task resolves the callers in order as their replies arrive, parsed by
-one hiredis reader. No MULTI: each script stays atomic on its own and the calls
-are independent.
+the callers are resolved in order as their replies arrive, parsed by one
+hiredis reader right in the transport's ``data_received`` (``_Link``, which
+takes the connection over as its protocol). No MULTI: each script stays atomic
+on its own and the calls are independent.
 
 Writing a full batch at once, rather than at the end of the tick, lets Redis
 work on it while this process is still waking the callers of the replies
@@ -17,17 +18,21 @@ profiles and CPU counters say", has the figures).
 
 redis-py opens and authenticates the connection (and gives it back to the pool
 when it breaks, or takes it when the client closes); this module only writes
-packed commands to its stream and reads replies from it. On a cluster, one
+packed commands to its transport and reads replies from it (the end of the
+connection is handed on to redis-py's stream protocol). On a cluster, one
 such pipeline per node borrows a connection of that node
 (``stock.redis.cluster_pipeline``), since redis-py 8.1 refuses EVALSHA in its cluster
 pipeline (redis/redis-py#2914).
 
 The streams are redis-py's private ``Connection._reader`` and ``_writer``
-(``streams``, the one place that reads them). Its public seams,
-``send_packed_command`` and ``read_response``, are a coroutine per write (which
-waits for the socket to drain) and a parse and a timeout context per reply:
-the costs this module exists to remove. So ``pyproject.toml`` names the redis-py
-versions checked (8.1), and ``tests/test_pipeline.py`` pins what this module and
+(``streams``, the one place that reads them; the reader's buffer, empty after
+the handshake, is taken over too). Its public seams, ``send_packed_command``
+and ``read_response``, are a coroutine per write (which waits for the socket
+to drain) and a parse and a timeout context per reply: the costs this module
+exists to remove (and so are a reader task woken per read and Python 3.11's
+``asyncio.get_running_loop()``, a ``getpid`` system call each time). So
+``pyproject.toml`` names the redis-py versions checked (8.1), and
+``tests/test_pipeline.py`` pins what this module and
 ``stock.redis.cluster_pipeline`` rely on, failing loudly on another version.
 """
 
@@ -47,7 +52,6 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 # one: 8 served HTTP best (docs/performance.md, "What the profiles and CPU counters say").
 MAX_BATCH = 8
 DEFAULT_TIMEOUT_S = 10.0  # when the client has no socket_timeout
-READ_SIZE = 1 << 16
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +68,23 @@ def streams(conn: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return conn._reader, conn._writer
 
 
-class _Link:
+class _Link(asyncio.Protocol):
     """One borrowed connection: the callers waiting on it, in order, and when each
-    write went out (for the deadline)."""
+    write went out (for the deadline).
+
+    The link takes the connection's transport over as its protocol
+    (``transport.set_protocol``): each chunk read goes straight to the hiredis
+    reader and the callers it completes are resolved right there, instead of
+    through redis-py's stream reader, a reader task woken per read and a copy of
+    the buffer. What the link does not handle (flow control, the end of the
+    connection) it hands on to the stream protocol it replaced, so that redis-py
+    still sees the connection close."""
 
     def __init__(self, conn: Any, reply_error: Callable[[str], Exception]) -> None:
         self.conn = conn
-        self.reader, self.writer = streams(conn)
+        reader, writer = streams(conn)
+        self.transport: Any = writer.transport
+        self.stream_protocol: Any = self.transport.get_protocol()
         self.parser = hiredis.Reader(encoding="utf-8", replyError=reply_error)
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.writes: deque[tuple[float, int]] = deque()  # (loop time, calls written by then)
@@ -78,20 +92,25 @@ class _Link:
         self.replied = 0
         self.task: asyncio.Task[None] | None = None
         self.broken = False
+        self.loop = asyncio.get_running_loop()  # the transport's
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
+        leftover = bytes(buffered)  # (nothing after redis-py's handshake)
+        buffered.clear()
+        self.transport.set_protocol(self)
+        if leftover:
+            self.data_received(leftover)
 
     def send(self, packed: bytes, futures: list[asyncio.Future[Any]], now: float) -> None:
         self.waiting.extend(futures)
         self.written += len(futures)
         self.writes.append((now, self.written))
-        self.writer.write(packed)
+        self.transport.write(packed)
 
-    async def read(self) -> None:
+    def data_received(self, data: bytes) -> None:
         """Resolve the waiting callers in order as their replies arrive."""
-        parser, waiting, writes = self.parser, self.waiting, self.writes
-        while True:
-            data = await self.reader.read(READ_SIZE)
-            if not data:
-                raise ConnectionError("Redis closed the connection")
+        parser, waiting = self.parser, self.waiting
+        try:
             parser.feed(data)
             while (reply := parser.gets()) is not False:
                 future = waiting.popleft()
@@ -102,11 +121,32 @@ class _Link:
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-            while writes and writes[0][1] <= self.replied:
-                writes.popleft()
+        except Exception as exc:  # a reply nobody waits for, or one hiredis cannot read
+            self.fail(ConnectionError(f"connection to Redis lost: {exc!r}"))
+            self.transport.close()
+            return
+        writes = self.writes
+        while writes and writes[0][1] <= self.replied:
+            writes.popleft()
+
+    def eof_received(self) -> bool:
+        self.fail(ConnectionError("Redis closed the connection"))
+        return False  # the transport closes itself: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError(f"connection to Redis lost: {exc!r}"))
+        self.stream_protocol.connection_lost(exc)  # redis-py's streams see the end too
+
+    def pause_writing(self) -> None:
+        self.stream_protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.stream_protocol.resume_writing()
 
     def fail(self, error: BaseException) -> None:
         self.broken = True
+        if not self.closed.done():
+            self.closed.set_result(None)
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -141,7 +181,10 @@ class AutoPipeline:
         """Queue one command (``"EVALSHA", sha, n, *keys, *argv`` or any other; the
         reply is raw RESP, without redis-py's per-command response callbacks); the
         future resolves to its reply or fails with its error."""
-        loop = asyncio.get_running_loop()
+        # The open connection's loop: Python 3.11's get_running_loop() makes a getpid
+        # system call each time (to notice a fork), once per command otherwise.
+        link = self._link
+        loop = link.loop if link is not None else asyncio.get_running_loop()
         future = loop.create_future()
         self._packed.append(hiredis.pack_command(args))
         self._futures.append(future)
@@ -162,7 +205,7 @@ class AutoPipeline:
         packed, futures = b"".join(self._packed), self._futures
         self._packed, self._futures = [], []
         link = self._link
-        if link is not None and not link.broken and not link.writer.is_closing():
+        if link is not None and not link.broken and not link.transport.is_closing():
             self._send(link, packed, futures)
             return
         if self._opening is None:
@@ -175,7 +218,7 @@ class AutoPipeline:
         self.batches += 1
         self.commands += len(futures)
         try:
-            link.send(packed, futures, asyncio.get_running_loop().time())
+            link.send(packed, futures, link.loop.time())
         except Exception as exc:  # the transport closed under us (the client closed)
             link.fail(ConnectionError(f"connection to Redis lost: {exc!r}"))
             return
@@ -226,15 +269,12 @@ class AutoPipeline:
         return link
 
     async def _run(self, link: _Link) -> None:
-        """Read until the connection breaks; then fail its callers and return it."""
+        """Wait until the connection breaks (its callers failed by then); return it."""
         try:
-            await link.read()
+            await link.closed
         except asyncio.CancelledError:
             link.fail(ConnectionError("the pipeline's connection was closed"))
             raise
-        except Exception as exc:
-            error = exc if isinstance(exc, ConnectionError | TimeoutError) else None
-            link.fail(error or ConnectionError(f"connection to Redis lost: {exc!r}"))
         finally:
             if self._link is link:
                 self._link = None

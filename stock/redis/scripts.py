@@ -12,7 +12,7 @@ the script and calls again on NOSCRIPT (after a restart, failover or SCRIPT FLUS
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -50,6 +50,7 @@ OTHER_OPS = (
     "defer",
     "limits",
     "order",
+    "lock",
     "resync",
     "writer_ack",
     "locations",  # a SKU's locations, allocation strategy, transfers (DESIGN §13)
@@ -269,6 +270,8 @@ def line_call(
 def merge_replies(outcomes: Sequence[Any]) -> LinesReply:
     """One reply for the bucket groups of one order: a replay only if every group was."""
     replies = [o for o in outcomes if isinstance(o, LinesReply)]
+    if len(replies) == 1:  # a single-group order
+        return replies[0]
     return LinesReply(
         replay=all(r.replay for r in replies),
         expires_ms=max(r.expires_ms for r in replies),
@@ -401,18 +404,23 @@ class Scripts:
         else:
             self.pipeline = self._auto = AutoPipeline(client)
 
-    async def __call__(
+    def __call__(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, once: bool = False
-    ) -> Any:
-        """Run script ``name``. With ``once`` the call is never sent a second time: on
-        a cluster a call whose reply was lost (a timeout, a dropped connection) is
-        resent through redis-py, which is harmless for the idempotent order scripts
-        but would apply a non-idempotent one (``adjust``) twice; the caller hears
-        the error instead and the outcome stays the caller's to check."""
+    ) -> Awaitable[Any]:
+        """Run script ``name`` (await the result). With ``once`` the call is never sent
+        a second time: on a cluster a call whose reply was lost (a timeout, a dropped
+        connection) is resent through redis-py, which is harmless for the idempotent
+        order scripts but would apply a non-idempotent one (``adjust``) twice; the
+        caller hears the error instead and the outcome stays the caller's to check.
+
+        A plain function returning the call's awaitable, not a coroutine of its own
+        (each level of coroutines is paid again at every wait for a reply). On a
+        cluster the call is sent at once (``ClusterBatch.call``): several calls made
+        one after the other, then awaited, travel together."""
         script = self._scripts[name]
         if self._auto is not None:
-            return await evalsha(self._auto, script.sha, _SOURCES[name], list(keys), list(args))
+            return evalsha(self._auto, script.sha, _SOURCES[name], list(keys), list(args))
         assert self._batch is not None
-        keys, args = list(keys), list(args)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         fallback = None if once else (lambda: script(keys=keys, args=args))
-        return await self._batch.evalsha(script.sha, _SOURCES[name], keys, args, fallback)
+        return self._batch.call(keys[0], command, fallback, _SOURCES[name])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -205,3 +206,94 @@ async def test_a_server_that_answers_waitaof_before_the_fsync_is_named(
     assert await rows(conn) == 1
     named = any("confirms fsyncs it has not done" in r.getMessage() for r in caplog.records)
     assert named == early, caplog.text
+
+
+async def attached(primary: ServerProcess) -> None:
+    """Until ``primary`` has one replica online."""
+    client = connect(Settings(redis_url=primary.url))
+    try:
+        for _ in range(200):
+            info = await client.info("replication")
+            if info.get("slave0", {}).get("state") == "online":
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the replica never attached")
+    finally:
+        await client.aclose()
+
+
+async def refused_while_the_replica_is_stopped(
+    replica: ServerProcess, writer: Writer, engine: StockEngine, conn: asyncpg.Connection
+) -> None:
+    """A stopped replica acknowledges nothing: a writer that WAITs for it applies no
+    new event until it runs again (each failed round recovered as the writer's run
+    loop does it: the buckets are read from their pending lists)."""
+    before = await rows(conn)
+    assert replica.proc is not None
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        await engine.set_stock("DUR", 7)
+        with pytest.raises(RedisError, match="replica") as failed:
+            await drain(writer)
+        await writer._recover(failed.value)
+        assert await rows(conn) == before  # not applied: the replica may not have it
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    for _ in range(50):
+        try:
+            await writer.step()
+        except RedisError as exc:
+            await writer._recover(exc)
+            await asyncio.sleep(0.1)
+        if await rows(conn) > before:
+            break
+    assert await rows(conn) == before + 1
+
+
+async def test_a_replica_attached_after_the_first_read_is_waited_for(
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer decided "WAITAOF" for a master without a replica (after a failover);
+    then the old master came back as its replica: the writer must WAIT for it too, or
+    a second failover leaves PostgreSQL ahead of Redis (issue 20 item 5)."""
+    monkeypatch.setattr(durable_read, "WAITAOF_MS", 500)
+    args = ("--appendonly", "yes", "--appendfsync", "always")
+    primary = ServerProcess(tmp_path / "p", None, *args).start()
+    servers.append(primary)
+    async with writer_on(primary, dsn) as (writer, engine):
+        await engine.set_stock("DUR", 5)
+        await drain(writer)
+        assert await rows(conn) == 1
+        replica = ServerProcess(tmp_path / "s", None, "--replicaof", "127.0.0.1", str(primary.port))
+        servers.append(replica.start())
+        await attached(primary)
+        await engine.set_stock("DUR", 6)
+        await drain(writer)
+        assert await rows(conn) == 2
+        await refused_while_the_replica_is_stopped(replica, writer, engine, conn)
+
+
+async def test_without_aof_a_master_with_a_replica_is_waited_for(
+    servers: list[ServerProcess],
+    tmp_path: Path,
+    dsn: str,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``appendonly no``: nothing to fsync, but a failover still promotes the replica,
+    so the reads WAIT for it (issue 20 item 5: no wait at all before)."""
+    monkeypatch.setattr(durable_read, "WAITAOF_MS", 500)
+    primary = ServerProcess(tmp_path / "p", None, "--appendonly", "no").start()
+    servers.append(primary)
+    replica = ServerProcess(tmp_path / "s", None, "--replicaof", "127.0.0.1", str(primary.port))
+    servers.append(replica.start())
+    await attached(primary)
+    async with writer_on(primary, dsn) as (writer, engine):
+        await engine.set_stock("DUR", 5)
+        await drain(writer)
+        assert await rows(conn) == 1
+        await refused_while_the_replica_is_stopped(replica, writer, engine, conn)

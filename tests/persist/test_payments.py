@@ -147,6 +147,43 @@ async def test_paid_not_sold_when_stock_is_gone(
     assert (await engine.get_stock("A")).sold == 1
 
 
+async def test_an_order_of_several_rows_is_decided_once(
+    engine: StockEngine, psettings: Settings, tmp_path: Path
+) -> None:
+    """Per order the latest ``paid``/``refunded`` row wins (by the ``time`` column, not
+    the file's order); a ``failed`` row undoes no payment. Run twice, the second run
+    changes nothing (issue 20 item 9: run 1 confirmed paid-refunded, run 2 cancelled it)."""
+    await engine.set_stock("A", 10)
+    await engine.set_stock("B", 0)
+    for order_id in ("paid-refunded", "refunded-paid", "paid-failed"):
+        await engine.reserve(order_id, [{"sku": "A", "qty": 1}])
+    path = tmp_path / "several.csv"
+    path.write_text(
+        "order_id,status,time\n"
+        "paid-refunded,refunded,2026-12-01T10:05:00Z\n"  # listed first, happened last
+        "paid-refunded,paid,2026-12-01T10:00:00Z\n"
+        "refunded-paid,paid,2026-12-01T11:00:00+01:00\n"  # 10:00 UTC
+        "refunded-paid,refunded,2026-12-01T09:00:00\n"  # no zone: UTC
+        "paid-failed,paid,2026-12-01T09:00:00Z\n"
+        "paid-failed,failed,2026-12-01T09:30:00Z\n"  # a later failed try of a paid order
+    )
+    runs = []
+    for _ in range(2):
+        _status, report = await _run(engine, psettings.database_url, path, repair=True)
+        runs.append(({r["order_id"]: r["action"] for r in report}, await _levels(engine)))
+    first, second = runs
+    assert first[0] == {
+        "paid-refunded": "none",  # refunded: nothing sold, nothing to undo (not confirmed)
+        "refunded-paid": "confirmed",
+        "paid-failed": "confirmed",
+    }
+    assert second[1] == first[1], "the second run changed stock"
+    assert set(second[0].values()) == {"none"}
+    assert (await engine.get_order("paid-refunded"))["lines"][0].state == "reserved"
+    a = first[1][0]
+    assert (a.available, a.reserved, a.sold) == (7, 1, 2)
+
+
 async def test_bad_file_stops_before_any_change(
     engine: StockEngine, psettings: Settings, tmp_path: Path
 ) -> None:
@@ -157,6 +194,10 @@ async def test_bad_file_stops_before_any_change(
     with pytest.raises(InvalidRequest, match=r"bad.csv:3"):
         await _run(engine, psettings.database_url, bad, repair=True)
     assert (await engine.get_stock("A")).reserved == 1  # o1 was not confirmed
+    bad.write_text("order_id,status,time\no1,paid,2026-12-01T10:00:00Z\no1,refunded,soon\n")
+    with pytest.raises(InvalidRequest, match=r"bad.csv:3: not an ISO 8601 time: 'soon'"):
+        await _run(engine, psettings.database_url, bad, repair=True)
+    assert (await engine.get_stock("A")).reserved == 1
     no_header = tmp_path / "nohead.csv"
     no_header.write_text("order,state\no1,paid\n")
     with pytest.raises(InvalidRequest, match="order_id, status"):

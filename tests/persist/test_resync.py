@@ -25,6 +25,7 @@ from stock.orders.engine import StockEngine
 from stock.redis.scripts import Scripts
 from tests.conftest import flush
 from tests.persist.helpers import drain, wait_persisted
+from tests.test_multibucket import skus_on_distinct_nodes
 
 SKUS = ["A", "B", "C", "D"]
 
@@ -130,7 +131,8 @@ async def test_resync_restores_limits_and_customer_counts(
     stock = await engine.get_stock("A")
     assert (stock.available, stock.reserved, stock.sold) == (15, 4, 1)
     line = await redis.get(keys.line_keys("A", "c3-held", psettings.buckets).line)
-    assert line.startswith("R|1|") and line.endswith("||c3|x")
+    # (tag '*': a committed order's line, which no later attempt's undo deletes)
+    assert line.startswith("R|1|") and line.endswith("|*|c3|x")
 
     # drift in Redis: a count PostgreSQL does not know, a limit set behind its back
     await drain(redis, psettings, dsn)
@@ -310,3 +312,24 @@ async def test_resync_prints_progress_for_many_skus(
     progress = capsys.readouterr().err.splitlines()
     assert progress == ["resync: 2/4 SKUs", "resync: 4/4 SKUs"]
     assert (await engine.get_stock("D")).sold == 5
+
+
+@pytest.mark.parametrize("redis_lost", [False, True])
+async def test_resync_keeps_a_multi_group_deducts_kind(
+    redis: Any, engine: StockEngine, psettings: Settings, redis_lost: bool
+) -> None:
+    """A deduct over several bucket groups is held (event ``reserve``) then confirmed on a
+    cluster; a resync (after a Redis loss too) must not turn its directory into a
+    reserve: a retry of the deduct still replays (issue 20 item 6)."""
+    dsn = psettings.database_url
+    skus = skus_on_distinct_nodes(redis)
+    for sku in skus:
+        await engine.set_stock(sku, 5)
+    items = [{"sku": sku, "qty": 1} for sku in skus]
+    await engine.deduct("multi", items)
+    await drain(redis, psettings, dsn)
+    if redis_lost:
+        await flush(redis)
+    assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    assert (await engine.get_order("multi"))["kind"] == "deduct"
+    assert (await engine.deduct("multi", items)).replay

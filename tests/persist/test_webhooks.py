@@ -80,8 +80,11 @@ async def test_subscriptions_api(api: TestClient[Any, Any]) -> None:
     ]:
         schema = paths[path][method]["responses"][code]["content"]["application/json"]["schema"]
         jsonschema_rs.validate(schema, answer)
-    bad = await api.get(f"/v1/webhooks/{sub['id']}/deliveries?status=nope", headers=ADMIN)
-    assert bad.status == 400
+    for value in ("nope", "%C2%B2", "%FF", "%00", "", "failed%00"):
+        url = f"/v1/webhooks/{sub['id']}/deliveries?status={value}"
+        bad = await api.get(url, headers=ADMIN)
+        body = await bad.json()
+        assert (bad.status, body["error"], body["field"]) == (400, "invalid_request", "status")
     assert (await api.delete(f"/v1/webhooks/{sub['id']}", headers=ADMIN)).status == 204
     assert (await api.delete(f"/v1/webhooks/{sub['id']}", headers=ADMIN)).status == 404
     assert (await api.delete("/v1/webhooks/not-a-uuid", headers=ADMIN)).status == 404
@@ -256,6 +259,26 @@ async def test_failed_after_the_retry_window(
         ("order.confirmed", "failed", 500)
     ]
     assert failed[0]["id"] == receiver.got[0].event_id
+
+
+async def test_the_retry_window_starts_at_the_outbox_insert(
+    redis: Any, hsettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """An event the writer copies late (PostgreSQL was down for longer than the
+    window) is still retried for the whole window, counted from its insert into the
+    outbox, not from the event's time (README, Webhooks; issue 20 item 10b)."""
+    receiver = Receiver(SECRET, status=500)
+    sub = await subscribe(pg, receiver, "order.confirmed")
+    await pg.execute(
+        "INSERT INTO webhook_deliveries (subscription_id, type, sku, order_id, available,"
+        " reserved, sold, seq, created_at) VALUES ($1, 'order.confirmed', 'A', 'old', 1, 0,"
+        " 1, 1, now() - interval '2 days')",
+        uuid.UUID(sub),
+    )
+    quick = replace(hsettings, webhook_retry_s=1)
+    async with receiving(receiver), pipeline(redis, quick) as (dispatcher,):
+        await until(lambda: dispatcher.stats.failed == 1, 10, "given up")
+    assert len(receiver.got) >= 3  # not a single try: the day-old event had its window
 
 
 async def test_served_app_dispatches_and_counts(redis: Any, hsettings: Settings) -> None:
