@@ -46,6 +46,7 @@ import asyncpg
 from persist import snapshot
 from persist.events import LINES_UPSERT, Event
 from persist.fences import Fences
+from persist.locations import write_locations
 from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
 from stock.core import keys
 from stock.core.config import Settings
@@ -270,6 +271,10 @@ class Resync:
         writes = (self._write_sku(p) for p in plans)
         seqs: list[int | BaseException] = await asyncio.gather(*writes, return_exceptions=True)
         done = [(p, s) for p, s in zip(plans, seqs, strict=True) if isinstance(s, int)]
+        lines = {
+            p.sku: [(line.order_id, line.state) for line in p.restore + p.drop] for p, _ in done
+        }
+        await write_locations(self.scripts, self.conn, self.settings, self.fences.token, lines)
         await self._supersede([p for p, _ in done], [s for _, s in done])
         for seq in seqs:  # FenceLost: the fence ended before the write (stock.core.errors)
             if isinstance(seq, BaseException):
