@@ -122,3 +122,19 @@ async def test_transfers(api: Client) -> None:
     assert read["locations"]["paris"]["available"] == 2
     listed = await (await api.get(url, headers=ADMIN)).json()
     assert [t["state"] for t in listed["transfers"]] == ["received"]
+
+
+async def test_shards_and_locations_are_refused_together(api: Client) -> None:
+    """DESIGN §13: the two do not compose yet; the second PUT says so (400)."""
+    await put_location(api, "LOC", "berlin", 3)
+    sharded = await api.put("/v1/stock/LOC", json={"shards": 4}, headers=ADMIN)
+    assert sharded.status == 400, await sharded.text()
+    assert (await sharded.json())["field"] == "shards"
+    await put_stock(api, "HOTL", 8)
+    assert (await api.put("/v1/stock/HOTL", json={"shards": 4}, headers=ADMIN)).status == 200
+    located = await api.put("/v1/stock/HOTL/locations/berlin", json={"available": 3}, headers=ADMIN)
+    assert located.status == 400, await located.text()
+    body = await located.json()
+    assert body["field"] == "location" and "sharded" in body["message"]
+    # shards back to 1 on a SKU with locations is no combination
+    assert (await api.put("/v1/stock/LOC", json={"shards": 1}, headers=ADMIN)).status == 200
