@@ -10,7 +10,7 @@ import pytest
 from playwright.async_api import async_playwright, expect
 
 from stock.core.config import Settings
-from tests.service import ADMIN
+from tests.support.service import ADMIN
 from tests.test_console_browser import CHROMIUM, FLAGS, _login
 
 

@@ -17,7 +17,7 @@ from stock.core.validate import Item
 from stock.orders.engine import StockEngine
 from stock.orders.locations import Locations
 from tests.conftest import flush
-from tests.persist.helpers import drain
+from tests.support.persistence import drain
 
 
 async def _shop(engine: StockEngine) -> Locations:
