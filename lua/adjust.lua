@@ -8,6 +8,7 @@
 -- Events: op=adjust with qty = delta and the reason.
 local c = read_sku(KEYS[1])
 if c.fenced then return {'UNAVAILABLE', ARGV[1]} end
+if c.located then return {'LOCATED', ARGV[1]} end  -- adjust per location (locations.lua)
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= c.a then return {'STALE', c.a} end
 local delta = tonumber(ARGV[2])
 if c.a + delta < 0 then return {'INSUFFICIENT', ARGV[1], c.a} end

@@ -23,6 +23,7 @@ local PASS_BY_MS = 1000
 -- A SKU's counters are read once and stored once per call (a flash sale's
 -- due lines are mostly one SKU); each expired line still gets its own event.
 local counters, touched = {}, {}
+local located = {}  -- a SKU's locations (_loc.lua), read once per call
 local leaving, stale = {}, {}  -- members to take out of the index, in one ZREM at the end
 for i = 3, #ARGV do
   local member = ARGV[i]
@@ -44,7 +45,8 @@ for i = 3, #ARGV do
         customer = line.customer}), 'PXAT', until_ms)
       count_customer(k_sku, line.customer, -q)
       leaving[#leaving + 1] = member
-      append_event(KEYS[2], 'expire', member, q, line.exp, c, now, reason, line.customer)
+      local locs = loc.expire(located, c, k_sku, k_line, q, tonumber(ARGV[1]))  -- where it was
+      append_event(KEYS[2], 'expire', member, q, line.exp, c, now, reason, line.customer, locs)
       if not c.dirty then
         c.dirty = true
         touched[#touched + 1] = k_sku

@@ -69,7 +69,8 @@ claimed AS (
     FROM due, webhook_subscriptions s
     WHERE d.id = due.id AND s.id = d.subscription_id
     RETURNING d.id, d.event_id, d.subscription_id, d.type, d.sku, d.order_id, d.available,
-        d.reserved, d.sold, d.seq, d.created_at, d.attempts, d.next_at, s.url, s.secret
+        d.reserved, d.sold, d.seq, d.created_at, d.attempts, d.next_at, s.url, s.secret,
+        d.location
 ),
 throttled AS (
     INSERT INTO webhook_throttle (subscription_id, sku, not_before)

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import asyncpg
 
 from persist.ops import record_reconcile
+from persist.reconcile_locations import location_drifts
 from persist.snapshot import (
     Levels,
     RedisSku,
@@ -99,9 +100,13 @@ async def reconcile(
         if skus is not None:  # a sharded SKU's shards come with it (DESIGN §12)
             skus = keys.with_shards(skus, list(await pg_levels(conn, None)))
         checked, drifts = await find_drift(client, conn, settings, skus)
+        located = await location_drifts(client, conn, settings, skus)  # DESIGN §13
+        if located:  # as for SKUs: read again once after a pause (live traffic)
+            await asyncio.sleep(RECHECK_PAUSE_S)
+            located = await location_drifts(client, conn, settings, skus)
     finally:
         await conn.close()
-    texts = [d.text() for d in drifts]
+    texts = [d.text() for d in drifts] + located
     texts += await shard_report(StockEngine(client, settings), skus, out)
     await record_reconcile(client, checked, texts, whole=skus is None)
     for text in texts:

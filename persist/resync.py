@@ -39,14 +39,24 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 import asyncpg
 
 from persist import snapshot
 from persist.events import LINES_UPSERT, Event
 from persist.fences import Fences
-from persist.snapshot import Levels, RedisSku, pg_levels, redis_levels, unflushed
+from persist.locations import write_locations
+from persist.snapshot import (
+    Levels,
+    Line,
+    RedisSku,
+    line_of,
+    ms_of,
+    pg_levels,
+    redis_levels,
+    unflushed,
+)
 from stock.core import keys
 from stock.core.config import Settings
 from stock.core.errors import FenceError
@@ -54,7 +64,6 @@ from stock.core.formats import (
     ABORTED,
     RESERVED,
     STATE_AFTER,
-    STATE_CODES,
     STATE_NAMES,
     items_spec,
     order_record,
@@ -64,14 +73,6 @@ from stock.orders.engine import StockEngine
 from stock.redis.scripts import Scripts, expect_ok, parse_resync
 
 CHUNK = 200
-
-
-class Line(NamedTuple):
-    order_id: str
-    state: str  # a code of formats.STATE_NAMES
-    qty: int
-    expires_ms: int
-    customer: str = ""  # the buyer ('' for none)
 
 
 @dataclass
@@ -220,7 +221,7 @@ class Resync:
         )
         out: dict[str, list[Line]] = defaultdict(list)
         for r in rows:
-            out[r["sku"]].append(_line(r))
+            out[r["sku"]].append(line_of(r))
         return out
 
     async def _redis_reserved(self, skus: list[str]) -> dict[str, list[str]]:
@@ -257,7 +258,7 @@ class Resync:
         out: dict[str, list[Line]] = defaultdict(list)
         for sku, order_id in stale:
             r = known.get((sku, order_id))
-            out[sku].append(_line(r) if r is not None else Line(order_id, ABORTED, 0, 0))
+            out[sku].append(line_of(r) if r is not None else Line(order_id, ABORTED, 0, 0))
         return out
 
     async def _write(self, plans: list[SkuPlan]) -> None:
@@ -270,6 +271,10 @@ class Resync:
         writes = (self._write_sku(p) for p in plans)
         seqs: list[int | BaseException] = await asyncio.gather(*writes, return_exceptions=True)
         done = [(p, s) for p, s in zip(plans, seqs, strict=True) if isinstance(s, int)]
+        lines = {
+            p.sku: [(line.order_id, line.state) for line in p.restore + p.drop] for p, _ in done
+        }
+        await write_locations(self.scripts, self.conn, self.settings, self.fences.token, lines)
         await self._supersede([p for p, _ in done], [s for _, s in done])
         for seq in seqs:  # FenceLost: the fence ended before the write (stock.core.errors)
             if isinstance(seq, BaseException):
@@ -328,7 +333,7 @@ class Resync:
         for r in rows:
             items[r["order_id"]].append(Item(r["sku"], r["qty"]))
             kinds[r["order_id"]] = kinds.get(r["order_id"]) or r["kind"]
-            expiry[r["order_id"]] = max(expiry[r["order_id"]], _ms(r["expires_at"]))
+            expiry[r["order_id"]] = max(expiry[r["order_id"]], ms_of(r["expires_at"]))
         retention = self.settings.retention_s * 1000
         replies = await asyncio.gather(
             *(
@@ -346,18 +351,6 @@ class Resync:
         )
         for reply in replies:
             expect_ok(reply, "resync_order.lua")
-
-
-def _line(row: Any) -> Line:
-    """A Line from a reservation_lines row (order_id, state, qty, expires_at, customer_id)."""
-    state = STATE_CODES[row["state"]]
-    return Line(
-        row["order_id"], state, row["qty"], _ms(row["expires_at"]), row["customer_id"] or ""
-    )
-
-
-def _ms(at: Any) -> int:
-    return 0 if at is None else round(at.timestamp() * 1000)
 
 
 async def resync(

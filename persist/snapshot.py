@@ -12,6 +12,7 @@ import asyncpg
 from persist.events import Event, parse_event, read_offsets
 from stock.core import keys
 from stock.core.config import Settings
+from stock.core.formats import STATE_CODES
 
 SCAN_CHUNK = 10_000
 
@@ -155,3 +156,23 @@ def expected_levels(pg: Levels | None, events: list[Event], seq: int | None) -> 
             if levels.seq == seq:
                 return levels
     return max(known, key=lambda lv: lv.seq)
+
+
+class Line(NamedTuple):
+    order_id: str
+    state: str  # a code of formats.STATE_NAMES
+    qty: int
+    expires_ms: int
+    customer: str = ""  # the buyer ('' for none)
+
+
+def line_of(row: Any) -> Line:
+    """A Line from a reservation_lines row (order_id, state, qty, expires_at, customer_id)."""
+    state = STATE_CODES[row["state"]]
+    return Line(
+        row["order_id"], state, row["qty"], ms_of(row["expires_at"]), row["customer_id"] or ""
+    )
+
+
+def ms_of(at: Any) -> int:
+    return 0 if at is None else round(at.timestamp() * 1000)

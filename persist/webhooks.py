@@ -42,17 +42,21 @@ STATES = ("pending", "sending", "delivered", "failed", "superseded")
 UNDO_HOLD = "undo-hold"
 _ORDER_TYPES = "'{order.confirmed,order.cancelled,reservation.expired}'::text[]"
 _STOCK_TYPES = "'{stock.sold_out,stock.back_in_stock}'::text[]"
-_COLUMNS = "subscription_id, type, sku, order_id, available, reserved, sold, seq, created_at"
+_COLUMNS = (
+    "subscription_id, type, sku, order_id, available, reserved, sold, seq, created_at, location"
+)
 _VALUES = (
     "{e}.sku, {order}, {e}.available, {e}.reserved, {e}.sold, {e}.seq, "
-    "to_timestamp({e}.at_ms::float8 / 1000)"
+    "to_timestamp({e}.at_ms::float8 / 1000), {location}"
 )
+# an order event's locations (DESIGN §13: 'berlin' or 'berlin,paris'), else NULL
+_LOCATION = "nullif(regexp_replace(e.loc, ':[^,]*', '', 'g'), '')"
 
 # One round trip; each statement skips everything when no subscription wants its types
 # (only sold-out / back-in-stock need each event's previous ``available``: a sort).
 OFFER = f"""
 INSERT INTO webhook_deliveries ({_COLUMNS})
-SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')")}
+SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')", location=_LOCATION)}
 FROM (
     SELECT b.*, CASE b.op WHEN 'cancel' THEN 'order.cancelled'
         WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
@@ -65,7 +69,7 @@ JOIN webhook_subscriptions s ON e.type = any(s.events)
 ORDER BY e.seq, s.id;
 
 INSERT INTO webhook_deliveries ({_COLUMNS})
-SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')")}
+SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')", location="NULL")}
 FROM (
     SELECT ev.*, CASE WHEN ev.available <= 0 THEN 'stock.sold_out'
         ELSE 'stock.back_in_stock' END AS type
@@ -81,7 +85,7 @@ JOIN webhook_subscriptions s ON e.type = any(s.events)
 ORDER BY e.seq, s.id;
 
 INSERT INTO webhook_deliveries AS d ({_COLUMNS})
-SELECT s.id, 'stock.changed', {_VALUES.format(e="c", order="NULL")}
+SELECT s.id, 'stock.changed', {_VALUES.format(e="c", order="NULL", location="NULL")}
 FROM (
     SELECT DISTINCT ON (sku COLLATE "C") sku, available, reserved, sold, seq, at_ms
     FROM writer_batch
@@ -172,6 +176,8 @@ def data(row: Any) -> dict[str, Any]:
     }
     if row["order_id"] is not None:
         body["order_id"] = row["order_id"]
+    if row.get("location") is not None:  # an order event of a SKU with locations (§13)
+        body["location"] = row["location"]
     return body
 
 

@@ -20,7 +20,7 @@ from collections import Counter
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 
-from tests.model import Outcome
+from tests.support.model import Outcome
 from tests.test_model import SEEN, SKUS, Harness, StockMachine, harness, run_machine, sku_st
 
 __all__ = ["harness"]  # the fixture, for the tests below

@@ -33,12 +33,14 @@ from stock.http.api import (
     SOLDOUT,
     create_api,
 )
+from stock.http.locations_api import add_routes as add_location_routes
+from stock.http.locations_spec import paths as location_paths
 from stock.http.openapi import spec
 
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of the whole service (the API and the webhooks)."""
-    return spec(webhook_paths())
+    return spec({**webhook_paths(), **location_paths()})
 
 
 def create_app(
@@ -49,6 +51,7 @@ def create_app(
     app[OPENAPI] = openapi_document()
     database = app[DATABASE] = Database(settings.database_url)  # opened by the lifecycle
     setup_console(app)  # the console and its admin routes (DESIGN §11)
+    add_location_routes(app)  # stock per location, allocation, transfers (DESIGN §13)
     setup_pages(app)  # / (an index) and /docs (the API reference)
     setup_webhooks(app)  # the webhook routes and their counters
 

@@ -12,7 +12,8 @@ key                                             type    holds
                                                         seq (per-SKU event number),
                                                         fenced (token@until_ms),
                                                         limit, c:<customer> (units
-                                                        held or bought)
+                                                        held or bought), locs (1:
+                                                        the SKU has locations)
 ``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms|``
                                                         ``tag|customer``
 ``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored
@@ -25,6 +26,14 @@ key                                             type    holds
                                                         cluster: its directory)
 ``stock:{b<n>}:order:<order_id>``               string  cluster: the bucket's
                                                         copy ``kind|items``
+``stock:{b<n>}:loc:<sku>``                      hash    the SKU's locations:
+                                                        ``@<location>`` = ``a,r,s,t``,
+                                                        strategy, order, split,
+                                                        home, transit
+``stock:{b<n>}:alloc:<sku>|<order_id>``         string  a line's allocations
+                                                        ``pin|location:qty,...``
+``stock:{b<n>}:xfer:<sku>``                     hash    transfer_id ->
+                                                        ``from|to|qty|T or D|reason``
 ``stock:reconcile:last``                        string  JSON outcome of the last
                                                         ``stock reconcile``
 ==============================================  ======  ==========================
@@ -104,6 +113,21 @@ def line_keys(sku: str, order_id: str, buckets: int) -> LineKeys:
         due=f"{tag}:due",
         events=f"{tag}:events",
     )
+
+
+def locations_key(sku: str, buckets: int) -> str:
+    """A SKU's locations (``lua/_loc.lua``): beside its counters, in its bucket."""
+    return f"{bucket_tag(bucket_of(sku, buckets))}:loc:{sku}"
+
+
+def alloc_key(sku: str, order_id: str, buckets: int) -> str:
+    """A line's allocations on a SKU with locations (``lua/_loc.lua``), beside the line."""
+    return f"{bucket_tag(bucket_of(sku, buckets))}:alloc:{line_member(sku, order_id)}"
+
+
+def transfers_key(sku: str, buckets: int) -> str:
+    """A SKU's transfers between its locations (``lua/locations.lua``)."""
+    return f"{bucket_tag(bucket_of(sku, buckets))}:xfer:{sku}"
 
 
 def order_key(order_id: str) -> str:

@@ -26,6 +26,16 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control chara
 class Item(NamedTuple):
     sku: str
     qty: int
+    location: str = ""  # pinned: served from this location or refused (DESIGN §13)
+
+
+LOCATION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def location(value: Any, field: str = "location") -> str:
+    if not isinstance(value, str) or not LOCATION_RE.fullmatch(value):
+        raise InvalidRequest(f"{field} must match [A-Za-z0-9._-]{{1,64}}", field=field)
+    return value
 
 
 def _is_int(value: Any) -> bool:
@@ -86,22 +96,23 @@ def items(values: Iterable[Any] | Any, field: str = "items") -> list[Item]:
     for i, raw in enumerate(values):
         try:
             if isinstance(raw, Item):
-                sku_, qty = raw
+                sku_, qty, where = raw
             else:
-                sku_, qty = raw["sku"], raw["qty"]
-                if len(raw) != 2:
+                sku_, qty, where = raw["sku"], raw["qty"], raw.get("location", "")
+                if len(raw) != (3 if "location" in raw else 2):
                     raise KeyError("extra")
             valid = (
-                type(qty) is int
+                (where == "" or (type(where) is str and LOCATION_RE.fullmatch(where) is not None))
+                and type(qty) is int
                 and 1 <= qty <= MAX_QTY
                 and type(sku_) is str
                 and SKU_RE.fullmatch(sku_) is not None
             )
-        except (KeyError, TypeError, IndexError):
+        except (KeyError, TypeError, IndexError, AttributeError):
             valid = False
         if not valid:
             _explain(raw._asdict() if isinstance(raw, Item) else raw, f"{field}[{i}]")
-        result.append(Item(sku_, qty))
+        result.append(Item(sku_, qty, where))
     if len({item.sku for item in result}) != len(result):
         seen: set[str] = set()
         for i, item in enumerate(result):
@@ -116,11 +127,13 @@ def _explain(raw: Any, where: str) -> None:
     """Raise the InvalidRequest that names what is wrong with one item."""
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where} must be an object with sku and qty", field=where)
-    extra = sorted(set(raw) - {"sku", "qty"})
+    extra = sorted(set(raw) - {"sku", "qty", "location"})
     if extra:
         raise InvalidRequest(f"{where} has unknown field {extra[0]!r}", field=f"{where}.{extra[0]}")
     sku(raw.get("sku"), f"{where}.sku")
     int_in(raw.get("qty"), f"{where}.qty", 1, MAX_QTY)
+    if "location" in raw:
+        location(raw["location"], f"{where}.location")
     raise InvalidRequest(f"{where} is not a valid item", field=where)
 
 

@@ -36,6 +36,7 @@ from stock.http.openapi import spec as openapi_spec
 from stock.http.ratelimit import RateLimits
 from stock.loops.soldout import SoldOut
 from stock.orders.engine import OrderResult, StockEngine
+from stock.orders.locations import Locations
 
 MAX_BODY = 64 * 1024
 SETTINGS = web.AppKey("settings", Settings)
@@ -94,8 +95,20 @@ def order_body(result: OrderResult, with_expiry: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"order_id": result.order_id, "status": result.status}
     if with_expiry:
         body["expires_at"] = iso_ms(result.expires_ms)
-    body["items"] = [{"sku": line.sku, "qty": line.qty} for line in result.lines]
+    body["items"] = [_item(line.sku, line.qty, line.allocations) for line in result.lines]
     return body
+
+
+def _item(sku: str, qty: int, allocations: str) -> dict[str, Any]:
+    """An answered item; on a SKU with locations its ``allocations`` (DESIGN §13)."""
+    if not allocations:
+        return {"sku": sku, "qty": qty}
+    parts = (part.rpartition(":") for part in allocations.split(","))
+    return {
+        "sku": sku,
+        "qty": qty,
+        "allocations": [{"location": n, "qty": int(q)} for n, _, q in parts],
+    }
 
 
 def admin(handler: Handler) -> Handler:
@@ -118,13 +131,20 @@ def admin(handler: Handler) -> Handler:
 
 
 def _counters(
-    request: web.Request, counters: Any, sent: float, shards: int | None = None
+    request: web.Request,
+    counters: Any,
+    sent: float,
+    shards: int | None = None,
+    located: dict[str, Any] | None = None,
 ) -> web.Response:
-    """Counters read or written by a call sent at monotonic time ``sent`` (with the
-    SKU's shard count on the stock routes, DESIGN §12)."""
+    """Counters read or written by a call sent at monotonic time ``sent``, with the
+    SKU's shard count on the stock routes (DESIGN §12) and, from ``located``, its
+    ``in_transit``, ``locations`` and ``allocation`` (DESIGN §13)."""
     body = counters.as_dict()
     if shards is not None:
         body["shards"] = shards
+    if located:
+        body.update(located)
     if min(body["available"], body["reserved"], body["sold"]) < 0:
         request.app[METRICS].oversell.inc()
     soldout = request.app[SOLDOUT]
@@ -136,8 +156,8 @@ def _counters(
 async def get_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
     sent = time.monotonic()
-    counters, shards = await request.app[ENGINE].stock_view(sku)
-    return _counters(request, counters, sent, shards)
+    counters, shards, located = await Locations(request.app[ENGINE]).view(sku)
+    return _counters(request, counters, sent, shards, located)
 
 
 @admin
@@ -160,6 +180,10 @@ async def put_stock(request: web.Request) -> web.Response:
     if available is not None:
         written = await engine.set_stock(sku, available, reason)
     if shards is not None:
+        if shards > 1 and await Locations(engine).read(sku):
+            raise InvalidRequest(
+                "a SKU with locations cannot be sharded yet (DESIGN §13)", field="shards"
+            )
         await engine.set_shards(sku, shards)
     counters, now = await engine.stock_view(sku)
     # available alone: the counters the set wrote (atomic with it), as before
@@ -169,7 +193,7 @@ async def put_stock(request: web.Request) -> web.Response:
 @admin
 async def adjust_stock(request: web.Request) -> web.Response:
     sku = validate.sku(request.match_info["sku"])
-    body = await json_body(request, {"delta", "reason", "expected_available"})
+    body = await json_body(request, {"delta", "reason", "expected_available", "location"})
     delta = validate.int_in(require(body, "delta"), "delta", -(10**12), 10**12)
     if delta == 0:
         raise InvalidRequest("delta must not be 0", field="delta")
@@ -177,6 +201,11 @@ async def adjust_stock(request: web.Request) -> web.Response:
     if expected is not None:
         expected = validate.int_in(expected, "expected_available", 0, 10**12)
     reason, sent = _reason(body), time.monotonic()
+    if "location" in body:  # a SKU with locations (DESIGN §13)
+        where = validate.location(body["location"])
+        located = Locations(request.app[ENGINE])
+        counters = await located.adjust(sku, where, delta, expected, reason)
+        return _counters(request, counters, sent, located=await located.read(sku))
     counters = await request.app[ENGINE].adjust(sku, delta, expected, reason)
     return _counters(request, counters, sent)
 
@@ -330,8 +359,7 @@ async def get_reservation(request: web.Request) -> web.Response:
         status = states.pop() if len(states) == 1 else "mixed"
     items = [
         {
-            "sku": line.sku,
-            "qty": line.qty,
+            **_item(line.sku, line.qty, line.allocations),
             "state": line.state,
             "expires_at": iso_ms(line.expires_ms),
         }

@@ -15,7 +15,15 @@ ITEM = {
     "type": "object",
     "required": ["sku", "qty"],
     "additionalProperties": False,
-    "properties": {"sku": SKU, "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY}},
+    "properties": {
+        "sku": SKU,
+        "qty": {"type": "integer", "minimum": 1, "maximum": MAX_QTY},
+        "location": {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9._-]{1,64}$",
+            "description": "served from this location or refused (a SKU with locations)",
+        },
+    },
 }
 ITEMS = {
     "type": "array",
@@ -29,6 +37,7 @@ TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S}
 CUSTOMER = {**ORDER_ID, "description": "the buyer; required for a SKU with a per-customer limit"}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 1_000_000, "nullable": True}
 EXPIRES = {"type": "string", "format": "date-time"}
+LOCATION = {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"}
 REASON = {"type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
 
 ERRORS = {
@@ -51,6 +60,21 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 LIMITS = _obj(["sku", "per_customer"], sku=SKU, per_customer=LIMIT)
 SHARDS = {"type": "integer", "minimum": 1, "maximum": 1024}  # DESIGN §12
+PLACE = _obj(
+    ["available", "reserved", "sold", "in_transit"],
+    available=COUNT,
+    reserved=COUNT,
+    sold=COUNT,
+    in_transit=COUNT,
+)
+ALLOCATION = {
+    "type": "object",
+    "properties": {
+        "strategy": {"type": "string", "enum": ["priority", "most_available"]},
+        "order": {"type": "array", "items": {"type": "string"}},
+        "split": {"type": "boolean"},
+    },
+}
 COUNTERS = _obj(
     ["sku", "available", "reserved", "sold"],
     sku=SKU,
@@ -58,8 +82,16 @@ COUNTERS = _obj(
     reserved=COUNT,
     sold=COUNT,
     shards=SHARDS,
+    in_transit={**COUNT, "description": "a SKU with locations: units between two of them"},
+    locations={"type": "object", "additionalProperties": PLACE},
+    allocation=ALLOCATION,
 )
-LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"})
+ALLOCATIONS = {
+    "type": "array",
+    "items": _obj(["location", "qty"], location={"type": "string"}, qty={"type": "integer"}),
+    "description": "a SKU with locations: where the line's units are",
+}
+LINE = _obj(["sku", "qty"], sku=SKU, qty={"type": "integer"}, allocations=ALLOCATIONS)
 ORDER = _obj(
     ["order_id", "status", "items"],
     order_id=ORDER_ID,
@@ -80,6 +112,7 @@ ORDER_VIEW = _obj(
             qty={"type": "integer"},
             state={"type": "string"},
             expires_at={**EXPIRES, "nullable": True},
+            allocations=ALLOCATIONS,
         ),
     },
 )
@@ -154,7 +187,8 @@ def _stock_paths() -> dict[str, Any]:
                         params=["sku"], body=_obj(
                             ["delta"], delta=DELTA,
                             reason=REASON,
-                            expected_available={**AMOUNT, "nullable": True})),
+                            expected_available={**AMOUNT, "nullable": True},
+                            location=LOCATION)),
         },
         "/v1/stock/{sku}/limits": {
             "get": _op("A SKU's per-customer limit", limits, [], admin=True, params=["sku"]),

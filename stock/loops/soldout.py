@@ -63,6 +63,8 @@ class SoldOut:
     def refused(self, short_items: Iterable[Mapping[str, Any]], sent: float) -> None:
         """An ``insufficient_stock`` refusal: its items carry each short SKU's available."""
         for item in short_items:
+            if "location" in item:  # one location's refusal (a pin): the SKU may have more
+                continue
             self.seen(item["sku"], int(item["available"]), sent)
 
     def back(self, skus: Iterable[str]) -> None:

@@ -238,13 +238,18 @@ class StockEngine:
                 "phase": closed.details["state"],
                 "lines": [],
             }
-        line_keys = [keys.line_keys(i.sku, order_id, self.settings.buckets).line for i in items]
-        values = await asyncio.gather(*(self.core.get(key) for key in line_keys))
+        found = []
+        for item in items:
+            found.append(keys.line_keys(item.sku, order_id, self.settings.buckets).line)
+            found.append(keys.alloc_key(item.sku, order_id, self.settings.buckets))  # locations
+        values = await asyncio.gather(*(self.core.get(key) for key in found))
         lines = []
-        for item, raw in zip(items, values, strict=True):
+        for item, raw, placed in zip(items, values[::2], values[1::2], strict=True):
             line = formats.parse_line(raw) if raw else None
             state = formats.state_name(line.state) if line else formats.UNKNOWN
-            lines.append(LineResult(item.sku, state, item.qty, line.expires_ms if line else 0))
+            allocations = placed.partition("|")[2] if placed else ""  # 'pin|location:qty,...'
+            expires = line.expires_ms if line else 0
+            lines.append(LineResult(item.sku, state, item.qty, expires, allocations))
         lines = sharded.present(OrderResult(order_id, phase, False, 0, lines)).lines
         return {"order_id": order_id, "kind": kind, "phase": phase, "lines": lines}
 

@@ -32,7 +32,7 @@ from stock.core.errors import (
 from stock.core.validate import Item
 from stock.orders.results import OrderResult
 from stock.orders.shard_moves import ShardMeta, ShardMoves, ShardRegistry
-from stock.redis.scripts import Counters, LineResult, raise_for
+from stock.redis.scripts import Counters, raise_for
 
 if TYPE_CHECKING:
     from stock.orders.core import OrderCore
@@ -72,9 +72,7 @@ def present(result: OrderResult) -> OrderResult:
     """The answer with each line's shard SKU name replaced by its SKU."""
     if not any(keys.SHARD_SEP in line.sku for line in result.lines):
         return result
-    lines = [
-        LineResult(keys.base_sku(ln.sku)[0], ln.state, ln.qty, ln.expires_ms) for ln in result.lines
-    ]
+    lines = [replace(ln, sku=keys.base_sku(ln.sku)[0]) for ln in result.lines]
     return replace(result, lines=lines)
 
 

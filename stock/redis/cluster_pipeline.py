@@ -256,6 +256,7 @@ class ClusterBatch:
             node = client.get_node_from_key(key)
         asking, hops = False, 0
         waited, pause = 0.0, TRYAGAIN_FIRST_S
+        budget = getattr(client, "migration_wait_s", MIGRATION_WAIT_S)
         if isinstance(failed, NoScriptError):
             failed = None  # nothing ran: _send loads the script and sends again
         while True:
@@ -264,44 +265,50 @@ class ClusterBatch:
                     first, failed = failed, None
                     raise first
                 return await self._send(self.pipe_for(node), command, source, asking)
-            except MovedError as exc:  # (a subclass of AskError)
+            except AskError as exc:  # MOVED too (a subclass)
                 hops += 1
-                if hops > MAX_REDIRECTS:
+                target = await self._redirected(exc, key) if hops <= MAX_REDIRECTS else None
+                if target is None:
                     return await self._fall_back(exc, fallback)
-                self.redirects += 1
-                await client.nodes_manager.move_slot(exc)
-                node, asking = client.get_node_from_key(key), False
-                continue
-            except AskError as exc:
-                hops += 1
-                if hops > MAX_REDIRECTS:
-                    return await self._fall_back(exc, fallback)
-                node, asking = self._node_at(exc.host, exc.port), True
-                if node is None:
-                    return await self._fall_back(exc, fallback)
-                self.redirects += 1
+                node, asking = target
                 continue
             except TryAgainError:
-                if waited >= getattr(client, "migration_wait_s", MIGRATION_WAIT_S):
+                if waited >= budget:
                     raise
                 self.tryagains += 1
             except (ClusterDownError, SlotNotCoveredError) as exc:
-                # A stale slot map entry: a master taken out by ``del-node`` is reset
-                # and answers CLUSTERDOWN for the slots it gave away. Reload the map
-                # (gently: redis-py's own path first closes every connection of the
-                # client, under the calls in flight) and try again, within the budget.
-                if waited >= getattr(client, "migration_wait_s", MIGRATION_WAIT_S):
-                    return await self._fall_back(exc, fallback)
-                self.reloads += 1
-                try:
-                    await client.nodes_manager.initialize()
-                except Exception:  # no node has the whole map: redis-py's path decides
+                if waited >= budget or not await self._reload():
                     return await self._fall_back(exc, fallback)
             except _RESEND as exc:
                 return await self._fall_back(exc, fallback)
             await asyncio.sleep(pause)  # (after a TRYAGAIN or a reload)
             waited, pause = waited + pause, min(pause * 2, TRYAGAIN_MAX_S)
             node, asking, hops = client.get_node_from_key(key), False, 0
+
+    async def _redirected(self, exc: AskError, key: str) -> tuple[Any, bool] | None:
+        """Where a MOVED (the slot map is told) or an ASK reply sends the call, and
+        whether ASKING goes first; None for an ASK to a node not in the slot map."""
+        if isinstance(exc, MovedError):
+            self.redirects += 1
+            await self.client.nodes_manager.move_slot(exc)
+            return self.client.get_node_from_key(key), False
+        node = self._node_at(exc.host, exc.port)
+        if node is None:
+            return None
+        self.redirects += 1
+        return node, True
+
+    async def _reload(self) -> bool:
+        """Reload the slot map after CLUSTERDOWN or an uncovered slot: a stale entry (a
+        master taken out by ``del-node`` is reset and answers CLUSTERDOWN for the slots
+        it gave away). Gently: redis-py's own path first closes every connection of
+        the client, under the calls in flight. False when no node has the whole map."""
+        self.reloads += 1
+        try:
+            await self.client.nodes_manager.initialize()
+        except Exception:  # redis-py's path decides
+            return False
+        return True
 
     async def _fall_back(self, exc: BaseException, fallback: Fallback | None) -> Any:
         """redis-py's own path for a repeatable call; the error for a ``once`` call."""

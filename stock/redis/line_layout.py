@@ -104,5 +104,6 @@ def line_call(call: LineCall, *, buckets: int, retention_ms: int) -> tuple[list[
         return keys_, [*args, buckets, keys.PREFIX]
     for item in call.items:
         keys_.extend(keys.line_keys(item.sku, call.order_id, buckets))
-        args.extend(item)
+        # an item pinned to a location travels as 'qty@location' (lua/_lib.lua parse_call)
+        args += (item.sku, f"{item.qty}@{item.location}" if item.location else item.qty)
     return keys_, args

@@ -52,8 +52,9 @@ OTHER_OPS = (
     "resync",
     "writer_ack",
     "shard_move",  # sharded SKUs: stock/orders/sharded.py
+    "locations",  # a SKU's locations, allocation strategy, transfers (DESIGN §13)
 )
-RESYNC_OPS = ("fence", "resync_order")  # persist/fences.py, persist/resync.py
+RESYNC_OPS = ("fence", "resync_order", "resync_locations")  # persist/fences.py, persist/resync.py
 
 
 def _lua_dir() -> Path:
@@ -64,8 +65,10 @@ def _lua_dir() -> Path:
 
 
 def with_lib(source: str) -> str:
-    """A script's full source: ``lua/_lib.lua``, then ``source``."""
-    return (_lua_dir() / "_lib.lua").read_text() + "\n" + source
+    """A script's full source: ``lua/_lib.lua``, ``lua/_loc.lua`` (locations), then
+    ``source``."""
+    lua = _lua_dir()
+    return (lua / "_lib.lua").read_text() + "\n" + (lua / "_loc.lua").read_text() + "\n" + source
 
 
 def load_sources() -> dict[str, str]:
@@ -85,6 +88,7 @@ class LineResult:
     state: str  # a name of formats.STATE_NAMES
     qty: int
     expires_ms: int
+    allocations: str = ""  # 'location:qty,...' on a SKU with locations (DESIGN §13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +118,31 @@ def _pairs(values: Sequence[Any]) -> list[tuple[str, int]]:
     return [(str(values[i]), int(values[i + 1])) for i in range(0, len(values), 2)]
 
 
+_LOCATION_REFUSALS = {
+    "NOLOCATION": "SKU {0!r} has no location {1!r}",
+    "LOCATED": "SKU {0!r} has locations: name the location (PUT /v1/stock/{{sku}}/locations/...)",
+}
+
+
+def _short(rest: Sequence[Any]) -> list[dict[str, Any]]:
+    """An INSUFFICIENT reply's items; 'n@location' is one location's refusal (a pinned
+    item, a transfer), which names the location."""
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(rest), 2):
+        avail, _, where = str(rest[i + 1]).partition("@")
+        item: dict[str, Any] = {"sku": str(rest[i]), "available": int(avail)}
+        if where:
+            item["location"] = where
+        out.append(item)
+    return out
+
+
 def raise_for(reply: Sequence[Any], order_id: str = "", script: str = "a script") -> NoReturn:
     """Turn a script's refusal code into the matching StockError; an unknown code
     into UnknownReply."""
     code, rest = reply[0], reply[1:]
     if code == "INSUFFICIENT":
-        short = [{"sku": sku, "available": avail} for sku, avail in _pairs(rest)]
+        short = _short(rest)
         names = ", ".join(str(s["sku"]) for s in short)
         raise InsufficientStock(f"not enough stock for {names}", items=short)
     if code == "CONFLICT":
@@ -166,6 +189,8 @@ def raise_for(reply: Sequence[Any], order_id: str = "", script: str = "a script"
             sku=str(rest[0]),
             home=int(rest[1]),
         )
+    if code in ("NOLOCATION", "LOCATED"):
+        raise InvalidRequest(_LOCATION_REFUSALS[code].format(*rest), field="location")
     if code == "STALE":
         raise StaleStock("available differs from expected_available", available=int(rest[0]))
     raise UnknownReply(
@@ -180,8 +205,14 @@ def parse_lines(reply: Sequence[Any], order_id: str, script: str = "a line scrip
         raise_for(reply, order_id, script)
     rest = reply[2:]
     lines = [
-        LineResult(str(rest[i]), state_name(str(rest[i + 1])), int(rest[i + 2]), int(rest[i + 3]))
-        for i in range(0, len(rest), 4)
+        LineResult(
+            str(rest[i]),
+            state_name(str(rest[i + 1])),
+            int(rest[i + 2]),
+            int(rest[i + 3]),
+            str(rest[i + 4]),
+        )
+        for i in range(0, len(rest), 5)
     ]
     return LinesReply(replay=reply[0] == "REPLAY", expires_ms=int(reply[1]), lines=lines)
 

@@ -155,7 +155,37 @@ async function lookupSku(sku) {
   renderCounters(counters);
   $("adjust-sku").textContent = currentSku;
   $("sku-view").hidden = false;
-  await Promise.all([loadLimits(currentSku), loadLedger(currentSku)]);
+  renderLocations(counters);
+  await Promise.all([loadLimits(currentSku), loadLedger(currentSku), loadTransfers(counters)]);
+}
+
+// A SKU with locations (DESIGN §13): its locations, allocation strategy, open transfers.
+function renderLocations(c) {
+  $("locations-view").hidden = !c.locations;
+  if (!c.locations) return;
+  const a = c.allocation || {};
+  const order = a.strategy === "priority" && a.order && a.order.length ? ` (${a.order.join(", ")})` : "";
+  $("allocation").textContent =
+    `allocation: ${a.strategy}${order}, split ${a.split ? "on" : "off"}; in transit ${c.in_transit}`;
+  const body = $("locations").tBodies[0];
+  body.replaceChildren();
+  for (const [name, l] of Object.entries(c.locations)) {
+    const row = document.createElement("tr");
+    for (const v of [name, l.available, l.reserved, l.sold, l.in_transit]) cell(row, v);
+    body.appendChild(row);
+  }
+}
+
+async function loadTransfers(c) {
+  const body = $("transfers").tBodies[0];
+  body.replaceChildren();
+  if (!c.locations) return;
+  const answer = await api("GET", `/v1/stock/${encodeURIComponent(c.sku)}/transfers`);
+  for (const t of answer.transfers.filter((t) => t.state === "in_transit")) {
+    const row = document.createElement("tr");
+    for (const v of [t.transfer_id, t.from, t.to, t.qty, t.reason]) cell(row, v);
+    body.appendChild(row);
+  }
 }
 
 async function loadLimits(sku) {
@@ -210,9 +240,11 @@ async function adjust() {
   if (!reason) throw new Error("a reason is required for every adjustment");
   if (reason.length > 200) throw new Error("reason must be at most 200 characters");
   const sku = currentSku;
+  const location = $("adjust-location").value.trim();
   const counters = await api("POST", `/v1/stock/${encodeURIComponent(sku)}/adjust`,
-    { delta, reason });
+    location ? { delta, reason, location } : { delta, reason });
   renderCounters(counters);
+  renderLocations(counters);
   $("adjust-delta").value = "";
   $("adjust-reason").value = "";
   // the ledger row appears once the writer has flushed it (tens of ms)

@@ -22,7 +22,7 @@ from stock.core import keys
 from stock.core.config import Settings
 from stock.orders.engine import StockEngine
 from tests.conftest import flush
-from tests.persist.helpers import drain
+from tests.support.persistence import drain
 from tests.test_sharded import shard_levels
 
 SKU = "HOT"
