@@ -18,6 +18,7 @@ lint: install
 	$(BIN)/ruff format --check stock persist tests loadtest docs tools
 	$(BIN)/mypy stock persist
 	$(BIN)/lint-imports
+	$(BIN)/python tools/check_sizes.py stock persist  # modules <= 400 lines, functions <= 60
 	$(BIN)/mkdocs build --strict --quiet  # docs/: a broken link or a missing page fails
 
 # the console's browser test drives Debian's Chromium; the alert rules are checked

@@ -26,8 +26,9 @@ from aiohttp.test_utils import make_mocked_request
 from loadtest import bare_app
 from stock.core import validate
 from stock.core.config import Settings
-from stock.http.api import ENGINE, FRONT, RATE_LIMITS, create_api
+from stock.http.api import ENGINE, FRONT, RATE_LIMITS
 from stock.http.ratelimit import RateLimits
+from stock.http.routes import create_api
 from stock.orders.results import OrderResult
 from stock.redis.scripts import LineResult
 

@@ -1,7 +1,7 @@
 """The whole service app: the API, the console and the webhooks, with the process's
 resources (Redis client, engine, reaper, writer) opened and closed with it.
 
-``stock.http.api.create_api`` knows the routes; this module plugs in what needs
+``stock.http.routes.create_api`` knows the routes; this module plugs in what needs
 PostgreSQL or the process's loops: the readiness check of the pool, the scrape
 hook that measures the expiry lag, the console's and the webhooks' routes and
 their part of the OpenAPI document.
@@ -31,11 +31,11 @@ from stock.http.api import (
     OPENAPI,
     READY_CHECKS,
     SOLDOUT,
-    create_api,
 )
 from stock.http.locations_api import add_routes as add_location_routes
 from stock.http.locations_spec import paths as location_paths
 from stock.http.openapi import spec
+from stock.http.routes import create_api
 
 
 def openapi_document() -> dict[str, Any]:
