@@ -6,8 +6,8 @@
 -- 'strategy;order;split' ('' none), ARGV[4] home, ARGV[5] units in transit,
 -- ARGV[6] k locations, then five values each: name, available, reserved, sold,
 -- in_transit; then m transfers, two values each: transfer_id, its value
--- 'from|to|qty|state|reason'; then per line two values: state, allocations
--- ('location:qty,...'; '' drops the record). A RESERVED line's record has no
+-- 'from|to|qty|state|reason'; then per line two values: state, its allocation
+-- record ('pin|location:qty,...', _loc.lua; '' drops the record). A RESERVED line's record has no
 -- expiry, a terminal one's the retention window.
 -- The two hashes become exactly this, and the SKU hash's 'locs' flag says whether
 -- there are any (k = 0: the SKU has no locations).
@@ -46,9 +46,9 @@ for i = 0, #KEYS - 4 do
   if allocs == '' then
     redis.call('DEL', KEYS[4 + i])
   elseif state == 'R' then
-    redis.call('SET', KEYS[4 + i], '|' .. allocs)
+    redis.call('SET', KEYS[4 + i], allocs)
   else
-    redis.call('SET', KEYS[4 + i], '|' .. allocs, 'PX', ARGV[2])
+    redis.call('SET', KEYS[4 + i], allocs, 'PX', ARGV[2])
   end
 end
 return {'OK'}
