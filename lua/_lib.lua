@@ -99,7 +99,7 @@ local function read_sku(key, customer)
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          limit = tonumber(v[6]), located = v[7] ~= false, held = tonumber(v[8]) or 0,
+          limit = tonumber(v[6]), located = v[7] ~= false, locs = v[7] or nil, held = tonumber(v[8]) or 0,
           shard = tonumber(v[9]), lmod = tonumber(v[10]) or 0}
 end
 

@@ -39,7 +39,7 @@ local m = tonumber(ARGV[base])
 for i = 0, m - 1 do
   redis.call('HSET', KEYS[3], ARGV[base + 1 + 2 * i], ARGV[base + 2 + 2 * i])
 end
-if k > 0 then refresh_cands(KEYS[2]) end
+if k > 0 then refresh_cands(KEYS[2], KEYS[1]) end
 base = base + 1 + 2 * m
 for i = 0, #KEYS - 4 do
   local state, allocs = ARGV[base + 2 * i], ARGV[base + 1 + 2 * i]
