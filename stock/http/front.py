@@ -178,7 +178,9 @@ class Front:
                 if deadlines.end(token):  # cancelled, but the handler swallowed it
                     asyncio.current_task().uncancel()  # type: ignore[union-attr]
             now = clock()
-            if kind is not None:
+            if kind is not None and response.status < 500:
+                # the queue's delay, not Redis's failures: a request that waited on a
+                # lost node answers 503 and says nothing about this process's queue
                 delay.completed(now - started, now)
             record(request.method if method == "*" else method, response.status, now - started)
             return response
