@@ -13,7 +13,8 @@ one place in Python that reads that format (``encode`` writes it, for tests and
 benchmarks). ``apply_batch`` writes a batch in one transaction: it
 COPYs the events into a session table (``writer_batch``), and from there
 
-- the ledger gets one row per event (``customer_id`` NULL when none);
+- the ledger gets one row per event (``customer_id`` NULL when none; a shard ``s#i``'s
+  event as ``sku`` s, ``shard`` i);
 - ``stock_levels`` takes the counters of each SKU's latest event, and never
   goes back to an older ``seq``; its ``limit_per_customer`` comes from the
   SKU's latest ``limit`` event (qty = the limit, 0 for none), if the batch has one;
@@ -166,13 +167,18 @@ _LINE_OPS = ", ".join(f"'{op}'" for op in STATE_AFTER)
 _LEDGER_COLUMNS = BATCH_COLUMNS[:-1]
 # the ledger's location: the names of the locations an event touched ('berlin,paris')
 _LOCATION_NAMES = "CASE WHEN loc <> '' THEN regexp_replace(loc, ':[^,]*', '', 'g') END"
-_FROM_BATCH = f"""
-INSERT INTO stock_ledger ({", ".join(_LEDGER_COLUMNS).replace("loc", "location")})
-SELECT {
-    ", ".join(_LEDGER_COLUMNS)
-    .replace("customer_id", "nullif(customer_id, '')")
-    .replace("loc", _LOCATION_NAMES)
+# the ledger's columns and what each takes from writer_batch: a sharded SKU's events
+# name the SKU, the shard's index goes to ``shard`` (DESIGN §12, migration 0007)
+_LEDGER_FROM = {
+    **{c: c for c in _LEDGER_COLUMNS},
+    "sku": "split_part(sku, '#', 1)",
+    "customer_id": "nullif(customer_id, '')",
+    "loc": _LOCATION_NAMES,
+    "shard": "shard_of(sku)",
 }
+_FROM_BATCH = f"""
+INSERT INTO stock_ledger ({", ".join(_LEDGER_FROM).replace("loc", "location")})
+SELECT {", ".join(_LEDGER_FROM.values())}
 FROM writer_batch;
 
 {LOCATION_LEVELS}
@@ -280,8 +286,8 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
 
 
 async def prepare(conn: asyncpg.Connection) -> None:
-    """Create the writer's session table (once per connection)."""
-    await conn.execute(_BATCH_TABLE)
+    """Create the writer's session tables (once per connection)."""
+    await conn.execute(_BATCH_TABLE + ";" + webhooks.TOTALS_TABLE)
 
 
 Write = Callable[[asyncpg.Connection, list[Chunk]], Awaitable[None]]

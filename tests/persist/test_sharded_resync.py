@@ -138,7 +138,7 @@ async def test_flushall_then_resync_gives_the_shards_back(
         before.sold,
         8,
     )
-    assert await pg.fetchval("SELECT count(DISTINCT shard_of(sku)) FROM stock_ledger") == 8
+    assert await pg.fetchval("SELECT count(DISTINCT shard) FROM stock_ledger") == 8
     assert await resync(redis, psettings, dsn, [SKU], out=out) == 0, out.getvalue()
     fresh = StockEngine(redis, psettings)  # a process that never saw the SKU sharded
     assert await fresh.shards_of(SKU) == 8
