@@ -54,6 +54,7 @@ from persist.snapshot import (
     line_of,
     ms_of,
     pg_levels,
+    pg_shard_counts,
     redis_levels,
     unflushed,
 )
@@ -372,7 +373,8 @@ async def resync(
             skus = keys.with_shards(skus, list(await pg_levels(conn, None)))
         report = await run.run(skus)
         if not dry_run:
-            await StockEngine(client, settings).sharded.restore(report.resynced)
+            counts = await pg_shard_counts(conn, report.resynced)
+            await StockEngine(client, settings).sharded.restore(report.resynced, counts)
     except FenceError as exc:
         print(f"resync: {exc}; each SKU is as it was or resynced: run it again", file=out)
         return 3

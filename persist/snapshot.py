@@ -91,6 +91,17 @@ async def pg_levels(conn: asyncpg.Connection, skus: list[str] | None) -> dict[st
     return {r["sku"]: Levels(r["available"], r["reserved"], r["sold"], r["seq"]) for r in rows}
 
 
+async def pg_shard_counts(conn: asyncpg.Connection, skus: list[str]) -> dict[str, int]:
+    """Each SKU's last shard count in the ledger (its ``shards`` event, DESIGN §12):
+    a shard that never had an event has no stock_levels row to count."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT ON (sku) sku, qty FROM stock_ledger"
+        " WHERE op = 'shards' AND sku = any($1::text[]) ORDER BY sku, id DESC",
+        skus,
+    )
+    return {r["sku"]: r["qty"] for r in rows}
+
+
 async def pg_buyers(conn: asyncpg.Connection, skus: list[str]) -> dict[str, Buyers]:
     """Each SKU's limit (stock_levels) and the units each customer holds or bought
     (the qty of their reserved and confirmed lines in reservation_lines)."""

@@ -139,7 +139,7 @@ SELECT s.id, 'stock.changed', {_VALUES.format(e="c", order="NULL", location="NUL
 FROM (
     SELECT DISTINCT ON (sku COLLATE "C") sku, available, reserved, sold, seq, at_ms
     FROM writer_totals
-    WHERE op NOT IN ('extend', 'limit')  -- they change no counters
+    WHERE op NOT IN ('extend', 'limit', 'shards')  -- they change no counters
       AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE 'stock.changed' = any(events))
     ORDER BY sku COLLATE "C", n DESC
 ) AS c
