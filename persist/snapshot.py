@@ -81,8 +81,9 @@ async def redis_skus(client: Any) -> set[str]:
 
 
 async def pg_levels(conn: asyncpg.Connection, skus: list[str] | None) -> dict[str, Levels]:
-    """stock_levels rows: the listed SKUs, or all of them."""
-    sql = "SELECT sku, available, reserved, sold, seq FROM stock_levels"
+    """Each SKU's counters, a sharded SKU's shard by shard (``s``, ``s#1``, ...:
+    levels_by_shard, migration 0008): the listed names, or all of them."""
+    sql = "SELECT sku, available, reserved, sold, seq FROM levels_by_shard"
     rows = await (
         conn.fetch(sql + " WHERE sku = any($1::text[])", skus)
         if skus is not None
@@ -106,7 +107,7 @@ async def pg_buyers(conn: asyncpg.Connection, skus: list[str]) -> dict[str, Buye
     """Each SKU's limit (stock_levels) and the units each customer holds or bought
     (the qty of their reserved and confirmed lines in reservation_lines)."""
     limits = await conn.fetch(
-        "SELECT sku, limit_per_customer FROM stock_levels WHERE sku = any($1::text[])", skus
+        "SELECT sku, limit_per_customer FROM levels_by_shard WHERE sku = any($1::text[])", skus
     )
     out = {r["sku"]: Buyers(r["limit_per_customer"], {}) for r in limits}
     rows = await conn.fetch(

@@ -63,8 +63,9 @@ CREATE TEMP TABLE IF NOT EXISTS writer_totals (
 """
 # Each event with its SKU's totals after it (DESIGN §12: a sharded SKU's webhooks name the
 # SKU `s`, never the shard `s#i`, and carry the sum over its shards). A shard's change is
-# its counters minus its previous event's (in the batch, else its stock_levels row); the
-# totals are the shards' stock_levels rows before the batch plus the changes so far, in
+# its counters minus its previous event's (in the batch, else its shard_levels row, else
+# its stock_levels row); the totals are the SKU's stock_levels row (its totals, migration
+# 0008) before the batch plus the changes so far, in
 # server time (a shard's events in seq order). seq is the sum of the shards' seqs: it grows
 # with every change. An ordinary SKU's totals telescope to its own counters and seq.
 _TOTALS = f"""
@@ -78,20 +79,19 @@ FROM (
     SELECT b.*, split_part(b.sku, '#', 1) AS base,
         max(b.at_ms) OVER s AS at_max,
         CASE WHEN {_MOVE} THEN 0
-            ELSE b.available - coalesce(lag(b.available) OVER s, l.available, 0) END AS da,
-        b.reserved - coalesce(lag(b.reserved) OVER s, l.reserved, 0) AS dr,
-        b.sold - coalesce(lag(b.sold) OVER s, l.sold, 0) AS ds,
-        b.seq - coalesce(lag(b.seq) OVER s, l.seq, 0) AS dq
-    FROM writer_batch b LEFT JOIN stock_levels l ON l.sku = b.sku
+            ELSE b.available - coalesce(lag(b.available) OVER s, h.available, l.available, 0)
+        END AS da,
+        b.reserved - coalesce(lag(b.reserved) OVER s, h.reserved, l.reserved, 0) AS dr,
+        b.sold - coalesce(lag(b.sold) OVER s, h.sold, l.sold, 0) AS ds,
+        b.seq - coalesce(lag(b.seq) OVER s, h.seq, l.seq, 0) AS dq
+    FROM writer_batch b LEFT JOIN shard_levels h ON h.sku = b.sku
+        LEFT JOIN stock_levels l ON l.sku = b.sku
     WHERE EXISTS (SELECT 1 FROM webhook_subscriptions)
     WINDOW s AS (PARTITION BY b.sku COLLATE "C" ORDER BY b.seq)
 ) AS t LEFT JOIN (
-    SELECT split_part(sku, '#', 1) AS base, sum(available) AS available,
-        sum(reserved) AS reserved, sum(sold) AS sold, sum(seq) AS seq
-    FROM stock_levels
-    WHERE split_part(sku, '#', 1) IN (SELECT split_part(sku, '#', 1) FROM writer_batch)
+    SELECT sku AS base, available, reserved, sold, seq FROM stock_levels
+    WHERE sku IN (SELECT split_part(sku, '#', 1) FROM writer_batch)
       AND EXISTS (SELECT 1 FROM webhook_subscriptions)
-    GROUP BY 1
 ) AS p USING (base)
 WINDOW w AS (PARTITION BY t.base COLLATE "C" ORDER BY t.at_max, t.sku COLLATE "C", t.seq
     ROWS UNBOUNDED PRECEDING);

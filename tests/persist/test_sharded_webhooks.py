@@ -51,3 +51,28 @@ async def test_a_sharded_skus_webhooks_and_ledger_name_the_sku(
     assert [r["sku"] for r in names] == [SKU]
     ledger = await pg.fetch("SELECT sku, count(DISTINCT shard) AS n FROM stock_ledger GROUP BY sku")
     assert [(r["sku"], r["n"]) for r in ledger] == [(SKU, 4)]
+
+
+async def test_stock_levels_keeps_one_row_of_totals_per_sku(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """One row per SKU in stock_levels, the totals once the writer drained; the
+    shards' own counters are in shard_levels (for resync and reconcile)."""
+    dsn = psettings.database_url
+    await engine.set_stock(SKU, 30)
+    await engine.set_stock("PLAIN", 5)
+    await drain(redis, psettings, dsn)  # the SKU's first rows, before it is sharded
+    await engine.set_shards(SKU, 4)
+    for i in range(5):
+        await engine.reserve(f"o{i}", [{"sku": SKU, "qty": 2}])
+    await engine.confirm("o0")
+    await drain(redis, psettings, dsn)
+    rows = await pg.fetch("SELECT sku, available, reserved, sold FROM stock_levels ORDER BY sku")
+    stock = await engine.get_stock(SKU)
+    assert [tuple(r) for r in rows] == [
+        (SKU, stock.available, stock.reserved, stock.sold),
+        ("PLAIN", 5, 0, 0),
+    ]
+    shards = await pg.fetch("SELECT sku, available FROM shard_levels ORDER BY sku")
+    assert [r["sku"] for r in shards] == [SKU, f"{SKU}#1", f"{SKU}#2", f"{SKU}#3"]
+    assert sum(r["available"] for r in shards) == stock.available == 20
