@@ -43,4 +43,3 @@ SELECT l.sku, l.available, l.reserved, l.sold,
     greatest(1, (SELECT count(*) FROM shard_levels h
         WHERE split_part(h.sku, '#', 1) = l.sku))::int AS shards, l.updated_at
 FROM stock_levels l;
-DROP INDEX IF EXISTS stock_levels_base;
