@@ -99,7 +99,7 @@ local function read_sku(key, customer)
   local fence = fence_until(v[5])
   return {a = tonumber(v[1]) or 0, r = tonumber(v[2]) or 0, s = tonumber(v[3]) or 0,
           seq = tonumber(v[4]) or 0, fenced = fence > 0, fence_until = fence, fence = v[5],
-          limit = tonumber(v[6]), located = v[7] ~= false, held = tonumber(v[8]) or 0,
+          limit = tonumber(v[6]), located = v[7] ~= false, locs = v[7] or nil, held = tonumber(v[8]) or 0,
           shard = tonumber(v[9]), lmod = tonumber(v[10]) or 0}
 end
 
@@ -134,8 +134,10 @@ end
 -- field 'customer' only when the line has a buyer (per-customer limits).
 -- persist/events.py decodes it (decode); keep the two in step.
 -- A field 'loc' (the line's allocations with each location's counters after
--- the change, _loc.lua) only on a SKU with locations.
-local function append_event(events_key, op, member, qty, exp, c, at, reason, customer, locs)
+-- the change, _loc.lua) only on a SKU with locations, and with it a field 'pin'
+-- only when the line's item named a location (so that resync restores the pin).
+local function append_event(events_key, op, member, qty, exp, c, at, reason, customer, locs,
+                            pin)
   c.seq = c.seq + 1
   local e = string.format('%s|%d|%d|%d|%d|%d|%d|%d|%s', op, qty, c.a, c.r, c.s, c.seq, at,
     exp, member)
@@ -144,6 +146,7 @@ local function append_event(events_key, op, member, qty, exp, c, at, reason, cus
     local args = {'XADD', events_key, '*', 'e', e, 'loc', locs}
     if has_reason then args[#args + 1], args[#args + 2] = 'reason', reason end
     if has_customer then args[#args + 1], args[#args + 2] = 'customer', customer end
+    if pin and pin ~= '' then args[#args + 1], args[#args + 2] = 'pin', pin end
     redis.call(unpack(args))
   elseif has_reason and has_customer then
     redis.call('XADD', events_key, '*', 'e', e, 'reason', reason, 'customer', customer)
@@ -164,7 +167,7 @@ end
 -- ev: {op, sku, order (none for a SKU-wide event), qty, exp, reason, customer, loc}.
 local function commit(sku_key, events_key, ev, c, at)
   append_event(events_key, ev.op, ev.sku .. '|' .. (ev.order or ''), ev.qty, ev.exp or 0, c, at,
-    ev.reason, ev.customer, ev.loc)
+    ev.reason, ev.customer, ev.loc, ev.pin)
   store_counters(sku_key, c)
   return c.seq
 end
@@ -450,7 +453,8 @@ local function run_lines(call, op, decide)
       count_customer(it.k_sku, p.customer or '', (now_holds - was) * p.qty)
       commit(it.k_sku, it.k_events,
         {op = p.op or op, sku = it.sku, order = call.order_id, qty = p.qty, exp = p.exp,
-         reason = call.reason, customer = p.customer, loc = loc.apply(call, p)}, c, now)
+         reason = call.reason, customer = p.customer, loc = loc.apply(call, p), pin = p.pin},
+        c, now)
     end
     if p.exp > latest then latest = p.exp end
     out[#out + 1] = it.sku

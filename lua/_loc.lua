@@ -44,7 +44,10 @@ end}
 
 -- The line scripts' view (open_locs): nothing read until used; L.at[name] is one
 -- HGET of that location (a reserve on a SKU with many locations usually reads one),
--- loc_meta one HMGET of the strategy, split, priority list and home.
+-- loc_meta the strategy, split, home and priority list: from the SKU hash's
+-- 'locs' field, which read_sku reads anyway ('strategy;split;home;cands', kept by
+-- refresh_cands), so a reserve reads no more than the locations it looks at; a
+-- 'locs' of '1' (written before that) costs one HMGET of the locations hash.
 local FETCH = {__index = function(at, name)
   local v = redis.call('HGET', at[0], '@' .. name)
   if not v then return nil end
@@ -53,14 +56,20 @@ local FETCH = {__index = function(at, name)
   return c
 end}
 
-local function open_locs(k)
-  return {key = k, at = setmetatable({[0] = k}, FETCH)}
+local function open_locs(k, meta)
+  return {key = k, at = setmetatable({[0] = k}, FETCH), meta = meta}
 end
 
 local function loc_meta(L)
   if L.strategy == nil then
-    local v = redis.call('HMGET', L.key, 'strategy', 'split', 'cands', 'home')
-    L.strategy, L.split, L.cands, L.home = v[1] or 'priority', v[2] == '1', v[3] or '', v[4]
+    local strategy, split, home, cands =
+      string.match(L.meta or '', '^([^;]*);([^;]*);([^;]*);(.*)$')
+    if strategy then
+      L.strategy, L.split, L.cands, L.home = strategy, split == '1', cands, home
+    else
+      local v = redis.call('HMGET', L.key, 'strategy', 'split', 'cands', 'home')
+      L.strategy, L.split, L.cands, L.home = v[1] or 'priority', v[2] == '1', v[3] or '', v[4]
+    end
   end
   return L
 end
@@ -179,11 +188,11 @@ local function read_alloc(k_line, L, qty)
   return {pin = pin, allocs = allocs}
 end
 
-local function locs_of(call, k_sku)  -- a SKU with locations (its 'locs' flag)
+local function locs_of(call, k_sku, meta)  -- a SKU with locations (its 'locs' field)
   call.locs = call.locs or {}
   local L = call.locs[k_sku]
   if L == nil then
-    L = open_locs(loc_key(k_sku))
+    L = open_locs(loc_key(k_sku), meta)
     call.locs[k_sku] = L
   end
   return L
@@ -191,14 +200,18 @@ end
 
 -- The priority list 'cands' of the locations hash k (candidates, priority): kept
 -- whenever a location appears or the strategy changes (locations.lua,
--- resync_locations.lua), so that a reserve walks it without sorting anything.
-local function refresh_cands(k)
+-- resync_locations.lua), so that a reserve walks it without sorting anything;
+-- with it the SKU hash k_sku's 'locs' = 'strategy;split;home;cands' (loc_meta).
+local function refresh_cands(k, k_sku)
   local full = read_locs(k)
   if not full then return end
   local strategy = full.strategy
   full.strategy = 'priority'
-  redis.call('HSET', k, 'cands', table.concat(candidates(full), ','))
+  local cands = table.concat(candidates(full), ',')
+  redis.call('HSET', k, 'cands', cands)
   full.strategy = strategy
+  redis.call('HSET', k_sku, 'locs', strategy .. ';' .. (full.split and '1' or '0') .. ';' ..
+    (full.home or '') .. ';' .. cands)
 end
 
 local function sign(d, q)
@@ -232,7 +245,7 @@ end
 -- recorded allocations. Returns an error reply, or nil.
 function loc.plan(call, p)
   local it = p.it
-  local L = p.c.located and locs_of(call, it.k_sku)
+  local L = p.c.located and locs_of(call, it.k_sku, p.c.locs)
   if not L then
     if it.pin and it.pin ~= '' then return {'NOLOCATION', it.sku, it.pin} end
     return nil
@@ -278,7 +291,7 @@ end
 -- expire.lua, per expired line: its units go back where they came from.
 -- cache: the script's table of locations per SKU key. Returns the 'loc' field.
 function loc.expire(cache, c, k_sku, k_line, qty, retention_ms)
-  local L = c.located and locs_of(cache, k_sku)
+  local L = c.located and locs_of(cache, k_sku, c.locs)
   if not L then return nil end
   local rec = read_alloc(k_line, L, qty)
   local k = alloc_key(k_line)

@@ -56,7 +56,7 @@ if op == 'set' or op == 'adjust' then
   end
   at.a, c.a = at.a + delta, c.a + delta
   save(name)
-  if created then refresh_cands(KEYS[3]) end
+  if created then refresh_cands(KEYS[3], KEYS[1]) end
   commit(KEYS[1], KEYS[2], {op = op, sku = sku, qty = delta, reason = ARGV[op == 'set' and 5 or 6],
     loc = loc_part(name, delta, at)}, c, now)
   return {'OK', c.a, c.r, c.s}
@@ -66,7 +66,7 @@ if not L then return {'NOLOCATION', sku, ''} end
 
 if op == 'allocation' then
   redis.call('HSET', KEYS[3], 'strategy', ARGV[3], 'order', ARGV[4], 'split', ARGV[5])
-  refresh_cands(KEYS[3])
+  refresh_cands(KEYS[3], KEYS[1])
   commit(KEYS[1], KEYS[2], {op = 'allocation', sku = sku, qty = 0,
     reason = ARGV[3] .. ';' .. ARGV[4] .. ';' .. ARGV[5]}, c, now)
   return {'OK'}
@@ -105,7 +105,7 @@ if op == 'receive' then
   src.t, dst.a, c.a, L.transit = src.t - x.qty, dst.a + x.qty, c.a + x.qty, L.transit - x.qty
   save(x.from)
   save(x.to)
-  if created then refresh_cands(KEYS[3]) end
+  if created then refresh_cands(KEYS[3], KEYS[1]) end
   redis.call('HSET', KEYS[3], 'transit', L.transit)
   redis.call('HSET', KEYS[4], id, (string.gsub(v, '|T|', '|D|', 1)))
   commit(KEYS[1], KEYS[2], {op = 'receive', sku = sku, order = id, qty = x.qty,

@@ -6,8 +6,8 @@
 -- 'strategy;order;split' ('' none), ARGV[4] home, ARGV[5] units in transit,
 -- ARGV[6] k locations, then five values each: name, available, reserved, sold,
 -- in_transit; then m transfers, two values each: transfer_id, its value
--- 'from|to|qty|state|reason'; then per line two values: state, allocations
--- ('location:qty,...'; '' drops the record). A RESERVED line's record has no
+-- 'from|to|qty|state|reason'; then per line two values: state, its allocation
+-- record ('pin|location:qty,...', _loc.lua; '' drops the record). A RESERVED line's record has no
 -- expiry, a terminal one's the retention window.
 -- The two hashes become exactly this, and the SKU hash's 'locs' flag says whether
 -- there are any (k = 0: the SKU has no locations).
@@ -39,16 +39,16 @@ local m = tonumber(ARGV[base])
 for i = 0, m - 1 do
   redis.call('HSET', KEYS[3], ARGV[base + 1 + 2 * i], ARGV[base + 2 + 2 * i])
 end
-if k > 0 then refresh_cands(KEYS[2]) end
+if k > 0 then refresh_cands(KEYS[2], KEYS[1]) end
 base = base + 1 + 2 * m
 for i = 0, #KEYS - 4 do
   local state, allocs = ARGV[base + 2 * i], ARGV[base + 1 + 2 * i]
   if allocs == '' then
     redis.call('DEL', KEYS[4 + i])
   elseif state == 'R' then
-    redis.call('SET', KEYS[4 + i], '|' .. allocs)
+    redis.call('SET', KEYS[4 + i], allocs)
   else
-    redis.call('SET', KEYS[4 + i], '|' .. allocs, 'PX', ARGV[2])
+    redis.call('SET', KEYS[4 + i], allocs, 'PX', ARGV[2])
   end
 end
 return {'OK'}

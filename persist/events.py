@@ -3,12 +3,13 @@
 An event is one entry of a bucket stream (``stock:{b<n>}:events``), written by
 ``lua/_lib.lua``'s ``append_event``: op, qty, the counters after the
 change, the SKU's ``seq``, server time ``at`` (ms), line expiry ``exp`` (ms, 0
-if none), sku, order, reason, customer and loc. The entry has one field ``e``, those
-values but the reason, the customer and loc joined by ``|`` in ``FIELD_ORDER`` (so it
+if none), sku, order, reason, customer, loc and pin. The entry has one field ``e``, those
+values but the reason, the customer, loc and pin joined by ``|`` in ``FIELD_ORDER`` (so it
 ends with the line's expiry index member ``sku|order_id``; an order id may
 itself contain ``|``, a SKU never does), a field ``reason`` only when there is
 one, a field ``customer`` only when the line has a buyer and a field ``loc`` only on
-a SKU with locations (``persist/locations.py``). ``decode`` is the
+a SKU with locations (``persist/locations.py``), with a field ``pin`` when the line's
+item named its location. ``decode`` is the
 one place in Python that reads that format (``encode`` writes it, for tests and
 benchmarks). ``apply_batch`` writes a batch in one transaction: it
 COPYs the events into a session table (``writer_batch``), and from there
@@ -43,12 +44,12 @@ from stock.core.formats import DEDUCT_HOLD, ORDER_KINDS, STATE_AFTER
 # An event's values in the order of its "e" field, then its reason, customer and loc
 # (a SKU with locations, DESIGN §13: 'name:qty:available:reserved:sold:in_transit,...').
 FIELD_ORDER = ("op", "qty", "available", "reserved", "sold", "seq", "at", "exp", "sku", "order",
-               "reason", "customer", "loc")  # fmt: skip
+               "reason", "customer", "loc", "pin")  # fmt: skip
 BATCH_COLUMNS = (
     "op", "qty", "available", "reserved", "sold", "seq", "at_ms", "expires_ms", "sku",
-    "order_id", "reason", "customer_id", "loc", "stream", "stream_id", "kind",
+    "order_id", "reason", "customer_id", "loc", "pin", "stream", "stream_id", "kind",
 )  # FIELD_ORDER, where the event came from, the line's order kind  # fmt: skip
-_UNPACKED = ("reason", "customer", "loc")  # fields of their own, each only when there is one
+_UNPACKED = ("reason", "customer", "loc", "pin")  # fields of their own, each only when there is one
 _PACKED = len(FIELD_ORDER) - len(_UNPACKED)  # values in the "e" field
 
 
@@ -84,6 +85,7 @@ class Event(NamedTuple):
     reason: str
     customer: str = ""
     loc: str = ""  # a SKU with locations: each touched location's counters after it
+    pin: str = ""  # the location the line's item named (DESIGN §13)
 
 
 def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
@@ -91,7 +93,7 @@ def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
     returns them (a dict) or raw (the flat field/value list)."""
     if type(fields) is list and len(fields) == 2 and fields[0] == "e":
         values = str(fields[1]).split("|", _PACKED - 1)  # the common case: no reason
-        values += ("", "", "")
+        values += ("", "", "", "")
         return values
     named = (
         fields if isinstance(fields, Mapping) else dict(zip(fields[::2], fields[1::2], strict=True))
@@ -107,7 +109,9 @@ def decode(fields: Mapping[str, str] | Sequence[str]) -> list[str]:
 def encode(values: Mapping[str, Any]) -> dict[str, str]:
     """The stream fields of an event given by name, as ``append_event`` writes them
     (for tests and benchmarks; the scripts write the events)."""
-    packed = "|".join(str(values.get(n) or (0 if n != "order" else "")) for n in FIELD_ORDER[:-3])
+    packed = "|".join(
+        str(values.get(n) or (0 if n != "order" else "")) for n in FIELD_ORDER[:_PACKED]
+    )
     out = {"e": packed}
     for name in _UNPACKED:
         if values.get(name):
@@ -122,8 +126,8 @@ def named(fields: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
 
 def parse_event(stream: str, entry_id: str, fields: Mapping[str, str] | Sequence[str]) -> Event:
     """One stream entry as an Event."""
-    op, qty, available, reserved, sold, seq, at, exp, sku, order, reason, customer, loc = decode(
-        fields
+    op, qty, available, reserved, sold, seq, at, exp, sku, order, reason, customer, loc, pin = (
+        decode(fields)
     )
     return Event(
         stream,
@@ -141,6 +145,7 @@ def parse_event(stream: str, entry_id: str, fields: Mapping[str, str] | Sequence
         reason,
         customer,
         loc,
+        pin,
     )
 
 
@@ -155,7 +160,7 @@ _BATCH_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS writer_batch (
     op text, sku text, order_id text, qty bigint, available bigint, reserved bigint,
     sold bigint, seq bigint, at_ms bigint, expires_ms bigint, reason text, customer_id text,
-    loc text, stream text, stream_id text, kind text
+    loc text, pin text, stream text, stream_id text, kind text
 ) ON COMMIT DELETE ROWS
 """
 _STATE_OF_OP = "CASE op " + " ".join(
@@ -164,7 +169,7 @@ _STATE_OF_OP = "CASE op " + " ".join(
 _LINE_OPS = ", ".join(f"'{op}'" for op in STATE_AFTER)
 # A SKU (and so each of its lines) lives in one stream, in seq order: the entry
 # with the highest seq of a SKU or line in the batch is its latest.
-_LEDGER_COLUMNS = BATCH_COLUMNS[:-1]
+_LEDGER_COLUMNS = tuple(c for c in BATCH_COLUMNS[:-1] if c != "pin")
 # the ledger's location: the names of the locations an event touched ('berlin,paris')
 _LOCATION_NAMES = "CASE WHEN loc <> '' THEN regexp_replace(loc, ':[^,]*', '', 'g') END"
 # Each SKU's counters after its latest event (never an older seq), with its limit. A
@@ -236,13 +241,14 @@ FROM writer_batch;
 {_LEVELS}
 
 INSERT INTO reservation_lines AS r
-    (order_id, sku, qty, state, kind, expires_at, seq, customer_id, allocations, updated_at)
+    (order_id, sku, qty, state, kind, expires_at, seq, customer_id, allocations, pin,
+     updated_at)
 SELECT order_id, sku, qty, {_STATE_OF_OP} END, kind,
     CASE WHEN expires_ms > 0 THEN to_timestamp(expires_ms::float8 / 1000) END, seq,
-    nullif(customer_id, ''), {LINE_ALLOCATIONS}, now()
+    nullif(customer_id, ''), {LINE_ALLOCATIONS}, nullif(pin, ''), now()
 FROM (
     SELECT DISTINCT ON (order_id, sku) order_id, sku, qty, op, expires_ms, seq, kind, customer_id,
-        loc
+        loc, pin
     FROM writer_batch WHERE op IN ({_LINE_OPS})
     ORDER BY order_id, sku, seq DESC
 ) AS latest
@@ -250,7 +256,8 @@ ON CONFLICT (order_id, sku) DO UPDATE SET qty = excluded.qty, state = excluded.s
     kind = CASE WHEN excluded.kind <> '' THEN excluded.kind ELSE r.kind END,
     expires_at = excluded.expires_at, seq = excluded.seq, updated_at = excluded.updated_at,
     customer_id = coalesce(excluded.customer_id, r.customer_id),
-    allocations = coalesce(excluded.allocations, r.allocations)
+    allocations = coalesce(excluded.allocations, r.allocations),
+    pin = coalesce(excluded.pin, r.pin)
 WHERE excluded.seq > r.seq;
 """
 LINES_UPSERT = """

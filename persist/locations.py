@@ -8,7 +8,8 @@ the event), joined by ``,``; a ``transfer`` event adds its destination as
 
 - ``stock_location_levels``: each (SKU, location)'s counters of the latest event
   that touched it (never going back to an older ``seq``);
-- ``reservation_lines.allocations``: a line's ``location:qty,...``;
+- ``reservation_lines.allocations``: a line's ``location:qty,...``, and
+  ``reservation_lines.pin`` the location its item named (the event's ``pin``);
 - ``stock_ledger.location``: the names (``persist/events.py``).
 """
 
@@ -109,11 +110,12 @@ async def write_locations(
         return
     places = await pg_locations(conn, skus)
     rows = await conn.fetch(
-        "SELECT sku, order_id, allocations FROM reservation_lines"
+        "SELECT sku, order_id, allocations, pin FROM reservation_lines"
         " WHERE sku = any($1::text[]) AND allocations IS NOT NULL",
         skus,
     )
-    allocs = {(r["sku"], r["order_id"]): r["allocations"] for r in rows}
+    # the allocation record 'pin|location:qty,...' (lua/_loc.lua), its pin restored
+    allocs = {(r["sku"], r["order_id"]): f"{r['pin'] or ''}|{r['allocations']}" for r in rows}
     calls = []
     for sku in skus:
         keys_, args = _resync_call(sku, places.get(sku), lines[sku], allocs, settings, token)

@@ -1,9 +1,11 @@
 """Reconcile per location (DESIGN §13): each (SKU, location)'s counters in Redis
 against PostgreSQL's ``stock_location_levels`` with the unflushed events' ``loc``
-values applied, and, in Redis, the sum over a SKU's locations against its totals."""
+values applied, and, in Redis, the sum over a SKU's locations against its totals;
+and what ``stock resync --dry-run`` would change per location (``resync_diffs``)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import asyncpg
@@ -35,6 +37,22 @@ async def location_drifts(
     return out
 
 
+async def resync_diffs(
+    client: Any, conn: asyncpg.Connection, settings: Settings, skus: list[str]
+) -> dict[str, list[str]]:
+    """Per SKU, one line per location whose Redis counters differ from what resync
+    writes (PostgreSQL's ``stock_location_levels``): ``<sku>@<location>: redis
+    a/r/s/t -> postgres a/r/s/t`` (``missing`` on either side)."""
+    stored = await _stored(conn, skus)
+    found, _ = await _redis(client, settings, skus)
+    out: dict[str, list[str]] = defaultdict(list)
+    for sku, place in sorted(set(stored) | set(found)):
+        mine, theirs = found.get((sku, place)), stored.get((sku, place))
+        if mine != theirs:
+            out[sku].append(f"{sku}@{place}: redis {_text(mine)} -> postgres {_text(theirs)}")
+    return out
+
+
 def _text(counters: Counters | None) -> str:
     return "missing" if counters is None else "/".join(str(c) for c in counters)
 
@@ -47,9 +65,7 @@ async def _located(client: Any, conn: asyncpg.Connection) -> set[str]:
     return found
 
 
-async def _expected(
-    client: Any, conn: asyncpg.Connection, settings: Settings, skus: list[str]
-) -> dict[tuple[str, str], Counters]:
+async def _stored(conn: asyncpg.Connection, skus: list[str]) -> dict[tuple[str, str], Counters]:
     rows = await conn.fetch(
         "SELECT sku, location, available, reserved, sold, in_transit"
         " FROM stock_location_levels WHERE sku = any($1::text[])",
@@ -59,6 +75,13 @@ async def _expected(
         (r["sku"], r["location"]): (r["available"], r["reserved"], r["sold"], r["in_transit"])
         for r in rows
     }
+    return out
+
+
+async def _expected(
+    client: Any, conn: asyncpg.Connection, settings: Settings, skus: list[str]
+) -> dict[tuple[str, str], Counters]:
+    out = await _stored(conn, skus)
     for sku, events in (await unflushed(client, conn, settings, skus)).items():
         for event in events:  # stream order: the last one of a location counts
             for part in filter(None, event.loc.split(",")):

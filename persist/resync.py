@@ -29,7 +29,8 @@ restored: ``resync.lua`` rewrites one SKU in one atomic step, and the order
 records it needs are written before it (a record without its lines changes no
 stock: the line scripts refuse it). Run it again to finish.
 
-``dry_run`` fences nothing and writes nothing: it prints the per-SKU diff.
+``dry_run`` fences nothing and writes nothing: it prints the per-SKU diff, and
+per location of a SKU with locations (DESIGN §13) the counters it would rewrite.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from persist import snapshot
 from persist.events import LINES_UPSERT, Event
 from persist.fences import Fences
 from persist.locations import write_locations
+from persist.reconcile_locations import resync_diffs
 from persist.snapshot import (
     Levels,
     Line,
@@ -169,14 +171,21 @@ class Resync:
         refused = [] if self.force else [s for s in skus if pending.get(s)]
         self.report.refused += refused
         plans = await self._plan([s for s in skus if s not in refused], pending)
+        places = await self._places([p.sku for p in plans])
         for plan in plans:
-            if plan.changed():
+            if plan.changed() or places.get(plan.sku):
                 self.report.changed.append(plan.sku)
                 if self.dry_run:
-                    print(plan.diff(), file=self.out)
+                    print(plan.diff(), *places.get(plan.sku, []), sep="\n", file=self.out)
         if not self.dry_run:
             await self._write(plans)
         self.report.resynced += [p.sku for p in plans]
+
+    async def _places(self, skus: list[str]) -> dict[str, list[str]]:
+        """With ``dry_run``: per SKU, the locations whose counters resync would rewrite."""
+        if not self.dry_run or not skus:
+            return {}
+        return await resync_diffs(self.redis, self.conn, self.settings, skus)
 
     async def _unflushed(self, skus: list[str]) -> dict[str, int]:
         """Unflushed events per SKU; waits up to ``wait_s`` for a writer to flush them."""

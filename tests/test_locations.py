@@ -208,3 +208,20 @@ async def test_per_customer_limit_counts_across_locations(engine: StockEngine) -
     await engine.release("c1")  # a unit back at berlin, and back in the allowance
     done = await engine.reserve("c3", [{"sku": "L9", "qty": 1}], 60, "cust")
     assert done.lines[0].allocations == "berlin:1"
+
+
+async def test_strategy_rides_in_the_sku_hash_and_an_old_flag_still_works(
+    engine: StockEngine,
+) -> None:
+    """The line scripts read the strategy from the SKU hash's 'locs' (no HMGET of the
+    locations hash); a SKU whose 'locs' is the older '1' reads the locations hash."""
+    locs = await located(engine, "M", berlin=2, paris=5)
+    await locs.set_allocation("M", "priority", ["paris", "berlin"], False)
+    sku_key = keys.sku_key("M", engine.settings.buckets)
+    assert await engine.redis.hget(sku_key, "locs") == "priority;0;berlin;paris,berlin"
+    first = await engine.reserve("m1", [Item("M", 1)])
+    assert first.lines[0].allocations == "paris:1"
+    await engine.redis.hset(sku_key, "locs", "1")
+    await locs.set("M", "paris", 0)  # no new location: 'locs' stays '1'
+    second = await engine.reserve("m2", [Item("M", 2)])
+    assert second.lines[0].allocations == "berlin:2"

@@ -12,8 +12,10 @@ key                                             type    holds
                                                         seq (per-SKU event number),
                                                         fenced (token@until_ms),
                                                         limit, c:<customer> (units
-                                                        held or bought), locs (1:
-                                                        the SKU has locations)
+                                                        held or bought), locs (the
+                                                        SKU has locations:
+                                                        strategy;split;home;cands,
+                                                        or 1 if written before)
 ``stock:{b<n>}:line:<sku>|<order_id>``          string  ``state|qty|expires_ms|``
                                                         ``tag|customer``
 ``stock:{b<n>}:due``                            zset    ``<sku>|<order_id>`` scored

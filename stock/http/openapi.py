@@ -178,7 +178,7 @@ def _stock_paths() -> dict[str, Any]:
     return {
         "/v1/stock/{sku}": {
             "get": _op("A SKU's counters", counters, [404], params=["sku"]),
-            "put": _op("Set available stock", counters, [413], admin=True, params=["sku"],
+            "put": _op("Set available stock", counters, [404, 413], admin=True, params=["sku"],
                        body=_obj([], available=AMOUNT, shards=SHARDS,
                                  reason=REASON)),
         },

@@ -113,3 +113,29 @@ async def test_webhook_data_names_the_location(
         "SELECT * FROM webhook_deliveries WHERE type = 'order.confirmed' ORDER BY seq"
     )
     assert [webhooks.data(r).get("location") for r in rows] == ["paris", "berlin,paris"]
+
+
+async def test_resync_keeps_a_pinned_lines_pin(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    """A replay of a pinned reserve after a Redis loss and resync is a replay."""
+    dsn = psettings.database_url
+    await _shop(engine)
+    await engine.reserve("pinned", [Item("W", 1, "paris")], 600)
+    await drain(redis, psettings, dsn)
+    await flush(redis)
+    assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
+    again = await engine.reserve("pinned", [Item("W", 1, "paris")], 600)
+    assert again.replay and again.lines[0].allocations == "paris:1"
+
+
+async def test_resync_dry_run_prints_location_differences(
+    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
+) -> None:
+    dsn = psettings.database_url
+    await _shop(engine)
+    await drain(redis, psettings, dsn)
+    await redis.hset(keys.locations_key("W", psettings.buckets), "@berlin", "1,2,0,0")
+    out = io.StringIO()
+    assert await resync(redis, psettings, dsn, ["W"], dry_run=True, out=out) == 0
+    assert "W@berlin: redis 1/2/0/0 -> postgres 0/3/0/0" in out.getvalue()
