@@ -173,7 +173,7 @@ _LEDGER_COLUMNS = tuple(c for c in BATCH_COLUMNS[:-1] if c != "pin")
 # the ledger's location: the names of the locations an event touched ('berlin,paris')
 _LOCATION_NAMES = "CASE WHEN loc <> '' THEN regexp_replace(loc, ':[^,]*', '', 'g') END"
 # Each SKU's counters after its latest event (never an older seq), with its limit. A
-# sharded SKU's shards (DESIGN §12, migration 0008) go to shard_levels (its first shard
+# sharded SKU's shards (DESIGN §12, migration 0009) go to shard_levels (its first shard
 # event brings shard 0's row over from stock_levels), and stock_levels keeps the SKU's one
 # row: the sum of its shards (seq: the sum of their seqs; the limit: shard 0's).
 _UPSERT = """
@@ -223,7 +223,7 @@ ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
     limit_seq = excluded.limit_seq;
 """
 # the ledger's columns and what each takes from writer_batch: a sharded SKU's events
-# name the SKU, the shard's index goes to ``shard`` (DESIGN §12, migration 0007)
+# name the SKU, the shard's index goes to ``shard`` (DESIGN §12, migration 0008)
 _LEDGER_FROM = {
     **{c: c for c in _LEDGER_COLUMNS},
     "sku": "split_part(sku, '#', 1)",

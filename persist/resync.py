@@ -56,8 +56,8 @@ from persist.snapshot import (
     line_of,
     ms_of,
     pg_levels,
-    pg_shard_counts,
     redis_levels,
+    restore_shards,
     unflushed,
 )
 from stock.core import keys
@@ -72,7 +72,6 @@ from stock.core.formats import (
     order_record,
 )
 from stock.core.validate import Item
-from stock.orders.engine import StockEngine
 from stock.redis.scripts import Scripts, expect_ok, parse_resync
 
 CHUNK = 200
@@ -382,8 +381,7 @@ async def resync(
             skus = keys.with_shards(skus, list(await pg_levels(conn, None)))
         report = await run.run(skus)
         if not dry_run:
-            counts = await pg_shard_counts(conn, report.resynced)
-            await StockEngine(client, settings).sharded.restore(report.resynced, counts)
+            await restore_shards(client, settings, conn, report.resynced)
     except FenceError as exc:
         print(f"resync: {exc}; each SKU is as it was or resynced: run it again", file=out)
         return 3

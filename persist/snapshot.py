@@ -13,6 +13,7 @@ from persist.events import Event, parse_event, read_offsets
 from stock.core import keys
 from stock.core.config import Settings
 from stock.core.formats import STATE_CODES
+from stock.orders.engine import StockEngine
 
 SCAN_CHUNK = 10_000
 
@@ -82,7 +83,7 @@ async def redis_skus(client: Any) -> set[str]:
 
 async def pg_levels(conn: asyncpg.Connection, skus: list[str] | None) -> dict[str, Levels]:
     """Each SKU's counters, a sharded SKU's shard by shard (``s``, ``s#1``, ...:
-    levels_by_shard, migration 0008): the listed names, or all of them."""
+    levels_by_shard, migration 0009): the listed names, or all of them."""
     sql = "SELECT sku, available, reserved, sold, seq FROM levels_by_shard"
     rows = await (
         conn.fetch(sql + " WHERE sku = any($1::text[])", skus)
@@ -101,6 +102,14 @@ async def pg_shard_counts(conn: asyncpg.Connection, skus: list[str]) -> dict[str
         skus,
     )
     return {r["sku"]: r["qty"] for r in rows}
+
+
+async def restore_shards(
+    client: Any, settings: Settings, conn: asyncpg.Connection, names: list[str]
+) -> None:
+    """After a resync of ``names``: each sharded SKU's metadata, its k from the ledger."""
+    counts = await pg_shard_counts(conn, names)
+    await StockEngine(client, settings).sharded.restore(names, counts)
 
 
 async def pg_buyers(conn: asyncpg.Connection, skus: list[str]) -> dict[str, Buyers]:

@@ -65,7 +65,7 @@ CREATE TEMP TABLE IF NOT EXISTS writer_totals (
 # SKU `s`, never the shard `s#i`, and carry the sum over its shards). A shard's change is
 # its counters minus its previous event's (in the batch, else its shard_levels row, else
 # its stock_levels row); the totals are the SKU's stock_levels row (its totals, migration
-# 0008) before the batch plus the changes so far, in
+# 0009) before the batch plus the changes so far, in
 # server time (a shard's events in seq order). seq is the sum of the shards' seqs: it grows
 # with every change. An ordinary SKU's totals telescope to its own counters and seq.
 _TOTALS = f"""

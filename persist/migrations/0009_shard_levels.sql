@@ -1,4 +1,4 @@
--- 0008: stock_levels keeps ONE row of counters per SKU (DESIGN §12): a sharded SKU's
+-- 0009: stock_levels keeps ONE row of counters per SKU (DESIGN §12): a sharded SKU's
 -- row holds its totals (the sum of its shards, exact after the writer drains; seq = the
 -- sum of the shards' seqs). Each shard's own counters (`s` for shard 0, `s#1`, ...) are
 -- a row of shard_levels, which resync and reconcile read (levels_by_shard: a shard's row
