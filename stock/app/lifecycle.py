@@ -32,7 +32,9 @@ from stock.loops.payment_probe import PaymentProbe
 from stock.loops.reaper import Reaper, expiry_lag_s
 from stock.loops.soldout import SoldOut
 from stock.loops.supervise import run_loop, supervise
+from stock.orders.core import OrderCore
 from stock.orders.engine import StockEngine
+from stock.orders.sharded import ShardedSkus
 from stock.redis.client import connect
 
 log = logging.getLogger("stock.app.lifecycle")
@@ -169,8 +171,11 @@ def _start_reaper(
 
     metrics.on_scrape(refresh)
     _task(parts, "reaper", functools.partial(reaper.run, stop, metrics), stop, metrics)
-    # the sharded SKUs' rebalancer (DESIGN §12) runs where the reaper does
-    _task(parts, "rebalancer", functools.partial(engine.sharded.run, stop), stop, metrics)
+    # the sharded SKUs' rebalancer (DESIGN §12) runs where the reaper does, and on a
+    # cluster on the reaper's own client: redis-py's own path (TIME, HSET) closes
+    # every connection of its client when a node is lost, which must not be the API's
+    rebalancer = ShardedSkus(OrderCore(own_client, settings)) if own_client else engine.sharded
+    _task(parts, "rebalancer", functools.partial(rebalancer.run, stop), stop, metrics)
 
 
 def _start_writer(

@@ -94,7 +94,7 @@ class ClusterOrders:
             return True
         first = formats.parse_spec(record.spec)[0]
         line = keys.line_keys(first.sku, order_id, core.settings.buckets).line
-        return bool(await core.redis.exists(line))
+        return await core.exists(line)
 
     async def _acquire_once(
         self, op: str, order_id: str, items: list[Item], spec: str, ttl_ms: int, customer: str

@@ -105,6 +105,25 @@ class OrderCore:
         raw = await (pipe.execute("GET", key) if pipe is not None else self.redis.get(key))
         return None if raw is None else str(raw)
 
+    async def hgetall(self, key: str) -> dict[str, str]:
+        """HGETALL through the (per-node) auto-pipeline: on a cluster a lost node fails
+        only this call (redis-py's own path would close every connection of the
+        client, under the API's calls in flight on the healthy nodes)."""
+        pipe = self.scripts.pipeline
+        if pipe is None:
+            return {str(k): str(v) for k, v in (await self.redis.hgetall(key)).items()}
+        flat = await pipe.execute("HGETALL", key)
+        if isinstance(flat, dict):
+            return {str(k): str(v) for k, v in flat.items()}
+        return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def exists(self, key: str) -> bool:
+        """EXISTS through the (per-node) auto-pipeline (see ``hgetall``)."""
+        pipe = self.scripts.pipeline
+        return bool(
+            await (pipe.execute("EXISTS", key) if pipe is not None else self.redis.exists(key))
+        )
+
     async def hmget(self, key: str, *fields: str) -> list[str | None]:
         """HMGET, through the (per-node) auto-pipeline."""
         if self.scripts.pipeline is not None:

@@ -91,13 +91,7 @@ class Locations:
         return [parse_transfer(i, v) for i, v in sorted(raw.items())]
 
     async def _hgetall(self, key: str) -> dict[str, str]:
-        pipe = self.engine.scripts.pipeline
-        flat = await pipe.execute("HGETALL", key) if pipe is not None else None
-        if flat is None:
-            return dict(await self.engine.redis.hgetall(key))
-        if isinstance(flat, dict):
-            return {str(k): str(v) for k, v in flat.items()}
-        return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return await self.engine.core.hgetall(key)
 
     @store_boundary
     async def set(self, sku: str, location: str, available: int, reason: str = "") -> Counters:

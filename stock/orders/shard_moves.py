@@ -19,6 +19,8 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from redis.exceptions import RedisError
+
 from stock.core import keys
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stock.shards")
 
 REFRESH_S = 1.0  # a process's view of the registry is at most this old for routing
+RELOAD_RETRY_S = 0.5  # after a failed read of the registry, the next try
 STALE_MS = 2_000  # a move in flight this long is taken for a dead mover's, and finished
 
 
@@ -86,7 +89,20 @@ class ShardRegistry:
         if after is None:
             if time.monotonic() - self.loaded_at < REFRESH_S:
                 return
-            after = time.monotonic() - REFRESH_S
+            try:
+                await self._reload(time.monotonic() - REFRESH_S)
+            except (RedisError, OSError) as exc:
+                if self.loaded_at == float("-inf"):
+                    raise
+                # The registry's node is lost (a failover): routing goes on with the
+                # registry last read, which is what every SKU on a healthy node needs,
+                # and asks again shortly instead of on every request.
+                self.loaded_at = time.monotonic() - REFRESH_S + RELOAD_RETRY_S
+                log.warning("shard registry not read, using the last one: %r", exc)
+            return
+        await self._reload(after)
+
+    async def _reload(self, after: float) -> None:
         if self.loaded_at >= after:
             return
         if self._running is None or self._running[0] < after or self._running[1].done():
@@ -95,7 +111,7 @@ class ShardRegistry:
         await asyncio.shield(self._running[1])
 
     async def _load(self, started: float) -> None:
-        raw = await self.core.redis.hgetall(keys.shards_key())
+        raw = await self.core.hgetall(keys.shards_key())
         self.meta = {str(k): ShardMeta.parse(str(v)) for k, v in raw.items()}
         self.loaded_at = max(self.loaded_at, started)
 
@@ -192,7 +208,7 @@ class ShardMoves:
         seconds, micros = await self.core.redis.time()
         now = int(seconds) * 1000 + int(micros) // 1000
         tables = await asyncio.gather(
-            *(self.core.redis.hgetall(keys.moves_key(sku, i, buckets)) for i in range(span))
+            *(self.core.hgetall(keys.moves_key(sku, i, buckets)) for i in range(span))
         )
         out = []
         for src, table in enumerate(tables):
