@@ -54,6 +54,8 @@ async def _apply(conn: asyncpg.Connection) -> list[str]:
         async with conn.transaction():
             await conn.execute(sql)
             await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-        log.info("migrate: applied %s", version)
+        log.debug("migrate: applied %s", version)
         applied.append(version)
+    if applied:  # one line, not one per file: `stock dev`'s first screen stays short
+        log.info("migrate: applied %d (%s .. %s)", len(applied), applied[0], applied[-1])
     return applied

@@ -24,7 +24,7 @@ ALLOCATION_BODY = _obj(
     split={"type": "boolean"},
 )
 TRANSFER = _obj(
-    ["sku", "transfer_id", "from", "to", "qty", "state"],
+    ["transfer_id", "from", "to", "qty", "state"],  # sku: on a transfer's own answer
     sku=SKU,
     transfer_id=ORDER_ID,
     **{"from": LOCATION},
