@@ -19,26 +19,15 @@
 -- done (on the source, after in): KEYS[3] the moves hash; ARGV[2] move id.
 --   The entry goes and moving -= x; {'OK', x}, or {'OK', 0} when it was gone.
 -- meta: ARGV[2] the shard's index, ARGV[3] lmod (the customers' home modulus,
---   0 for none), ARGV[4] shards, ARGV[5] span (both '' except on shard 0), ARGV[6]
---   the SKU (shard 0). Creates the shard's counters when absent (0, 0, 0); {'OK'}.
---   Event: on shard 0 when its shard count changes (and no resync fences it), op
---   'shards', qty = k, counters unchanged, so that PostgreSQL's ledger keeps k for
---   `stock resync` (persist/resync.py).
+--   0 for none), ARGV[4] shards, ARGV[5] span (both '' except on shard 0).
+--   Creates the shard's counters when absent (0, 0, 0); {'OK'}. No event.
 local mode = ARGV[1]
 if mode == 'meta' then
   redis.call('HSETNX', KEYS[1], 'available', 0)
   redis.call('HSETNX', KEYS[1], 'reserved', 0)
   redis.call('HSETNX', KEYS[1], 'sold', 0)
   redis.call('HSET', KEYS[1], 'shard', ARGV[2], 'lmod', ARGV[3])
-  if ARGV[4] ~= '' then
-    local was = redis.call('HGET', KEYS[1], 'shards')
-    redis.call('HSET', KEYS[1], 'shards', ARGV[4], 'span', ARGV[5])
-    local c = read_sku(KEYS[1])
-    if was ~= ARGV[4] and not c.fenced then
-      commit(KEYS[1], KEYS[2], {op = 'shards', sku = ARGV[6], qty = tonumber(ARGV[4])}, c,
-        now_ms())
-    end
-  end
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'shards', ARGV[4], 'span', ARGV[5]) end
   return {'OK'}
 end
 if mode == 'done' then

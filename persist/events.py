@@ -14,8 +14,7 @@ one place in Python that reads that format (``encode`` writes it, for tests and
 benchmarks). ``apply_batch`` writes a batch in one transaction: it
 COPYs the events into a session table (``writer_batch``), and from there
 
-- the ledger gets one row per event (``customer_id`` NULL when none; a shard ``s#i``'s
-  event as ``sku`` s, ``shard`` i);
+- the ledger gets one row per event (``customer_id`` NULL when none);
 - ``stock_levels`` takes the counters of each SKU's latest event, and never
   goes back to an older ``seq``; its ``limit_per_customer`` comes from the
   SKU's latest ``limit`` event (qty = the limit, 0 for none), if the batch has one;
@@ -172,20 +171,26 @@ _LINE_OPS = ", ".join(f"'{op}'" for op in STATE_AFTER)
 _LEDGER_COLUMNS = tuple(c for c in BATCH_COLUMNS[:-1] if c != "pin")
 # the ledger's location: the names of the locations an event touched ('berlin,paris')
 _LOCATION_NAMES = "CASE WHEN loc <> '' THEN regexp_replace(loc, ':[^,]*', '', 'g') END"
-# Each SKU's counters after its latest event (never an older seq), with its limit. A
-# sharded SKU's shards (DESIGN §12, migration 0009) go to shard_levels (its first shard
-# event brings shard 0's row over from stock_levels), and stock_levels keeps the SKU's one
-# row: the sum of its shards (seq: the sum of their seqs; the limit: shard 0's).
-_UPSERT = """
-INSERT INTO {table} AS l
+_FROM_BATCH = f"""
+INSERT INTO stock_ledger ({", ".join(_LEDGER_COLUMNS).replace("loc", "location")})
+SELECT {
+    ", ".join(_LEDGER_COLUMNS)
+    .replace("customer_id", "nullif(customer_id, '')")
+    .replace("loc", _LOCATION_NAMES)
+}
+FROM writer_batch;
+
+{LOCATION_LEVELS}
+
+INSERT INTO stock_levels AS l
     (sku, available, reserved, sold, seq, limit_per_customer, limit_seq, updated_at)
 SELECT c.sku, c.available, c.reserved, c.sold, c.seq, m.per_customer, m.seq, now()
 FROM (
     SELECT DISTINCT ON (sku) sku, available, reserved, sold, seq
-    FROM writer_batch WHERE {where} ORDER BY sku, seq DESC
+    FROM writer_batch ORDER BY sku, seq DESC
 ) AS c LEFT JOIN (
     SELECT DISTINCT ON (sku) sku, nullif(qty, 0) AS per_customer, seq
-    FROM writer_batch WHERE op = 'limit' AND ({where}) ORDER BY sku, seq DESC
+    FROM writer_batch WHERE op = 'limit' ORDER BY sku, seq DESC
 ) AS m USING (sku)
 ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
     reserved = excluded.reserved, sold = excluded.sold, seq = excluded.seq,
@@ -194,51 +199,6 @@ ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
         ELSE excluded.limit_per_customer END,
     limit_seq = coalesce(excluded.limit_seq, l.limit_seq)
 WHERE excluded.seq > l.seq;
-"""
-# a shard's event: of `s#i`, or of `s` once `s` has shards (before, or in this batch)
-_SHARDED = (
-    "position('#' IN sku) > 0 OR sku IN (SELECT sku FROM shard_levels)"
-    " OR sku IN (SELECT split_part(sku, '#', 1) FROM writer_batch WHERE position('#' IN sku) > 0)"
-)
-_LEVELS = f"""
-INSERT INTO shard_levels
-    (sku, available, reserved, sold, seq, limit_per_customer, limit_seq, updated_at)
-SELECT sku, available, reserved, sold, seq, limit_per_customer, limit_seq, updated_at
-FROM stock_levels
-WHERE sku IN (SELECT split_part(sku, '#', 1) FROM writer_batch WHERE position('#' IN sku) > 0)
-ON CONFLICT (sku) DO NOTHING;
-{_UPSERT.format(table="shard_levels", where=_SHARDED)}
-{_UPSERT.format(table="stock_levels", where=f"NOT ({_SHARDED})")}
-INSERT INTO stock_levels AS l
-    (sku, available, reserved, sold, seq, limit_per_customer, limit_seq, updated_at)
-SELECT split_part(sku, '#', 1), sum(available), sum(reserved), sum(sold), sum(seq),
-    max(limit_per_customer) FILTER (WHERE position('#' IN sku) = 0),
-    max(limit_seq) FILTER (WHERE position('#' IN sku) = 0), now()
-FROM shard_levels
-WHERE split_part(sku, '#', 1) IN (SELECT split_part(sku, '#', 1) FROM writer_batch)
-GROUP BY 1
-ON CONFLICT (sku) DO UPDATE SET available = excluded.available,
-    reserved = excluded.reserved, sold = excluded.sold, seq = excluded.seq,
-    updated_at = excluded.updated_at, limit_per_customer = excluded.limit_per_customer,
-    limit_seq = excluded.limit_seq;
-"""
-# the ledger's columns and what each takes from writer_batch: a sharded SKU's events
-# name the SKU, the shard's index goes to ``shard`` (DESIGN §12, migration 0008)
-_LEDGER_FROM = {
-    **{c: c for c in _LEDGER_COLUMNS},
-    "sku": "split_part(sku, '#', 1)",
-    "customer_id": "nullif(customer_id, '')",
-    "loc": _LOCATION_NAMES,
-    "shard": "shard_of(sku)",
-}
-_FROM_BATCH = f"""
-INSERT INTO stock_ledger ({", ".join(_LEDGER_FROM).replace("loc", "location")})
-SELECT {", ".join(_LEDGER_FROM.values())}
-FROM writer_batch;
-
-{LOCATION_LEVELS}
-
-{_LEVELS}
 
 INSERT INTO reservation_lines AS r
     (order_id, sku, qty, state, kind, expires_at, seq, customer_id, allocations, pin,
@@ -327,8 +287,8 @@ def _copy_rows(chunks: list[Chunk]) -> bytes:
 
 
 async def prepare(conn: asyncpg.Connection) -> None:
-    """Create the writer's session tables (once per connection)."""
-    await conn.execute(_BATCH_TABLE + ";" + webhooks.TOTALS_TABLE)
+    """Create the writer's session table (once per connection)."""
+    await conn.execute(_BATCH_TABLE)
 
 
 Write = Callable[[asyncpg.Connection, list[Chunk]], Awaitable[None]]

@@ -57,7 +57,6 @@ from persist.snapshot import (
     ms_of,
     pg_levels,
     redis_levels,
-    restore_shards,
     unflushed,
 )
 from stock.core import keys
@@ -72,6 +71,7 @@ from stock.core.formats import (
     order_record,
 )
 from stock.core.validate import Item
+from stock.orders.engine import StockEngine
 from stock.redis.scripts import Scripts, expect_ok, parse_resync
 
 CHUNK = 200
@@ -381,7 +381,7 @@ async def resync(
             skus = keys.with_shards(skus, list(await pg_levels(conn, None)))
         report = await run.run(skus)
         if not dry_run:
-            await restore_shards(client, settings, conn, report.resynced)
+            await StockEngine(client, settings).sharded.restore(report.resynced)
     except FenceError as exc:
         print(f"resync: {exc}; each SKU is as it was or resynced: run it again", file=out)
         return 3

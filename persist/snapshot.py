@@ -13,7 +13,6 @@ from persist.events import Event, parse_event, read_offsets
 from stock.core import keys
 from stock.core.config import Settings
 from stock.core.formats import STATE_CODES
-from stock.orders.engine import StockEngine
 
 SCAN_CHUNK = 10_000
 
@@ -82,9 +81,8 @@ async def redis_skus(client: Any) -> set[str]:
 
 
 async def pg_levels(conn: asyncpg.Connection, skus: list[str] | None) -> dict[str, Levels]:
-    """Each SKU's counters, a sharded SKU's shard by shard (``s``, ``s#1``, ...:
-    levels_by_shard, migration 0009): the listed names, or all of them."""
-    sql = "SELECT sku, available, reserved, sold, seq FROM levels_by_shard"
+    """stock_levels rows: the listed SKUs, or all of them."""
+    sql = "SELECT sku, available, reserved, sold, seq FROM stock_levels"
     rows = await (
         conn.fetch(sql + " WHERE sku = any($1::text[])", skus)
         if skus is not None
@@ -93,30 +91,11 @@ async def pg_levels(conn: asyncpg.Connection, skus: list[str] | None) -> dict[st
     return {r["sku"]: Levels(r["available"], r["reserved"], r["sold"], r["seq"]) for r in rows}
 
 
-async def pg_shard_counts(conn: asyncpg.Connection, skus: list[str]) -> dict[str, int]:
-    """Each SKU's last shard count in the ledger (its ``shards`` event, DESIGN §12):
-    a shard that never had an event has no stock_levels row to count."""
-    rows = await conn.fetch(
-        "SELECT DISTINCT ON (sku) sku, qty FROM stock_ledger"
-        " WHERE op = 'shards' AND sku = any($1::text[]) ORDER BY sku, id DESC",
-        skus,
-    )
-    return {r["sku"]: r["qty"] for r in rows}
-
-
-async def restore_shards(
-    client: Any, settings: Settings, conn: asyncpg.Connection, names: list[str]
-) -> None:
-    """After a resync of ``names``: each sharded SKU's metadata, its k from the ledger."""
-    counts = await pg_shard_counts(conn, names)
-    await StockEngine(client, settings).sharded.restore(names, counts)
-
-
 async def pg_buyers(conn: asyncpg.Connection, skus: list[str]) -> dict[str, Buyers]:
     """Each SKU's limit (stock_levels) and the units each customer holds or bought
     (the qty of their reserved and confirmed lines in reservation_lines)."""
     limits = await conn.fetch(
-        "SELECT sku, limit_per_customer FROM levels_by_shard WHERE sku = any($1::text[])", skus
+        "SELECT sku, limit_per_customer FROM stock_levels WHERE sku = any($1::text[])", skus
     )
     out = {r["sku"]: Buyers(r["limit_per_customer"], {}) for r in limits}
     rows = await conn.fetch(

@@ -52,96 +52,46 @@ _VALUES = (
 # an order event's locations (DESIGN §13: 'berlin' or 'berlin,paris'), else NULL
 _LOCATION = "nullif(regexp_replace(e.loc, ':[^,]*', '', 'g'), '')"
 
-# A shard's move (shard_move.lua, reason 'move <id> to|from <shard>') changes no total:
-# its units count as available while in flight, as GET counts them (DESIGN §12)
-_MOVE = r"b.op = 'adjust' AND b.reason ~ '^move \S+ (to|from) \S+$'"
-TOTALS_TABLE = """
-CREATE TEMP TABLE IF NOT EXISTS writer_totals (
-    sku text, shard_sku text, op text, order_id text, reason text, loc text, at_ms bigint,
-    available bigint, reserved bigint, sold bigint, seq bigint, before bigint, n bigint
-) ON COMMIT DELETE ROWS
-"""
-# Each event with its SKU's totals after it (DESIGN §12: a sharded SKU's webhooks name the
-# SKU `s`, never the shard `s#i`, and carry the sum over its shards). A shard's change is
-# its counters minus its previous event's (in the batch, else its shard_levels row, else
-# its stock_levels row); the totals are the SKU's stock_levels row (its totals, migration
-# 0009) before the batch plus the changes so far, in
-# server time (a shard's events in seq order). seq is the sum of the shards' seqs: it grows
-# with every change. An ordinary SKU's totals telescope to its own counters and seq.
-_TOTALS = f"""
-DELETE FROM writer_totals;
-INSERT INTO writer_totals
-SELECT t.base, t.sku, t.op, t.order_id, t.reason, t.loc, t.at_ms,
-    coalesce(p.available, 0) + sum(t.da) OVER w, coalesce(p.reserved, 0) + sum(t.dr) OVER w,
-    coalesce(p.sold, 0) + sum(t.ds) OVER w, coalesce(p.seq, 0) + sum(t.dq) OVER w,
-    coalesce(p.available, 0) + sum(t.da) OVER w - t.da, row_number() OVER w
-FROM (
-    SELECT b.*, split_part(b.sku, '#', 1) AS base,
-        max(b.at_ms) OVER s AS at_max,
-        CASE WHEN {_MOVE} THEN 0
-            ELSE b.available - coalesce(lag(b.available) OVER s, h.available, l.available, 0)
-        END AS da,
-        b.reserved - coalesce(lag(b.reserved) OVER s, h.reserved, l.reserved, 0) AS dr,
-        b.sold - coalesce(lag(b.sold) OVER s, h.sold, l.sold, 0) AS ds,
-        b.seq - coalesce(lag(b.seq) OVER s, h.seq, l.seq, 0) AS dq
-    FROM writer_batch b LEFT JOIN shard_levels h ON h.sku = b.sku
-        LEFT JOIN stock_levels l ON l.sku = b.sku
-    WHERE EXISTS (SELECT 1 FROM webhook_subscriptions)
-    WINDOW s AS (PARTITION BY b.sku COLLATE "C" ORDER BY b.seq)
-) AS t LEFT JOIN (
-    SELECT sku AS base, available, reserved, sold, seq FROM stock_levels
-    WHERE sku IN (SELECT split_part(sku, '#', 1) FROM writer_batch)
-      AND EXISTS (SELECT 1 FROM webhook_subscriptions)
-) AS p USING (base)
-WINDOW w AS (PARTITION BY t.base COLLATE "C" ORDER BY t.at_max, t.sku COLLATE "C", t.seq
-    ROWS UNBOUNDED PRECEDING);
-"""
-_COLUMNS = (
-    "subscription_id, type, sku, order_id, available, reserved, sold, seq, created_at, location"
-)
-_VALUES = (
-    "{e}.sku, {order}, {e}.available, {e}.reserved, {e}.sold, {e}.seq, "
-    "to_timestamp({e}.at_ms::float8 / 1000), {location}"
-)
-# an order event's locations (DESIGN §13: 'berlin' or 'berlin,paris'), else NULL
-_LOCATION = "nullif(regexp_replace(e.loc, ':[^,]*', '', 'g'), '')"
-
-# One round trip; nothing to do when there is no subscription (writer_totals stays
-# empty); sold-out / back-in-stock compare each event's totals with the totals before it.
-OFFER = f"""{_TOTALS}
+# One round trip; each statement skips everything when no subscription wants its types
+# (only sold-out / back-in-stock need each event's previous ``available``: a sort).
+OFFER = f"""
 INSERT INTO webhook_deliveries ({_COLUMNS})
 SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')", location=_LOCATION)}
 FROM (
     SELECT b.*, CASE b.op WHEN 'cancel' THEN 'order.cancelled'
         WHEN 'expire' THEN 'reservation.expired' ELSE 'order.confirmed' END AS type
-    FROM writer_totals b
+    FROM writer_batch b
     WHERE b.op IN ('confirm', 'deduct', 'cancel', 'expire')
       AND NOT (b.op = 'expire' AND b.reason = '{UNDO_HOLD}')
       AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE events && {_ORDER_TYPES})
 ) AS e
 JOIN webhook_subscriptions s ON e.type = any(s.events)
-ORDER BY e.sku, e.n, s.id;
+ORDER BY e.seq, s.id;
 
 INSERT INTO webhook_deliveries ({_COLUMNS})
 SELECT s.id, e.type, {_VALUES.format(e="e", order="nullif(e.order_id, '')", location="NULL")}
 FROM (
-    SELECT b.*, CASE WHEN b.available <= 0 THEN 'stock.sold_out'
+    SELECT ev.*, CASE WHEN ev.available <= 0 THEN 'stock.sold_out'
         ELSE 'stock.back_in_stock' END AS type
-    FROM writer_totals b
-    WHERE (b.available <= 0) <> (b.before <= 0)
-      AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE events && {_STOCK_TYPES})
+    FROM (
+        SELECT b.*, coalesce(lag(b.available) OVER (PARTITION BY b.sku COLLATE "C"
+            ORDER BY b.seq), l.available, 0) AS before
+        FROM writer_batch b LEFT JOIN stock_levels l ON l.sku = b.sku
+        WHERE EXISTS (SELECT 1 FROM webhook_subscriptions WHERE events && {_STOCK_TYPES})
+    ) AS ev
+    WHERE (ev.available <= 0) <> (ev.before <= 0)
 ) AS e
 JOIN webhook_subscriptions s ON e.type = any(s.events)
-ORDER BY e.sku, e.n, s.id;
+ORDER BY e.seq, s.id;
 
 INSERT INTO webhook_deliveries AS d ({_COLUMNS})
 SELECT s.id, 'stock.changed', {_VALUES.format(e="c", order="NULL", location="NULL")}
 FROM (
     SELECT DISTINCT ON (sku COLLATE "C") sku, available, reserved, sold, seq, at_ms
-    FROM writer_totals
-    WHERE op NOT IN ('extend', 'limit', 'shards')  -- they change no counters
+    FROM writer_batch
+    WHERE op NOT IN ('extend', 'limit')  -- they change no counters
       AND EXISTS (SELECT 1 FROM webhook_subscriptions WHERE 'stock.changed' = any(events))
-    ORDER BY sku COLLATE "C", n DESC
+    ORDER BY sku COLLATE "C", seq DESC
 ) AS c
 JOIN webhook_subscriptions s ON 'stock.changed' = any(s.events)
 ON CONFLICT (subscription_id, sku) WHERE type = 'stock.changed' AND state = 'pending'

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from persist import ops
 from stock.app.database import DATABASE
-from stock.core import validate
+from stock.core import keys, validate
 from stock.core.errors import InvalidRequest, NotFound, Unavailable
 from stock.http import api
 from stock.http.api import ENGINE, METRICS, SETTINGS, admin, iso_ms, json_body, json_response
@@ -55,10 +55,10 @@ HEADERS = {
 GAUGE_PERIOD_S = 1.0
 RECONCILE_EVERY = 2  # read the reconcile record every this many periods
 
-# $1: the SKU (a sharded SKU's rows name it too, with their shard; DESIGN §12), whose
-# shards' seqs are their own: newest first by server time, then seq
+# $1: the SKU's shard names (one for an ordinary SKU; DESIGN §12), whose seqs are
+# their own: newest first by server time, then seq
 _LEDGER = """
-SELECT id, order_id, op, qty, at_ms, available, reserved, sold, seq, reason, shard
+SELECT id, order_id, op, qty, at_ms, available, reserved, sold, seq, reason, sku
 FROM stock_ledger
 WHERE sku = ANY($1::text[]) AND id > (SELECT coalesce(max(id), 0) FROM stock_ledger) - $3
 ORDER BY at_ms DESC, seq DESC, id DESC
@@ -92,7 +92,7 @@ async def ledger(request: web.Request) -> web.Response:
     try:
         async with pool.acquire(timeout=2) as conn:
             names = await request.app[ENGINE].shard_names(sku)
-            rows = await conn.fetch(_LEDGER, [sku], limit, LEDGER_WINDOW, timeout=5)
+            rows = await conn.fetch(_LEDGER, names, limit, LEDGER_WINDOW, timeout=5)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         log.warning("ledger of %s: PostgreSQL error: %s", sku, exc)
         raise Unavailable("ledger store unavailable, retry shortly") from None
@@ -113,7 +113,7 @@ async def ledger(request: web.Request) -> web.Response:
                 )
             },
             "at": iso_ms(row["at_ms"]),
-            **({"shard": row["shard"]} if len(names) > 1 else {}),
+            **({"shard": keys.base_sku(row["sku"])[1]} if len(names) > 1 else {}),
         }
         for row in rows
     ]

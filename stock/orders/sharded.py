@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -290,7 +290,7 @@ class ShardedSkus:
 
     async def _meta_call(self, sku: str, index: int, meta: ShardMeta) -> None:
         _, skey, events = self.moves._shard_keys(sku, index)
-        head = [meta.shards, meta.span, sku] if index == 0 else ["", "", ""]
+        head = [meta.shards, meta.span] if index == 0 else ["", ""]
         await self.core.scripts("shard_move", [skey, events], ["meta", index, meta.lmod, *head])
 
     async def _limit_shards(self, sku: str, meta: ShardMeta, limit: int | None) -> None:
@@ -324,24 +324,18 @@ class ShardedSkus:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), period_s)
 
-    async def restore(self, names: Sequence[str], counts: Mapping[str, int]) -> list[str]:
+    async def restore(self, names: Sequence[str]) -> list[str]:
         """After ``stock resync`` rewrote SKUs from PostgreSQL (which keeps each
-        shard as a SKU ``s#i`` and each shard count in the ledger, not the shard
-        metadata): every SKU with shards gets its metadata and registry entry back,
-        its span = the shards found, its shard count = ``counts`` (the last one
-        PostgreSQL recorded; else the shards found), and one rebalance pass.
-        Returns the SKUs restored."""
-        top = self.core.settings.max_shards
-        spans: dict[str, int] = {n: 1 for n in names if counts.get(n, 1) > 1}
+        shard as a SKU ``s#i``, not the shard metadata): every SKU with shards gets
+        its metadata and registry entry back, its shard count = the shards found,
+        and one rebalance pass. Returns the SKUs restored."""
+        spans: dict[str, int] = {}
         for name in names:
             base, index = keys.base_sku(name)
             if index:
                 spans[base] = max(spans.get(base, 1), index + 1)
         for base, span in sorted(spans.items()):
-            k = min(counts.get(base, span), top)
-            if span > k:  # shards past k still hold units: read and emptied
-                await self.set_shards(base, min(span, top))
-            await self.set_shards(base, k)
+            await self.set_shards(base, min(span, self.core.settings.max_shards))
         return sorted(spans)
 
     async def counters(self, sku: str, span: int) -> Counters:

@@ -138,7 +138,7 @@ async def test_flushall_then_resync_gives_the_shards_back(
         before.sold,
         8,
     )
-    assert await pg.fetchval("SELECT count(DISTINCT shard) FROM stock_ledger") == 8
+    assert await pg.fetchval("SELECT count(DISTINCT shard_of(sku)) FROM stock_ledger") == 8
     assert await resync(redis, psettings, dsn, [SKU], out=out) == 0, out.getvalue()
     fresh = StockEngine(redis, psettings)  # a process that never saw the SKU sharded
     assert await fresh.shards_of(SKU) == 8
@@ -148,31 +148,3 @@ async def test_flushall_then_resync_gives_the_shards_back(
     assert (await fresh.reserve("after", [{"sku": SKU, "qty": 60}])).lines[0].qty == 60
     await drain(redis, psettings, dsn)
     assert await reconcile(redis, psettings, dsn, None, out=io.StringIO()) == 0
-
-
-async def test_resync_gives_back_the_shard_count_not_the_shards_found(
-    redis: Any, engine: StockEngine, psettings: Settings, pg: asyncpg.Connection
-) -> None:
-    """3 units over 8 shards: shards 3..7 never had an event, so PostgreSQL has no row
-    of them; resync still gives the SKU its 8 shards (the ledger's ``shards`` event),
-    also after the count went down (8 -> 5: shards 5..7 keep their rows)."""
-    dsn = psettings.database_url
-    await engine.set_stock(SKU, 3)
-    await engine.set_shards(SKU, 8)
-    await engine.set_stock("OTHER", 4)
-    await drain(redis, psettings, dsn)
-    await flush(redis)
-    assert await resync(redis, psettings, dsn, None, out=io.StringIO()) == 0
-    fresh = StockEngine(redis, psettings)
-    assert await fresh.shards_of(SKU) == 8
-    assert await fresh.shards_of("OTHER") == 1
-    assert (await fresh.get_stock(SKU)).available == 3
-    await fresh.set_stock(SKU, 80)  # every shard of 8 has units (and a row)
-    await fresh.set_shards(SKU, 5)
-    await drain(redis, psettings, dsn)
-    await flush(redis)
-    assert await resync(redis, psettings, dsn, [SKU], out=io.StringIO()) == 0
-    again = StockEngine(redis, psettings)
-    assert await again.shards_of(SKU) == 5
-    assert (await again.get_stock(SKU)).available == 80
-    assert sum(a for a, *_ in (await shard_levels(again))[5:]) == 0
