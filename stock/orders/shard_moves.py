@@ -17,14 +17,12 @@ import secrets
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from redis.exceptions import RedisError
 
 from stock.core import keys
-
-if TYPE_CHECKING:
-    from stock.orders.core import OrderCore
+from stock.orders.core import OrderCore
 
 log = logging.getLogger("stock.shards")
 

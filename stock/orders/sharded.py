@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stock.core import keys, validate
 from stock.core.errors import (
@@ -30,12 +30,10 @@ from stock.core.errors import (
     Unavailable,
 )
 from stock.core.validate import Item
+from stock.orders.core import OrderCore
 from stock.orders.results import OrderResult
 from stock.orders.shard_moves import ShardMeta, ShardMoves, ShardRegistry
 from stock.redis.scripts import Counters, raise_for
-
-if TYPE_CHECKING:
-    from stock.orders.core import OrderCore
 
 REBALANCE_S = 1.0  # the rebalancer's period
 DEADLINE_S = 5.0  # an order that could neither be served nor proven short: 503
